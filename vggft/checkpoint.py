@@ -1,0 +1,98 @@
+"""Saving and loading trained weights: a plain state_dict plus a JSON sidecar, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import Config
+from .errors import OutputError, WeightsError
+from .files import save_json, save_torch
+from .model import read_state_dict
+from .transforms import normalization
+
+
+def sidecar_path(weights: Path) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def manifest_path(weights: Path) -> Path:
+    return Path(weights).with_suffix(".split.json")
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work if the output folder cannot be written."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vggft-write-test-"):
+            pass
+    except OSError as err:
+        raise OutputError(
+            f"output.weights: cannot write to '{folder}' ({err.strerror}); choose another path with "
+            "--set output.weights=PATH"
+        ) from None
+    if Path(path).is_dir():
+        raise OutputError(f"output.weights: '{path}' is a folder; give a file path such as models/VGG16.pt")
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors: loadable by plain torchvision code on any machine."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list[str], *,
+                 metrics: dict | None = None, manifest: Path | None = None) -> Path:
+    """Write the weights, then the sidecar; each atomically, so a crash leaves the old pair readable."""
+    weights = Path(weights)
+    mean, std = normalization(cfg.data)
+    num_outputs = cfg.model.num_classes or len(class_names)
+    save_torch(plain_state_dict(model), weights)
+    sidecar = {
+        "format": "vggft-weights/1",
+        "vggft_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "weights_file": weights.name,
+        "arch": cfg.model.arch,
+        "head": cfg.model.head,
+        "num_classes": num_outputs,
+        "class_names": class_names,
+        "image_size": cfg.data.image_size,
+        "resize": cfg.data.resize,
+        "normalize": cfg.data.normalize,
+        "mean": list(mean),
+        "std": list(std),
+        "split_manifest": os.path.relpath(manifest, weights.parent) if manifest else None,
+        "config": cfg.to_dict(),
+        "metrics": metrics or {},
+    }
+    path = sidecar_path(weights)
+    save_json(sidecar, path)
+    return path
+
+
+def read_sidecar(weights: Path) -> dict | None:
+    path = sidecar_path(weights)
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{path}: unreadable sidecar ({err}); delete it to evaluate the weights alone") from None
+    if not isinstance(body, dict) or "class_names" not in body or "config" not in body:
+        raise WeightsError(f"{path}: not a vggft sidecar (no class_names/config); move it away or delete it")
+    return body
+
+
+def load_trained(weights: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    weights = Path(weights)
+    if not weights.is_file():
+        raise WeightsError(f"--weights: '{weights}' not found; pass the .pt file that vggft train saved")
+    return read_state_dict(weights, "--weights"), read_sidecar(weights)

@@ -1,0 +1,167 @@
+"""The ``vggft`` command: parses, calls the library, prints. Errors become one line and an exit code here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import VggftError
+
+app = typer.Typer(
+    help="Fine-tune ImageNet-pretrained VGG networks on a folder of labelled images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/).")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.epochs=1."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _handle_errors(command):
+    """The one place where a user error becomes a line on stderr and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except VggftError as err:
+            if _state["debug"]:
+                raise
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                raise
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _config(config: Path | None, overrides: list[str] | None):
+    from .config import load_config
+
+    return load_config(config, overrides or [])
+
+
+def _log(message: str) -> None:
+    typer.echo(message)
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug
+    if version:
+        from . import __version__
+
+        typer.echo(f"vggft {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+@_handle_errors
+def train(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Fine-tune: frozen backbone, new head; evaluate on test; save weights and a JSON sidecar."""
+    from .train import fit
+
+    fit(_config(config, set_), log=_log, progress=not quiet)
+
+
+@app.command("eval")
+@_handle_errors
+def eval_(
+    weights: Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")] = Path(
+        "models/VGG16.pt"
+    ),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    split: Annotated[str, typer.Option(help="Which split to score: test or val.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """acc@1 over every image of the test split, with exact counts and per-class accuracy."""
+    from .evaluate import evaluate_weights
+
+    metrics, _ = evaluate_weights(weights, config, set_ or [], split=split, log=_log if not as_json else _err,
+                                  progress=not quiet)
+    if as_json:
+        typer.echo(json.dumps(metrics.to_dict(), indent=2))
+        return
+    typer.echo(metrics.summary_line())
+    rows = metrics.per_class()
+    width = max(len("class"), *(len(r["class"]) for r in rows))
+    typer.echo(f"{'class':<{width}}  {'images':>7}  {'correct':>7}  {'accuracy':>8}")
+    for r in rows:
+        typer.echo(f"{r['class']:<{width}}  {r['support']:>7}  {r['correct']:>7}  {100 * r['accuracy']:>7.2f}%")
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@app.command()
+@_handle_errors
+def summary(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Classes of the new head (default: model.num_classes or 2).")] = None,
+) -> None:
+    """The torchinfo table of the model as configured; needs no data and no weights file."""
+    from .preview import summary as model_summary
+
+    typer.echo(str(model_summary(_config(config, set_), num_classes)))
+
+
+@app.command("show-batch")
+@_handle_errors
+def show_batch(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "train",
+    out: Annotated[Optional[Path], typer.Option(help="PNG path (default: beside output.weights).")] = None,
+    count: Annotated[Optional[int], typer.Option(help="Images in the grid (default: data.batch_size).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Save a PNG grid of one batch, de-normalised to real colours, titled with class names."""
+    from .preview import show_batch as save_batch
+
+    path = save_batch(_config(config, set_), split=split, out=out, count=count, log=_log, progress=not quiet)
+    typer.echo(str(path))
+
+
+@app.command("make-demo")
+@_handle_errors
+def make_demo(
+    root: Annotated[Path, typer.Argument(help="Where to write the demo image folder.")] = Path("data/demo"),
+    train_per_class: int = 24,
+    test_per_class: int = 10,
+) -> None:
+    """Write a small two-class image folder (train/ and test/) to try vggft offline."""
+    from .demo import make_demo_data
+
+    typer.echo(str(make_demo_data(root, train_per_class, test_per_class)))
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app(prog_name="vggft")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()
+    sys.exit(0)

@@ -1,0 +1,347 @@
+"""Typed configuration: defaults in one place, then a YAML file, then ``--set`` overrides.
+
+Every key lives in one of the dataclasses below with its default; ``load_config``
+reads YAML with the safe loader, applies ``KEY=VALUE`` overrides, converts each
+value to the field's declared type and checks it. Anything wrong is one
+``ConfigError`` line that names the key, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError
+
+ARCHS = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+Arch = Literal["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "a number greater than 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "a number of 0 or more"
+
+
+def _fraction(value: Any) -> str | None:
+    return None if 0 <= value < 1 else "a fraction from 0 up to (not including) 1"
+
+
+def _split(value: list[float]) -> str | None:
+    if len(value) != 3 or any(part < 0 for part in value) or abs(sum(value) - 1) > 1e-6:
+        return "three fractions [train, val, test] that add up to 1, e.g. [0.8, 0.1, 0.1]"
+    if value[0] <= 0 or value[2] <= 0:
+        return "a split with a non-zero train and test fraction"
+    return None
+
+
+def _check(check, **kwargs) -> Any:
+    """A dataclass field with a validity check run after type conversion."""
+    return field(metadata={"check": check}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/pet"
+    """Holds train/ and test/ (optionally val/) of class folders, or one pool of class folders."""
+    image_size: int = _check(_positive, default=224)
+    resize: int | None = _check(_positive, default=256)
+    """Shorter side is resized to this, then centre-cropped to image_size; null squashes
+    the whole image to image_size x image_size (the Keras recipe)."""
+    normalize: Literal["imagenet", "symmetric"] = "imagenet"
+    """imagenet: torchvision's mean/std; symmetric: pixels scaled to [-1, 1]."""
+    batch_size: int = _check(_positive, default=4)
+    eval_batch_size: int = _check(_positive, default=32)
+    """Batch size of feature extraction and evaluation: no gradients, so it can be larger."""
+    num_workers: int | Literal["auto"] = "auto"
+    split: list[float] = _check(_split, default_factory=lambda: [0.8, 0.1, 0.1])
+    """How a single pool of class folders is split into train/val/test (stratified)."""
+    split_seed: int = 0
+    val_fraction: float = _check(_fraction, default=0.0)
+    """Carve this fraction of train out as validation when there is no val split."""
+    bad_images: Literal["skip", "error"] = "skip"
+    balance: Literal["none", "weights", "sampler"] = "none"
+    augment: Literal["none", "light", "strong"] = "none"
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = "vgg16"
+    weights: str | None = "IMAGENET1K_V1"
+    """A torchvision weights name (IMAGENET1K_V1, DEFAULT), a local .pth state_dict, or null."""
+    head: Literal["classifier6", "gap"] = "classifier6"
+    num_classes: int | None = _check(_positive, default=None)
+    """null: the number of class folders in the training split."""
+    dropout: float = _check(_fraction, default=0.5)
+    """Dropout of VGG's classifier (0.5 in torchvision); applies to the classifier6 head."""
+    unfreeze: list[str] | int = 0
+    """Conv blocks to train too: a list such as [block5], or a count from the top."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _check(_non_negative, default=5)
+    lr: float = _check(_positive, default=1.0e-4)
+    backbone_lr: float | None = _check(_positive, default=None)
+    """Learning rate of unfrozen backbone blocks; null: lr / 10."""
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = _check(_non_negative, default=0.0)
+    nesterov: bool = False
+    weight_decay: float = _check(_non_negative, default=0.0)
+    scheduler: Literal["none", "cosine", "step", "onecycle"] = "none"
+    warmup_epochs: int = _check(_non_negative, default=0)
+    step_size: int = _check(_positive, default=10)
+    gamma: float = _check(_positive, default=0.1)
+    label_smoothing: float = _check(_fraction, default=0.0)
+    grad_clip: float | None = _check(_positive, default=None)
+    patience: int | None = _check(_positive, default=None)
+    """Early stopping: stop after this many epochs without a better val accuracy."""
+    seed: int = 0
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = True
+    """Cache the frozen prefix's features on disk; `cache: off` is short for enabled: false."""
+    dir: str | None = None
+    """null: $VGGFT_CACHE, else $XDG_CACHE_HOME/vggft, else ~/.cache/vggft."""
+
+
+@dataclass
+class OutputConfig:
+    weights: str = "models/VGG16.pt"
+    """The plain state_dict; a sidecar with the same stem and .json records the rest."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults, then ``base`` (a resolved config from a sidecar), then the YAML file, then overrides."""
+    raw: dict[str, Any] = {}
+    if base:
+        _merge(raw, base)
+    source = "config"
+    if path is not None:
+        source = str(path)
+        _merge(raw, _read_yaml(Path(path)))
+    for override in overrides:
+        key, value = parse_override(override)
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (data, model, train, ...), got {_show(raw)}")
+    raw = dict(raw)
+    if isinstance(raw.get("cache"), (bool, str)):
+        raw["cache"] = {"enabled": raw["cache"]}
+    return _build(Config, raw, prefix="", source=source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.epochs=1")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML file to --config (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; --config takes a YAML file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where}: {problem}; fix the YAML syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, ...), got {_show(data)}")
+    return data
+
+
+def _merge(into: dict, other: dict) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = raw
+    for name in parents:
+        child = node.get(name)
+        if not isinstance(child, dict):
+            child = {} if child is None else {"enabled": child} if name == "cache" else child
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {dotted}: '{name}' is not a section")
+            node[name] = child
+        node = child
+    node[last] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.')}: expected a mapping of keys, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{_suggest(f'{prefix}{key}', cls, prefix)}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name] if raw[name] is not None else {}, f"{key}.", source)
+            continue
+        value = _convert(raw[name], hint, key, source)
+        check = f.metadata.get("check")
+        if check is not None and value is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{source}: {key}: expected {problem}, got {_show(raw[name])}")
+        values[name] = value
+    return cls(**values)
+
+
+def all_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config, e.g. 'train.epochs'."""
+    cls = cls or Config
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        keys += all_keys(hint, f"{prefix}{name}.") if dataclasses.is_dataclass(hint) else [f"{prefix}{name}"]
+    return keys
+
+
+def _suggest(name: str, cls: type, prefix: str) -> str:
+    """'; did you mean ...?' from the keys of this section, then from every key (a key in the wrong section)."""
+    section = [f"{prefix}{f.name}" for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(name, section, n=1)
+    if not close:
+        leaf = name.rsplit(".", 1)[-1]
+        everywhere = all_keys()
+        close = [k for k in everywhere if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(
+            name, everywhere, n=1, cutoff=0.7
+        )
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; valid keys here: {', '.join(section)}"
+
+
+_NO = object()
+
+
+def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
+    result = _try_convert(value, hint)
+    if result is _NO:
+        raise ConfigError(f"{source}: {key}: expected {_describe(hint)}, got {_show(value)}")
+    return result
+
+
+def _try_convert(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        # Try the exact type first so that `3` stays an int in `int | Literal['auto']`.
+        for option in typing.get_args(hint):
+            result = _try_convert(value, option)
+            if result is not _NO:
+                return result
+        return _NO
+    if hint is type(None):
+        return None if value is None or (isinstance(value, str) and value.lower() in ("null", "none")) else _NO
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if isinstance(value, str) and value.lower() in [str(a).lower() for a in allowed]:
+            return next(a for a in allowed if str(a).lower() == value.lower())
+        return _NO
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            return _NO
+        items = [_try_convert(v, item) for v in value]
+        return _NO if any(i is _NO for i in items) else items
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "false", "no", "off"):
+            return value.lower() in ("true", "yes", "on")
+        return _NO
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return _NO
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return _NO
+        try:  # PyYAML reads 1e-4 (no decimal point) as a string
+            number = float(value)
+        except (ValueError, OverflowError):
+            return _NO
+        return number if math.isfinite(number) else _NO
+    if hint is str:
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return _NO
+    raise TypeError(f"unsupported config type {hint!r}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+    return {bool: "true/false", int: "a whole number", float: "a number", str: "a non-empty string"}[hint]
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,68 @@
+"""Datasets and DataLoaders over lists of (path, label) samples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import DataError
+from .images import open_rgb
+
+
+class ImageList(Dataset):
+    """(image tensor, label) for each (path, label), decoded to upright RGB."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            image = open_rgb(path)
+        except (OSError, SyntaxError, ValueError) as err:  # changed on disk since it was checked
+            raise DataError(f"{path}: cannot be read any more ({err}); run vggft check-data") from None
+        return self.transform(image), label
+
+
+def image_loader(
+    samples: Sequence[tuple[str, int]],
+    transform,
+    batch_size: int,
+    *,
+    device: torch.device,
+    num_workers: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    sampler: Sampler | None = None,
+) -> DataLoader:
+    return make_loader(ImageList(samples, transform), batch_size, device=device, num_workers=num_workers,
+                       shuffle=shuffle, generator=generator, sampler=sampler)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    device: torch.device,
+    num_workers: int = 0,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    sampler: Sampler | None = None,
+) -> DataLoader:
+    """Every sample once per pass (no drop_last: the tutorial's drop_last loses test images)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        generator=generator,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=device.type == "cuda",
+    )

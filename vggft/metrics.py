@@ -1,0 +1,75 @@
+"""Classification metrics from a confusion matrix: every image counted exactly once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Metrics:
+    class_names: list[str]
+    confusion: torch.Tensor  # [true, predicted] counts, int64
+    loss_sum: float = 0.0
+    topk_correct: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, class_names: list[str], num_outputs: int | None = None) -> Metrics:
+        n = max(len(class_names), num_outputs or 0)
+        return cls(list(class_names), torch.zeros(n, n, dtype=torch.int64))
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: float = 0.0, ks=(1, 5)) -> None:
+        logits, labels = logits.detach().float().cpu(), labels.cpu()
+        predicted = logits.argmax(dim=1)
+        n = self.confusion.shape[0]
+        self.confusion += torch.bincount(labels * n + predicted, minlength=n * n).view(n, n)
+        self.loss_sum += loss_sum
+        for k in ks:
+            k = min(k, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            self.topk_correct[k] = self.topk_correct.get(k, 0) + int((top == labels[:, None]).any(dim=1).sum())
+
+    @property
+    def total(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def correct(self) -> int:
+        return int(self.confusion.diag().sum())
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.total if self.total else 0.0
+
+    def per_class(self) -> list[dict]:
+        """support, correct, accuracy (= recall), precision and F1 per class."""
+        rows = []
+        for i, name in enumerate(self.class_names):
+            support = int(self.confusion[i].sum())
+            predicted = int(self.confusion[:, i].sum())
+            hit = int(self.confusion[i, i])
+            recall = hit / support if support else 0.0
+            precision = hit / predicted if predicted else 0.0
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            rows.append({"class": name, "support": support, "correct": hit,
+                         "accuracy": recall, "precision": precision, "recall": recall, "f1": f1})
+        return rows
+
+    def summary_line(self) -> str:
+        return f"acc@1 {100 * self.accuracy:.2f}% ({self.correct}/{self.total})"
+
+    def to_dict(self) -> dict:
+        return {
+            "accuracy": self.accuracy,
+            "correct": self.correct,
+            "total": self.total,
+            "loss": self.loss,
+            "topk": {f"acc@{k}": c / self.total if self.total else 0.0 for k, c in sorted(self.topk_correct.items())},
+            "per_class": self.per_class(),
+            "confusion": self.confusion.tolist(),
+        }

@@ -1,0 +1,49 @@
+"""Looking at the model and the data without training: the torchinfo summary and a batch grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchinfo
+from torchvision import models
+
+from .config import Config
+from .errors import DataError
+from .loaders import image_loader
+from .model import freeze, replace_head
+from .plots import save_image_grid
+from .prepare import prepare_data
+from .transforms import eval_transform, normalization, train_transform
+
+
+def summary(cfg: Config, num_classes: int | None = None) -> torchinfo.ModelStatistics:
+    """The torchinfo table of the model as configured: architecture only, no data, no weights file."""
+    classes = num_classes or cfg.model.num_classes or 2
+    model = models.get_model(cfg.model.arch, weights=None, init_weights=False)
+    with torch.no_grad():
+        for param in model.parameters():  # defined values for the shape-only forward pass
+            param.zero_()
+    replace_head(model, cfg.model.head, classes)
+    freeze(model, cfg.model)
+    size = cfg.data.image_size
+    return torchinfo.summary(model, input_size=(1, 3, size, size), device="cpu", verbose=0, depth=2,
+                             col_names=("output_size", "num_params", "trainable"))
+
+
+def show_batch(cfg: Config, split: str = "train", out: Path | None = None, count: int | None = None,
+               log=print, progress: bool = True) -> Path:
+    """A PNG grid of one batch as the model sees it, de-normalised, each titled with its class."""
+    splits, _ = prepare_data(cfg, log=log, progress=progress)
+    samples = splits[split]
+    if not samples:
+        raise DataError(f"{splits.root}: the {split} split has no images; choose another with --split")
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    transform = train_transform(cfg.data) if split == "train" else eval_transform(cfg.data)
+    loader = image_loader(samples, transform, count or cfg.data.batch_size, device=torch.device("cpu"),
+                          num_workers=0, shuffle=True, generator=generator)
+    images, labels = next(iter(loader))
+    mean, std = normalization(cfg.data)
+    out = Path(out) if out else Path(cfg.output.weights).parent / f"batch_{split}.png"
+    return save_image_grid(images, [splits.class_names[i] for i in labels.tolist()], mean, std, out)
+
