@@ -20,7 +20,9 @@ def save_image_grid(images: torch.Tensor, titles: list[str], mean, std, path: Pa
     """Normalised image tensors back to real colours, one titled cell each, saved as PNG."""
     pixels = denormalize(images, mean, std).permute(0, 2, 3, 1).numpy()
     count = len(pixels)
-    cols = min(count, 5 if count > 4 else count)
+    cols = min(count, 5)
+    if count % cols and count % 4 == 0:
+        cols = 4  # 8 or 12 images fill whole rows of four
     rows = math.ceil(count / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     for index, ax in enumerate(axes.flat):
