@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,19 +27,18 @@ def manifest_path(weights: Path) -> Path:
 
 
 def check_writable(path: Path) -> None:
-    """Fail before any work if the output folder cannot be written."""
-    folder = Path(path).parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vggft-write-test-"):
-            pass
-    except OSError as err:
-        raise OutputError(
-            f"output.weights: cannot write to '{folder}' ({err.strerror}); choose another path with "
-            "--set output.weights=PATH"
-        ) from None
-    if Path(path).is_dir():
+    """Fail before any work if the output cannot be written (creating nothing yet)."""
+    path = Path(path)
+    if path.is_dir():
         raise OutputError(f"output.weights: '{path}' is a folder; give a file path such as models/VGG16.pt")
+    existing = path.parent.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"output.weights: cannot write to '{path.parent}' ('{existing}' is not a writable folder); "
+            "choose another path with --set output.weights=PATH"
+        )
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,111 @@
+"""Building the model: torchvision's weights loading (offline, from a fake hub), heads, freezing."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import vgg11
+
+from conftest import invoke
+from vggft.config import ModelConfig
+from vggft.errors import ConfigError, WeightsError
+from vggft.model import (build_model, conv_blocks, describe_state_dict, parameter_counts, read_state_dict,
+                         split_frozen_prefix)
+
+
+def _hub_file() -> str:
+    return os.path.join(os.environ["TORCH_HOME"], "hub", "checkpoints", "vgg16-397923af.pth")
+
+
+def test_imagenet_weights_come_from_the_torch_hub_folder():
+    model = build_model(ModelConfig(), num_classes=3)
+    pretrained = torch.load(_hub_file(), weights_only=True)
+    for key in ("features.0.weight", "features.28.bias", "classifier.0.weight", "classifier.3.weight"):
+        assert torch.equal(model.state_dict()[key], pretrained[key])
+    assert model.classifier[6].out_features == 3
+    assert parameter_counts(model) == (134_272_835, 12_291)
+
+
+def test_a_local_pth_file_works_like_the_name(tmp_path):
+    local = tmp_path / "backbone.pth"
+    torch.save(torch.load(_hub_file(), weights_only=True), local)
+    model = build_model(ModelConfig(weights=str(local)), num_classes=2)
+    assert torch.equal(model.features[0].weight, torch.load(local, weights_only=True)["features.0.weight"])
+
+
+def test_heads_and_counts():
+    assert parameter_counts(build_model(ModelConfig(), 2)) == (134_268_738, 8_194)
+    assert parameter_counts(build_model(ModelConfig(head="gap"), 2)) == (14_978_370, 263_682)
+
+
+def test_frozen_prefix_cut_points():
+    _, suffix, cut = split_frozen_prefix(build_model(ModelConfig(), 2))
+    assert cut == "classifier.1" and isinstance(suffix[0], nn.Dropout)
+    _, suffix, cut = split_frozen_prefix(build_model(ModelConfig(head="gap"), 2))
+    assert cut == "flatten" and suffix[0].in_features == 512
+
+
+def test_prefix_and_suffix_compose_to_the_model():
+    model = build_model(ModelConfig(), 2).eval()
+    prefix, suffix, _ = split_frozen_prefix(model)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(suffix.eval()(prefix(x)), model(x))
+
+
+def test_unfreeze_makes_exactly_the_named_block_trainable():
+    model = build_model(ModelConfig(unfreeze=["block5"]), 2)
+    blocks = conv_blocks(model)
+    assert len(blocks) == 5
+    assert all(p.requires_grad for m in blocks[4] for p in m.parameters())
+    assert not any(p.requires_grad for b in blocks[:4] for m in b for p in m.parameters())
+    assert parameter_counts(build_model(ModelConfig(unfreeze=1), 2))[1] == 8_194 + 3 * 2_359_808
+    with pytest.raises(ConfigError, match="unknown block 'block9'"):
+        build_model(ModelConfig(unfreeze=["block9"]), 2)
+
+
+def test_missing_pretrained_file_without_network_is_one_clear_error(runner, pet, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "urlopen", offline)  # torch.hub's download, even where there is a network
+    result = invoke(runner, "train", "--set", f"data.root={pet}", "-q")
+    assert result.exit_code == 4
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: model.weights: vgg16 IMAGENET1K_V1 is not at ")
+    assert str(tmp_path / "empty_home" / "hub" / "checkpoints" / "vgg16-397923af.pth") in error
+    assert "set model.weights to a local .pth file, or use model.weights: null" in error
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "models").exists()  # nothing half-written
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "vgg11.pth"
+    torch.save(vgg11().state_dict(), path)
+    with pytest.raises(WeightsError, match="does not fit vgg16.*set model.arch"):
+        build_model(ModelConfig(weights=str(path)), 2)
+
+
+def test_describe_state_dict_reads_arch_head_and_classes():
+    model = build_model(ModelConfig(head="gap"), 5)
+    assert describe_state_dict(model.state_dict()) == ("vgg16", "gap", 5)
+    assert describe_state_dict(vgg11().state_dict()) == ("vgg11", "classifier6", 1000)
+
+
+def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"features.0.weight": torch.zeros(1), "x": Exploit()}, path)
+    with pytest.raises(WeightsError, match="pickled code"):
+        read_state_dict(path, "--weights")
+    assert not marker.exists()
