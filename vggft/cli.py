@@ -144,6 +144,33 @@ def show_batch(
     typer.echo(str(path))
 
 
+@app.command("check-data")
+@_handle_errors
+def check_data(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quarantine: Annotated[Optional[Path], typer.Option(help="Move unreadable files here (paths kept); deletes nothing.")] = None,
+    max_imbalance: Annotated[float, typer.Option(help="Largest/smallest class ratio that counts as a problem.")] = 10.0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Scan every image: unreadable files, sizes, class balance, duplicates across and within splits.
+
+    Exits 1 when it finds something that would break or bias training.
+    """
+    from .checkdata import check_data as scan_data
+    from .checkdata import format_report
+    from .checkdata import quarantine as move_bad
+
+    report = scan_data(_config(config, set_), max_imbalance=max_imbalance, progress=not quiet)
+    typer.echo(format_report(report))
+    if quarantine is not None and report.bad:
+        moved = move_bad(report, quarantine)
+        report.bad = []  # no longer in the data
+        typer.echo(f"Moved {len(moved)} unreadable file(s) to {quarantine}")
+    if report.problems:
+        raise typer.Exit(1)
+
+
 @app.command("make-demo")
 @_handle_errors
 def make_demo(

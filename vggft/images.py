@@ -95,7 +95,7 @@ def inspect_image(path: str | Path) -> Verdict:
         return Verdict(False, "unsupported", str(err), sha1=sha1)
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         text = str(err)
-        reason = "truncated" if "truncated" in text or isinstance(err, EOFError) else "unsupported"
+        reason = "truncated" if "truncated" in text.lower() or isinstance(err, EOFError) else "unsupported"
         return Verdict(False, reason, text, sha1=sha1)
     if rgb.width < 1 or rgb.height < 1:
         return Verdict(False, "unsupported", "zero-sized image", sha1=sha1)

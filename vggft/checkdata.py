@@ -1,0 +1,134 @@
+"""``vggft check-data``: what in an image folder would break or bias training, before training.
+
+Counts usable images per split and class, lists every unreadable file with its reason,
+sums up image sizes, measures class imbalance, and finds exact duplicates (same bytes)
+across splits — leakage from train into test — and within a split. ``quarantine`` moves
+the unreadable files aside, keeping their relative paths; nothing is ever deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config
+from .datasets import SPLITS, DataSplits, find_splits
+from .files import cache_root
+from .images import Verdict
+from .scan import VerdictCache, inspect_all
+
+
+@dataclass
+class DataReport:
+    splits: DataSplits
+    verdicts: dict[str, Verdict]
+    counts: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # split -> class -> (ok, bad)
+    bad: list[tuple[str, Verdict]] = field(default_factory=list)
+    cross_duplicates: list[list[tuple[str, str]]] = field(default_factory=list)  # groups of (split, path)
+    within_duplicates: list[list[tuple[str, str]]] = field(default_factory=list)
+    imbalance: float = 1.0
+    max_imbalance: float = 10.0
+
+    @property
+    def problems(self) -> list[str]:
+        found = []
+        if self.bad:
+            found.append(f"{len(self.bad)} unreadable image(s)")
+        if self.cross_duplicates:
+            found.append(f"{len(self.cross_duplicates)} image(s) duplicated across splits (test leakage)")
+        if self.within_duplicates:
+            found.append(f"{len(self.within_duplicates)} image(s) duplicated within a split")
+        if self.imbalance >= self.max_imbalance:
+            found.append(f"class imbalance {self.imbalance:.1f}x in train (set data.balance: weights or sampler)")
+        return found
+
+
+def check_data(cfg: Config, *, max_imbalance: float = 10.0, progress: bool = True) -> DataReport:
+    splits = find_splits(cfg.data)
+    cache = VerdictCache(cache_root(cfg.cache.dir) if cfg.cache.enabled else None, splits.root)
+    verdicts = inspect_all([path for _, (path, _) in splits.all_samples()], cache, progress=progress)
+    report = DataReport(splits, verdicts, max_imbalance=max_imbalance)
+    for split in SPLITS:
+        per_class: dict[str, tuple[int, int]] = {}
+        for name_index, name in enumerate(splits.class_names):
+            paths = [p for p, label in splits[split] if label == name_index]
+            if paths:
+                ok = sum(verdicts[p].ok for p in paths)
+                per_class[name] = (ok, len(paths) - ok)
+        if per_class:
+            report.counts[split] = per_class
+    report.bad = [(p, verdicts[p]) for _, (p, _) in splits.all_samples() if not verdicts[p].ok]
+    by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for split, (path, _) in splits.all_samples():
+        if verdicts[path].ok:
+            by_hash[verdicts[path].sha1].append((split, path))
+    for group in by_hash.values():
+        if len(group) > 1:
+            if len({split for split, _ in group}) > 1:
+                report.cross_duplicates.append(group)
+            else:
+                report.within_duplicates.append(group)
+    train_counts = [ok for ok, _ in report.counts.get("train", report.counts.get("test", {})).values()]
+    if train_counts and min(train_counts) > 0:
+        report.imbalance = max(train_counts) / min(train_counts)
+    elif train_counts:
+        report.imbalance = float("inf")
+    return report
+
+
+def format_report(report: DataReport) -> str:
+    splits = report.splits
+    rel = lambda p: os.path.relpath(p, splits.root)  # noqa: E731
+    lines = [f"{splits.root} ({splits.layout} layout): {len(splits.class_names)} classes"]
+    width = max([5, *(len(n) for n in splits.class_names)])
+    lines.append(f"{'split':<6} {'class':<{width}} {'usable':>7} {'bad':>5}")
+    for split, per_class in report.counts.items():
+        for name, (ok, bad) in per_class.items():
+            lines.append(f"{split:<6} {name:<{width}} {ok:>7} {bad:>5}")
+    good = [v for v in report.verdicts.values() if v.ok]
+    if good:
+        widths, heights = [v.width for v in good], [v.height for v in good]
+        lines.append(
+            f"Image sizes: width {min(widths)}-{max(widths)} (median {statistics.median(widths):g}), "
+            f"height {min(heights)}-{max(heights)} (median {statistics.median(heights):g}), {len(good)} images"
+        )
+    split = "train" if "train" in report.counts else "test"
+    counts = {name: ok for name, (ok, _) in report.counts.get(split, {}).items()}
+    if len(counts) > 1:
+        big, small = max(counts, key=counts.get), min(counts, key=counts.get)
+        lines.append(
+            f"Class balance ({split}): largest {big} {counts[big]}, smallest {small} {counts[small]}, "
+            f"ratio {report.imbalance:.1f}x"
+        )
+    if report.bad:
+        reasons = Counter(v.reason for _, v in report.bad)
+        lines.append(f"Unreadable files ({', '.join(f'{n} {r}' for r, n in reasons.most_common())}):")
+        lines += [f"  {rel(p)}\t{v.reason}\t{v.detail}" for p, v in report.bad]
+    for title, groups in (("Duplicates across splits (test leakage)", report.cross_duplicates),
+                          ("Duplicates within a split", report.within_duplicates)):
+        if groups:
+            lines.append(f"{title}: {len(groups)} group(s)")
+            lines += ["  " + " == ".join(rel(p) for _, p in group) for group in groups]
+    problems = report.problems
+    lines.append("Found: " + "; ".join(problems) if problems else "No problems found.")
+    return "\n".join(lines)
+
+
+def quarantine(report: DataReport, destination: Path) -> list[tuple[Path, Path]]:
+    """Move every unreadable file under ``destination``, keeping its path relative to data.root."""
+    moved = []
+    root = report.splits.root
+    for path, _ in report.bad:
+        target = Path(destination) / os.path.relpath(path, root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        candidate, n = target, 1
+        while candidate.exists():  # never overwrite an earlier quarantined file
+            candidate = target.with_name(f"{target.stem}.{n}{target.suffix}")
+            n += 1
+        shutil.move(path, candidate)
+        moved.append((Path(path), candidate))
+    return moved
