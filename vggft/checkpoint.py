@@ -43,7 +43,7 @@ def check_writable(path: Path) -> None:
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU, contiguous tensors: loadable by plain torchvision code on any machine."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
 def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list[str], *,

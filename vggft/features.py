@@ -112,6 +112,7 @@ def extract_features(
         pending_keys: list[str] = []
         pending: list[torch.Tensor] = []
         done = 0
+        started = time.perf_counter()
         bar = tqdm(total=len(missing), desc=desc, unit="img", disable=not progress, leave=False)
         for images, _ in loader:
             images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
@@ -127,6 +128,8 @@ def extract_features(
         bar.close()
         if pending_keys:
             cache.add(pending_keys, torch.cat(pending))
+        seconds = time.perf_counter() - started
+        cache.log(f"{desc}: {len(missing)} images in {seconds:.1f}s ({len(missing) / seconds:.2f} img/s)")
     if not keys:
         return torch.empty(0)
     # Stacked outside inference mode: a normal tensor that autograd may save for backward.

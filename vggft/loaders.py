@@ -55,13 +55,17 @@ def make_loader(
     generator: torch.Generator | None = None,
     sampler: Sampler | None = None,
 ) -> DataLoader:
-    """Every sample once per pass (no drop_last: the tutorial's drop_last loses test images)."""
+    """Every sample once per pass (no drop_last: the tutorial's drop_last loses test images).
+
+    A loader without a generator of its own gets a private one: DataLoader otherwise draws a
+    seed from the global RNG at every pass, which would shift the dropout masks of training.
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,
         sampler=sampler,
-        generator=generator,
+        generator=generator if generator is not None else torch.Generator().manual_seed(0),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=device.type == "cuda",

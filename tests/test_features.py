@@ -1,0 +1,81 @@
+"""The exact feature cache: same weights as the uncached path, persisted, invalidated per file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from conftest import make_image
+from vggft.config import load_config
+from vggft.train import fit
+
+SMALL = ["data.image_size=32", "data.resize=36", "train.epochs=2"]
+
+
+def _fit(pet: Path, *extra: str, weights: str = "models/VGG16.pt"):
+    lines: list[str] = []
+    cfg = load_config(None, [f"data.root={pet}", *SMALL, f"output.weights={weights}", *extra])
+    fit(cfg, log=lines.append, progress=False)
+    return lines, torch.load(weights, weights_only=True)
+
+
+def test_cached_training_equals_uncached_training(pet):
+    """Same seed, same shuffles, same dropout masks: the only difference is where the prefix ran."""
+    for dropout in ("0.0", "0.5"):
+        cached_log, cached = _fit(pet, f"model.dropout={dropout}", weights="a.pt")
+        plain_log, plain = _fit(pet, f"model.dropout={dropout}", "cache.enabled=false", weights="b.pt")
+        assert any(line.startswith("Feature cache: frozen prefix") for line in cached_log)
+        assert "Feature cache off: cache is off" in plain_log
+        assert not torch.equal(cached["classifier.6.weight"], torch.zeros_like(cached["classifier.6.weight"]))
+        for key in cached:
+            assert torch.allclose(cached[key], plain[key], atol=1e-6, rtol=1e-5), (dropout, key)
+        test_line = [line for line in cached_log if line.startswith("Test:")]
+        assert test_line == [line for line in plain_log if line.startswith("Test:")]
+
+
+def test_warm_cache_runs_no_backbone_and_change_invalidates_one_file(pet, monkeypatch):
+    first, _ = _fit(pet)
+    assert sum("images in" in line for line in first) == 2  # train and test extracted
+    calls = []
+    real_forward = torch.nn.Conv2d.forward
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x: calls.append(1) or real_forward(self, x))
+    second, _ = _fit(pet, "train.lr=0.01")  # a sweep over lr reuses every row
+    assert not any("images in" in line for line in second) and calls == []
+    changed = pet / "train" / "cat" / "cat.0.jpg"
+    make_image(changed, (0, 250, 0), seed=7)
+    third, _ = _fit(pet)
+    extracted = [line for line in third if "images in" in line]
+    assert len(extracted) == 1 and extracted[0].startswith("Extracting train features: 1 images")
+
+
+def test_a_new_transform_is_a_new_cache(pet):
+    _fit(pet)
+    lines, _ = _fit(pet, "data.normalize=symmetric")
+    assert any(line.startswith("Extracting train features: 12 images") for line in lines)
+
+
+def test_random_augmentation_or_unfrozen_backbone_turn_it_off_with_a_reason(pet):
+    lines, _ = _fit(pet, "data.augment=light")
+    assert any(line.startswith("Feature cache off: data.augment is 'light'") for line in lines)
+    lines, _ = _fit(pet, "model.unfreeze=[block5]")
+    assert any(line.startswith("Feature cache off: part of the backbone is unfrozen") for line in lines)
+
+
+def test_damaged_or_malicious_shards_are_never_trusted(pet, tmp_path):
+    _fit(pet)
+    shards = sorted(Path(os.environ["VGGFT_CACHE"]).glob("features/*/*.pt"))
+    assert len(shards) == 2
+    shards[0].write_bytes(shards[0].read_bytes()[:1000])  # truncated
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"keys": ["x"], "features": Exploit()}, shards[1])
+    lines, _ = _fit(pet)
+    assert sum("discarding damaged shard" in line for line in lines) == 2
+    assert sum("images in" in line for line in lines) == 2  # both rebuilt
+    assert not marker.exists()
