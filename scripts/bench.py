@@ -228,8 +228,8 @@ def main() -> None:
         ("vggft train, warm cache", warm_wall, (args.train + args.test) / warm_wall, warm_peak, test_accuracy(warm), ref_wall / warm_wall),
     ]
     print()
-    print(f"| run | wall s | images/s | peak RSS MiB | test accuracy | speed-up |")
-    print(f"|---|---:|---:|---:|---|---:|")
+    print("| run | wall s | images/s | peak RSS MiB | test accuracy | speed-up |")
+    print("|---|---:|---:|---:|---|---:|")
     for name, wall, ips, peak, acc, ratio in rows:
         print(f"| {name} | {wall:.1f} | {ips:.2f} | {peak:.0f} | {acc} | {ratio:.2f}x |")
     print()

@@ -50,7 +50,8 @@ def test_eval_counts_every_test_image(runner, pet):
     assert first.startswith("acc@1 ") and first.endswith("/7)")
     correct = int(first.split("(")[1].split("/")[0])
     assert f"{100 * correct / 7:.2f}%" in first
-    table = {line.split()[0]: line.split() for line in lines[2:]}
+    header = next(i for i, line in enumerate(lines) if line.startswith("class "))
+    table = {line.split()[0]: line.split() for line in lines[header + 1 : header + 3]}
     assert table["cat"][1] == "3" and table["dog"][1] == "4"
     assert int(table["cat"][2]) + int(table["dog"][2]) == correct
     sidecar = json.loads(open("models/VGG16.json").read())

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, rng
 from .config import Config
 from .errors import OutputError, WeightsError
 from .files import save_json, save_torch
-from .model import read_state_dict
+from .model import read_state_dict, safe_load
 from .transforms import normalization
 
 
@@ -90,7 +90,71 @@ def read_sidecar(weights: Path) -> dict | None:
 
 
 def load_trained(weights: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(full state_dict, sidecar or None) of a weights file, or of a run's last.pt/best.pt."""
     weights = Path(weights)
     if not weights.is_file():
         raise WeightsError(f"--weights: '{weights}' not found; pass the .pt file that vggft train saved")
-    return read_state_dict(weights, "--weights"), read_sidecar(weights)
+    state_dict = read_state_dict(weights, "--weights")
+    if state_dict.get("format") == CHECKPOINT_FORMAT:
+        return _checkpoint_weights(load_checkpoint(weights))
+    return state_dict, read_sidecar(weights)
+
+
+def _checkpoint_weights(body: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A run checkpoint holds what trained; the frozen rest comes from its model.weights again."""
+    from .config import config_from_dict
+    from .model import build_model
+
+    cfg = config_from_dict(body["config"], "checkpoint config")
+    rng.seed_everything(cfg.train.seed)  # the same draws as training: a random-init backbone comes back identical
+    model = build_model(cfg.model, cfg.model.num_classes or len(body["class_names"]))
+    model.load_state_dict(body["model"], strict=False)
+    return plain_state_dict(model), {"class_names": body["class_names"], "config": body["config"]}
+
+
+# --- training checkpoints (last.pt, best.pt) ----------------------------------------------------
+
+CHECKPOINT_FORMAT = "vggft-checkpoint/1"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training can change: parameters that learn, and the buffers (BatchNorm statistics) beside them.
+
+    The frozen rest is rebuilt from ``model.weights``, so a checkpoint of a head is kilobytes, not 500 MB.
+    """
+    learning = {name for name, p in model.named_parameters() if p.requires_grad}
+    owners = {name.rsplit(".", 1)[0] for name in learning}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name in learning or name.rsplit(".", 1)[0] in owners:
+            state[name] = tensor.detach().to("cpu").contiguous()
+    return state
+
+
+def save_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, epoch: int, cfg: Config,
+                    class_names: list[str], history: list[dict], best: dict, generator: torch.Generator,
+                    extra: dict | None = None) -> None:
+    save_torch({
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "model": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "config": cfg.to_dict(),
+        "class_names": class_names,
+        "history": history,
+        "best": best,
+        "rng": rng.capture(generator),
+        **(extra or {}),
+    }, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, read with weights_only=True (a pickle that would run code is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"--resume: '{path}' not found; pass runs/<name>/last.pt of an earlier run")
+    body = safe_load(path, "--resume", "pass a last.pt written by vggft train")
+    if not isinstance(body, dict) or body.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(f"--resume: '{path}' is not a vggft training checkpoint (last.pt/best.pt of a run)")
+    return body

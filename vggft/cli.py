@@ -75,11 +75,19 @@ def main(
 
 @app.command()
 @_handle_errors
-def train(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
-    """Fine-tune: frozen backbone, new head; evaluate on test; save weights and a JSON sidecar."""
-    from .train import fit
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    name: Annotated[Optional[str], typer.Option(help="Run folder name under output.runs_dir.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Go on from a run's last.pt (its config, --set on top).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune: frozen backbone, new head; evaluate on test; save weights, sidecar and a run folder."""
+    from .train import fit, resume_config
 
-    fit(_config(config, set_), log=_log, progress=not quiet)
+    overrides = [*(set_ or []), *([f"output.name={name}"] if name else [])]
+    cfg = resume_config(resume, overrides) if resume else _config(config, overrides)
+    fit(cfg, resume=resume, log=_log, progress=not quiet)
 
 
 @app.command("eval")
@@ -91,23 +99,36 @@ def eval_(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     split: Annotated[str, typer.Option(help="Which split to score: test or val.")] = "test",
+    topk: Annotated[int, typer.Option(help="Also report acc@k for this k.")] = 5,
+    misclassified: Annotated[int, typer.Option(help="Save a grid of the N most confident mistakes.")] = 0,
+    plots: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: beside the weights).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """acc@1 over every image of the test split, with exact counts and per-class accuracy."""
+    """acc@1 and acc@k over every image of the test split, per-class precision/recall/F1, confusion matrix."""
     from .evaluate import evaluate_weights
 
-    metrics, _ = evaluate_weights(weights, config, set_ or [], split=split, log=_log if not as_json else _err,
-                                  progress=not quiet)
+    metrics, _, written = evaluate_weights(weights, config, set_ or [], split=split, topk=topk,
+                                           misclassified=misclassified, plots_dir=plots,
+                                           log=_err, progress=not quiet)  # stdout is the result
     if as_json:
-        typer.echo(json.dumps(metrics.to_dict(), indent=2))
+        typer.echo(json.dumps({**metrics.to_dict(), "files": [str(p) for p in written]}, indent=2))
         return
     typer.echo(metrics.summary_line())
+    k = max(metrics.topk_correct)
+    if k > 1:
+        typer.echo(f"acc@{k} {100 * metrics.topk_correct[k] / max(metrics.total, 1):.2f}% "
+                   f"({metrics.topk_correct[k]}/{metrics.total})")
     rows = metrics.per_class()
     width = max(len("class"), *(len(r["class"]) for r in rows))
-    typer.echo(f"{'class':<{width}}  {'images':>7}  {'correct':>7}  {'accuracy':>8}")
+    typer.echo(f"{'class':<{width}}  {'images':>7}  {'correct':>7}  {'accuracy':>8}  {'precision':>9}  {'f1':>6}")
     for r in rows:
-        typer.echo(f"{r['class']:<{width}}  {r['support']:>7}  {r['correct']:>7}  {100 * r['accuracy']:>7.2f}%")
+        typer.echo(f"{r['class']:<{width}}  {r['support']:>7}  {r['correct']:>7}  {100 * r['accuracy']:>7.2f}%"
+                   f"  {100 * r['precision']:>8.2f}%  {r['f1']:>6.3f}")
+    typer.echo("Confusion matrix (rows: true class)")
+    typer.echo(metrics.confusion_table())
+    for path in written:
+        typer.echo(f"Wrote {path}")
 
 
 def _err(message: str) -> None:

@@ -89,6 +89,12 @@ class ModelConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: int | None = _check(_positive, default=None)
+    """Stop after this many epochs without a better val accuracy; null: never."""
+
+
+@dataclass
 class TrainConfig:
     epochs: int = _check(_non_negative, default=5)
     lr: float = _check(_positive, default=1.0e-4)
@@ -99,13 +105,17 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = _check(_non_negative, default=0.0)
     scheduler: Literal["none", "cosine", "step", "onecycle"] = "none"
+    """cosine: to 0 over the epochs after warmup; step: x gamma every step_size epochs; onecycle: torch's
+    OneCycleLR peaking at lr. All step every batch."""
     warmup_epochs: int = _check(_non_negative, default=0)
+    """Linear warmup from 0 to lr over this many epochs (cosine, step)."""
     step_size: int = _check(_positive, default=10)
     gamma: float = _check(_positive, default=0.1)
     label_smoothing: float = _check(_fraction, default=0.0)
     grad_clip: float | None = _check(_positive, default=None)
-    patience: int | None = _check(_positive, default=None)
-    """Early stopping: stop after this many epochs without a better val accuracy."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=lambda: EarlyStoppingConfig())
+    head_only_epochs: int = _check(_non_negative, default=0)
+    """Two-stage fine-tuning: train the head alone this many epochs, then the model.unfreeze blocks too."""
     seed: int = 0
     device: str = "auto"
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
@@ -124,6 +134,10 @@ class CacheConfig:
 class OutputConfig:
     weights: str = "models/VGG16.pt"
     """The plain state_dict; a sidecar with the same stem and .json records the rest."""
+    runs_dir: str = "runs"
+    """Each train writes runs_dir/<name>/: config, metrics.csv, last.pt, best.pt, plots."""
+    name: str | None = None
+    """Run folder name; null: train, train2, train3, ..."""
 
 
 @dataclass

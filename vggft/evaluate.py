@@ -19,9 +19,12 @@ from .datasets import DataSplits
 from .device import prepare_backend, resolve_device
 from .errors import DataError, WeightsError
 from .feeder import Feeder
+from .images import open_rgb
 from .metrics import Metrics
 from .model import describe_state_dict, freeze, model_from_weights
+from .plots import save_confusion, save_image_grid
 from .prepare import prepare_data
+from .transforms import eval_transform, normalization
 from .train import evaluate
 
 Log = Callable[[str], None]
@@ -93,9 +96,12 @@ def evaluate_weights(
     overrides: list[str] = (),
     *,
     split: str = "test",
+    topk: int = 5,
+    misclassified: int = 0,
+    plots_dir: Path | None = None,
     log: Log = print,
     progress: bool = True,
-) -> tuple[Metrics, TrainedModel]:
+) -> tuple[Metrics, TrainedModel, list[Path]]:
     """acc@1 (and per-class figures) of saved weights on every image of ``split``."""
     trained = load_trained_model(weights, config, overrides)
     cfg = trained.cfg
@@ -112,5 +118,16 @@ def evaluate_weights(
     feeder = Feeder(trained.model, cfg, device, log=log, progress=progress)
     loader = feeder.loader(feeder.dataset(samples, desc=split), cfg.data.eval_batch_size)
     metrics = evaluate(feeder.module, loader, feeder, trained.class_names, trained.num_classes,
-                       desc=f"Evaluating {split}", progress=progress)
-    return metrics, trained
+                       desc=f"Evaluating {split}", progress=progress, ks=sorted({1, topk}),
+                       keep=misclassified > 0)
+    folder = Path(plots_dir) if plots_dir else Path(weights).parent
+    stem = Path(weights).stem
+    written = [save_confusion(metrics.confusion, trained.class_names, folder / f"{stem}.confusion_{split}.png")]
+    mistakes = metrics.worst_mistakes(misclassified)
+    if mistakes:
+        images = torch.stack([eval_transform(cfg.data)(open_rgb(samples[i][0])) for i, *_ in mistakes])
+        titles = [f"true {trained.class_names[t]}\npred {trained.class_names[p]} {c:.2f}" for _, t, p, c in mistakes]
+        mean, std = normalization(cfg.data)
+        written.append(save_image_grid(images, titles, mean, std, folder / f"{stem}.misclassified_{split}.png",
+                                       title_colors=["red"] * len(mistakes)))
+    return metrics, trained, written

@@ -13,14 +13,20 @@ class Metrics:
     confusion: torch.Tensor  # [true, predicted] counts, int64
     loss_sum: float = 0.0
     topk_correct: dict[int, int] = field(default_factory=dict)
+    probabilities: list[torch.Tensor] = field(default_factory=list)  # per batch, when kept
+    labels: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def empty(cls, class_names: list[str], num_outputs: int | None = None) -> Metrics:
         n = max(len(class_names), num_outputs or 0)
         return cls(list(class_names), torch.zeros(n, n, dtype=torch.int64))
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: float = 0.0, ks=(1, 5)) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: float = 0.0, ks=(1, 5),
+               keep: bool = False) -> None:
         logits, labels = logits.detach().float().cpu(), labels.cpu()
+        if keep:
+            self.probabilities.append(logits.softmax(dim=1))
+            self.labels.append(labels)
         predicted = logits.argmax(dim=1)
         n = self.confusion.shape[0]
         self.confusion += torch.bincount(labels * n + predicted, minlength=n * n).view(n, n)
@@ -59,6 +65,26 @@ class Metrics:
             rows.append({"class": name, "support": support, "correct": hit,
                          "accuracy": recall, "precision": precision, "recall": recall, "f1": f1})
         return rows
+
+    def worst_mistakes(self, count: int) -> list[tuple[int, int, int, float]]:
+        """(index, true, predicted, confidence) of the most confident wrong predictions (needs keep=True)."""
+        if not self.probabilities:
+            return []
+        probs, labels = torch.cat(self.probabilities), torch.cat(self.labels)
+        confidence, predicted = probs.max(dim=1)
+        wrong = (predicted != labels).nonzero().flatten()
+        order = wrong[confidence[wrong].argsort(descending=True)][:count]
+        return [(int(i), int(labels[i]), int(predicted[i]), float(confidence[i])) for i in order]
+
+    def confusion_table(self) -> str:
+        names = self.class_names
+        corner = "true \\ predicted"
+        label = max(len(corner), *(len(n) for n in names)) + 2
+        width = max(*(len(n) for n in names), *(len(str(int(v))) for v in self.confusion.flatten())) + 2
+        lines = [corner.ljust(label) + "".join(n.rjust(width) for n in names)]
+        for i, name in enumerate(names):
+            lines.append(name.ljust(label) + "".join(str(int(v)).rjust(width) for v in self.confusion[i, : len(names)]))
+        return "\n".join(lines)
 
     def summary_line(self) -> str:
         return f"acc@1 {100 * self.accuracy:.2f}% ({self.correct}/{self.total})"

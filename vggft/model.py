@@ -47,7 +47,9 @@ def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
         weights = enum[name.split(".")[-1]]
     except KeyError:
         names = ", ".join(w.name for w in enum) + ", DEFAULT"
-        raise WeightsError(f"model.weights: '{name}' is not a torchvision weights name for {arch} (one of {names})")
+        raise WeightsError(
+            f"model.weights: '{name}' is not a torchvision weights name for {arch} (one of {names})"
+        ) from None
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     cached = hub / os.path.basename(weights.url)
     try:
@@ -66,20 +68,24 @@ def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)``: a file that would run code when unpickled is refused."""
+def safe_load(path: Path, what: str, fix: str, *, mmap: bool = False):
+    """``torch.load(weights_only=True)``; a pickle that would run code, or an unreadable file, is a WeightsError."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
         text = _first_line(err)
         if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
             raise WeightsError(
-                f"{what}: '{path}' contains pickled code or objects, which vggft never unpickles; "
-                "load only plain state_dict files (torch.save(model.state_dict(), ...))"
+                f"{what}: '{path}' contains pickled code or objects, which vggft never unpickles; {fix}"
             ) from None
-        raise WeightsError(f"{what}: '{path}' is not a readable PyTorch weights file ({text})") from None
-    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
-        loaded = loaded["model"]  # a vggft training checkpoint (last.pt / best.pt)
+        raise WeightsError(f"{what}: '{path}' is not a readable PyTorch file ({text}); {fix}") from None
+
+
+def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A plain state_dict (or a vggft run checkpoint), read without unpickling code."""
+    loaded = safe_load(path, what, "load only plain state_dict files (torch.save(model.state_dict(), ...))", mmap=True)
+    if isinstance(loaded, dict) and str(loaded.get("format", "")).startswith("vggft-checkpoint"):
+        return loaded  # a run's last.pt / best.pt: vggft.checkpoint rebuilds the full model from it
     if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise WeightsError(f"{what}: '{path}' is not a state_dict (a mapping of names to tensors)")
     return loaded

@@ -32,8 +32,50 @@ def save_image_grid(images: torch.Tensor, titles: list[str], mean, std, path: Pa
             color = title_colors[index] if title_colors else "black"
             ax.set_title(titles[index], fontsize=9, color=color)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return path
+
+
+def save_curves(history: list[dict], path: Path) -> Path:
+    """Loss and accuracy per epoch, train and (when there is one) val."""
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy")):
+        for split in ("train", "val"):
+            values = [row.get(f"{split}_{metric}") for row in history]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    acc_ax.set_ylim(0, 1.02)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) -> Path:
+    """The confusion matrix as a heat map with counts; rows are true classes."""
+    n = len(class_names)
+    matrix = confusion[:n, :n].numpy()
+    size = max(4, 0.6 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = matrix.max() if matrix.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                    color="white" if matrix[i, j] > top / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)

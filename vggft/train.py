@@ -6,34 +6,32 @@ small and return numbers.
 
 from __future__ import annotations
 
-import random
+import csv
+import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
+import yaml
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint
-from .config import Config
+from . import checkpoint, rng
+from .config import Config, load_config
 from .datasets import DataSplits, write_manifest
 from .device import prepare_backend, resolve_device
-from .errors import ConfigError, OutOfMemoryError
+from .errors import ConfigError, DataError, OutOfMemoryError
 from .feeder import Feeder
+from .files import save_text
 from .metrics import Metrics
 from .model import build_model, parameter_counts, set_train_mode
+from .optim import make_optimizer, make_scheduler
+from .plots import save_curves
 from .prepare import prepare_data
 
 Log = Callable[[str], None]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def train_one_epoch(
@@ -47,6 +45,7 @@ def train_one_epoch(
     progress: bool = True,
     grad_clip: float | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    scheduler=None,
 ) -> dict[str, float]:
     set_train_mode(module)
     loss_sum, correct, seen = 0.0, 0, 0
@@ -69,6 +68,8 @@ def train_one_epoch(
             scaler.update()
         else:
             optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         loss_sum += loss.item() * len(labels)
         correct += int((outputs.argmax(dim=1) == labels).sum())
         seen += len(labels)
@@ -78,7 +79,7 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(module: nn.Module, loader, feeder: Feeder, class_names: list[str], num_outputs: int,
-             *, desc: str = "Evaluating", progress: bool = True) -> Metrics:
+             *, desc: str = "Evaluating", progress: bool = True, ks=(1, 5), keep: bool = False) -> Metrics:
     module.eval()
     metrics = Metrics.empty(class_names, num_outputs)
     criterion = nn.CrossEntropyLoss(reduction="sum")
@@ -86,7 +87,7 @@ def evaluate(module: nn.Module, loader, feeder: Feeder, class_names: list[str], 
         inputs, labels = feeder.to_device(inputs), labels.to(feeder.device, non_blocking=True)
         with feeder.autocast():
             outputs = module(inputs)
-        metrics.update(outputs, labels, float(criterion(outputs.float(), labels)))
+        metrics.update(outputs, labels, float(criterion(outputs.float(), labels)), ks=ks, keep=keep)
     return metrics
 
 
@@ -94,6 +95,7 @@ def evaluate(module: nn.Module, loader, feeder: Feeder, class_names: list[str], 
 class TrainResult:
     weights: Path
     sidecar: Path
+    run_dir: Path
     class_names: list[str]
     history: list[dict] = field(default_factory=list)
     test: Metrics | None = None
@@ -101,8 +103,7 @@ class TrainResult:
 
 def _class_weights(splits: DataSplits, num_outputs: int) -> torch.Tensor:
     counts = torch.bincount(torch.tensor([label for _, label in splits["train"]]), minlength=num_outputs).float()
-    weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), torch.zeros(()))
-    return weights
+    return torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), torch.zeros(()))
 
 
 def _sampler(splits: DataSplits, num_outputs: int, generator: torch.Generator):
@@ -112,28 +113,46 @@ def _sampler(splits: DataSplits, num_outputs: int, generator: torch.Generator):
                                                   generator=generator)
 
 
-def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0,
-                               weight_decay=t.weight_decay)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+def new_run_dir(runs_dir: str, name: str | None) -> Path:
+    """runs/train, runs/train2, ...: an existing run folder is never written into."""
+    base = name or "train"
+    candidate, n = Path(runs_dir) / base, 1
+    while candidate.exists():
+        n += 1
+        candidate = Path(runs_dir) / f"{base}{n}"
+    return candidate
 
 
-def fit(cfg: Config, *, log: Log = print, progress: bool = True) -> TrainResult:
-    """Train as configured, evaluate on test, save the weights and their sidecar."""
+def resume_config(checkpoint_path: Path, overrides: list[str] = ()) -> Config:
+    """The config a run was started with, under ``--set`` overrides (e.g. more epochs)."""
+    body = checkpoint.load_checkpoint(checkpoint_path)
+    return load_config(None, overrides, base=body["config"])
+
+
+def _write_metrics(history: list[dict], path: Path) -> None:
+    columns = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    save_text(buffer.getvalue(), path)
+
+
+def fit(cfg: Config, *, resume: Path | None = None, log: Log = print, progress: bool = True) -> TrainResult:
+    """Train as configured (or go on from a run's last.pt), evaluate on test, save weights and sidecar."""
+    body = checkpoint.load_checkpoint(resume) if resume else None
     weights_path = Path(cfg.output.weights)
     checkpoint.check_writable(weights_path)
     device = resolve_device(cfg.train.device)
     prepare_backend(device)
     manifest = checkpoint.manifest_path(weights_path)
-    splits, _ = prepare_data(cfg, manifest=None, log=log, progress=progress)
-    if splits.layout == "pool":
+    splits, _ = prepare_data(cfg, manifest=manifest if body else None, log=log, progress=progress)
+    if splits.layout == "pool" and not body:
         write_manifest(splits, cfg.data, manifest)
     class_names = splits.class_names
+    if body and body["class_names"] != class_names:
+        raise DataError(f"--resume: the run was trained on classes {body['class_names']}, "
+                        f"but {splits.root} has {class_names}; resume on the same data")
     num_outputs = cfg.model.num_classes or len(class_names)
     if num_outputs < len(class_names):
         raise ConfigError(
@@ -143,14 +162,14 @@ def fit(cfg: Config, *, log: Log = print, progress: bool = True) -> TrainResult:
     sizes = ", ".join(f"{split} {len(splits[split])}" for split in ("train", "val", "test") if splits[split])
     log(f"Data: {splits.root} ({splits.layout}), {len(class_names)} classes, {sizes} images")
 
-    seed_everything(cfg.train.seed)
+    rng.seed_everything(cfg.train.seed)
     model = build_model(cfg.model, num_outputs)
+    backbone = [p for p in model.features.parameters() if p.requires_grad]
     total, trainable = parameter_counts(model)
     feeder = Feeder(model, cfg, device, log=log, progress=progress)
-    dtype = feeder.dtype
     log(f"Model: {cfg.model.arch} ({cfg.model.weights or 'random init'}), head {cfg.model.head}, "
         f"{total:,} parameters, {trainable:,} trainable; device {device}"
-        + (f", autocast {str(dtype).removeprefix('torch.')}" if dtype else ""))
+        + (f", autocast {str(feeder.dtype).removeprefix('torch.')}" if feeder.dtype else ""))
     if feeder.cached:
         log(f"Feature cache: frozen prefix up to {feeder.cut}, cached under {feeder.cache.folder or 'memory'}")
     else:
@@ -167,15 +186,33 @@ def fit(cfg: Config, *, log: Log = print, progress: bool = True) -> TrainResult:
                         for split in ("val", "test") if split in datasets}
         loss_weights = _class_weights(splits, num_outputs).to(device) if cfg.data.balance == "weights" else None
         criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.train.label_smoothing)
-        optimizer = make_optimizer(cfg, model)
-        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-        history = []
-        for epoch in range(1, cfg.train.epochs + 1):
+        optimizer = make_optimizer(cfg.train, model, backbone)
+        scheduler = make_scheduler(cfg.train, optimizer, len(train_loader))
+        scaler = torch.amp.GradScaler(device.type) if feeder.dtype == torch.float16 else None
+        history: list[dict] = []
+        best = {"epoch": 0, "val_acc": -1.0}
+        start = 1
+        if body:
+            model.load_state_dict(body["model"], strict=False)
+            optimizer.load_state_dict(body["optimizer"])
+            scheduler.load_state_dict(body["scheduler"])
+            history, best, start = body["history"], body["best"], body["epoch"] + 1
+            rng.restore(body["rng"], generator)
+            run_dir = Path(resume).parent
+            log(f"Resuming {run_dir} after epoch {body['epoch']}")
+        else:
+            run_dir = new_run_dir(cfg.output.runs_dir, cfg.output.name)
+            run_dir.mkdir(parents=True)
+        save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
+
+        for epoch in range(start, cfg.train.epochs + 1):
+            for param in backbone:  # two-stage fine-tuning: the head alone first
+                param.requires_grad = epoch > cfg.train.head_only_epochs
             started = time.perf_counter()
-            row = {"epoch": epoch}
+            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
             stats = train_one_epoch(feeder.module, train_loader, criterion, optimizer, feeder,
                                     desc=f"Epoch {epoch}/{cfg.train.epochs}", progress=progress,
-                                    grad_clip=cfg.train.grad_clip, scaler=scaler)
+                                    grad_clip=cfg.train.grad_clip, scaler=scaler, scheduler=scheduler)
             row.update(train_loss=stats["loss"], train_acc=stats["acc"])
             line = f"Epoch {epoch:3d}/{cfg.train.epochs}: loss {stats['loss']:.4f}, train acc {100 * stats['acc']:.2f}%"
             if "val" in eval_loaders:
@@ -186,6 +223,20 @@ def fit(cfg: Config, *, log: Log = print, progress: bool = True) -> TrainResult:
             row["seconds"] = time.perf_counter() - started
             history.append(row)
             log(line + f" ({row['seconds']:.1f}s)")
+            improved = row.get("val_acc", 0.0) > best["val_acc"] if "val" in eval_loaders else True
+            if improved:
+                best = {"epoch": epoch, "val_acc": row.get("val_acc", -1.0)}
+            state = dict(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, cfg=cfg,
+                         class_names=class_names, history=history, best=best, generator=generator)
+            checkpoint.save_checkpoint(run_dir / "last.pt", **state)
+            if improved:
+                checkpoint.save_checkpoint(run_dir / "best.pt", **state)
+            _write_metrics(history, run_dir / "metrics.csv")
+            save_curves(history, run_dir / "curves.png")
+            patience = cfg.train.early_stopping.patience
+            if "val" in eval_loaders and patience and epoch - best["epoch"] >= patience:
+                log(f"Early stopping: no better val accuracy for {patience} epoch(s); best was epoch {best['epoch']}")
+                break
         test = None
         if "test" in eval_loaders:
             test = evaluate(feeder.module, eval_loaders["test"], feeder, class_names, num_outputs,
@@ -196,11 +247,16 @@ def fit(cfg: Config, *, log: Log = print, progress: bool = True) -> TrainResult:
             f"out of memory on {device} with data.batch_size {cfg.data.batch_size} and data.eval_batch_size "
             f"{cfg.data.eval_batch_size}; lower them (--set data.batch_size=...)"
         ) from None
+    except KeyboardInterrupt:
+        if "run_dir" in locals() and (run_dir / "last.pt").exists():
+            log(f"Interrupted. Resume with: vggft train --resume {run_dir / 'last.pt'}")
+        raise
 
     sidecar = checkpoint.save_trained(
         model, weights_path, cfg, class_names,
-        metrics={"test": test.to_dict() if test else None, "history": history},
+        metrics={"test": test.to_dict() if test else None, "history": history, "run": str(run_dir)},
         manifest=manifest if splits.layout == "pool" else None,
     )
-    log(f"Saved {weights_path} (sidecar {sidecar})")
-    return TrainResult(weights_path, sidecar, class_names, history, test)
+    log(f"Saved {weights_path} (sidecar {sidecar}); run folder {run_dir}: config.yaml, metrics.csv, "
+        "last.pt, best.pt, curves.png")
+    return TrainResult(weights_path, sidecar, run_dir, class_names, history, test)

@@ -1,0 +1,171 @@
+"""Runs, validation, resume, schedules, unfreezing, richer evaluation and plots."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import vggft.train
+from conftest import FAST, invoke, make_folder
+from vggft.config import ModelConfig, TrainConfig, load_config
+from vggft.metrics import Metrics
+from vggft.model import build_model, conv_blocks
+from vggft.optim import lr_factor, make_optimizer, make_scheduler
+
+@pytest.fixture
+def pet_val(tmp_path):
+    return make_folder(tmp_path / "pet", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 2, "dog": 2},
+                                          "test": {"cat": 3, "dog": 4}})
+
+
+def _png_ok(path: Path) -> None:
+    assert path.stat().st_size > 1000
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+
+
+def test_run_folder_holds_everything(runner, pet_val):
+    result = invoke(runner, "train", "--set", f"data.root={pet_val}", *FAST)
+    assert result.exit_code == 0, result.output
+    run = Path("runs/train")
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png"}
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and all(r["val_acc"] for r in rows)
+    _png_ok(run / "curves.png")
+    assert load_config(run / "config.yaml").train.epochs == 2
+    assert "run folder runs/train" in result.stdout.splitlines()[-1]
+    assert invoke(runner, "train", "--set", f"data.root={pet_val}", *FAST).exit_code == 0
+    assert Path("runs/train2/last.pt").exists()  # a second run never writes into the first
+    assert invoke(runner, "train", "--set", f"data.root={pet_val}", "--name", "mine", *FAST).exit_code == 0
+    assert Path("runs/mine/best.pt").exists()
+    # best.pt and last.pt are usable weights too.
+    result = invoke(runner, "eval", "--weights", "runs/mine/best.pt", "-q")
+    assert result.exit_code == 0 and result.stdout.startswith("acc@1") and "/7)" in result.stdout
+
+
+def test_best_is_the_best_val_epoch_and_early_stopping_stops(runner, pet_val, monkeypatch):
+    accuracies = iter([0.5, 0.9, 0.6, 0.7, 0.8, 0.95])
+    real = vggft.train.evaluate
+
+    class Scripted(Metrics):
+        """Val accuracy from a script, so the epochs that improve are known in advance."""
+
+        forced = 0.0
+
+        @property
+        def accuracy(self):
+            return self.forced
+
+    def scripted(module, loader, feeder, names, n, *, desc="", **kw):
+        metrics = real(module, loader, feeder, names, n, desc=desc, **kw)
+        if desc == "Validating":
+            metrics.__class__ = Scripted
+            metrics.forced = next(accuracies)
+        return metrics
+
+    monkeypatch.setattr(vggft.train, "evaluate", scripted)
+    result = invoke(runner, "train", "--set", f"data.root={pet_val}", *FAST, "--set", "train.epochs=6",
+                    "--set", "train.early_stopping.patience=2")
+    assert result.exit_code == 0, result.output
+    assert "Early stopping: no better val accuracy for 2 epoch(s); best was epoch 2" in result.stdout
+    assert "Epoch   4/6" in result.stdout and "Epoch   5/6" not in result.stdout
+    assert torch.load("runs/train/best.pt", weights_only=True)["epoch"] == 2
+    assert torch.load("runs/train/last.pt", weights_only=True)["epoch"] == 4
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(runner, pet_val, monkeypatch):
+    args = ["--set", f"data.root={pet_val}", *FAST, "--set", "train.epochs=4", "--set", "train.momentum=0.9",
+            "--set", "train.scheduler=cosine", "--set", "model.head=gap"]
+    assert invoke(runner, "train", *args, "--set", "output.weights=full.pt").exit_code == 0
+    real, calls = vggft.train.train_one_epoch, []
+
+    def ctrl_c_in_epoch_3(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(vggft.train, "train_one_epoch", ctrl_c_in_epoch_3)
+    result = invoke(runner, "train", *args, "--set", "output.weights=resumed.pt")
+    assert result.exit_code == 130
+    assert "Interrupted. Resume with: vggft train --resume runs/train2/last.pt" in result.stdout
+    monkeypatch.setattr(vggft.train, "train_one_epoch", real)
+    result = invoke(runner, "train", "--resume", "runs/train2/last.pt", "-q")
+    assert result.exit_code == 0, result.output
+    assert "Resuming runs/train2 after epoch 2" in result.stdout
+    full, resumed = torch.load("full.pt", weights_only=True), torch.load("resumed.pt", weights_only=True)
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    rows = list(csv.DictReader(open("runs/train2/metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+
+
+def test_resume_refuses_a_malicious_pickle(runner, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": "vggft-checkpoint/1", "x": Exploit()}, tmp_path / "last.pt")
+    result = invoke(runner, "train", "--resume", tmp_path / "last.pt")
+    assert result.exit_code == 4 and "pickled code or objects" in result.stderr
+    assert not marker.exists()
+
+
+def test_schedulers_step_as_documented():
+    steps = 10  # per epoch
+    cosine = TrainConfig(epochs=4, scheduler="cosine", warmup_epochs=1)
+    assert lr_factor(cosine, 0, steps) == pytest.approx(0.1) and lr_factor(cosine, 9, steps) == 1.0
+    assert lr_factor(cosine, 10, steps) == 1.0
+    assert lr_factor(cosine, 25, steps) == pytest.approx(0.5)  # half way through the 30 cosine steps
+    step = TrainConfig(epochs=6, scheduler="step", step_size=2, gamma=0.5)
+    assert [lr_factor(step, e * steps, steps) for e in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+    assert lr_factor(TrainConfig(scheduler="none"), 37, steps) == 1.0
+    model = build_model(ModelConfig(head="gap"), 2)
+    cfg = TrainConfig(epochs=2, lr=0.1, scheduler="onecycle")
+    optimizer = make_optimizer(cfg, model, [])
+    scheduler = make_scheduler(cfg, optimizer, steps)
+    seen = []
+    for _ in range(2 * steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(seen) == pytest.approx(0.1, rel=0.05) and seen[0] < 0.01 and seen[-1] < 0.001
+
+
+def test_unfreeze_gets_its_own_learning_rate(runner, pet_val):
+    model = build_model(ModelConfig(unfreeze=["block5"]), 2)
+    backbone = [p for p in model.features.parameters() if p.requires_grad]
+    optimizer = make_optimizer(TrainConfig(lr=0.01, backbone_lr=0.001), model, backbone)
+    head, block = optimizer.param_groups
+    assert head["lr"] == 0.01 and block["lr"] == 0.001
+    assert {id(p) for p in block["params"]} == {id(p) for m in conv_blocks(model)[4] for p in m.parameters()}
+    result = invoke(runner, "train", "--set", f"data.root={pet_val}", *FAST, "--set", "model.unfreeze=[block5]",
+                    "--set", "train.head_only_epochs=1", "--set", "output.weights=u.pt")
+    assert result.exit_code == 0, result.output
+    pretrained = torch.load(os.environ["TORCH_HOME"] + "/hub/checkpoints/vgg16-397923af.pth", weights_only=True)
+    tuned = torch.load("u.pt", weights_only=True)
+    assert not torch.equal(tuned["features.28.weight"], pretrained["features.28.weight"])  # block5 trained
+    assert torch.equal(tuned["features.21.weight"], pretrained["features.21.weight"])  # block4 did not
+
+
+def test_eval_reports_topk_confusion_and_worst_mistakes(runner, pet):
+    assert invoke(runner, "train", "--set", f"data.root={pet}", *FAST).exit_code == 0
+    result = invoke(runner, "eval", "--misclassified", "3", "-q")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("acc@2 100.00% (7/7)")
+    assert "Confusion matrix (rows: true class)" in result.stdout
+    matrix = lines[lines.index("Confusion matrix (rows: true class)") + 2:][:2]
+    counts = [[int(x) for x in row.split()[1:]] for row in matrix]
+    assert sum(map(sum, counts)) == 7 and [sum(r) for r in counts] == [3, 4]
+    _png_ok(Path("models/VGG16.confusion_test.png"))
+    wrong = 7 - int(lines[0].split("(")[1].split("/")[0])
+    grid = Path("models/VGG16.misclassified_test.png")
+    assert grid.exists() == (wrong > 0)
