@@ -192,6 +192,87 @@ def check_data(
         raise typer.Exit(1)
 
 
+@app.command()
+@_handle_errors
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(metavar="IMAGE_OR_DIR", help="Image files and/or folders "
+                                                 "(searched recursively, hidden files skipped).")],
+    weights: Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")] = Path(
+        "models/VGG16.pt"
+    ),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    topk: Annotated[int, typer.Option(help="Classes to report per image, most probable first.")] = 5,
+    csv_path: Annotated[
+        Optional[Path], typer.Option("--csv", help="Also write path,rank,class,probability rows here.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Classify images with saved weights, preprocessed exactly as in training; unreadable files are reported."""
+    from .predict import predict as run_predict
+
+    rows = run_predict(weights, inputs, config, set_ or [], topk=topk, progress=not quiet)
+    if csv_path is not None:
+        _write_predictions_csv(rows, csv_path)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        width = max(len("path"), *(len(r["path"]) for r in rows))
+        name_width = max([len("top-1")] + [len(t["class"]) for r in rows for t in r["top"][:1]])
+        typer.echo(f"{'path':<{width}}  {'top-1':<{name_width}}  {'prob':>6}  others")
+        for r in rows:
+            if "error" in r:
+                typer.echo(f"{r['path']:<{width}}  error: {r['error']}")
+                continue
+            best, *others = r["top"]
+            rest = "  ".join(f"{t['class']} {t['probability']:.4f}" for t in others)
+            line = f"{r['path']:<{width}}  {best['class']:<{name_width}}  {best['probability']:.4f}  {rest}"
+            typer.echo(line.rstrip())
+    say = _err if as_json else _log
+    failed = sum("error" in r for r in rows)
+    if failed:
+        _err(f"{failed} of {len(rows)} file(s) could not be read as images")
+    if csv_path is not None:
+        say(f"Wrote {csv_path}")
+
+
+def _write_predictions_csv(rows: list[dict], path: Path) -> None:
+    import csv
+
+    from .files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "rank", "class", "probability", "error"])
+        for r in rows:
+            if "error" in r:
+                writer.writerow([r["path"], "", "", "", r["error"]])
+            for rank, t in enumerate(r["top"], start=1):
+                writer.writerow([r["path"], rank, t["class"], f"{t['probability']:.6f}", ""])
+
+
+@app.command()
+@_handle_errors
+def export(
+    weights: Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")] = Path(
+        "models/VGG16.pt"
+    ),
+    fmt: Annotated[str, typer.Option("--format", "-f", help="torchscript, or onnx (pip install onnx onnxscript "
+                                     "onnxruntime).")] = "torchscript",
+    out: Annotated[Optional[Path], typer.Option(help="Output file (default: beside the weights, "
+                                                "VGG16.torchscript.pt or VGG16.onnx).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Export to TorchScript or ONNX (batch of normalised images in, logits out), checked against PyTorch."""
+    from .export import TOLERANCE
+    from .export import export as run_export
+
+    path, diff = run_export(weights, fmt, out, config, set_ or [])
+    typer.echo(f"Exported {path} (max |diff| vs PyTorch: {diff:.1e}, tolerance {TOLERANCE:.0e})")
+
+
 @app.command("make-demo")
 @_handle_errors
 def make_demo(

@@ -1,0 +1,187 @@
+"""vggft predict and vggft export on a tiny model trained once for the module through the real CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import FAST, invoke, make_folder, make_image
+from vggft.evaluate import load_trained_model
+from vggft.images import open_rgb
+from vggft.transforms import eval_transform
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, fake_hub) -> Path:
+    """models/VGG16.pt (+ sidecar) trained at 32 px on the two-class pet folder; returns the weights."""
+    root = tmp_path_factory.mktemp("trained")
+    pet = make_folder(root / "pet", {"train": {"cat": 6, "dog": 6}, "test": {"cat": 3, "dog": 4}})
+    weights = root / "models" / "VGG16.pt"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VGGFT_CACHE", str(root / "cache"))
+        mp.setenv("TORCH_HOME", str(fake_hub))
+        mp.chdir(root)
+        result = invoke(CliRunner(), "train", "--set", f"data.root={pet}", "--set", f"output.weights={weights}", *FAST)
+    assert result.exit_code == 0, result.output
+    return weights
+
+
+def _pet(weights: Path) -> Path:
+    return weights.parent.parent / "pet"
+
+
+def _predict_json(runner, *args):
+    result = invoke(runner, "predict", *args, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_predict_agrees_with_eval(runner, trained):
+    test = _pet(trained) / "test"
+    rows = _predict_json(runner, test, "--weights", trained)
+    assert [r["path"] for r in rows] == sorted(str(p) for p in test.rglob("*.jpg"))
+    for r in rows:
+        assert [t["class"] for t in r["top"]] in (["cat", "dog"], ["dog", "cat"])  # topk 5 capped at 2 classes
+        assert r["top"][0]["probability"] >= r["top"][1]["probability"]
+        assert sum(t["probability"] for t in r["top"]) == pytest.approx(1, abs=1e-5)
+    hits = sum(r["top"][0]["class"] == Path(r["path"]).parent.name for r in rows)
+    scored = json.loads(invoke(runner, "eval", "--weights", trained, "--json", "-q").stdout)
+    assert scored["total"] == len(rows) == 7 and scored["correct"] == hits
+
+
+def test_predict_preprocesses_as_trained(trained):
+    """The sidecar's 32 px / resize 36 transform, not the 224 px default."""
+    from vggft.predict import predict
+
+    image = _pet(trained) / "test" / "dog" / "dog.0.jpg"
+    (row,) = predict(trained, [image], topk=1)
+    model = load_trained_model(trained)
+    assert (model.cfg.data.image_size, model.cfg.data.resize) == (32, 36)
+    with torch.inference_mode():
+        probs = torch.softmax(model.model(eval_transform(model.cfg.data)(open_rgb(image))[None]), 1)[0]
+    assert row["top"][0]["class"] == model.class_names[int(probs.argmax())]
+    assert row["top"][0]["probability"] == pytest.approx(float(probs.max()), abs=1e-6)
+
+
+def test_predict_a_file_and_a_messy_folder(runner, trained, tmp_path):
+    image = _pet(trained) / "test" / "cat" / "cat.0.jpg"
+    result = invoke(runner, "predict", image, "--weights", trained, "--topk", "1", "-q")
+    assert result.exit_code == 0, result.output
+    header, line = result.stdout.strip().splitlines()
+    assert header.split() == ["path", "top-1", "prob", "others"]
+    assert re.fullmatch(rf"{re.escape(str(image))}\s+(cat|dog)\s+\d\.\d{{4}}", line)
+
+    folder = tmp_path / "incoming"
+    make_image(folder / "a.png", (200, 60, 40), seed=1)
+    make_image(folder / "deeper" / "b.JPG", (40, 80, 200), seed=2, fmt="JPEG")
+    make_image(folder / ".hidden" / "c.jpg", (40, 80, 200), seed=3)
+    make_image(folder / ".d.jpg", (40, 80, 200), seed=4)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    result = invoke(runner, "predict", folder, "--weights", trained, "-q")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()[1:]
+    assert [line.split()[0] for line in lines] == [str(folder / n) for n in ("a.png", "broken.jpg", "deeper/b.JPG")]
+    assert "error: " in lines[1] and "error" not in lines[0] + lines[2]
+    assert result.stderr.strip() == "1 of 3 file(s) could not be read as images"
+    rows = _predict_json(runner, folder, image, "--weights", trained, "--topk", "2")
+    assert len(rows) == 4 and "error" in rows[1] and rows[1]["top"] == []
+
+
+def test_predict_csv(runner, trained, tmp_path):
+    out = tmp_path / "out" / "predictions.csv"
+    test = _pet(trained) / "test"
+    result = invoke(runner, "predict", test, "--weights", trained, "--csv", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == f"Wrote {out}"
+    with open(out, newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == ["path", "rank", "class", "probability", "error"]
+    assert len(table) == 7 * 2 and [r["rank"] for r in table[:2]] == ["1", "2"]
+    assert {r["class"] for r in table} == {"cat", "dog"} and not any(r["error"] for r in table)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["predictions.csv"]  # no temp file left
+    # --json and --csv together: stdout stays pure JSON.
+    result = invoke(runner, "predict", test, "--weights", trained, "--csv", out, "--json", "-q")
+    assert len(json.loads(result.stdout)) == 7 and f"Wrote {out}" in result.stderr
+
+
+def test_predict_bare_state_dict_names_classes_by_index(runner, trained, tmp_path):
+    bare = tmp_path / "bare.pt"
+    shutil.copy(trained, bare)  # no sidecar: preprocessing from --set, classes class_0, class_1
+    rows = _predict_json(runner, _pet(trained) / "test" / "cat", "--weights", bare,
+                         "--set", "data.image_size=32", "--set", "data.resize=36")
+    assert len(rows) == 3 and {t["class"] for t in rows[0]["top"]} == {"class_0", "class_1"}
+
+
+def test_predict_missing_path_is_one_line(runner, trained):
+    result = invoke(runner, "predict", _pet(trained) / "test", "no/such.jpg", "--weights", trained, "-q")
+    assert result.exit_code == 3
+    assert result.stderr.strip().splitlines() == [
+        "error: IMAGE_OR_DIR: 'no/such.jpg' not found; name existing image files or folders"
+    ]
+    assert result.stdout == ""
+
+
+def _real_batch(weights: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three test images, preprocessed as trained, and the PyTorch model's logits for them."""
+    model = load_trained_model(weights)
+    paths = sorted((_pet(weights) / "test").rglob("*.jpg"))[:3]
+    batch = torch.stack([eval_transform(model.cfg.data)(open_rgb(p)) for p in paths])
+    with torch.inference_mode():
+        return batch, model.model(batch)
+
+
+EXPORTED = re.compile(r"Exported (\S+) \(max \|diff\| vs PyTorch: (\S+), tolerance 1e-04\)")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_torchscript(runner, trained, tmp_path):
+    out = tmp_path / "m.torchscript.pt"
+    result = invoke(runner, "export", "--weights", trained, "--format", "torchscript", "--out", out)
+    assert result.exit_code == 0, result.output
+    match = EXPORTED.fullmatch(result.stdout.strip())
+    assert match and match[1] == str(out) and float(match[2]) <= 1e-4
+    extra = {"vggft.json": ""}
+    scripted = torch.jit.load(str(out), map_location="cpu", _extra_files=extra)
+    meta = json.loads(extra["vggft.json"])
+    assert meta["class_names"] == ["cat", "dog"] and meta["image_size"] == 32 and meta["mean"][0] == 0.485
+    batch, expected = _real_batch(trained)
+    with torch.inference_mode():
+        assert torch.allclose(scripted(batch), expected, atol=1e-4, rtol=0)
+    # Refuses to overwrite the weights it reads.
+    result = invoke(runner, "export", "--weights", trained, "--out", trained)
+    assert result.exit_code == 6 and "would overwrite the weights" in result.stderr
+
+
+def test_export_onnx_without_the_extra_says_what_to_install(runner, trained, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # find_spec then reports it absent
+    result = invoke(runner, "export", "--weights", trained, "--format", "onnx")
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "onnxruntime not installed" in line and line.endswith("pip install onnx onnxscript onnxruntime")
+    assert not trained.with_name("VGG16.onnx").exists()
+
+
+def test_export_onnx(runner, trained, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    result = invoke(runner, "export", "--weights", trained, "--format", "onnx")
+    assert result.exit_code == 0, result.output
+    out = trained.with_name("VGG16.onnx")
+    match = EXPORTED.fullmatch(result.stdout.strip())
+    assert match and match[1] == str(out) and float(match[2]) <= 1e-4
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["vggft"])
+    assert meta["class_names"] == ["cat", "dog"] and meta["image_size"] == 32
+    batch, expected = _real_batch(trained)  # batch of 3: the batch axis is dynamic
+    (logits,) = session.run(["logits"], {"images": batch.numpy()})
+    assert torch.allclose(torch.from_numpy(logits), expected, atol=1e-4, rtol=0)

@@ -1,0 +1,146 @@
+"""Exporting saved weights to TorchScript or ONNX, checked against PyTorch before they are kept.
+
+The exported file takes a float batch (N, 3, S, S), normalised as in training, and returns
+logits. What a server needs to prepare images and name classes (size, mean, std, class
+names) travels inside the file: TorchScript extra file ``vggft.json``, ONNX metadata
+property ``vggft``. The export is written to a temporary file, reloaded, run on a seeded
+random batch and compared with the PyTorch model; only a file within tolerance replaces
+the output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .checkpoint import sidecar_path
+from .errors import ConfigError, OutputError, VggftError, WeightsError
+from .evaluate import TrainedModel, load_trained_model
+from .files import atomic_path
+from .transforms import normalization
+
+FORMATS = ("torchscript", "onnx")
+SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
+TOLERANCE = 1e-4
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # torch.onnx.export needs onnxscript since torch 2.9
+
+
+class MissingExtraError(VggftError):
+    """An optional dependency that a requested feature needs is not installed."""
+
+
+def default_output(weights: Path, fmt: str) -> Path:
+    """Beside the weights: models/VGG16.pt -> models/VGG16.torchscript.pt or models/VGG16.onnx."""
+    weights = Path(weights)
+    return weights.with_name(weights.stem + SUFFIX[fmt])
+
+
+def export(
+    weights: Path,
+    fmt: str,
+    out: Path | None = None,
+    config: Path | None = None,
+    overrides: Sequence[str] = (),
+) -> tuple[Path, float]:
+    """Write ``weights`` as ``fmt`` (torchscript or onnx); return (path, max |exported - PyTorch|)."""
+    fmt = fmt.strip().lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format: expected torchscript or onnx, got '{fmt}'")
+    if fmt == "onnx":
+        missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise MissingExtraError(
+                f"--format onnx: needs the optional packages {', '.join(ONNX_PACKAGES)} "
+                f"({', '.join(missing)} not installed); pip install {' '.join(ONNX_PACKAGES)}"
+            )
+    weights = Path(weights)
+    out = Path(out) if out is not None else default_output(weights, fmt)
+    _check_output(out, weights)
+    trained = load_trained_model(weights, config, list(overrides))
+    model = trained.model.cpu().eval()
+    size = trained.cfg.data.image_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    # A different batch size from the traced one: the check also proves the batch axis is free.
+    check = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = model(check).float()
+    metadata = json.dumps(_metadata(trained))
+
+    with atomic_path(out) as tmp:
+        if fmt == "torchscript":
+            got = _torchscript(model, example, check, tmp, metadata)
+        else:
+            got = _onnx(model, example, check, tmp, metadata)
+        diff = float((got - expected).abs().max())
+        if not diff <= TOLERANCE:  # also catches NaN
+            raise WeightsError(
+                f"{out}: the {fmt} export differs from PyTorch by {diff:.1e} (tolerance {TOLERANCE:.0e}); "
+                "nothing was written; export with --format torchscript or report the torch version"
+            )
+    return out, diff
+
+
+def _check_output(out: Path, weights: Path) -> None:
+    if out.is_dir():
+        raise OutputError(f"--out: '{out}' is a folder; give a file path such as {default_output(weights, 'onnx')}")
+    if out.resolve() in (weights.resolve(), sidecar_path(weights).resolve()):
+        raise OutputError(f"--out: '{out}' would overwrite the weights or their sidecar; choose another path")
+
+
+def _metadata(trained: TrainedModel) -> dict:
+    data = trained.cfg.data
+    mean, std = normalization(data)
+    names = trained.class_names or [f"class_{i}" for i in range(trained.num_classes)]
+    return {
+        "format": "vggft-export/1",
+        "weights_file": trained.path.name,
+        "arch": trained.cfg.model.arch,
+        "head": trained.cfg.model.head,
+        "num_classes": trained.num_classes,
+        "class_names": names,
+        "input": "images: float32 (N, 3, image_size, image_size), RGB in [0, 1], then (x - mean) / std",
+        "output": "logits: float32 (N, num_classes); softmax for probabilities",
+        "image_size": data.image_size,
+        "resize": data.resize,
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
+def _torchscript(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still the format asked for
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, str(tmp), _extra_files={"vggft.json": metadata})
+        loaded = torch.jit.load(str(tmp), map_location="cpu")
+    with torch.inference_mode():
+        return loaded(check).float()
+
+
+def _onnx(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
+    import onnxruntime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracing chatter
+        try:
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, verbose=False, external_data=False,
+                input_names=["images"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+            )
+        except Exception as err:  # the exporter raises many types; one line for the user
+            text = str(err).strip().splitlines()
+            raise WeightsError(
+                f"--format onnx: torch.onnx.export failed ({text[0] if text else type(err).__name__}); "
+                "try --format torchscript"
+            ) from None
+    program.model.metadata_props["vggft"] = metadata
+    program.save(str(tmp), external_data=False)  # one file: external data would be named after the temp file
+    session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"images": check.numpy()})
+    return torch.from_numpy(logits).float()
