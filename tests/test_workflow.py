@@ -76,6 +76,13 @@ def test_best_is_the_best_val_epoch_and_early_stopping_stops(runner, pet_val, mo
     assert "Epoch   4/6" in result.stdout and "Epoch   5/6" not in result.stdout
     assert torch.load("runs/train/best.pt", weights_only=True)["epoch"] == 2
     assert torch.load("runs/train/last.pt", weights_only=True)["epoch"] == 4
+    # The best epoch, not the last, is tested and saved.
+    assert "Restored the best epoch (2, val acc 90.00%) for testing and saving" in result.stdout
+    best = torch.load("runs/train/best.pt", weights_only=True)["model"]
+    last = torch.load("runs/train/last.pt", weights_only=True)["model"]
+    saved = torch.load("models/VGG16.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in best.items())
+    assert not all(torch.equal(saved[k], v) for k, v in last.items())
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(runner, pet_val, monkeypatch):
@@ -139,17 +146,23 @@ def test_schedulers_step_as_documented():
     assert max(seen) == pytest.approx(0.1, rel=0.05) and seen[0] < 0.01 and seen[-1] < 0.001
 
 
-def test_unfreeze_gets_its_own_learning_rate(runner, pet_val):
+def test_unfreeze_gets_its_own_learning_rate(runner, pet):
     model = build_model(ModelConfig(unfreeze=["block5"]), 2)
     backbone = [p for p in model.features.parameters() if p.requires_grad]
     optimizer = make_optimizer(TrainConfig(lr=0.01, backbone_lr=0.001), model, backbone)
     head, block = optimizer.param_groups
     assert head["lr"] == 0.01 and block["lr"] == 0.001
     assert {id(p) for p in block["params"]} == {id(p) for m in conv_blocks(model)[4] for p in m.parameters()}
-    result = invoke(runner, "train", "--set", f"data.root={pet_val}", *FAST, "--set", "model.unfreeze=[block5]",
-                    "--set", "train.head_only_epochs=1", "--set", "output.weights=u.pt")
+    # Two-stage: epoch 1 trains the head alone; its checkpoint already holds block5 (to restore it exactly).
+    result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "model.unfreeze=[block5]",
+                    "--set", "train.head_only_epochs=1", "--set", "train.epochs=1", "--set", "output.weights=u.pt")
     assert result.exit_code == 0, result.output
     pretrained = torch.load(os.environ["TORCH_HOME"] + "/hub/checkpoints/vgg16-397923af.pth", weights_only=True)
+    first = torch.load("runs/train/last.pt", weights_only=True)["model"]
+    assert "features.21.weight" not in first
+    assert torch.equal(first["features.28.weight"], pretrained["features.28.weight"])  # held, not yet trained
+    result = invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=2", "-q")
+    assert result.exit_code == 0, result.output
     tuned = torch.load("u.pt", weights_only=True)
     assert not torch.equal(tuned["features.28.weight"], pretrained["features.28.weight"])  # block5 trained
     assert torch.equal(tuned["features.21.weight"], pretrained["features.21.weight"])  # block4 did not

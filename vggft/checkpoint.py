@@ -13,7 +13,7 @@ from torch import nn
 from . import __version__, rng
 from .config import Config
 from .errors import OutputError, WeightsError
-from .files import save_json, save_torch
+from .files import existing_parent, save_json, save_torch
 from .model import read_state_dict, safe_load
 from .transforms import normalization
 
@@ -31,9 +31,7 @@ def check_writable(path: Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"output.weights: '{path}' is a folder; give a file path such as models/VGG16.pt")
-    existing = path.parent.resolve()
-    while not existing.exists():
-        existing = existing.parent
+    existing = existing_parent(path.parent)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(
             f"output.weights: cannot write to '{path.parent}' ('{existing}' is not a writable folder); "
@@ -117,12 +115,14 @@ def _checkpoint_weights(body: dict) -> tuple[dict[str, torch.Tensor], dict]:
 CHECKPOINT_FORMAT = "vggft-checkpoint/1"
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What training can change: parameters that learn, and the buffers (BatchNorm statistics) beside them.
+def trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
+    """What training can change: parameters that learn (those the optimizer holds, even if a two-stage run
+    has not thawed them yet), and the buffers (BatchNorm statistics) beside them.
 
     The frozen rest is rebuilt from ``model.weights``, so a checkpoint of a head is kilobytes, not 500 MB.
     """
-    learning = {name for name, p in model.named_parameters() if p.requires_grad}
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]} if optimizer else set()
+    learning = {name for name, p in model.named_parameters() if p.requires_grad or id(p) in held}
     owners = {name.rsplit(".", 1)[0] for name in learning}
     state = {}
     for name, tensor in model.state_dict().items():
@@ -137,7 +137,7 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer, scheduler, epoch
     save_torch({
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
-        "model": trainable_state(model),
+        "model": trainable_state(model, optimizer),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "config": cfg.to_dict(),

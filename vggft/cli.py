@@ -206,13 +206,14 @@ def predict(
     csv_path: Annotated[
         Optional[Path], typer.Option("--csv", help="Also write path,rank,class,probability rows here.")
     ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Classify images with saved weights, preprocessed exactly as in training; unreadable files are reported."""
     from .predict import predict as run_predict
 
-    rows = run_predict(weights, inputs, config, set_ or [], topk=topk, progress=not quiet)
+    rows = run_predict(weights, inputs, config, set_ or [], topk=topk, batch_size=batch_size, progress=not quiet)
     if csv_path is not None:
         _write_predictions_csv(rows, csv_path)
     if as_json:

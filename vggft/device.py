@@ -9,7 +9,7 @@ from typing import ContextManager
 
 import torch
 
-from .errors import DeviceError
+from .errors import DeviceError, OutOfMemoryError
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -80,3 +80,20 @@ def auto_workers(device: torch.device) -> int:
     if device.type == "cuda":
         return max(1, min(cores - 1, 8))
     return 0 if cores <= 4 else min(cores // 4, 4)
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(device: torch.device, batch_sizes: dict[str, int]):
+    """Turn running out of memory (CUDA, MPS or the CPU allocator) into one line naming what to lower."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        text = str(err)
+        if not (isinstance(err, torch.OutOfMemoryError) or "out of memory" in text
+                or "can't allocate memory" in text):
+            raise
+        keys = " and ".join(f"{key} {value}" for key, value in batch_sizes.items())
+        first = next(iter(batch_sizes))
+        half = max(1, batch_sizes[first] // 2)
+        example = f"{first} {half}" if first.startswith("--") else f"--set {first}={half}"
+        raise OutOfMemoryError(f"out of memory on {device} with {keys}; lower them ({example})") from None

@@ -16,7 +16,7 @@ import torch
 from . import checkpoint
 from .config import Config, load_config
 from .datasets import DataSplits
-from .device import prepare_backend, resolve_device
+from .device import out_of_memory_hint, prepare_backend, resolve_device
 from .errors import DataError, WeightsError
 from .feeder import Feeder
 from .images import open_rgb
@@ -116,10 +116,11 @@ def evaluate_weights(
     if not samples:
         raise DataError(f"{splits.root}: the {split} split has no images; choose another with --split")
     feeder = Feeder(trained.model, cfg, device, log=log, progress=progress)
-    loader = feeder.loader(feeder.dataset(samples, desc=split), cfg.data.eval_batch_size)
-    metrics = evaluate(feeder.module, loader, feeder, trained.class_names, trained.num_classes,
-                       desc=f"Evaluating {split}", progress=progress, ks=sorted({1, topk}),
-                       keep=misclassified > 0)
+    with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
+        loader = feeder.loader(feeder.dataset(samples, desc=split), cfg.data.eval_batch_size)
+        metrics = evaluate(feeder.module, loader, feeder, trained.class_names, trained.num_classes,
+                           desc=f"Evaluating {split}", progress=progress, ks=sorted({1, topk}),
+                           keep=misclassified > 0)
     folder = Path(plots_dir) if plots_dir else Path(weights).parent
     stem = Path(weights).stem
     written = [save_confusion(metrics.confusion, trained.class_names, folder / f"{stem}.confusion_{split}.png")]
@@ -130,4 +131,6 @@ def evaluate_weights(
         mean, std = normalization(cfg.data)
         written.append(save_image_grid(images, titles, mean, std, folder / f"{stem}.misclassified_{split}.png",
                                        title_colors=["red"] * len(mistakes)))
+    elif misclassified > 0:
+        log(f"--misclassified: no mistakes on the {split} split, so no grid was written")
     return metrics, trained, written

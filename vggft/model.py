@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+import zipfile
 from pathlib import Path
 
 import torch
@@ -71,14 +72,20 @@ def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
 def safe_load(path: Path, what: str, fix: str, *, mmap: bool = False):
     """``torch.load(weights_only=True)``; a pickle that would run code, or an unreadable file, is a WeightsError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not mmap or "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except Exception as err:
         text = _first_line(err)
         if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
             raise WeightsError(
                 f"{what}: '{path}' contains pickled code or objects, which vggft never unpickles; {fix}"
             ) from None
-        raise WeightsError(f"{what}: '{path}' is not a readable PyTorch file ({text}); {fix}") from None
+        detail = f" ({text})" if zipfile.is_zipfile(path) else ""  # for any other bytes torch's reason is noise
+        raise WeightsError(f"{what}: '{path}' is not a file written by torch.save{detail}; {fix}") from None
 
 
 def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -89,6 +96,16 @@ def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise WeightsError(f"{what}: '{path}' is not a state_dict (a mapping of names to tensors)")
     return loaded
+
+
+def _what_it_is(state_dict: dict[str, torch.Tensor], err: RuntimeError) -> str:
+    """'they are vgg11 weights', or the first mismatch torch reports."""
+    try:
+        arch, _, _ = describe_state_dict(state_dict)
+        return f"they are {arch} weights"
+    except WeightsError:
+        detail = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        return detail[0].rstrip(".") if detail else _first_line(err)
 
 
 def _first_line(err: BaseException) -> str:
@@ -125,10 +142,8 @@ def build_model(cfg: ModelConfig, num_classes: int, state_dict: dict | None = No
         try:
             model.load_state_dict(state_dict, assign=True, strict=not backbone_only)
         except RuntimeError as err:
-            raise WeightsError(
-                f"model.weights: '{source}' does not fit {cfg.arch} ({_first_line(err)}); "
-                f"set model.arch to the architecture the weights were saved from"
-            ) from None
+            raise WeightsError(f"model.weights: '{source}' does not fit {cfg.arch} ({_what_it_is(state_dict, err)}); "
+                               "set model.arch to the architecture the weights were saved from") from None
         if backbone_only and any(p.is_meta for p in model.features.parameters()):
             raise WeightsError(f"model.weights: '{source}' holds no {cfg.arch} backbone weights")
     replace_head(model, cfg.head, num_classes)

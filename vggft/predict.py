@@ -17,7 +17,14 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .datasets import _images_in
-from .device import auto_workers, autocast_dtype, autocast_factory, prepare_backend, resolve_device
+from .device import (
+    auto_workers,
+    autocast_dtype,
+    autocast_factory,
+    out_of_memory_hint,
+    prepare_backend,
+    resolve_device,
+)
 from .errors import ConfigError, DataError
 from .evaluate import load_trained_model
 from .images import IMG_EXTENSIONS, open_rgb
@@ -100,7 +107,7 @@ def predict(
     loader = make_loader(dataset, batch_size, device=device, num_workers=workers)
 
     rows: list[dict] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), out_of_memory_hint(device, {"--batch-size": batch_size}):
         for images, errors in tqdm(loader, desc="Predicting", unit="batch", disable=not progress, leave=False):
             with autocast():
                 logits = model(images.to(device, non_blocking=True))

@@ -21,10 +21,11 @@ from tqdm import tqdm
 from . import checkpoint, rng
 from .config import Config, load_config
 from .datasets import DataSplits, write_manifest
-from .device import prepare_backend, resolve_device
-from .errors import ConfigError, DataError, OutOfMemoryError
+from .device import out_of_memory_hint, prepare_backend, resolve_device
+from .errors import ConfigError, DataError
+from .features import file_key
 from .feeder import Feeder
-from .files import save_text
+from .files import check_free_space, save_text
 from .metrics import Metrics
 from .model import build_model, parameter_counts, set_train_mode
 from .optim import make_optimizer, make_scheduler
@@ -129,6 +130,20 @@ def resume_config(checkpoint_path: Path, overrides: list[str] = ()) -> Config:
     return load_config(None, overrides, base=body["config"])
 
 
+def _disk_needs(cfg: Config, model: nn.Module, feeder: Feeder, splits: DataSplits) -> list[tuple[Path, int, str]]:
+    """What this run will write, by folder: the weights, two checkpoints, the features not cached yet."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    needs = [(Path(cfg.output.weights).parent, state, "output.weights"),
+             (Path(cfg.output.runs_dir), 6 * trainable, "output.runs_dir")]  # last + best, with optimizer state
+    if feeder.cache is not None and feeder.cache.folder is not None:
+        width = next(m.in_features for m in feeder.suffix.modules() if isinstance(m, nn.Linear))
+        missing = sum(file_key(path) not in feeder.cache
+                      for split in ("train", "val", "test") for path, _ in splits[split])
+        needs.append((feeder.cache.folder, missing * width * 4, "cache.dir"))
+    return needs
+
+
 def _write_metrics(history: list[dict], path: Path) -> None:
     columns = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
     buffer = io.StringIO()
@@ -175,78 +190,86 @@ def fit(cfg: Config, *, resume: Path | None = None, log: Log = print, progress: 
     else:
         log(f"Feature cache off: {feeder.cache_off_reason}")
 
-    try:
-        datasets = {split: feeder.dataset(splits[split], train=split == "train", desc=split)
-                    for split in ("train", "val", "test") if splits[split]}
-        generator = torch.Generator().manual_seed(cfg.train.seed)
-        sampler = _sampler(splits, num_outputs, generator) if cfg.data.balance == "sampler" else None
-        train_loader = feeder.loader(datasets["train"], cfg.data.batch_size, shuffle=True,
-                                     generator=generator, sampler=sampler)
-        eval_loaders = {split: feeder.loader(datasets[split], cfg.data.eval_batch_size)
-                        for split in ("val", "test") if split in datasets}
-        loss_weights = _class_weights(splits, num_outputs).to(device) if cfg.data.balance == "weights" else None
-        criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.train.label_smoothing)
-        optimizer = make_optimizer(cfg.train, model, backbone)
-        scheduler = make_scheduler(cfg.train, optimizer, len(train_loader))
-        scaler = torch.amp.GradScaler(device.type) if feeder.dtype == torch.float16 else None
-        history: list[dict] = []
-        best = {"epoch": 0, "val_acc": -1.0}
-        start = 1
-        if body:
-            model.load_state_dict(body["model"], strict=False)
-            optimizer.load_state_dict(body["optimizer"])
-            scheduler.load_state_dict(body["scheduler"])
-            history, best, start = body["history"], body["best"], body["epoch"] + 1
-            rng.restore(body["rng"], generator)
-            run_dir = Path(resume).parent
-            log(f"Resuming {run_dir} after epoch {body['epoch']}")
-        else:
-            run_dir = new_run_dir(cfg.output.runs_dir, cfg.output.name)
-            run_dir.mkdir(parents=True)
-        save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
+    check_free_space(_disk_needs(cfg, model, feeder, splits))
 
-        for epoch in range(start, cfg.train.epochs + 1):
-            for param in backbone:  # two-stage fine-tuning: the head alone first
-                param.requires_grad = epoch > cfg.train.head_only_epochs
-            started = time.perf_counter()
-            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-            stats = train_one_epoch(feeder.module, train_loader, criterion, optimizer, feeder,
-                                    desc=f"Epoch {epoch}/{cfg.train.epochs}", progress=progress,
-                                    grad_clip=cfg.train.grad_clip, scaler=scaler, scheduler=scheduler)
-            row.update(train_loss=stats["loss"], train_acc=stats["acc"])
-            line = f"Epoch {epoch:3d}/{cfg.train.epochs}: loss {stats['loss']:.4f}, train acc {100 * stats['acc']:.2f}%"
-            if "val" in eval_loaders:
-                val = evaluate(feeder.module, eval_loaders["val"], feeder, class_names, num_outputs,
-                               desc="Validating", progress=progress)
-                row.update(val_loss=val.loss, val_acc=val.accuracy)
-                line += f", val loss {val.loss:.4f}, val {val.summary_line()}"
-            row["seconds"] = time.perf_counter() - started
-            history.append(row)
-            log(line + f" ({row['seconds']:.1f}s)")
-            improved = row.get("val_acc", 0.0) > best["val_acc"] if "val" in eval_loaders else True
-            if improved:
-                best = {"epoch": epoch, "val_acc": row.get("val_acc", -1.0)}
-            state = dict(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, cfg=cfg,
-                         class_names=class_names, history=history, best=best, generator=generator)
-            checkpoint.save_checkpoint(run_dir / "last.pt", **state)
-            if improved:
-                checkpoint.save_checkpoint(run_dir / "best.pt", **state)
-            _write_metrics(history, run_dir / "metrics.csv")
-            save_curves(history, run_dir / "curves.png")
-            patience = cfg.train.early_stopping.patience
-            if "val" in eval_loaders and patience and epoch - best["epoch"] >= patience:
-                log(f"Early stopping: no better val accuracy for {patience} epoch(s); best was epoch {best['epoch']}")
-                break
-        test = None
-        if "test" in eval_loaders:
-            test = evaluate(feeder.module, eval_loaders["test"], feeder, class_names, num_outputs,
-                            desc="Testing", progress=progress)
-            log(f"Test: {test.summary_line()}")
-    except torch.OutOfMemoryError:
-        raise OutOfMemoryError(
-            f"out of memory on {device} with data.batch_size {cfg.data.batch_size} and data.eval_batch_size "
-            f"{cfg.data.eval_batch_size}; lower them (--set data.batch_size=...)"
-        ) from None
+    memory_hint = out_of_memory_hint(device, {"data.batch_size": cfg.data.batch_size,
+                                              "data.eval_batch_size": cfg.data.eval_batch_size})
+    try:
+        with memory_hint:
+            datasets = {split: feeder.dataset(splits[split], train=split == "train", desc=split)
+                        for split in ("train", "val", "test") if splits[split]}
+            generator = torch.Generator().manual_seed(cfg.train.seed)
+            sampler = _sampler(splits, num_outputs, generator) if cfg.data.balance == "sampler" else None
+            train_loader = feeder.loader(datasets["train"], cfg.data.batch_size, shuffle=True,
+                                         generator=generator, sampler=sampler)
+            eval_loaders = {split: feeder.loader(datasets[split], cfg.data.eval_batch_size)
+                            for split in ("val", "test") if split in datasets}
+            loss_weights = _class_weights(splits, num_outputs).to(device) if cfg.data.balance == "weights" else None
+            criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.train.label_smoothing)
+            optimizer = make_optimizer(cfg.train, model, backbone)
+            scheduler = make_scheduler(cfg.train, optimizer, len(train_loader))
+            scaler = torch.amp.GradScaler(device.type) if feeder.dtype == torch.float16 else None
+            history: list[dict] = []
+            best = {"epoch": 0, "val_acc": -1.0}
+            start = 1
+            if body:
+                model.load_state_dict(body["model"], strict=False)
+                optimizer.load_state_dict(body["optimizer"])
+                scheduler.load_state_dict(body["scheduler"])
+                history, best, start = body["history"], body["best"], body["epoch"] + 1
+                rng.restore(body["rng"], generator)
+                run_dir = Path(resume).parent
+                log(f"Resuming {run_dir} after epoch {body['epoch']}")
+            else:
+                run_dir = new_run_dir(cfg.output.runs_dir, cfg.output.name)
+                run_dir.mkdir(parents=True)
+            save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
+
+            for epoch in range(start, cfg.train.epochs + 1):
+                for param in backbone:  # two-stage fine-tuning: the head alone first
+                    param.requires_grad = epoch > cfg.train.head_only_epochs
+                started = time.perf_counter()
+                row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+                stats = train_one_epoch(feeder.module, train_loader, criterion, optimizer, feeder,
+                                        desc=f"Epoch {epoch}/{cfg.train.epochs}", progress=progress,
+                                        grad_clip=cfg.train.grad_clip, scaler=scaler, scheduler=scheduler)
+                row.update(train_loss=stats["loss"], train_acc=stats["acc"])
+                line = (f"Epoch {epoch:3d}/{cfg.train.epochs}: loss {stats['loss']:.4f}, "
+                        f"train acc {100 * stats['acc']:.2f}%")
+                if "val" in eval_loaders:
+                    val = evaluate(feeder.module, eval_loaders["val"], feeder, class_names, num_outputs,
+                                   desc="Validating", progress=progress)
+                    row.update(val_loss=val.loss, val_acc=val.accuracy)
+                    line += f", val loss {val.loss:.4f}, val {val.summary_line()}"
+                row["seconds"] = time.perf_counter() - started
+                history.append(row)
+                log(line + f" ({row['seconds']:.1f}s)")
+                improved = row.get("val_acc", 0.0) > best["val_acc"] if "val" in eval_loaders else True
+                if improved:
+                    best = {"epoch": epoch, "val_acc": row.get("val_acc", -1.0)}
+                state = dict(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, cfg=cfg,
+                             class_names=class_names, history=history, best=best, generator=generator)
+                checkpoint.save_checkpoint(run_dir / "last.pt", **state)
+                if improved:
+                    checkpoint.save_checkpoint(run_dir / "best.pt", **state)
+                _write_metrics(history, run_dir / "metrics.csv")
+                save_curves(history, run_dir / "curves.png")
+                patience = cfg.train.early_stopping.patience
+                if "val" in eval_loaders and patience and epoch - best["epoch"] >= patience:
+                    log(f"Early stopping: no better val accuracy for {patience} epoch(s); "
+                        f"best was epoch {best['epoch']}")
+                    break
+            last = history[-1]["epoch"] if history else 0
+            if "val" in eval_loaders and 0 < best["epoch"] != last:
+                # What is tested and saved is the best epoch, as best.pt says, not the last one.
+                model.load_state_dict(checkpoint.load_checkpoint(run_dir / "best.pt")["model"], strict=False)
+                log(f"Restored the best epoch ({best['epoch']}, val acc {100 * best['val_acc']:.2f}%) "
+                    "for testing and saving")
+            test = None
+            if "test" in eval_loaders:
+                test = evaluate(feeder.module, eval_loaders["test"], feeder, class_names, num_outputs,
+                                desc="Testing", progress=progress)
+                log(f"Test: {test.summary_line()}")
     except KeyboardInterrupt:
         if "run_dir" in locals() and (run_dir / "last.pt").exists():
             log(f"Interrupted. Resume with: vggft train --resume {run_dir / 'last.pt'}")

@@ -1,0 +1,166 @@
+"""Nothing lost, nothing executed, nothing cryptic: the README's error table, atomic saves, reproducibility."""
+
+from __future__ import annotations
+
+import os
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import vgg11, vgg16
+
+import vggft.files
+import vggft.train
+from conftest import FAST, invoke
+
+
+def _train(runner, pet, *args):
+    return invoke(runner, "train", "--set", f"data.root={pet}", *FAST, *args)
+
+
+def _one_line(result, code: int) -> str:
+    assert result.exit_code == code, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "Traceback" not in result.output
+    return line
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*.tmp"))
+
+
+def _loads_in_plain_torchvision(path: Path, classes: int = 2) -> None:
+    model = vgg16()
+    model.classifier[6] = nn.Linear(4096, classes)
+    model.load_state_dict(torch.load(path, weights_only=True))
+
+
+def test_a_save_that_fails_midway_leaves_the_old_weights(runner, pet, monkeypatch):
+    assert _train(runner, pet).exit_code == 0
+    weights = Path("models/VGG16.pt")
+    before = weights.read_bytes()
+
+    def disk_full(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"PK\x03\x04 half a zip")  # some bytes reach the disk, then it fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(vggft.files.torch, "save", disk_full)
+    line = _one_line(_train(runner, pet, "--set", "train.lr=0.5"), 6)
+    assert line.startswith("error: runs/train2/last.pt: could not be written (No space left on device)")
+    assert weights.read_bytes() == before
+    _loads_in_plain_torchvision(weights)
+    assert _leftovers(Path(".")) == []
+
+
+def test_two_seeded_runs_give_byte_identical_weights(runner, pet):
+    """Shuffling, dropout and the head's init all come from train.seed."""
+    weights, tests, saved = Path("models/VGG16.pt"), [], []
+    for _ in range(2):  # torch.save embeds the file's stem, so both runs write the same name
+        result = _train(runner, pet, "--set", "cache=off")
+        assert result.exit_code == 0, result.output
+        tests += [line for line in result.stdout.splitlines() if line.startswith("Test:")]
+        saved.append(weights.read_bytes())
+    assert saved[0] == saved[1]
+    first, second = (torch.load(f"runs/{run}/last.pt", weights_only=True) for run in ("train", "train2"))
+    assert first["model"].keys() == second["model"].keys()  # the checkpoints differ only in timings
+    assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
+    assert len(tests) == 2 and tests[0] == tests[1]
+
+
+def test_output_folder_not_writable(runner, pet):
+    Path("blocker").write_text("a file where a folder should be")
+    line = _one_line(_train(runner, pet, "--set", "output.weights=blocker/VGG16.pt"), 6)
+    assert "output.weights: cannot write to 'blocker'" in line and "--set output.weights=PATH" in line
+    assert not Path("runs").exists() and not Path("models").exists()
+
+
+def test_not_enough_free_disk_stops_before_any_work(runner, pet, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(vggft.files.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 50 * 2**20, 50 * 2**20))
+    line = _one_line(_train(runner, pet), 6)
+    assert "MiB will be written under" in line and "only 50 MiB is free" in line and "output.weights" in line
+    assert not Path("runs").exists() and not Path("models").exists()
+
+
+def test_out_of_memory_names_the_batch_size(runner, pet, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(vggft.train, "train_one_epoch", oom)
+    line = _one_line(_train(runner, pet, "--set", "data.batch_size=8"), 7)
+    assert line == ("error: out of memory on cpu with data.batch_size 8 and data.eval_batch_size 32; "
+                    "lower them (--set data.batch_size=4)")
+
+
+def test_cpu_allocator_failure_is_out_of_memory_too(runner, pet, monkeypatch):
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(vggft.train, "train_one_epoch", oom)
+    assert "out of memory on cpu" in _one_line(_train(runner, pet), 7)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"just some text\n", "is not a file written by torch.save; load only plain state_dict"),
+        (None, "is not a state_dict (a mapping of names to tensors)"),
+    ],
+)
+def test_a_file_that_is_not_weights(runner, pet, tmp_path, content, message):
+    path = tmp_path / "not_weights.pt"
+    if content is None:
+        torch.save(torch.zeros(3), path)  # a tensor, not a state_dict
+    else:
+        path.write_bytes(content)
+    line = _one_line(invoke(runner, "eval", "--weights", path, "--set", f"data.root={pet}", "-q"), 4)
+    assert f"--weights: '{path}'" in line and message in line
+
+
+def test_a_malicious_pickle_as_weights_runs_nothing(runner, pet, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"classifier.6.weight": Exploit()}, path)
+    for command in (["eval", "-q"], ["predict", pet / "test", "-q"], ["export"]):
+        line = _one_line(invoke(runner, *command, "--weights", path, "--set", f"data.root={pet}"), 4)
+        assert f"--weights: '{path}' contains pickled code or objects, which vggft never unpickles" in line
+    assert not marker.exists()
+
+
+def test_missing_weights_file(runner, pet):
+    line = _one_line(invoke(runner, "eval", "--weights", "models/none.pt", "--set", f"data.root={pet}"), 4)
+    assert "models/none.pt" in line
+
+
+def test_written_files_get_normal_permissions(runner, pet):
+    assert _train(runner, pet).exit_code == 0
+    expected = 0o666 & ~_umask()
+    for path in (Path("models/VGG16.pt"), Path("models/VGG16.json"), Path("runs/train/last.pt")):
+        assert path.stat().st_mode & 0o777 == expected, path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_missing_data_folder(runner):
+    line = _one_line(invoke(runner, "train", "--set", "data.root=data/nope", "-q"), 3)
+    assert line == ("error: data.root: 'data/nope' not found; set data.root (or --set data.root=PATH) to a folder "
+                    "holding train/ and test/ class folders, or one folder per class")
+
+
+def test_weights_of_another_architecture(runner, pet, tmp_path):
+    torch.save(vgg11().state_dict(), tmp_path / "vgg11.pth")
+    line = _one_line(_train(runner, pet, "--set", f"model.weights={tmp_path / 'vgg11.pth'}"), 4)
+    assert line == (f"error: model.weights: '{tmp_path / 'vgg11.pth'}' does not fit vgg16 (they are vgg11 weights); "
+                    "set model.arch to the architecture the weights were saved from")
+    assert not Path("runs").exists()
