@@ -39,7 +39,9 @@ def _handle_errors(command):
         except VggftError as err:
             if _state["debug"]:
                 raise
-            typer.echo(f"error: {err}", err=True)
+            rank = _rank()  # under torchrun a pre-flight error is met by every rank and said by rank 0 only
+            if rank == 0 or err.rank_specific:
+                typer.echo(f"error (rank {rank}): {err}" if rank else f"error: {err}", err=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             if _state["debug"]:
@@ -48,6 +50,12 @@ def _handle_errors(command):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _rank() -> int:
+    from .distributed import environment_rank
+
+    return environment_rank()
 
 
 def _config(config: Path | None, overrides: list[str] | None):
@@ -80,6 +88,7 @@ def train(
     set_: SetOpt = None,
     name: Annotated[Optional[str], typer.Option(help="Run folder name under output.runs_dir.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Go on from a run's last.pt (its config, --set on top).")] = None,
+    nproc: Annotated[int, typer.Option(help="Processes to train with (torch.distributed.run on this machine).")] = 1,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune: frozen backbone, new head; evaluate on test; save weights, sidecar and a run folder."""
@@ -87,6 +96,13 @@ def train(
 
     overrides = [*(set_ or []), *([f"output.name={name}"] if name else [])]
     cfg = resume_config(resume, overrides) if resume else _config(config, overrides)
+    if nproc != 1:
+        from .launch import launch_train
+
+        args = [*(["--config", str(config)] if config else []), *[a for v in set_ or [] for a in ("--set", v)],
+                *(["--name", name] if name else []), *(["--resume", str(resume)] if resume else []),
+                *(["--quiet"] if quiet else [])]
+        raise typer.Exit(launch_train(nproc, args, debug=_state["debug"]))  # the config is valid
     fit(cfg, resume=resume, log=_log, progress=not quiet)
 
 

@@ -11,6 +11,7 @@ class VggftError(Exception):
     """Something the user can fix; the message says what and how."""
 
     exit_code = 1
+    rank_specific = False  # met by one process of a distributed job (e.g. out of memory), not by all
 
 
 class ConfigError(VggftError):

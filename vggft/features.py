@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .distributed import SINGLE, Group
+from .errors import ConfigError
 from .files import save_json, save_torch
 from .loaders import image_loader
 
@@ -84,6 +86,11 @@ class FeatureCache:
             except Exception as err:
                 self.log(f"Feature cache: could not write {shard} ({err}); continuing without saving")
 
+    def reload(self) -> None:
+        """Read the shards other processes have written since."""
+        if self.folder is not None:
+            self._load_shards()
+
     def __contains__(self, key: str) -> bool:
         return key in self.rows
 
@@ -100,11 +107,18 @@ def extract_features(
     autocast: Callable,
     progress: bool = True,
     desc: str = "Extracting features",
+    group: Group = SINGLE,
 ) -> torch.Tensor:
-    """The prefix output for every sample, in order; only files the cache lacks go through the network."""
+    """The prefix output for every sample, in order; only files the cache lacks go through the network.
+
+    Under torchrun each rank extracts its own shard of the missing files into the shared cache folder,
+    then every rank reads all of them: N processes extract N times faster and no file twice.
+    """
     keys = [file_key(path) for path, _ in samples]
     missing = [(sample, key) for sample, key in zip(samples, keys) if key not in cache]
     missing = list({key: (sample, key) for sample, key in missing}.values())  # the same file twice: once
+    total_missing, started = len(missing), time.perf_counter()
+    missing = group.shard(missing)
     if missing:
         loader = image_loader(
             [sample for sample, _ in missing], transform, batch_size, device=device, num_workers=num_workers
@@ -112,7 +126,6 @@ def extract_features(
         pending_keys: list[str] = []
         pending: list[torch.Tensor] = []
         done = 0
-        started = time.perf_counter()
         bar = tqdm(total=len(missing), desc=desc, unit="img", disable=not progress, leave=False)
         for images, _ in loader:
             images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
@@ -128,8 +141,18 @@ def extract_features(
         bar.close()
         if pending_keys:
             cache.add(pending_keys, torch.cat(pending))
+    if total_missing and group.active:
+        group.barrier()  # every rank's shards are on disk
+        cache.reload()
+        if any(key not in cache for key in keys):
+            raise ConfigError(
+                f"cache.dir: '{cache.folder}' does not hold the features the other processes extracted; on "
+                "several machines it must be a shared folder every node sees (set cache.dir), or use cache: off"
+            )
+    if total_missing:
         seconds = time.perf_counter() - started
-        cache.log(f"{desc}: {len(missing)} images in {seconds:.1f}s ({len(missing) / seconds:.2f} img/s)")
+        ranks = f" on {group.world} processes" if group.active else ""
+        cache.log(f"{desc}: {total_missing} images in {seconds:.1f}s ({total_missing / seconds:.2f} img/s){ranks}")
     if not keys:
         return torch.empty(0)
     # Stacked outside inference mode: a normal tensor that autograd may save for backward.

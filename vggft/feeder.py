@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from .config import Config
 from .device import auto_workers, autocast_dtype, autocast_factory
+from .distributed import SINGLE, Group
 from .features import FeatureCache, extract_features, module_fingerprint
 from .files import cache_root
 from .loaders import ImageList, make_loader
@@ -31,8 +32,9 @@ class Feeder:
         *,
         log: Callable[[str], None] = print,
         progress: bool = True,
+        group: Group = SINGLE,
     ):
-        self.cfg, self.device, self.log, self.progress = cfg, device, log, progress
+        self.cfg, self.device, self.log, self.progress, self.group = cfg, device, log, progress, group
         self.dtype = autocast_dtype(device, cfg.train.amp)
         self.autocast = autocast_factory(device, self.dtype)
         self.prefix, self.suffix, self.cut = split_frozen_prefix(model)
@@ -85,6 +87,7 @@ class Feeder:
             autocast=self.autocast,
             progress=self.progress,
             desc=f"Extracting {desc} features".replace("  ", " "),
+            group=self.group,
         )
         labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         return TensorDataset(features, labels)

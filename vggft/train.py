@@ -16,13 +16,16 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler, Subset
 from tqdm import tqdm
 
 from . import checkpoint, rng
 from .config import Config, load_config
 from .datasets import DataSplits, write_manifest
 from .device import out_of_memory_hint, prepare_backend, resolve_device
-from .errors import ConfigError, DataError
+from .distributed import Group, process_group, reduce_metrics
+from .errors import ConfigError, DataError, VggftError
 from .features import file_key
 from .feeder import Feeder
 from .files import check_free_space, save_text
@@ -75,7 +78,7 @@ def train_one_epoch(
         correct += int((outputs.argmax(dim=1) == labels).sum())
         seen += len(labels)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "seen": seen}
 
 
 @torch.no_grad()
@@ -83,6 +86,7 @@ def evaluate(module: nn.Module, loader, feeder: Feeder, class_names: list[str], 
              *, desc: str = "Evaluating", progress: bool = True, ks=(1, 5), keep: bool = False) -> Metrics:
     module.eval()
     metrics = Metrics.empty(class_names, num_outputs)
+    metrics.topk_correct = {min(k, num_outputs): 0 for k in ks}  # the same keys on every rank, even with no batch
     criterion = nn.CrossEntropyLoss(reduction="sum")
     for inputs, labels in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
         inputs, labels = feeder.to_device(inputs), labels.to(feeder.device, non_blocking=True)
@@ -130,6 +134,15 @@ def resume_config(checkpoint_path: Path, overrides: list[str] = ()) -> Config:
     return load_config(None, overrides, base=body["config"])
 
 
+def _mean_over_ranks(stats: dict[str, float], group: Group) -> dict[str, float]:
+    """Each rank's epoch loss and accuracy, weighted by how many samples it saw."""
+    if not group.active:
+        return stats
+    sums = group.sum_(torch.tensor([stats["loss"] * stats["seen"], stats["acc"] * stats["seen"], stats["seen"]],
+                                   dtype=torch.float64))
+    return {"loss": float(sums[0] / sums[2]), "acc": float(sums[1] / sums[2]), "seen": int(sums[2])}
+
+
 def _disk_needs(cfg: Config, model: nn.Module, feeder: Feeder, splits: DataSplits) -> list[tuple[Path, int, str]]:
     """What this run will write, by folder: the weights, two checkpoints, the features not cached yet."""
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -154,15 +167,40 @@ def _write_metrics(history: list[dict], path: Path) -> None:
 
 
 def fit(cfg: Config, *, resume: Path | None = None, log: Log = print, progress: bool = True) -> TrainResult:
-    """Train as configured (or go on from a run's last.pt), evaluate on test, save weights and sidecar."""
+    """Train as configured (or go on from a run's last.pt), evaluate on test, save weights and sidecar.
+
+    Under torchrun every process calls this; they share the work and only rank 0 prints or writes.
+    """
+    device = resolve_device(cfg.train.device)
+    with process_group(device) as (group, device):
+        if group.active:
+            _check_distributed(cfg)
+        if not group.is_main:
+            log, progress = _silent, False
+        return _fit(cfg, resume, device, group, log=log, progress=progress)
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _check_distributed(cfg: Config) -> None:
+    if cfg.data.balance == "sampler":
+        raise ConfigError("data.balance: 'sampler' cannot shard across processes; use weights (a weighted loss)")
+    if cfg.train.head_only_epochs and cfg.model.unfreeze:
+        raise ConfigError("train.head_only_epochs: two-stage training is not supported under torchrun yet; "
+                          "set it to 0, or run it as one process")
+
+
+def _fit(cfg: Config, resume: Path | None, device: torch.device, group: Group, *, log: Log,
+         progress: bool) -> TrainResult:
     body = checkpoint.load_checkpoint(resume) if resume else None
     weights_path = Path(cfg.output.weights)
     checkpoint.check_writable(weights_path)
-    device = resolve_device(cfg.train.device)
     prepare_backend(device)
     manifest = checkpoint.manifest_path(weights_path)
     splits, _ = prepare_data(cfg, manifest=manifest if body else None, log=log, progress=progress)
-    if splits.layout == "pool" and not body:
+    if splits.layout == "pool" and not body and group.is_main:
         write_manifest(splits, cfg.data, manifest)
     class_names = splits.class_names
     if body and body["class_names"] != class_names:
@@ -179,11 +217,14 @@ def fit(cfg: Config, *, resume: Path | None = None, log: Log = print, progress: 
 
     rng.seed_everything(cfg.train.seed)
     model = build_model(cfg.model, num_outputs)
+    if group.active:
+        torch.manual_seed(cfg.train.seed + group.rank)  # the same head everywhere, each rank its own dropout
     backbone = [p for p in model.features.parameters() if p.requires_grad]
     total, trainable = parameter_counts(model)
-    feeder = Feeder(model, cfg, device, log=log, progress=progress)
+    feeder = Feeder(model, cfg, device, log=log, progress=progress, group=group)
     log(f"Model: {cfg.model.arch} ({cfg.model.weights or 'random init'}), head {cfg.model.head}, "
         f"{total:,} parameters, {trainable:,} trainable; device {device}"
+        + (f" x {group.world} processes" if group.active else "")
         + (f", autocast {str(feeder.dtype).removeprefix('torch.')}" if feeder.dtype else ""))
     if feeder.cached:
         log(f"Feature cache: frozen prefix up to {feeder.cut}, cached under {feeder.cache.folder or 'memory'}")
@@ -200,10 +241,17 @@ def fit(cfg: Config, *, resume: Path | None = None, log: Log = print, progress: 
                         for split in ("train", "val", "test") if splits[split]}
             generator = torch.Generator().manual_seed(cfg.train.seed)
             sampler = _sampler(splits, num_outputs, generator) if cfg.data.balance == "sampler" else None
+            if group.active:  # each rank a different part of every epoch (padded to equal lengths)
+                sampler = DistributedSampler(datasets["train"], group.world, group.rank, seed=cfg.train.seed)
             train_loader = feeder.loader(datasets["train"], cfg.data.batch_size, shuffle=True,
                                          generator=generator, sampler=sampler)
-            eval_loaders = {split: feeder.loader(datasets[split], cfg.data.eval_batch_size)
+            # Evaluation shards are disjoint and unpadded: every image counted once, then summed over ranks.
+            eval_loaders = {split: feeder.loader(Subset(datasets[split], group.shard(range(len(datasets[split])))),
+                                                 cfg.data.eval_batch_size)
                             for split in ("val", "test") if split in datasets}
+            trainee = feeder.module
+            if group.active:
+                trainee = DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None)
             loss_weights = _class_weights(splits, num_outputs).to(device) if cfg.data.balance == "weights" else None
             criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.train.label_smoothing)
             optimizer = make_optimizer(cfg.train, model, backbone)
@@ -211,7 +259,8 @@ def fit(cfg: Config, *, resume: Path | None = None, log: Log = print, progress: 
             scaler = torch.amp.GradScaler(device.type) if feeder.dtype == torch.float16 else None
             history: list[dict] = []
             best = {"epoch": 0, "val_acc": -1.0}
-            start = 1
+            best_state: dict[str, torch.Tensor] = {}
+            start, run_dir = 1, None
             if body:
                 model.load_state_dict(body["model"], strict=False)
                 optimizer.load_state_dict(body["optimizer"])
@@ -219,26 +268,32 @@ def fit(cfg: Config, *, resume: Path | None = None, log: Log = print, progress: 
                 history, best, start = body["history"], body["best"], body["epoch"] + 1
                 rng.restore(body["rng"], generator)
                 run_dir = Path(resume).parent
+                if (run_dir / "best.pt").exists():
+                    best_state = checkpoint.load_checkpoint(run_dir / "best.pt")["model"]
                 log(f"Resuming {run_dir} after epoch {body['epoch']}")
-            else:
+            elif group.is_main:
                 run_dir = new_run_dir(cfg.output.runs_dir, cfg.output.name)
                 run_dir.mkdir(parents=True)
-            save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
+            if group.is_main:
+                save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
 
             for epoch in range(start, cfg.train.epochs + 1):
                 for param in backbone:  # two-stage fine-tuning: the head alone first
                     param.requires_grad = epoch > cfg.train.head_only_epochs
                 started = time.perf_counter()
                 row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-                stats = train_one_epoch(feeder.module, train_loader, criterion, optimizer, feeder,
+                if group.active:
+                    sampler.set_epoch(epoch)
+                stats = train_one_epoch(trainee, train_loader, criterion, optimizer, feeder,
                                         desc=f"Epoch {epoch}/{cfg.train.epochs}", progress=progress,
                                         grad_clip=cfg.train.grad_clip, scaler=scaler, scheduler=scheduler)
+                stats = _mean_over_ranks(stats, group)
                 row.update(train_loss=stats["loss"], train_acc=stats["acc"])
                 line = (f"Epoch {epoch:3d}/{cfg.train.epochs}: loss {stats['loss']:.4f}, "
                         f"train acc {100 * stats['acc']:.2f}%")
                 if "val" in eval_loaders:
-                    val = evaluate(feeder.module, eval_loaders["val"], feeder, class_names, num_outputs,
-                                   desc="Validating", progress=progress)
+                    val = reduce_metrics(evaluate(feeder.module, eval_loaders["val"], feeder, class_names,
+                                                  num_outputs, desc="Validating", progress=progress), group)
                     row.update(val_loss=val.loss, val_acc=val.accuracy)
                     line += f", val loss {val.loss:.4f}, val {val.summary_line()}"
                 row["seconds"] = time.perf_counter() - started
@@ -247,13 +302,15 @@ def fit(cfg: Config, *, resume: Path | None = None, log: Log = print, progress: 
                 improved = row.get("val_acc", 0.0) > best["val_acc"] if "val" in eval_loaders else True
                 if improved:
                     best = {"epoch": epoch, "val_acc": row.get("val_acc", -1.0)}
-                state = dict(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, cfg=cfg,
-                             class_names=class_names, history=history, best=best, generator=generator)
-                checkpoint.save_checkpoint(run_dir / "last.pt", **state)
-                if improved:
-                    checkpoint.save_checkpoint(run_dir / "best.pt", **state)
-                _write_metrics(history, run_dir / "metrics.csv")
-                save_curves(history, run_dir / "curves.png")
+                    best_state = {k: v.clone() for k, v in checkpoint.trainable_state(model, optimizer).items()}
+                if group.is_main:
+                    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, cfg=cfg,
+                                 class_names=class_names, history=history, best=best, generator=generator)
+                    checkpoint.save_checkpoint(run_dir / "last.pt", **state)
+                    if improved:
+                        checkpoint.save_checkpoint(run_dir / "best.pt", **state)
+                    _write_metrics(history, run_dir / "metrics.csv")
+                    save_curves(history, run_dir / "curves.png")
                 patience = cfg.train.early_stopping.patience
                 if "val" in eval_loaders and patience and epoch - best["epoch"] >= patience:
                     log(f"Early stopping: no better val accuracy for {patience} epoch(s); "
@@ -262,20 +319,26 @@ def fit(cfg: Config, *, resume: Path | None = None, log: Log = print, progress: 
             last = history[-1]["epoch"] if history else 0
             if "val" in eval_loaders and 0 < best["epoch"] != last:
                 # What is tested and saved is the best epoch, as best.pt says, not the last one.
-                model.load_state_dict(checkpoint.load_checkpoint(run_dir / "best.pt")["model"], strict=False)
+                model.load_state_dict(best_state, strict=False)
                 log(f"Restored the best epoch ({best['epoch']}, val acc {100 * best['val_acc']:.2f}%) "
                     "for testing and saving")
             test = None
             if "test" in eval_loaders:
-                test = evaluate(feeder.module, eval_loaders["test"], feeder, class_names, num_outputs,
-                                desc="Testing", progress=progress)
+                test = reduce_metrics(evaluate(feeder.module, eval_loaders["test"], feeder, class_names,
+                                               num_outputs, desc="Testing", progress=progress), group)
                 log(f"Test: {test.summary_line()}")
+    except VggftError as err:  # past the pre-flight that every rank shares: this rank's own trouble
+        err.rank_specific = True
+        raise
     except KeyboardInterrupt:
-        if "run_dir" in locals() and (run_dir / "last.pt").exists():
+        if "run_dir" in locals() and run_dir is not None and (run_dir / "last.pt").exists():
             log(f"Interrupted. Resume with: vggft train --resume {run_dir / 'last.pt'}")
         raise
 
-    sidecar = checkpoint.save_trained(
+    sidecar = checkpoint.sidecar_path(weights_path)
+    if not group.is_main:
+        return TrainResult(weights_path, sidecar, run_dir, class_names, history, test)
+    checkpoint.save_trained(
         model, weights_path, cfg, class_names,
         metrics={"test": test.to_dict() if test else None, "history": history, "run": str(run_dir)},
         manifest=manifest if splits.layout == "pool" else None,
