@@ -85,9 +85,13 @@ def test_best_is_the_best_val_epoch_and_early_stopping_stops(runner, pet_val, mo
     assert not all(torch.equal(saved[k], v) for k, v in last.items())
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(runner, pet_val, monkeypatch):
+@pytest.mark.parametrize("pipeline", [
+    ["--set", "model.head=gap"],  # cached features, no workers
+    ["--set", "cache=off", "--set", "data.num_workers=1"],  # images through a persistent worker each epoch
+])
+def test_interrupted_and_resumed_equals_uninterrupted(runner, pet_val, monkeypatch, pipeline):
     args = ["--set", f"data.root={pet_val}", *FAST, "--set", "train.epochs=4", "--set", "train.momentum=0.9",
-            "--set", "train.scheduler=cosine", "--set", "model.head=gap"]
+            "--set", "train.scheduler=cosine", *pipeline]
     assert invoke(runner, "train", *args, "--set", "output.weights=full.pt").exit_code == 0
     real, calls = vggft.train.train_one_epoch, []
 
@@ -182,3 +186,28 @@ def test_eval_reports_topk_confusion_and_worst_mistakes(runner, pet):
     wrong = 7 - int(lines[0].split("(")[1].split("/")[0])
     grid = Path("models/VGG16.misclassified_test.png")
     assert grid.exists() == (wrong > 0)
+
+
+def test_resume_refuses_to_stretch_a_onecycle_schedule(runner, pet):
+    args = ["--set", f"data.root={pet}", *FAST, "--set", "train.scheduler=onecycle"]
+    assert invoke(runner, "train", *args).exit_code == 0
+    result = invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=4")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: train.epochs: a onecycle schedule is laid out for the run's 2 epochs "
+                                     "at its start; resume with that many, or start a new run")
+
+
+def test_a_run_checkpoint_as_model_weights_says_what_to_do(runner, pet):
+    assert invoke(runner, "train", "--set", f"data.root={pet}", *FAST).exit_code == 0
+    result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "model.weights=runs/train/last.pt")
+    assert result.exit_code == 4
+    assert "model.weights: 'runs/train/last.pt' is a run checkpoint (last.pt/best.pt), not a state_dict" in result.stderr
+    assert "vggft train --resume runs/train/last.pt" in result.stderr
+
+
+def test_eval_scores_even_where_the_plot_cannot_go(runner, pet):
+    assert invoke(runner, "train", "--set", f"data.root={pet}", *FAST).exit_code == 0
+    Path("blocker").write_text("a file where a folder should be")
+    result = invoke(runner, "eval", "--plots", "blocker/plots", "-q")
+    assert result.exit_code == 0 and result.stdout.startswith("acc@1 ")
+    assert "Confusion matrix PNG not written" in result.stderr and "--plots DIR" in result.stderr

@@ -82,6 +82,11 @@ def auto_workers(device: torch.device) -> int:
     return 0 if cores <= 4 else min(cores // 4, 4)
 
 
+def resolve_workers(data, device: torch.device) -> int:
+    """``data.num_workers``, with ``auto`` resolved for this device."""
+    return auto_workers(device) if data.num_workers == "auto" else data.num_workers
+
+
 @contextlib.contextmanager
 def out_of_memory_hint(device: torch.device, batch_sizes: dict[str, int]):
     """Turn running out of memory (CUDA, MPS or the CPU allocator) into one line naming what to lower."""

@@ -65,6 +65,11 @@ def environment_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def environment_world() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when not under torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def _backend() -> str:
     return dist.get_backend() if dist.is_initialized() else ""
 
@@ -81,15 +86,17 @@ def _timeout() -> datetime.timedelta:
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[tuple[Group, torch.device]]:
     """Join the job torchrun started (nccl on CUDA, gloo on CPU) and pick this rank's device; leave it after."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = environment_world()
     if world <= 1:
         yield SINGLE, device
         return
     group = Group(environment_rank(), world, int(os.environ.get("LOCAL_RANK", "0") or 0))
     if device.type == "cuda":
         if group.local_rank >= torch.cuda.device_count():
-            raise DeviceError(f"train.device: local rank {group.local_rank} needs a GPU but this node has "
+            err = DeviceError(f"train.device: local rank {group.local_rank} needs a GPU but this node has "
                               f"{torch.cuda.device_count()}; start at most that many processes per node")
+            err.rank_specific = True  # rank 0 has a GPU and would not say it
+            raise err
         device = torch.device("cuda", group.local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
@@ -102,6 +109,15 @@ def process_group(device: torch.device) -> Iterator[tuple[Group, torch.device]]:
         yield group, device
     finally:
         dist.destroy_process_group()
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """A collective broke because another process of the job died (its own error is reported there)."""
+    text = str(err)
+    return isinstance(err, dist.DistBackendError) or any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                      "NCCL communicator was aborted")
+    )
 
 
 def reduce_metrics(metrics: Metrics, group: Group) -> Metrics:

@@ -40,3 +40,9 @@ class OutputError(VggftError):
 
 class OutOfMemoryError(VggftError):
     exit_code = 7
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): for one-line errors."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -17,7 +17,7 @@ from . import checkpoint
 from .config import Config, load_config
 from .datasets import DataSplits
 from .device import out_of_memory_hint, prepare_backend, resolve_device
-from .errors import DataError, WeightsError
+from .errors import DataError, OutputError, WeightsError
 from .feeder import Feeder
 from .images import open_rgb
 from .metrics import Metrics
@@ -40,6 +40,11 @@ class TrainedModel:
     num_classes: int
     sidecar: dict | None
     path: Path
+
+    @property
+    def names(self) -> list[str]:
+        """The class names, or class_0, class_1, ... for a bare state_dict."""
+        return self.class_names or [f"class_{i}" for i in range(self.num_classes)]
 
 
 def load_trained_model(weights: Path, config: Path | None = None, overrides: list[str] = ()) -> TrainedModel:
@@ -123,7 +128,11 @@ def evaluate_weights(
                            keep=misclassified > 0)
     folder = Path(plots_dir) if plots_dir else Path(weights).parent
     stem = Path(weights).stem
-    written = [save_confusion(metrics.confusion, trained.class_names, folder / f"{stem}.confusion_{split}.png")]
+    written = []
+    try:  # the scores are the result; a plot that cannot be written is a note, not a failure
+        written.append(save_confusion(metrics.confusion, trained.class_names, folder / f"{stem}.confusion_{split}.png"))
+    except OutputError as err:
+        log(f"Confusion matrix PNG not written ({err}); choose a folder with --plots DIR")
     mistakes = metrics.worst_mistakes(misclassified)
     if mistakes:
         images = torch.stack([eval_transform(cfg.data)(open_rgb(samples[i][0])) for i, *_ in mistakes])

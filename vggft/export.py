@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import sidecar_path
-from .errors import ConfigError, OutputError, VggftError, WeightsError
+from .errors import ConfigError, OutputError, VggftError, WeightsError, first_line
 from .evaluate import TrainedModel, load_trained_model
 from .files import atomic_path
 from .transforms import normalization
@@ -95,7 +95,7 @@ def _check_output(out: Path, weights: Path) -> None:
 def _metadata(trained: TrainedModel) -> dict:
     data = trained.cfg.data
     mean, std = normalization(data)
-    names = trained.class_names or [f"class_{i}" for i in range(trained.num_classes)]
+    names = trained.names
     return {
         "format": "vggft-export/1",
         "weights_file": trained.path.name,
@@ -134,13 +134,11 @@ def _onnx(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
             )
         except Exception as err:  # the exporter raises many types; one line for the user
-            text = str(err).strip().splitlines()
             raise WeightsError(
-                f"--format onnx: torch.onnx.export failed ({text[0] if text else type(err).__name__}); "
-                "try --format torchscript"
+                f"--format onnx: torch.onnx.export failed ({first_line(err)}); try --format torchscript"
             ) from None
     program.model.metadata_props["vggft"] = metadata
-    program.save(str(tmp), external_data=False)  # one file: external data would be named after the temp file
+    program.save(str(tmp), external_data=False)  # one self-contained file
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {"images": check.numpy()})
     return torch.from_numpy(logits).float()

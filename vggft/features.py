@@ -50,6 +50,7 @@ class FeatureCache:
 
     def __init__(self, directory: Path | None, namespace: dict, log: Callable[[str], None] = print):
         self.rows: dict[str, torch.Tensor] = {}
+        self.loaded: set[str] = set()  # shard files already read
         self.log = log
         self.folder = None
         if directory is None:
@@ -63,6 +64,8 @@ class FeatureCache:
 
     def _load_shards(self) -> None:
         for shard in sorted(self.folder.glob("*.pt")):
+            if shard.name in self.loaded:
+                continue
             try:
                 body = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
                 keys, features = body["keys"], body["features"]
@@ -75,6 +78,7 @@ class FeatureCache:
                 shard.unlink(missing_ok=True)
                 continue
             self.rows.update(zip(keys, features))
+            self.loaded.add(shard.name)
 
     def add(self, keys: list[str], features: torch.Tensor) -> None:
         features = features.float().contiguous()
@@ -83,6 +87,7 @@ class FeatureCache:
             shard = self.folder / f"{time.time_ns()}-{os.getpid()}.pt"
             try:
                 save_torch({"keys": keys, "features": features}, shard)
+                self.loaded.add(shard.name)
             except Exception as err:
                 self.log(f"Feature cache: could not write {shard} ({err}); continuing without saving")
 
@@ -118,6 +123,7 @@ def extract_features(
     missing = [(sample, key) for sample, key in zip(samples, keys) if key not in cache]
     missing = list({key: (sample, key) for sample, key in missing}.values())  # the same file twice: once
     total_missing, started = len(missing), time.perf_counter()
+    group.barrier()  # every rank has its list before any rank writes a shard: the lists agree
     missing = group.shard(missing)
     if missing:
         loader = image_loader(

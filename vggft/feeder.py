@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from .config import Config
-from .device import auto_workers, autocast_dtype, autocast_factory
+from .device import autocast_dtype, autocast_factory, resolve_workers
 from .distributed import SINGLE, Group
 from .features import FeatureCache, extract_features, module_fingerprint
 from .files import cache_root
@@ -38,7 +38,7 @@ class Feeder:
         self.dtype = autocast_dtype(device, cfg.train.amp)
         self.autocast = autocast_factory(device, self.dtype)
         self.prefix, self.suffix, self.cut = split_frozen_prefix(model)
-        self.workers = auto_workers(device) if cfg.data.num_workers == "auto" else cfg.data.num_workers
+        self.workers = resolve_workers(cfg.data, device)
         self.cache_off_reason = self._cache_off_reason(model)
         self.cache: FeatureCache | None = None
         if self.cache_off_reason is None:

@@ -73,6 +73,19 @@ class Verdict:
         return cls(**data)
 
 
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def decode_failure(err: BaseException) -> tuple[str, str]:
+    """(reason, detail) for an exception from decoding an image: not an image, truncated or unsupported."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image", "no image format recognised"
+    text = str(err)
+    if isinstance(err, EOFError) or ("truncated" in text.lower() and not isinstance(err, Image.DecompressionBombError)):
+        return "truncated", text
+    return "unsupported", text
+
+
 def inspect_image(path: str | Path) -> Verdict:
     """Decode ``path`` completely and say whether it can be trained on."""
     path = Path(path)
@@ -89,14 +102,8 @@ def inspect_image(path: str | Path) -> Verdict:
             with Image.open(path) as image:
                 image.load()
                 rgb = to_rgb(image)
-    except UnidentifiedImageError:
-        return Verdict(False, "not an image", "no image format recognised", sha1=sha1)
-    except Image.DecompressionBombError as err:
-        return Verdict(False, "unsupported", str(err), sha1=sha1)
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        text = str(err)
-        reason = "truncated" if "truncated" in text.lower() or isinstance(err, EOFError) else "unsupported"
-        return Verdict(False, reason, text, sha1=sha1)
+    except DECODE_ERRORS as err:
+        return Verdict(False, *decode_failure(err), sha1=sha1)
     if rgb.width < 1 or rgb.height < 1:
         return Verdict(False, "unsupported", "zero-sized image", sha1=sha1)
     return Verdict(True, width=rgb.width, height=rgb.height, sha1=sha1)

@@ -7,6 +7,7 @@ import os
 import sys
 import uuid
 
+from .distributed import environment_world
 from .errors import ConfigError
 
 
@@ -21,7 +22,7 @@ def launch_train(nproc: int, train_args: list[str], *, debug: bool = False) -> i
 
     if nproc < 1:
         raise ConfigError(f"--nproc: expected 1 or more, got {nproc}")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if environment_world() > 1:
         raise ConfigError("--nproc: already running under torchrun; drop --nproc (torchrun starts the processes)")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     if not debug:

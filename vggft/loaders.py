@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from .errors import DataError
 from .images import open_rgb
@@ -57,15 +57,19 @@ def make_loader(
 ) -> DataLoader:
     """Every sample once per pass (no drop_last: the tutorial's drop_last loses test images).
 
-    A loader without a generator of its own gets a private one: DataLoader otherwise draws a
-    seed from the global RNG at every pass, which would shift the dropout masks of training.
+    ``generator`` drives the shuffle alone: the loader's own seed draw (once per pass, or once in
+    all with persistent workers) comes from a private generator, so the order of epoch k is the
+    same whether the run started at epoch 1 or resumed there, and the global RNG (dropout) is
+    never touched.
     """
+    if shuffle and sampler is None:
+        sampler = RandomSampler(dataset, generator=generator)
+    private = torch.Generator().manual_seed(generator.initial_seed() if generator is not None else 0)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
         sampler=sampler,
-        generator=generator if generator is not None else torch.Generator().manual_seed(0),
+        generator=private,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=device.type == "cuda",

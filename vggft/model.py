@@ -16,7 +16,7 @@ from torch import nn
 from torchvision import models
 
 from .config import ARCHS, ModelConfig
-from .errors import WeightsError
+from .errors import WeightsError, first_line
 
 CONV_COUNT = {"vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}
 
@@ -38,7 +38,13 @@ def pretrained_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
                 f"model.weights: file '{path}' not found; point it at a local .pth state_dict, "
                 "use a torchvision name such as IMAGENET1K_V1, or null for random init"
             )
-        return read_state_dict(path, "model.weights")
+        state_dict = read_state_dict(path, "model.weights")
+        if "format" in state_dict:
+            raise WeightsError(
+                f"model.weights: '{path}' is a run checkpoint (last.pt/best.pt), not a state_dict; continue that "
+                f"run with vggft train --resume {path}, or start from the weights it saved (output.weights)"
+            )
+        return state_dict
     return _torchvision_state_dict(cfg.arch, cfg.weights)
 
 
@@ -64,7 +70,7 @@ def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise WeightsError(
-            f"{cached}: unreadable pretrained weights ({_first_line(err)}); delete it to download again, "
+            f"{cached}: unreadable pretrained weights ({first_line(err)}); delete it to download again, "
             "or set model.weights to another file"
         ) from None
 
@@ -79,7 +85,7 @@ def safe_load(path: Path, what: str, fix: str, *, mmap: bool = False):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except Exception as err:
-        text = _first_line(err)
+        text = first_line(err)
         if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
             raise WeightsError(
                 f"{what}: '{path}' contains pickled code or objects, which vggft never unpickles; {fix}"
@@ -105,12 +111,7 @@ def _what_it_is(state_dict: dict[str, torch.Tensor], err: RuntimeError) -> str:
         return f"they are {arch} weights"
     except WeightsError:
         detail = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
-        return detail[0].rstrip(".") if detail else _first_line(err)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+        return detail[0].rstrip(".") if detail else first_line(err)
 
 
 def replace_head(model: models.VGG, head: str, num_classes: int) -> None:

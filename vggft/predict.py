@@ -12,26 +12,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .datasets import _images_in
-from .device import (
-    auto_workers,
-    autocast_dtype,
-    autocast_factory,
-    out_of_memory_hint,
-    prepare_backend,
-    resolve_device,
-)
+from .device import (autocast_dtype, autocast_factory, out_of_memory_hint, prepare_backend, resolve_device,
+                     resolve_workers)
 from .errors import ConfigError, DataError
 from .evaluate import load_trained_model
-from .images import IMG_EXTENSIONS, open_rgb
+from .images import DECODE_ERRORS, IMG_EXTENSIONS, decode_failure, open_rgb
 from .loaders import make_loader
 from .transforms import eval_transform
 
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 def collect_images(inputs: Sequence[Path]) -> list[str]:
@@ -67,12 +59,10 @@ class _Images(Dataset):
     def __getitem__(self, index: int):
         try:
             return self.transform(open_rgb(self.paths[index])), ""
-        except UnidentifiedImageError:
-            reason = "not an image (no image format recognised)"
         except DECODE_ERRORS as err:
-            text = str(err).strip().splitlines()
-            reason = f"cannot be decoded ({text[0] if text else type(err).__name__})"
-        return torch.zeros(3, self.size, self.size), reason
+            reason, detail = decode_failure(err)
+            lines = detail.strip().splitlines()
+            return torch.zeros(3, self.size, self.size), f"{reason} ({lines[0]})" if lines else reason
 
 
 def predict(
@@ -94,14 +84,14 @@ def predict(
     paths = collect_images(inputs)
     trained = load_trained_model(weights, config, list(overrides))
     cfg = trained.cfg
-    names = trained.class_names or [f"class_{i}" for i in range(trained.num_classes)]
+    names = trained.names
     k = min(topk, trained.num_classes)
 
     device = resolve_device(cfg.train.device)
     prepare_backend(device)
     autocast = autocast_factory(device, autocast_dtype(device, cfg.train.amp))  # as vggft eval scores
     model = trained.model.to(device)
-    workers = auto_workers(device) if cfg.data.num_workers == "auto" else cfg.data.num_workers
+    workers = resolve_workers(cfg.data, device)
     workers = min(workers, max(0, (len(paths) - 1) // batch_size))  # no pool of workers for one batch
     dataset = _Images(paths, eval_transform(cfg.data), cfg.data.image_size)
     loader = make_loader(dataset, batch_size, device=device, num_workers=workers)

@@ -24,8 +24,8 @@ from . import checkpoint, rng
 from .config import Config, load_config
 from .datasets import DataSplits, write_manifest
 from .device import out_of_memory_hint, prepare_backend, resolve_device
-from .distributed import Group, process_group, reduce_metrics
-from .errors import ConfigError, DataError, VggftError
+from .distributed import Group, is_peer_failure, process_group, reduce_metrics
+from .errors import ConfigError, DataError, VggftError, first_line
 from .features import file_key
 from .feeder import Feeder
 from .files import check_free_space, save_text
@@ -177,7 +177,14 @@ def fit(cfg: Config, *, resume: Path | None = None, log: Log = print, progress: 
             _check_distributed(cfg)
         if not group.is_main:
             log, progress = _silent, False
-        return _fit(cfg, resume, device, group, log=log, progress=progress)
+        try:
+            return _fit(cfg, resume, device, group, log=log, progress=progress)
+        except RuntimeError as err:
+            if not (group.active and is_peer_failure(err)):
+                raise
+            error = VggftError(f"another process of this job stopped ({first_line(err)}); its error is above")
+            error.rank_specific = True
+            raise error from None
 
 
 def _silent(message: str) -> None:
@@ -195,11 +202,19 @@ def _check_distributed(cfg: Config) -> None:
 def _fit(cfg: Config, resume: Path | None, device: torch.device, group: Group, *, log: Log,
          progress: bool) -> TrainResult:
     body = checkpoint.load_checkpoint(resume) if resume else None
+    if body and cfg.train.scheduler == "onecycle" and body["config"]["train"]["epochs"] != cfg.train.epochs:
+        raise ConfigError(f"train.epochs: a onecycle schedule is laid out for the run's "
+                          f"{body['config']['train']['epochs']} epochs at its start; resume with that many, "
+                          "or start a new run")
     weights_path = Path(cfg.output.weights)
     checkpoint.check_writable(weights_path)
     prepare_backend(device)
     manifest = checkpoint.manifest_path(weights_path)
+    if not group.is_main:
+        group.barrier()  # rank 0 decodes every image first; the others then read its verdict cache
     splits, _ = prepare_data(cfg, manifest=manifest if body else None, log=log, progress=progress)
+    if group.active and group.is_main:
+        group.barrier()
     if splits.layout == "pool" and not body and group.is_main:
         write_manifest(splits, cfg.data, manifest)
     class_names = splits.class_names
@@ -233,6 +248,7 @@ def _fit(cfg: Config, resume: Path | None, device: torch.device, group: Group, *
 
     check_free_space(_disk_needs(cfg, model, feeder, splits))
 
+    run_dir: Path | None = None
     memory_hint = out_of_memory_hint(device, {"data.batch_size": cfg.data.batch_size,
                                               "data.eval_batch_size": cfg.data.eval_batch_size})
     try:
@@ -260,13 +276,17 @@ def _fit(cfg: Config, resume: Path | None, device: torch.device, group: Group, *
             history: list[dict] = []
             best = {"epoch": 0, "val_acc": -1.0}
             best_state: dict[str, torch.Tensor] = {}
-            start, run_dir = 1, None
+            start = 1
             if body:
                 model.load_state_dict(body["model"], strict=False)
                 optimizer.load_state_dict(body["optimizer"])
                 scheduler.load_state_dict(body["scheduler"])
                 history, best, start = body["history"], body["best"], body["epoch"] + 1
                 rng.restore(body["rng"], generator)
+                if group.active:  # the checkpoint holds rank 0's RNG; each rank its own dropout again
+                    torch.manual_seed(cfg.train.seed + group.rank + 1000 * start)
+                if scaler is not None and body.get("scaler"):
+                    scaler.load_state_dict(body["scaler"])
                 run_dir = Path(resume).parent
                 if (run_dir / "best.pt").exists():
                     best_state = checkpoint.load_checkpoint(run_dir / "best.pt")["model"]
@@ -299,13 +319,15 @@ def _fit(cfg: Config, resume: Path | None, device: torch.device, group: Group, *
                 row["seconds"] = time.perf_counter() - started
                 history.append(row)
                 log(line + f" ({row['seconds']:.1f}s)")
-                improved = row.get("val_acc", 0.0) > best["val_acc"] if "val" in eval_loaders else True
+                improved = row["val_acc"] > best["val_acc"] if "val" in eval_loaders else True
                 if improved:
                     best = {"epoch": epoch, "val_acc": row.get("val_acc", -1.0)}
-                    best_state = {k: v.clone() for k, v in checkpoint.trainable_state(model, optimizer).items()}
+                    if "val" in eval_loaders:  # without val the best epoch is the last: nothing to restore
+                        best_state = {k: v.clone() for k, v in checkpoint.trainable_state(model, optimizer).items()}
                 if group.is_main:
                     state = dict(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, cfg=cfg,
-                                 class_names=class_names, history=history, best=best, generator=generator)
+                                 class_names=class_names, history=history, best=best, generator=generator,
+                                 extra={"scaler": scaler.state_dict()} if scaler is not None else None)
                     checkpoint.save_checkpoint(run_dir / "last.pt", **state)
                     if improved:
                         checkpoint.save_checkpoint(run_dir / "best.pt", **state)
@@ -317,7 +339,7 @@ def _fit(cfg: Config, resume: Path | None, device: torch.device, group: Group, *
                         f"best was epoch {best['epoch']}")
                     break
             last = history[-1]["epoch"] if history else 0
-            if "val" in eval_loaders and 0 < best["epoch"] != last:
+            if "val" in eval_loaders and best_state and 0 < best["epoch"] != last:
                 # What is tested and saved is the best epoch, as best.pt says, not the last one.
                 model.load_state_dict(best_state, strict=False)
                 log(f"Restored the best epoch ({best['epoch']}, val acc {100 * best['val_acc']:.2f}%) "
@@ -331,7 +353,7 @@ def _fit(cfg: Config, resume: Path | None, device: torch.device, group: Group, *
         err.rank_specific = True
         raise
     except KeyboardInterrupt:
-        if "run_dir" in locals() and run_dir is not None and (run_dir / "last.pt").exists():
+        if run_dir is not None and (run_dir / "last.pt").exists():
             log(f"Interrupted. Resume with: vggft train --resume {run_dir / 'last.pt'}")
         raise
 
