@@ -93,8 +93,8 @@ def load_trained(weights: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     if not weights.is_file():
         raise WeightsError(f"--weights: '{weights}' not found; pass the .pt file that vggft train saved")
     state_dict = read_state_dict(weights, "--weights")
-    if state_dict.get("format") == CHECKPOINT_FORMAT:
-        return _checkpoint_weights(load_checkpoint(weights))
+    if "format" in state_dict:  # read_state_dict returns a run checkpoint whole
+        return _checkpoint_weights(_checked(state_dict, weights, "--weights"))
     return state_dict, read_sidecar(weights)
 
 
@@ -154,7 +154,10 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"--resume: '{path}' not found; pass runs/<name>/last.pt of an earlier run")
-    body = safe_load(path, "--resume", "pass a last.pt written by vggft train")
+    return _checked(safe_load(path, "--resume", "pass a last.pt written by vggft train"), path, "--resume")
+
+
+def _checked(body, path: Path, what: str) -> dict:
     if not isinstance(body, dict) or body.get("format") != CHECKPOINT_FORMAT:
-        raise WeightsError(f"--resume: '{path}' is not a vggft training checkpoint (last.pt/best.pt of a run)")
+        raise WeightsError(f"{what}: '{path}' is not a vggft training checkpoint (last.pt/best.pt of a run)")
     return body
