@@ -6,6 +6,7 @@ import csv
 import json
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -185,3 +186,10 @@ def test_export_onnx(runner, trained, tmp_path):
     batch, expected = _real_batch(trained)  # batch of 3: the batch axis is dynamic
     (logits,) = session.run(["logits"], {"images": batch.numpy()})
     assert torch.allclose(torch.from_numpy(logits), expected, atol=1e-4, rtol=0)
+
+
+def test_serving_commands_do_not_import_matplotlib():
+    """predict and export draw nothing, so their start-up does not pay for the plotting library."""
+    code = "import sys, vggft.predict, vggft.export; print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -5,14 +5,22 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")  # files only; never needs a screen
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from .files import atomic_path
+from .transforms import denormalize
 
-from .files import atomic_path  # noqa: E402
-from .transforms import denormalize  # noqa: E402
+
+def _subplots(*args, **kwargs):
+    """A figure and its axes, without pyplot: no global figure registry, no GUI backend, nothing to close.
+
+    matplotlib is imported here, on first use, so that commands which draw nothing (predict, export)
+    do not pay for it at start-up.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def save_image_grid(images: torch.Tensor, titles: list[str], mean, std, path: Path,
@@ -24,7 +32,7 @@ def save_image_grid(images: torch.Tensor, titles: list[str], mean, std, path: Pa
     if count % cols and count % 4 == 0:
         cols = 4  # 8 or 12 images fill whole rows of four
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     for index, ax in enumerate(axes.flat):
         ax.axis("off")
         if index < count:
@@ -39,14 +47,13 @@ def _save(fig, path: Path) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return path
 
 
 def save_curves(history: list[dict], path: Path) -> Path:
     """Loss and accuracy per epoch, train and (when there is one) val."""
     epochs = [row["epoch"] for row in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (loss_ax, acc_ax) = _subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy")):
         for split in ("train", "val"):
             values = [row.get(f"{split}_{metric}") for row in history]
@@ -66,7 +73,7 @@ def save_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) 
     n = len(class_names)
     matrix = confusion[:n, :n].numpy()
     size = max(4, 0.6 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = _subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), class_names)
