@@ -193,3 +193,19 @@ def test_serving_commands_do_not_import_matplotlib():
     code = "import sys, vggft.predict, vggft.export; print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_more_outputs_than_class_folders(runner, pet, tmp_path):
+    """model.num_classes: 4 on two class folders: the spare outputs are named unused_K wherever they show."""
+    weights = tmp_path / "wide.pt"
+    result = invoke(runner, "train", "--set", f"data.root={pet}", "--set", f"output.weights={weights}",
+                    "--set", "model.num_classes=4", *FAST)
+    assert result.exit_code == 0, result.output
+    rows = _predict_json(runner, pet / "test", "--weights", weights, "--topk", "4")
+    assert {t["class"] for r in rows for t in r["top"]} == {"cat", "dog", "unused_2", "unused_3"}
+    result = invoke(runner, "eval", "--weights", weights, "--misclassified", "7", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    assert [r["class"] for r in scored["per_class"]] == ["cat", "dog", "unused_2", "unused_3"]
+    assert [r["support"] for r in scored["per_class"]] == [3, 4, 0, 0]
+    assert sum(map(sum, scored["confusion"])) == scored["total"] == 7

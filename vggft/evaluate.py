@@ -20,7 +20,7 @@ from .device import out_of_memory_hint, prepare_backend, resolve_device
 from .errors import DataError, OutputError, WeightsError
 from .feeder import Feeder
 from .images import open_rgb
-from .metrics import Metrics
+from .metrics import Metrics, output_names
 from .model import describe_state_dict, freeze, model_from_weights
 from .plots import save_confusion, save_image_grid
 from .prepare import prepare_data
@@ -43,8 +43,8 @@ class TrainedModel:
 
     @property
     def names(self) -> list[str]:
-        """The class names, or class_0, class_1, ... for a bare state_dict."""
-        return self.class_names or [f"class_{i}" for i in range(self.num_classes)]
+        """A name per output: the class names (class_0, class_1, ... for a bare state_dict), then unused_K."""
+        return output_names(self.class_names or [f"class_{i}" for i in range(self.num_classes)], self.num_classes)
 
 
 def load_trained_model(weights: Path, config: Path | None = None, overrides: list[str] = ()) -> TrainedModel:
@@ -130,13 +130,14 @@ def evaluate_weights(
     stem = Path(weights).stem
     written = []
     try:  # the scores are the result; a plot that cannot be written is a note, not a failure
-        written.append(save_confusion(metrics.confusion, trained.class_names, folder / f"{stem}.confusion_{split}.png"))
+        written.append(save_confusion(metrics.confusion, metrics.class_names, folder / f"{stem}.confusion_{split}.png"))
     except OutputError as err:
         log(f"Confusion matrix PNG not written ({err}); choose a folder with --plots DIR")
     mistakes = metrics.worst_mistakes(misclassified)
     if mistakes:
         images = torch.stack([eval_transform(cfg.data)(open_rgb(samples[i][0])) for i, *_ in mistakes])
-        titles = [f"true {trained.class_names[t]}\npred {trained.class_names[p]} {c:.2f}" for _, t, p, c in mistakes]
+        names = metrics.class_names
+        titles = [f"true {names[t]}\npred {names[p]} {c:.2f}" for _, t, p, c in mistakes]
         mean, std = normalization(cfg.data)
         written.append(save_image_grid(images, titles, mean, std, folder / f"{stem}.misclassified_{split}.png",
                                        title_colors=["red"] * len(mistakes)))

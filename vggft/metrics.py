@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 import torch
 
 
+def output_names(class_names: list[str], num_outputs: int) -> list[str]:
+    """One name per model output: the classes, then ``unused_K`` for outputs beyond them
+    (``model.num_classes`` larger than the class folders), so every prediction has a name."""
+    return list(class_names) + [f"unused_{i}" for i in range(len(class_names), num_outputs)]
+
+
 @dataclass
 class Metrics:
     class_names: list[str]
@@ -19,7 +25,7 @@ class Metrics:
     @classmethod
     def empty(cls, class_names: list[str], num_outputs: int | None = None) -> Metrics:
         n = max(len(class_names), num_outputs or 0)
-        return cls(list(class_names), torch.zeros(n, n, dtype=torch.int64))
+        return cls(output_names(class_names, n), torch.zeros(n, n, dtype=torch.int64))
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: float = 0.0, ks=(1, 5),
                keep: bool = False) -> None:
