@@ -92,6 +92,11 @@ def test_layout_errors_before_any_work(runner, tmp_path):
     (root / "train" / "owl").mkdir()
     result = invoke(runner, "train", "--set", f"data.root={root}", "-q")
     assert result.exit_code == 3 and "train/owl: empty class folder; add images or remove the folder" in result.stderr
+    only_test = make_folder(tmp_path / "t", {"test": {"cat": 1, "dog": 1}})
+    result = invoke(runner, "train", "--set", f"data.root={only_test}", "-q")
+    assert result.exit_code == 3 and result.stderr.strip() == (
+        f"error: {only_test}: no train/ folder; training needs train/<class>/ images "
+        "(a folder with test/ alone can only be evaluated: vggft eval)")
     assert not Path("models").exists()
 
 

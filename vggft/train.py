@@ -215,6 +215,9 @@ def _fit(cfg: Config, resume: Path | None, device: torch.device, group: Group, *
     splits, _ = prepare_data(cfg, manifest=manifest if body else None, log=log, progress=progress)
     if group.active and group.is_main:
         group.barrier()
+    if not splits["train"]:
+        raise DataError(f"{splits.root}: no train/ folder; training needs train/<class>/ images "
+                        "(a folder with test/ alone can only be evaluated: vggft eval)")
     if splits.layout == "pool" and not body and group.is_main:
         write_manifest(splits, cfg.data, manifest)
     class_names = splits.class_names
