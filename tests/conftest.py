@@ -1,8 +1,11 @@
-"""Fixtures: tiny generated image folders, a seeded fake IMAGENET1K_V1 file, isolated caches."""
+"""Fixtures: tiny generated image folders, the tiny stand-in VGG, a seeded fake IMAGENET1K_V1 file,
+isolated caches."""
 
 from __future__ import annotations
 
+import logging
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,10 @@ from PIL import Image
 from torchvision.models import vgg16
 from typer.testing import CliRunner
 
+import vggft.model
+from tiny import tiny_vgg
 from vggft.cli import app
+from vggft.logs import log
 
 # Colours a frozen random network can tell apart: each class a hue, with per-image jitter.
 CLASS_COLOURS = {"cat": (200, 60, 40), "dog": (40, 80, 200), "owl": (60, 180, 60)}
@@ -41,23 +47,60 @@ def make_folder(root: Path, counts: dict[str, dict[str, int]], seed: int = 0) ->
     return root
 
 
-@pytest.fixture(scope="session")
-def fake_hub(tmp_path_factory) -> Path:
-    """$TORCH_HOME holding a seeded random vgg16 state_dict under torchvision's IMAGENET1K_V1 file name."""
-    home = tmp_path_factory.mktemp("torch_home")
+HUB_FILE = "vgg16-397923af.pth"  # torchvision's file name of vgg16 IMAGENET1K_V1
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_vgg: uses torchvision's full VGG-16 (537 MB of weights)")
+
+
+def _hub(home: Path, state_dict: dict) -> Path:
     checkpoints = home / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    torch.manual_seed(1234)
-    torch.save(vgg16().state_dict(), checkpoints / "vgg16-397923af.pth")
+    torch.save(state_dict, checkpoints / HUB_FILE)
     return home
 
 
+@pytest.fixture(scope="session")
+def fake_hub(tmp_path_factory) -> Path:
+    """$TORCH_HOME holding a seeded random tiny vgg16 state_dict under torchvision's IMAGENET1K_V1 file name."""
+    torch.manual_seed(1234)
+    return _hub(tmp_path_factory.mktemp("torch_home"), tiny_vgg("vgg16").state_dict())
+
+
+@pytest.fixture(scope="session")
+def real_hub():
+    """$TORCH_HOME with a seeded random full-size vgg16 state_dict; removed when the session ends."""
+    with tempfile.TemporaryDirectory(prefix="vggft-real-hub-") as folder:
+        torch.manual_seed(1234)
+        yield _hub(Path(folder), vgg16().state_dict())
+
+
+REAL_VGG = vggft.model.vgg
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_network():
+    """The whole session builds the tiny stand-in, module-scoped fixtures too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vggft.model, "vgg", tiny_vgg)
+        yield
+
+
 @pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path, fake_hub):
-    """Every test: its own cache folder, the fake hub, and a working directory of its own."""
+def isolated(request, monkeypatch, tmp_path, fake_hub):
+    """Every test: its own cache folder, the fake hub, a working directory of its own, and the tiny VGG
+    (torchvision's real one for tests marked real_vgg)."""
     monkeypatch.setenv("VGGFT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("TORCH_HOME", str(fake_hub))
     monkeypatch.chdir(tmp_path)
+    if request.node.get_closest_marker("real_vgg"):
+        monkeypatch.setenv("TORCH_HOME", str(request.getfixturevalue("real_hub")))
+        monkeypatch.setattr(vggft.model, "vgg", REAL_VGG)
+    else:
+        monkeypatch.setenv("TORCH_HOME", str(fake_hub))
+    yield
+    log.handlers.clear()  # the CLI's stderr handler points at a stream CliRunner has closed
+    log.propagate, log.level = True, logging.NOTSET  # library defaults again (caplog sees the notes)
 
 
 @pytest.fixture
@@ -68,6 +111,30 @@ def pet(tmp_path) -> Path:
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
+
+
+def tiny_subprocess_env() -> dict[str, str]:
+    """The environment for a vggft subprocess that builds the tiny stand-in (see tests/stand_in/)."""
+    import os
+    import sys
+
+    stand_in = str(Path(__file__).resolve().parent / "stand_in")
+    return {**os.environ, "VGGFT_TEST_TINY": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([stand_in, *sys.path])}
+
+
+@pytest.fixture
+def notes(caplog):
+    """The lines vggft's library code logs (the notes the CLI prints on stderr), as a list."""
+    caplog.set_level(logging.INFO, logger="vggft")
+
+    class Notes:
+        def __call__(self) -> list[str]:
+            lines = [record.getMessage() for record in caplog.records if record.name.startswith("vggft")]
+            caplog.clear()
+            return lines
+
+    return Notes()
 
 
 def invoke(runner: CliRunner, *args: str):

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-import vggft.scan
+import vggft.data.images
 from conftest import FAST, invoke, make_folder, make_image
 from vggft.config import DataConfig, load_config
-from vggft.datasets import find_splits
+from vggft.data.folders import find_splits
 from vggft.errors import DataError
-from vggft.images import inspect_image, open_rgb
+from vggft.data.images import inspect_image, open_rgb
 
 
 def plant_bad_files(folder: Path) -> dict[str, str]:
@@ -115,17 +117,33 @@ def test_pool_split_is_deterministic_and_stratified(tmp_path):
     assert other["test"] != first["test"]
 
 
-def test_pool_manifest_makes_eval_score_the_same_files(runner, tmp_path):
+def _test_files(split: dict) -> list[str]:
+    return sorted(split["test"])
+
+
+def test_a_pool_split_belongs_to_its_run_and_weights(runner, tmp_path):
+    """The split is stored in the sidecar and in the run's checkpoints: eval of the weights or of best.pt, and
+    --resume, use the files that run held out, whatever other runs or new images did since."""
     root = make_folder(tmp_path / "pool", {"": {"cat": 10, "dog": 10}})
     args = ["--set", f"data.root={root}", "--set", "data.split=[0.6, 0.2, 0.2]", *FAST]
-    assert invoke(runner, "train", *args).exit_code == 0
-    manifest = json.loads(Path("models/VGG16.split.json").read_text())
-    assert len(manifest["test"]) == 4 and len(manifest["train"]) == 12
-    # New files land in the pool after training: a fresh split would differ, the manifest keeps eval honest.
+    assert invoke(runner, "train", *args, "--set", "train.epochs=1", "--name", "x").exit_code == 0
+    split = json.loads(Path("models/VGG16.json").read_text())["split"]
+    assert len(split["test"]) == 4 and len(split["train"]) == 12 and not Path("models/VGG16.split.json").exists()
+    # New files land in the pool after training: a fresh split would differ, the record keeps eval honest.
     for i in range(7):
         make_image(root / "cat" / f"new.{i}.jpg", (200, 60, 40), seed=100 + i)
     result = invoke(runner, "eval", "--weights", "models/VGG16.pt", "-q")
     assert result.exit_code == 0 and result.stdout.splitlines()[0].endswith("/4)")
+    # Another run with another seed writes its own split beside its own weights...
+    other = ["--set", "data.split_seed=1", "--set", "output.weights=models/y.pt", "--name", "y"]
+    assert invoke(runner, "train", *args, *other).exit_code == 0
+    assert _test_files(json.loads(Path("models/y.json").read_text())["split"]) != _test_files(split)
+    # ...and run x goes on with, and its best.pt scores, x's own held-out files.
+    result = invoke(runner, "eval", "--weights", "runs/x/best.pt", "-q")
+    assert result.exit_code == 0 and result.stdout.splitlines()[0].endswith("/4)")
+    assert invoke(runner, "train", "--resume", "runs/x/last.pt", "-q").exit_code == 0
+    assert _test_files(json.loads(Path("models/VGG16.json").read_text())["split"]) == _test_files(split)
+    assert _test_files(torch.load("runs/x/last.pt", weights_only=True)["split"]) == _test_files(split)
 
 
 def test_check_data_reports_and_quarantines(runner, tmp_path):
@@ -164,7 +182,7 @@ def test_train_skips_bad_files_and_says_so_once(runner, pet):
     plant_bad_files(pet / "train" / "dog")
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST)
     assert result.exit_code == 0, result.output
-    skipped = [line for line in result.stdout.splitlines() if line.startswith("Skipping")]
+    skipped = [line for line in result.stderr.splitlines() if line.startswith("Skipping")]
     assert len(skipped) == 1 and skipped[0].startswith("Skipping 3 unreadable image(s)")
     listing = Path(skipped[0].split("full list: ")[1])
     assert len(listing.read_text().splitlines()) == 3
@@ -176,19 +194,28 @@ def test_train_skips_bad_files_and_says_so_once(runner, pet):
 
 def test_verdicts_are_cached_by_path_size_and_mtime(pet, monkeypatch):
     calls = []
-    real = vggft.scan.inspect_image
-    monkeypatch.setattr(vggft.scan, "inspect_image", lambda p: calls.append(p) or real(p))
+    real = vggft.data.images.inspect_image
+    monkeypatch.setattr(vggft.data.images, "inspect_image", lambda p: calls.append(p) or real(p))
     cfg = load_config(None, [f"data.root={pet}"])
-    from vggft.prepare import prepare_data
+    from vggft.data import prepare_data
 
-    prepare_data(cfg, log=lambda m: None, progress=False)
+    prepare_data(cfg)
     assert len(calls) == 19
     calls.clear()
-    prepare_data(cfg, log=lambda m: None, progress=False)
+    prepare_data(cfg)
     assert calls == []
     make_image(pet / "train" / "cat" / "cat.0.jpg", (0, 0, 0), seed=99)  # changed content and size
-    prepare_data(cfg, log=lambda m: None, progress=False)
+    prepare_data(cfg)
     assert [Path(p).name for p in calls] == ["cat.0.jpg"]
+    # Rewritten in place with the same size and the old mtime restored (cp -p, rsync -a): decoded again.
+    calls.clear()
+    victim = pet / "train" / "dog" / "dog.0.jpg"
+    stat = victim.stat()
+    victim.write_bytes(b"\xff" * stat.st_size)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert victim.stat().st_size == stat.st_size and victim.stat().st_mtime_ns == stat.st_mtime_ns
+    splits, bad = prepare_data(cfg)
+    assert [Path(p).name for p in calls] == ["dog.0.jpg"] and [Path(p).name for p, _ in bad.files] == ["dog.0.jpg"]
 
 
 @pytest.mark.parametrize("balance", ["weights", "sampler"])

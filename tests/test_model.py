@@ -13,14 +13,20 @@ from torchvision.models import vgg11
 from conftest import invoke
 from vggft.config import ModelConfig
 from vggft.errors import ConfigError, WeightsError
-from vggft.model import (build_model, conv_blocks, describe_state_dict, parameter_counts, read_state_dict,
-                         split_frozen_prefix)
+from vggft.artifacts import pretrained_state_dict, read_state_dict
+from vggft.model import build_model as _build_model
+from vggft.model import conv_blocks, describe_state_dict, parameter_counts, split_frozen_prefix
+
+
+def build_model(cfg: ModelConfig, num_classes: int):
+    return _build_model(cfg, num_classes, pretrained_state_dict(cfg))
 
 
 def _hub_file() -> str:
     return os.path.join(os.environ["TORCH_HOME"], "hub", "checkpoints", "vgg16-397923af.pth")
 
 
+@pytest.mark.real_vgg
 def test_imagenet_weights_come_from_the_torch_hub_folder():
     model = build_model(ModelConfig(), num_classes=3)
     pretrained = torch.load(_hub_file(), weights_only=True)
@@ -37,11 +43,13 @@ def test_a_local_pth_file_works_like_the_name(tmp_path):
     assert torch.equal(model.features[0].weight, torch.load(local, weights_only=True)["features.0.weight"])
 
 
+@pytest.mark.real_vgg
 def test_heads_and_counts():
     assert parameter_counts(build_model(ModelConfig(), 2)) == (134_268_738, 8_194)
     assert parameter_counts(build_model(ModelConfig(head="gap"), 2)) == (14_978_370, 263_682)
 
 
+@pytest.mark.real_vgg
 def test_frozen_prefix_cut_points():
     _, suffix, cut = split_frozen_prefix(build_model(ModelConfig(), 2))
     assert cut == "classifier.1" and isinstance(suffix[0], nn.Dropout)
@@ -56,6 +64,7 @@ def test_prefix_and_suffix_compose_to_the_model():
     assert torch.allclose(suffix.eval()(prefix(x)), model(x))
 
 
+@pytest.mark.real_vgg
 def test_unfreeze_makes_exactly_the_named_block_trainable():
     model = build_model(ModelConfig(unfreeze=["block5"]), 2)
     blocks = conv_blocks(model)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import FAST, invoke, make_folder, make_image
-from vggft.evaluate import load_trained_model
-from vggft.images import open_rgb
-from vggft.transforms import eval_transform
+from conftest import FAST, invoke, make_folder, make_image, tiny_subprocess_env
+from vggft.inference import load_model
+from vggft.data.images import open_rgb
+from vggft.data.transforms import eval_transform
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +60,11 @@ def test_predict_agrees_with_eval(runner, trained):
 
 def test_predict_preprocesses_as_trained(trained):
     """The sidecar's 32 px / resize 36 transform, not the 224 px default."""
-    from vggft.predict import predict
+    from vggft.inference import predict
 
     image = _pet(trained) / "test" / "dog" / "dog.0.jpg"
     (row,) = predict(trained, [image], topk=1)
-    model = load_trained_model(trained)
+    model = load_model(trained)
     assert (model.cfg.data.image_size, model.cfg.data.resize) == (32, 36)
     with torch.inference_mode():
         probs = torch.softmax(model.model(eval_transform(model.cfg.data)(open_rgb(image))[None]), 1)[0]
@@ -133,7 +133,7 @@ def test_predict_missing_path_is_one_line(runner, trained):
 
 def _real_batch(weights: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Three test images, preprocessed as trained, and the PyTorch model's logits for them."""
-    model = load_trained_model(weights)
+    model = load_model(weights)
     paths = sorted((_pet(weights) / "test").rglob("*.jpg"))[:3]
     batch = torch.stack([eval_transform(model.cfg.data)(open_rgb(p)) for p in paths])
     with torch.inference_mode():
@@ -188,11 +188,18 @@ def test_export_onnx(runner, trained, tmp_path):
     assert torch.allclose(torch.from_numpy(logits), expected, atol=1e-4, rtol=0)
 
 
-def test_serving_commands_do_not_import_matplotlib():
-    """predict and export draw nothing, so their start-up does not pay for the plotting library."""
-    code = "import sys, vggft.predict, vggft.export; print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+def test_inference_imports_nothing_of_training(trained):
+    """Loading weights and predicting pull in no training, optimiser, distributed or feature-cache code, and
+    no plotting library: a server that imports vggft.inference (or vggft.export) pays for none of it."""
+    code = ("import sys, vggft.inference, vggft.export; "
+            f"vggft.inference.load_model({str(trained)!r}); "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('vggft', 'matplotlib')))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=tiny_subprocess_env()).stdout.split()
+    assert "vggft.inference" in out and "vggft.artifacts" in out and "vggft.model" in out
+    for training in ("vggft.train", "vggft.engine", "vggft.optim", "vggft.distributed", "vggft.features",
+                     "vggft.rng", "vggft.reports", "matplotlib"):
+        assert training not in out
 
 
 def test_more_outputs_than_class_folders(runner, pet, tmp_path):

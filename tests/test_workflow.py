@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -10,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import vggft.train
+import vggft.engine
 from conftest import FAST, invoke, make_folder
 from vggft.config import ModelConfig, TrainConfig, load_config
+from vggft.inference import load_model
 from vggft.metrics import Metrics
 from vggft.model import build_model, conv_blocks
 from vggft.optim import lr_factor, make_optimizer, make_scheduler
@@ -46,43 +48,47 @@ def test_run_folder_holds_everything(runner, pet_val):
     # best.pt and last.pt are usable weights too.
     result = invoke(runner, "eval", "--weights", "runs/mine/best.pt", "-q")
     assert result.exit_code == 0 and result.stdout.startswith("acc@1") and "/7)" in result.stdout
+    # Rebuilding a checkpoint's frozen part leaves the caller's random state alone.
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    load_model(Path("runs/mine/best.pt"))
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_best_is_the_best_val_epoch_and_early_stopping_stops(runner, pet_val, monkeypatch):
-    accuracies = iter([0.5, 0.9, 0.6, 0.7, 0.8, 0.95])
-    real = vggft.train.evaluate
+    """Val accuracy from a script (real Metrics objects: k of the 4 val images right), so the epochs that
+    improve are known in advance."""
+    correct = iter([1, 3, 2, 2, 3, 4])
+    real = vggft.engine.evaluate
 
-    class Scripted(Metrics):
-        """Val accuracy from a script, so the epochs that improve are known in advance."""
-
-        forced = 0.0
-
-        @property
-        def accuracy(self):
-            return self.forced
-
-    def scripted(module, loader, feeder, names, n, *, desc="", **kw):
-        metrics = real(module, loader, feeder, names, n, desc=desc, **kw)
+    def scripted(module, loader, device, precision=None, *, names, desc="", **kw):
+        metrics = real(module, loader, device, precision, names=names, desc=desc, **kw)
         if desc == "Validating":
-            metrics.__class__ = Scripted
-            metrics.forced = next(accuracies)
+            hits = next(correct)
+            metrics.confusion = torch.zeros_like(metrics.confusion)
+            metrics.confusion[0, 0], metrics.confusion[1, 1] = min(hits, 2), max(hits - 2, 0)
+            metrics.confusion[0, 1] = 2 - metrics.confusion[0, 0]
+            metrics.confusion[1, 0] = 2 - metrics.confusion[1, 1]
         return metrics
 
-    monkeypatch.setattr(vggft.train, "evaluate", scripted)
+    monkeypatch.setattr(vggft.engine, "evaluate", scripted)
     result = invoke(runner, "train", "--set", f"data.root={pet_val}", *FAST, "--set", "train.epochs=6",
                     "--set", "train.early_stopping.patience=2")
     assert result.exit_code == 0, result.output
-    assert "Early stopping: no better val accuracy for 2 epoch(s); best was epoch 2" in result.stdout
-    assert "Epoch   4/6" in result.stdout and "Epoch   5/6" not in result.stdout
+    assert "Early stopping: no better val accuracy for 2 epoch(s); best was epoch 2" in result.stderr
+    assert "Epoch   4/6" in result.stderr and "Epoch   5/6" not in result.stderr
+    assert "val acc@1 75.00% (3/4)" in result.stderr
     assert torch.load("runs/train/best.pt", weights_only=True)["epoch"] == 2
-    assert torch.load("runs/train/last.pt", weights_only=True)["epoch"] == 4
-    # The best epoch, not the last, is tested and saved.
-    assert "Restored the best epoch (2, val acc 90.00%) for testing and saving" in result.stdout
+    last = torch.load("runs/train/last.pt", weights_only=True)
+    assert last["epoch"] == 4 and last["best"]["epoch"] == 2
+    # The best epoch, not the last, is tested and saved; last.pt carries it too (the pair is one unit).
+    assert "Restored the best epoch (2, val acc 75.00%) for testing and saving" in result.stderr
     best = torch.load("runs/train/best.pt", weights_only=True)["model"]
-    last = torch.load("runs/train/last.pt", weights_only=True)["model"]
     saved = torch.load("models/VGG16.pt", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in best.items())
-    assert not all(torch.equal(saved[k], v) for k, v in last.items())
+    assert all(torch.equal(last["best_model"][k], v) for k, v in best.items())
+    assert not all(torch.equal(saved[k], v) for k, v in last["model"].items())
 
 
 @pytest.mark.parametrize("pipeline", [
@@ -93,7 +99,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(runner, pet_val, monkeypat
     args = ["--set", f"data.root={pet_val}", *FAST, "--set", "train.epochs=4", "--set", "train.momentum=0.9",
             "--set", "train.scheduler=cosine", *pipeline]
     assert invoke(runner, "train", *args, "--set", "output.weights=full.pt").exit_code == 0
-    real, calls = vggft.train.train_one_epoch, []
+    real, calls = vggft.engine.train_one_epoch, []
 
     def ctrl_c_in_epoch_3(*a, **kw):
         calls.append(1)
@@ -101,14 +107,15 @@ def test_interrupted_and_resumed_equals_uninterrupted(runner, pet_val, monkeypat
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(vggft.train, "train_one_epoch", ctrl_c_in_epoch_3)
+    monkeypatch.setattr(vggft.engine, "train_one_epoch", ctrl_c_in_epoch_3)
     result = invoke(runner, "train", *args, "--set", "output.weights=resumed.pt")
     assert result.exit_code == 130
-    assert "Interrupted. Resume with: vggft train --resume runs/train2/last.pt" in result.stdout
-    monkeypatch.setattr(vggft.train, "train_one_epoch", real)
+    assert result.stderr.strip().splitlines()[-1] == ("Interrupted: runs/train2/last.pt holds epoch 2; "
+                                                      "go on with: vggft train --resume runs/train2/last.pt")
+    monkeypatch.setattr(vggft.engine, "train_one_epoch", real)
     result = invoke(runner, "train", "--resume", "runs/train2/last.pt", "-q")
     assert result.exit_code == 0, result.output
-    assert "Resuming runs/train2 after epoch 2" in result.stdout
+    assert "Resuming runs/train2 after epoch 2" in result.stderr
     full, resumed = torch.load("full.pt", weights_only=True), torch.load("resumed.pt", weights_only=True)
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
@@ -138,9 +145,9 @@ def test_schedulers_step_as_documented():
     step = TrainConfig(epochs=6, scheduler="step", step_size=2, gamma=0.5)
     assert [lr_factor(step, e * steps, steps) for e in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
     assert lr_factor(TrainConfig(scheduler="none"), 37, steps) == 1.0
-    model = build_model(ModelConfig(head="gap"), 2)
+    model = build_model(ModelConfig(head="gap"), 2, None)
     cfg = TrainConfig(epochs=2, lr=0.1, scheduler="onecycle")
-    optimizer = make_optimizer(cfg, model, [])
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     scheduler = make_scheduler(cfg, optimizer, steps)
     seen = []
     for _ in range(2 * steps):
@@ -150,40 +157,60 @@ def test_schedulers_step_as_documented():
     assert max(seen) == pytest.approx(0.1, rel=0.05) and seen[0] < 0.01 and seen[-1] < 0.001
 
 
-def test_unfreeze_gets_its_own_learning_rate(runner, pet):
-    model = build_model(ModelConfig(unfreeze=["block5"]), 2)
+def test_unfreeze_gets_its_own_learning_rate(runner, pet, monkeypatch):
+    model = build_model(ModelConfig(unfreeze=["block5"]), 2, None)
     backbone = [p for p in model.features.parameters() if p.requires_grad]
-    optimizer = make_optimizer(TrainConfig(lr=0.01, backbone_lr=0.001), model, backbone)
+    head = [p for p in model.classifier.parameters() if p.requires_grad]
+    optimizer = make_optimizer(TrainConfig(lr=0.01, backbone_lr=0.001), head, backbone)
     head, block = optimizer.param_groups
     assert head["lr"] == 0.01 and block["lr"] == 0.001
     assert {id(p) for p in block["params"]} == {id(p) for m in conv_blocks(model)[4] for p in m.parameters()}
     # Two-stage: epoch 1 trains the head alone; its checkpoint already holds block5 (to restore it exactly).
+    real, calls = vggft.engine.train_one_epoch, []
+
+    def stop_in_epoch_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(vggft.engine, "train_one_epoch", stop_in_epoch_2)
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "model.unfreeze=[block5]",
-                    "--set", "train.head_only_epochs=1", "--set", "train.epochs=1", "--set", "output.weights=u.pt")
-    assert result.exit_code == 0, result.output
+                    "--set", "train.head_only_epochs=1", "--set", "train.epochs=2", "--set", "output.weights=u.pt")
+    assert result.exit_code == 130, result.output
+    monkeypatch.setattr(vggft.engine, "train_one_epoch", real)
     pretrained = torch.load(os.environ["TORCH_HOME"] + "/hub/checkpoints/vgg16-397923af.pth", weights_only=True)
     first = torch.load("runs/train/last.pt", weights_only=True)["model"]
     assert "features.21.weight" not in first
     assert torch.equal(first["features.28.weight"], pretrained["features.28.weight"])  # held, not yet trained
-    result = invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=2", "-q")
+    result = invoke(runner, "train", "--resume", "runs/train/last.pt", "-q")
     assert result.exit_code == 0, result.output
     tuned = torch.load("u.pt", weights_only=True)
     assert not torch.equal(tuned["features.28.weight"], pretrained["features.28.weight"])  # block5 trained
     assert torch.equal(tuned["features.21.weight"], pretrained["features.21.weight"])  # block4 did not
 
 
-def test_eval_reports_topk_confusion_and_worst_mistakes(runner, pet):
-    assert invoke(runner, "train", "--set", f"data.root={pet}", *FAST).exit_code == 0
-    result = invoke(runner, "eval", "--misclassified", "3", "-q")
+def test_eval_reports_topk_confusion_and_worst_mistakes(runner, tmp_path):
+    three = make_folder(tmp_path / "three", {"train": {"cat": 4, "dog": 4, "owl": 4},
+                                             "test": {"cat": 3, "dog": 2, "owl": 2}})
+    assert invoke(runner, "train", "--set", f"data.root={three}", *FAST).exit_code == 0
+    result = invoke(runner, "eval", "--misclassified", "3", "--topk", "2", "--json", "-q")
+    scores = json.loads(result.stdout)
+    probabilities_top2 = scores["topk"]["acc@2"]
+    result = invoke(runner, "eval", "--misclassified", "3", "--topk", "2", "-q")
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert lines[1].startswith("acc@2 100.00% (7/7)")
+    top2 = round(probabilities_top2 * 7)
+    assert lines[1] == f"acc@2 {100 * top2 / 7:.2f}% ({top2}/7)"
+    correct = int(lines[0].split("(")[1].split("/")[0])
+    assert correct <= top2 <= 7
     assert "Confusion matrix (rows: true class)" in result.stdout
-    matrix = lines[lines.index("Confusion matrix (rows: true class)") + 2:][:2]
+    matrix = lines[lines.index("Confusion matrix (rows: true class)") + 2:][:3]
     counts = [[int(x) for x in row.split()[1:]] for row in matrix]
-    assert sum(map(sum, counts)) == 7 and [sum(r) for r in counts] == [3, 4]
+    assert sum(map(sum, counts)) == 7 and [sum(r) for r in counts] == [3, 2, 2]
+    assert sum(counts[i][i] for i in range(3)) == correct
     _png_ok(Path("models/VGG16.confusion_test.png"))
-    wrong = 7 - int(lines[0].split("(")[1].split("/")[0])
+    wrong = 7 - correct
     grid = Path("models/VGG16.misclassified_test.png")
     assert grid.exists() == (wrong > 0)
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import VggftError
+from .errors import Interrupted, VggftError
 
 app = typer.Typer(
     help="Fine-tune ImageNet-pretrained VGG networks on a folder of labelled images.",
@@ -36,6 +36,11 @@ def _handle_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except Interrupted as err:
+            if _state["debug"]:
+                raise
+            typer.echo(str(err), err=True)
+            raise typer.Exit(err.exit_code) from None
         except VggftError as err:
             if _state["debug"]:
                 raise
@@ -59,26 +64,38 @@ def _rank() -> int:
 
 
 def _config(config: Path | None, overrides: list[str] | None):
+    """The config, checked before torch is imported: a typo costs milliseconds, not seconds."""
     from .config import load_config
 
     return load_config(config, overrides or [])
 
 
-def _log(message: str) -> None:
-    typer.echo(message)
+def _output(quiet: bool) -> None:
+    """Notes and progress go to stderr; stdout carries the command's result alone."""
+    from .logs import configure
+
+    configure(progress=not quiet)
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"vggft {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version,
+                                          is_eager=True)] = False,
 ) -> None:
     _state["debug"] = debug
-    if version:
-        from . import __version__
-
-        typer.echo(f"vggft {__version__}")
-        raise typer.Exit()
 
 
 @app.command()
@@ -92,10 +109,22 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune: frozen backbone, new head; evaluate on test; save weights, sidecar and a run folder."""
-    from .train import fit, resume_config
-
     overrides = [*(set_ or []), *([f"output.name={name}"] if name else [])]
-    cfg = resume_config(resume, overrides) if resume else _config(config, overrides)
+    if resume:
+        if config is not None:
+            from .errors import ConfigError
+
+            raise ConfigError(f"--config {config}: a resumed run goes on with its own config (in its last.pt); "
+                              "drop --config, or start a new run with it")
+        from .config import resume_overrides_refused
+
+        resume_overrides_refused(set_ or [])  # before torch is imported
+        from .train import resume_config
+
+        cfg = resume_config(resume, set_ or [])
+    else:
+        cfg = _config(config, overrides)
+    _output(quiet)
     if nproc != 1:
         from .launch import launch_train
 
@@ -103,7 +132,13 @@ def train(
                 *(["--name", name] if name else []), *(["--resume", str(resume)] if resume else []),
                 *(["--quiet"] if quiet else [])]
         raise typer.Exit(launch_train(nproc, args, debug=_state["debug"]))  # the config is valid
-    fit(cfg, resume=resume, log=_log, progress=not quiet)
+    from .train import RUN_FILES, fit
+
+    result = fit(cfg, resume=resume)
+    if _rank() == 0:
+        if result.test is not None:
+            typer.echo(f"Test: {result.test.summary_line()}")
+        typer.echo(f"Saved {result.weights} (sidecar {result.sidecar}); run folder {result.run_dir}: {RUN_FILES}")
 
 
 @app.command("eval")
@@ -122,11 +157,11 @@ def eval_(
     quiet: QuietOpt = False,
 ) -> None:
     """acc@1 and acc@k over every image of the test split, per-class precision/recall/F1, confusion matrix."""
+    _output(quiet)
     from .evaluate import evaluate_weights
 
     metrics, _, written = evaluate_weights(weights, config, set_ or [], split=split, topk=topk,
-                                           misclassified=misclassified, plots_dir=plots,
-                                           log=_err, progress=not quiet)  # stdout is the result
+                                           misclassified=misclassified, plots_dir=plots)
     if as_json:
         typer.echo(json.dumps({**metrics.to_dict(), "files": [str(p) for p in written]}, indent=2))
         return
@@ -145,10 +180,6 @@ def eval_(
     typer.echo(metrics.confusion_table())
     for path in written:
         typer.echo(f"Wrote {path}")
-
-
-def _err(message: str) -> None:
-    typer.echo(message, err=True)
 
 
 @app.command()
@@ -175,9 +206,11 @@ def show_batch(
     quiet: QuietOpt = False,
 ) -> None:
     """Save a PNG grid of one batch, de-normalised to real colours, titled with class names."""
+    cfg = _config(config, set_)
+    _output(quiet)
     from .preview import show_batch as save_batch
 
-    path = save_batch(_config(config, set_), split=split, out=out, count=count, log=_log, progress=not quiet)
+    path = save_batch(cfg, split=split, out=out, count=count)
     typer.echo(str(path))
 
 
@@ -194,14 +227,15 @@ def check_data(
 
     Exits 1 when it finds something that would break or bias training.
     """
-    from .checkdata import check_data as scan_data
-    from .checkdata import format_report
-    from .checkdata import quarantine as move_bad
+    cfg = _config(config, set_)
+    _output(quiet)
+    from .data import check
+    from .reports import format_report
 
-    report = scan_data(_config(config, set_), max_imbalance=max_imbalance, progress=not quiet)
+    report = check.check_data(cfg, max_imbalance=max_imbalance)
     typer.echo(format_report(report))
     if quarantine is not None and report.bad:
-        moved = move_bad(report, quarantine)
+        moved = check.quarantine(report, quarantine)
         report.bad = []  # no longer in the data
         typer.echo(f"Moved {len(moved)} unreadable file(s) to {quarantine}")
     if report.problems:
@@ -227,9 +261,10 @@ def predict(
     quiet: QuietOpt = False,
 ) -> None:
     """Classify images with saved weights, preprocessed exactly as in training; unreadable files are reported."""
-    from .predict import predict as run_predict
+    _output(quiet)
+    from .inference import predict as run_predict
 
-    rows = run_predict(weights, inputs, config, set_ or [], topk=topk, batch_size=batch_size, progress=not quiet)
+    rows = run_predict(weights, inputs, config, set_ or [], topk=topk, batch_size=batch_size)
     if csv_path is not None:
         _write_predictions_csv(rows, csv_path)
     if as_json:
@@ -246,7 +281,7 @@ def predict(
             rest = "  ".join(f"{t['class']} {t['probability']:.4f}" for t in others)
             line = f"{r['path']:<{width}}  {best['class']:<{name_width}}  {best['probability']:.4f}  {rest}"
             typer.echo(line.rstrip())
-    say = _err if as_json else _log
+    say = _err if as_json else typer.echo
     failed = sum("error" in r for r in rows)
     if failed:
         _err(f"{failed} of {len(rows)} file(s) could not be read as images")

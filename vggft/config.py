@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -96,7 +97,7 @@ class EarlyStoppingConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _check(_non_negative, default=5)
+    epochs: int = _check(_positive, default=5)
     lr: float = _check(_positive, default=1.0e-4)
     backbone_lr: float | None = _check(_positive, default=None)
     """Learning rate of unfrozen backbone blocks; null: lr / 10."""
@@ -152,28 +153,111 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Keys renamed since a config could first be saved: old dotted key -> new dotted key. Saved sidecars and
+# checkpoints store their config and are re-read by the strict loader, so a rename must be listed here.
+RENAMED_KEYS: dict[str, str] = {}
+
+# What can still take effect when a run goes on from its last.pt: anything else would be recorded in
+# config.yaml and the sidecar without having changed the training (the optimizer state holds the lr, ...).
+RESUMABLE_KEYS = ("train.epochs", "train.early_stopping.patience", "train.device", "output.weights",
+                  "data.num_workers", "data.eval_batch_size", "cache.enabled", "cache.dir")
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of keys; anything larger is not one
+
+
+def migrate_config(raw: dict[str, Any], note=None) -> dict[str, Any]:
+    """``raw`` with renamed keys moved to their new names (``note(old, new)`` is told of each)."""
+    for old, new in RENAMED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node = raw
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            value = node.pop(leaf)
+            _set_dotted(raw, new, value)
+            if note is not None:
+                note(old, new)
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
-    """Defaults, then ``base`` (a resolved config from a sidecar), then the YAML file, then overrides."""
+    """Defaults, then ``base`` (a resolved config from a sidecar), then the YAML file, then overrides.
+
+    An error names where the bad value came from: the file, or ``--set``.
+    """
     raw: dict[str, Any] = {}
     if base:
-        _merge(raw, base)
+        _merge(raw, migrate_config(base))
     source = "config"
     if path is not None:
         source = str(path)
-        _merge(raw, _read_yaml(Path(path)))
+        _merge(raw, migrate_config(_read_yaml(Path(path)), _renamed_note(source)))
+    origins = {}
     for override in overrides:
         key, value = parse_override(override)
+        key = RENAMED_KEYS.get(key, key)
         _set_dotted(raw, key, value)
-    return config_from_dict(raw, source)
+        origins[key] = "--set"
+    return config_from_dict(raw, source, origins)
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+def _renamed_note(source: str):
+    def note(old: str, new: str) -> None:
+        import logging
+
+        logging.getLogger("vggft").warning(f"{source}: '{old}' is now called '{new}'; rename it there")
+
+    return note
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config", origins: dict[str, str] | None = None) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (data, model, train, ...), got {_show(raw)}")
     raw = dict(raw)
     if isinstance(raw.get("cache"), (bool, str)):
         raw["cache"] = {"enabled": raw["cache"]}
-    return _build(Config, raw, prefix="", source=source)
+    try:
+        cfg = _build(Config, raw, prefix="", source=source, origins=origins or {})
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a vggft config; see configs/ for the shape") from None
+    check_consistency(cfg, source)
+    return cfg
+
+
+def check_consistency(cfg: Config, source: str = "config") -> None:
+    """Settings that would silently do nothing are refused, naming the key and what would make it work."""
+    t, m = cfg.train, cfg.model
+    if t.head_only_epochs and not m.unfreeze:
+        raise ConfigError(f"{source}: train.head_only_epochs: {t.head_only_epochs} does nothing without "
+                          "model.unfreeze (nothing to thaw later); set model.unfreeze, or head_only_epochs: 0")
+    if t.head_only_epochs and t.head_only_epochs >= t.epochs:
+        raise ConfigError(f"{source}: train.head_only_epochs: {t.head_only_epochs} leaves no epoch of the "
+                          f"{t.epochs} for the unfrozen blocks; raise train.epochs or lower head_only_epochs")
+    if t.backbone_lr is not None and not m.unfreeze:
+        raise ConfigError(f"{source}: train.backbone_lr does nothing while the backbone is frozen; "
+                          "set model.unfreeze, or remove backbone_lr")
+    if t.warmup_epochs and t.scheduler == "onecycle":
+        raise ConfigError(f"{source}: train.warmup_epochs does nothing with scheduler onecycle (it warms up by "
+                          "itself); remove warmup_epochs, or use scheduler cosine or step")
+    if t.warmup_epochs and t.warmup_epochs >= t.epochs and t.scheduler != "none":
+        raise ConfigError(f"{source}: train.warmup_epochs: {t.warmup_epochs} is the whole run of {t.epochs} "
+                          "epoch(s); lower it or raise train.epochs")
+    if t.nesterov and (t.optimizer != "sgd" or t.momentum == 0):
+        raise ConfigError(f"{source}: train.nesterov needs optimizer sgd with momentum > 0 "
+                          f"(got {t.optimizer}, momentum {t.momentum:g}); set train.momentum, e.g. 0.9")
+    if t.momentum and t.optimizer != "sgd":
+        raise ConfigError(f"{source}: train.momentum is an sgd setting; {t.optimizer} ignores it; remove it")
+
+
+def resume_overrides_refused(overrides: list[str]) -> None:
+    """On --resume only keys that can still take effect are accepted."""
+    for override in overrides:
+        key, _ = parse_override(override)
+        if key not in RESUMABLE_KEYS:
+            raise ConfigError(
+                f"--set {key}: cannot change when resuming (the run's optimizer, data and model were set up with "
+                f"the old value); resume accepts {', '.join(RESUMABLE_KEYS)}; start a new run to change {key}"
+            )
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -191,10 +275,15 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass an existing YAML file to --config (see configs/)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a config "
+                          f"(at most {MAX_CONFIG_BYTES:,}); pass the YAML file of settings")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file; --config takes a YAML file") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a vggft config; see configs/ for the shape") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -229,14 +318,16 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str]) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.')}: expected a mapping of keys, got {_show(raw)}")
+        where = origins.get(prefix.rstrip("."), source)
+        raise ConfigError(f"{where}: {prefix.rstrip('.')}: expected a mapping of keys, got {_show(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{_suggest(f'{prefix}{key}', cls, prefix)}")
+            where = origins.get(f"{prefix}{key}", source)
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{_suggest(f'{prefix}{key}', cls, prefix)}")
     values = {}
     for name, f in fields.items():
         if name not in raw:
@@ -244,14 +335,15 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         key = f"{prefix}{name}"
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw[name] if raw[name] is not None else {}, f"{key}.", source)
+            values[name] = _build(hint, raw[name] if raw[name] is not None else {}, f"{key}.", source, origins)
             continue
-        value = _convert(raw[name], hint, key, source)
+        where = origins.get(key, source)
+        value = _convert(raw[name], hint, key, where)
         check = f.metadata.get("check")
         if check is not None and value is not None:
             problem = check(value)
             if problem:
-                raise ConfigError(f"{source}: {key}: expected {problem}, got {_show(raw[name])}")
+                raise ConfigError(f"{where}: {key}: expected {problem}, got {_show(raw[name])}")
         values[name] = value
     return cls(**values)
 
@@ -303,6 +395,10 @@ def _try_convert(value: Any, hint: Any) -> Any:
         return None if value is None or (isinstance(value, str) and value.lower() in ("null", "none")) else _NO
     if origin is Literal:
         allowed = typing.get_args(hint)
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
+            value = {False: "off", True: "on"}[value]
+            if value not in allowed and value == "off" and "none" in allowed:
+                value = "none"
         if isinstance(value, str) and value.lower() in [str(a).lower() for a in allowed]:
             return next(a for a in allowed if str(a).lower() == value.lower())
         return _NO
@@ -356,6 +452,11 @@ def _describe(hint: Any) -> str:
     return {bool: "true/false", int: "a whole number", float: "a number", str: "a non-empty string"}[hint]
 
 
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 2, 4, 4, 50, 50
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    """A short repr, bounded in time and length however large or self-referential the value (YAML anchors)."""
+    text = _SHOW.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -60,6 +60,17 @@ class Group:
 SINGLE = Group()
 
 
+@contextlib.contextmanager
+def main_first(group: Group) -> Iterator[None]:
+    """Rank 0 runs the block first (it decodes images and writes the shared caches); then the others run
+    it, finding rank 0's results. Without a job this is a plain block."""
+    if group.active and not group.is_main:
+        group.barrier()
+    yield
+    if group.active and group.is_main:
+        group.barrier()
+
+
 def environment_rank() -> int:
     """RANK as torchrun sets it (0 when not under torchrun): only rank 0 speaks to the user."""
     return int(os.environ.get("RANK", "0") or 0)

@@ -13,6 +13,22 @@ class VggftError(Exception):
     exit_code = 1
     rank_specific = False  # met by one process of a distributed job (e.g. out of memory), not by all
 
+    def __init__(self, message: str = ""):
+        super().__init__(_from_worker(message))
+
+
+def _from_worker(message: str) -> str:
+    """The original one-line message of an error re-raised from a DataLoader worker.
+
+    torch re-raises a worker's exception as the same type with its whole traceback as the message
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."); the user's line is its last.
+    """
+    if not (isinstance(message, str) and message.startswith("Caught ") and "Original Traceback" in message):
+        return message
+    last = [line for line in message.strip().splitlines() if line.strip()][-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and "Error" in head else last
+
 
 class ConfigError(VggftError):
     exit_code = 2
@@ -46,3 +62,15 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none): for one-line errors."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+class DivergedError(VggftError):
+    """Training produced a non-finite loss: the settings make it diverge."""
+
+    exit_code = 8
+
+
+class Interrupted(VggftError):
+    """Ctrl-C: the message says what was kept and how to go on."""
+
+    exit_code = 130

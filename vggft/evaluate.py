@@ -1,74 +1,27 @@
-"""Scoring saved weights on a split: every image once, exact counts, per-class figures.
+"""``vggft eval``: scoring saved weights on a split, every image once, with exact counts and per-class figures.
 
-Takes vggft's own weights (with their JSON sidecar) and plain state_dicts saved by
-the tutorial's script (class count read from the weights, class names from the data).
+Takes vggft's own weights (with their JSON sidecar), a run's best.pt/last.pt, and plain state_dicts
+saved by the tutorial's script (class count read from the weights, class names from the data).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .config import Config, load_config
-from .datasets import DataSplits
-from .device import out_of_memory_hint, prepare_backend, resolve_device
+from .data import DataSplits, prepare_data
+from .data.images import open_rgb
+from .data.loaders import make_loader
+from .data.transforms import eval_transform, normalization
+from .device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
+from .engine import evaluate
 from .errors import DataError, OutputError, WeightsError
-from .feeder import Feeder
-from .images import open_rgb
-from .metrics import Metrics, output_names
-from .model import describe_state_dict, freeze, model_from_weights
-from .plots import save_confusion, save_image_grid
-from .prepare import prepare_data
-from .transforms import eval_transform, normalization
-from .train import evaluate
-
-Log = Callable[[str], None]
-
-
-@dataclass
-class TrainedModel:
-    """Saved weights with what is needed to use them: architecture, head, class names, config."""
-
-    model: torch.nn.Module
-    cfg: Config
-    class_names: list[str] | None  # None: a bare state_dict; names come from the data
-    num_classes: int
-    sidecar: dict | None
-    path: Path
-
-    @property
-    def names(self) -> list[str]:
-        """A name per output: the class names (class_0, class_1, ... for a bare state_dict), then unused_K."""
-        return output_names(self.class_names or [f"class_{i}" for i in range(self.num_classes)], self.num_classes)
-
-
-def load_trained_model(weights: Path, config: Path | None = None, overrides: list[str] = ()) -> TrainedModel:
-    """Weights plus their sidecar (if any), the sidecar's config under ``--config``/``--set``."""
-    weights = Path(weights)
-    state_dict, sidecar = checkpoint.load_trained(weights)
-    try:
-        arch, head, num_classes = describe_state_dict(state_dict)
-    except WeightsError as err:
-        raise WeightsError(f"--weights: '{weights}' is not VGG weights vggft can use: {err}") from None
-    except (KeyError, IndexError):
-        raise WeightsError(f"--weights: '{weights}' is not a VGG state_dict") from None
-    base = sidecar["config"] if sidecar else {"model": {"arch": arch, "head": head}}
-    cfg = load_config(config, overrides, base=base)
-    # What the file holds wins over what a config says about it.
-    cfg.model = dataclasses.replace(cfg.model, arch=arch, head=head, num_classes=num_classes, unfreeze=0)
-    cfg.data = dataclasses.replace(cfg.data, augment="none")
-    try:
-        model = model_from_weights(state_dict, arch, head, num_classes)
-    except RuntimeError as err:
-        raise WeightsError(f"--weights: '{weights}' does not load into {arch} ({str(err).splitlines()[0]})") from None
-    freeze(model, cfg.model)  # the same frozen prefix as in training, so cached features are shared
-    class_names = list(sidecar["class_names"]) if sidecar else None
-    return TrainedModel(model, cfg, class_names, num_classes, sidecar, weights)
+from .features import FeatureSource
+from .inference import TrainedModel, load_model
+from .logs import log
+from .metrics import Metrics
+from .reports import save_confusion, save_image_grid
 
 
 def align_labels(trained: TrainedModel, splits: DataSplits) -> DataSplits:
@@ -104,35 +57,32 @@ def evaluate_weights(
     topk: int = 5,
     misclassified: int = 0,
     plots_dir: Path | None = None,
-    log: Log = print,
-    progress: bool = True,
 ) -> tuple[Metrics, TrainedModel, list[Path]]:
     """acc@1 (and per-class figures) of saved weights on every image of ``split``."""
-    trained = load_trained_model(weights, config, overrides)
+    trained = load_model(weights, config, overrides)
     cfg = trained.cfg
     device = resolve_device(cfg.train.device)
     prepare_backend(device)
-    manifest = None
-    if trained.sidecar and trained.sidecar.get("split_manifest"):
-        manifest = Path(weights).parent / trained.sidecar["split_manifest"]
-    splits, _ = prepare_data(cfg, manifest=manifest, log=log, progress=progress)
+    record = trained.sidecar.get("split") if trained.sidecar else None
+    splits, _ = prepare_data(cfg, record, str(weights))
     splits = align_labels(trained, splits)
     samples = splits[split]
     if not samples:
         raise DataError(f"{splits.root}: the {split} split has no images; choose another with --split")
-    feeder = Feeder(trained.model, cfg, device, log=log, progress=progress)
+    precision = autocast_dtype(device, cfg.train.amp)
+    source = FeatureSource(trained.model, cfg, device, precision)
     with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
-        loader = feeder.loader(feeder.dataset(samples, desc=split), cfg.data.eval_batch_size)
-        metrics = evaluate(feeder.module, loader, feeder, trained.class_names, trained.num_classes,
-                           desc=f"Evaluating {split}", progress=progress, ks=sorted({1, topk}),
-                           keep=misclassified > 0)
+        loader = make_loader(source.dataset(samples, desc=split), cfg.data.eval_batch_size, device=device,
+                             num_workers=source.loader_workers)
+        metrics = evaluate(source.module, loader, device, precision, names=trained.names,
+                           ks=sorted({1, topk}), keep=misclassified > 0, desc=f"Evaluating {split}")
     folder = Path(plots_dir) if plots_dir else Path(weights).parent
     stem = Path(weights).stem
     written = []
     try:  # the scores are the result; a plot that cannot be written is a note, not a failure
         written.append(save_confusion(metrics.confusion, metrics.class_names, folder / f"{stem}.confusion_{split}.png"))
     except OutputError as err:
-        log(f"Confusion matrix PNG not written ({err}); choose a folder with --plots DIR")
+        log.warning(f"Confusion matrix PNG not written ({err}); choose a folder with --plots DIR")
     mistakes = metrics.worst_mistakes(misclassified)
     if mistakes:
         images = torch.stack([eval_transform(cfg.data)(open_rgb(samples[i][0])) for i, *_ in mistakes])
@@ -142,5 +92,5 @@ def evaluate_weights(
         written.append(save_image_grid(images, titles, mean, std, folder / f"{stem}.misclassified_{split}.png",
                                        title_colors=["red"] * len(mistakes)))
     elif misclassified > 0:
-        log(f"--misclassified: no mistakes on the {split} split, so no grid was written")
+        log.info(f"--misclassified: no mistakes on the {split} split, so no grid was written")
     return metrics, trained, written

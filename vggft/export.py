@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import sidecar_path
+from .artifacts import sidecar_path
+from .data.transforms import normalization
 from .errors import ConfigError, OutputError, VggftError, WeightsError, first_line
-from .evaluate import TrainedModel, load_trained_model
 from .files import atomic_path
-from .transforms import normalization
+from .inference import TrainedModel, load_model
 
 FORMATS = ("torchscript", "onnx")
 SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -61,7 +61,7 @@ def export(
     weights = Path(weights)
     out = Path(out) if out is not None else default_output(weights, fmt)
     _check_output(out, weights)
-    trained = load_trained_model(weights, config, list(overrides))
+    trained = load_model(weights, config, list(overrides))
     model = trained.model.cpu().eval()
     size = trained.cfg.data.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -1,13 +1,15 @@
 """The exact feature cache: run the frozen prefix once per image, keep its output on disk.
 
-With a frozen backbone and a deterministic transform, every epoch recomputes the
-same prefix outputs. ``FeatureCache`` stores them in a folder named by everything
-that decides them (the prefix's weights and layers, the cut, the transform, the
-precision); inside, one row per image keyed by the file's path, size and mtime,
-so a changed image invalidates only its own row.
+With a frozen backbone and a deterministic transform, every epoch recomputes the same prefix
+outputs. ``FeatureCache`` stores them in a folder named by everything that decides them (the
+prefix's weights and layers, the cut, the transform, the precision); inside, one row per image
+keyed by the file's path, size, times and inode, so a changed image invalidates only its own row.
 
-Storage is append-only: each extraction writes a new shard file (atomically); a shard
-that fails to load or does not add up is deleted and its rows extracted again.
+Storage is append-only: each extraction writes a new shard file (atomically); a shard that fails to
+load or does not add up is deleted and its rows extracted again.
+
+``FeatureSource`` decides, for one model and config, whether the loop trains on cached rows (the
+suffix after the frozen prefix) or on decoded images (the whole network), and says why.
 """
 
 from __future__ import annotations
@@ -21,37 +23,41 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from torch.utils.data import Dataset, TensorDataset
 
+from .artifacts import fingerprint
+from .config import Config
+from .data.loaders import ImageList, image_loader
+from .data.transforms import eval_transform, train_transform, transform_signature
+from .device import autocast_factory, resolve_workers
 from .distributed import SINGLE, Group
-from .errors import ConfigError
-from .files import save_json, save_torch
-from .loaders import image_loader
+from .errors import ConfigError, Interrupted
+from .files import cache_root, save_json, save_torch
+from .logs import Counter, log
+from .model import split_frozen_prefix
 
 SHARD_ROWS = 1024  # write a shard at least this often, so an interrupted extraction keeps its work
 
 
 def file_key(path: str) -> str:
+    """Path, size, modification and change times and inode: a file rewritten in place with the same size
+    and a restored mtime (cp -p, rsync -a) still changes its ctime, so its old row is not reused."""
     st = os.stat(path)
-    return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    identity = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    return hashlib.sha1(identity.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def module_fingerprint(module: nn.Module) -> str:
     """A content hash of a module's layers and weights: identical prefixes share a cache."""
-    digest = hashlib.sha1(repr(module).encode())
-    for name, tensor in module.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return digest.hexdigest()
+    return hashlib.sha1(f"{module!r}|{fingerprint(module.state_dict())}".encode()).hexdigest()
 
 
 class FeatureCache:
     """Rows of prefix outputs keyed by ``file_key``; kept on disk under ``directory`` (or in memory)."""
 
-    def __init__(self, directory: Path | None, namespace: dict, log: Callable[[str], None] = print):
+    def __init__(self, directory: Path | None, namespace: dict):
         self.rows: dict[str, torch.Tensor] = {}
         self.loaded: set[str] = set()  # shard files already read
-        self.log = log
         self.folder = None
         if directory is None:
             return
@@ -74,7 +80,7 @@ class FeatureCache:
                 if features.dtype != torch.float32 or not torch.isfinite(features).all():
                     raise ValueError("not finite float32 rows")
             except Exception as err:  # corrupt, truncated or foreign: never trusted, rebuilt
-                self.log(f"Feature cache: discarding damaged shard {shard} ({type(err).__name__}); re-extracting")
+                log.warning(f"Feature cache: discarding damaged shard {shard} ({type(err).__name__}); re-extracting")
                 shard.unlink(missing_ok=True)
                 continue
             self.rows.update(zip(keys, features))
@@ -89,7 +95,7 @@ class FeatureCache:
                 save_torch({"keys": keys, "features": features}, shard)
                 self.loaded.add(shard.name)
             except Exception as err:
-                self.log(f"Feature cache: could not write {shard} ({err}); continuing without saving")
+                log.warning(f"Feature cache: could not write {shard} ({err}); continuing without saving")
 
     def reload(self) -> None:
         """Read the shards other processes have written since."""
@@ -110,7 +116,6 @@ def extract_features(
     batch_size: int,
     num_workers: int,
     autocast: Callable,
-    progress: bool = True,
     desc: str = "Extracting features",
     group: Group = SINGLE,
 ) -> torch.Tensor:
@@ -126,27 +131,8 @@ def extract_features(
     group.barrier()  # every rank has its list before any rank writes a shard: the lists agree
     missing = group.shard(missing)
     if missing:
-        loader = image_loader(
-            [sample for sample, _ in missing], transform, batch_size, device=device, num_workers=num_workers
-        )
-        pending_keys: list[str] = []
-        pending: list[torch.Tensor] = []
-        done = 0
-        bar = tqdm(total=len(missing), desc=desc, unit="img", disable=not progress, leave=False)
-        for images, _ in loader:
-            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-            with torch.inference_mode(), autocast():
-                output = prefix(images)
-            pending.append(output.float().cpu())
-            pending_keys.extend(key for _, key in missing[done : done + len(images)])
-            done += len(images)
-            bar.update(len(images))
-            if len(pending_keys) >= SHARD_ROWS:
-                cache.add(pending_keys, torch.cat(pending))
-                pending_keys, pending = [], []
-        bar.close()
-        if pending_keys:
-            cache.add(pending_keys, torch.cat(pending))
+        _extract_missing(prefix, missing, transform, cache, device=device, batch_size=batch_size,
+                         num_workers=num_workers, autocast=autocast, desc=desc)
     if total_missing and group.active:
         group.barrier()  # every rank's shards are on disk
         cache.reload()
@@ -158,8 +144,120 @@ def extract_features(
     if total_missing:
         seconds = time.perf_counter() - started
         ranks = f" on {group.world} processes" if group.active else ""
-        cache.log(f"{desc}: {total_missing} images in {seconds:.1f}s ({total_missing / seconds:.2f} img/s){ranks}")
+        log.info(f"{desc}: {total_missing} images in {seconds:.1f}s ({total_missing / seconds:.2f} img/s){ranks}")
     if not keys:
         return torch.empty(0)
     # Stacked outside inference mode: a normal tensor that autograd may save for backward.
     return torch.stack([cache.rows[key] for key in keys])
+
+
+def _extract_missing(prefix, missing, transform, cache: FeatureCache, *, device, batch_size, num_workers,
+                     autocast, desc) -> None:
+    """Run the prefix over ``missing`` (sample, key) pairs, adding a shard every SHARD_ROWS rows."""
+    loader = image_loader([sample for sample, _ in missing], transform, batch_size, device=device,
+                          num_workers=num_workers)
+    pending_keys: list[str] = []
+    pending: list[torch.Tensor] = []
+    done = 0
+    counter = Counter(desc=desc, total=len(missing))
+    try:
+        for images, _ in loader:
+            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+            with torch.inference_mode(), autocast():
+                output = prefix(images)
+            pending.append(output.float().cpu())
+            pending_keys.extend(key for _, key in missing[done : done + len(images)])
+            done += len(images)
+            counter.update(len(images))
+            if len(pending_keys) >= SHARD_ROWS:
+                cache.add(pending_keys, torch.cat(pending))
+                pending_keys, pending = [], []
+    except KeyboardInterrupt:
+        if pending_keys:
+            cache.add(pending_keys, torch.cat(pending))
+        if cache.folder is None:
+            raise
+        raise Interrupted(f"Interrupted during extraction: the {done} rows extracted so far are kept in "
+                          f"{cache.folder}; the next run starts from there") from None
+    finally:
+        counter.close()
+    if pending_keys:
+        cache.add(pending_keys, torch.cat(pending))
+
+
+def cache_off_reason(cfg: Config, model: nn.Module, cut: str) -> str | None:
+    """Why training cannot use cached rows (None: it can)."""
+    if not cfg.cache.enabled:
+        return "cache.enabled is false"
+    if cfg.data.augment != "none":
+        return f"data.augment is '{cfg.data.augment}': random augmentation changes the input every epoch"
+    if any(p.requires_grad for p in model.features.parameters()):
+        return "part of the backbone is unfrozen (model.unfreeze): its features change every step"
+    if cut == "input":
+        return "nothing at the input is frozen"
+    return None
+
+
+class FeatureSource:
+    """Where the loop's inputs come from for one model: cached rows of the frozen prefix (``module`` is
+    the suffix), or decoded images (``module`` is the whole network)."""
+
+    def __init__(self, model: nn.Module, cfg: Config, device: torch.device, precision: torch.dtype | None,
+                 group: Group = SINGLE):
+        self.cfg, self.device, self.precision, self.group = cfg, device, precision, group
+        self.prefix, self.suffix, self.cut = split_frozen_prefix(model)
+        self.workers = resolve_workers(cfg.data, device)
+        self.off_reason = cache_off_reason(cfg, model, self.cut)
+        self.cache: FeatureCache | None = None
+        if self.off_reason is None:
+            namespace = {
+                "arch": cfg.model.arch,
+                "cut": self.cut,
+                "prefix": module_fingerprint(self.prefix),
+                "transform": transform_signature(cfg.data),
+                "precision": str(precision or "fp32"),
+                "torch": torch.__version__.split("+")[0],
+            }
+            self.cache = FeatureCache(cache_root(cfg.cache.dir), namespace)
+            self.module = self.suffix
+        else:
+            self.module = nn.Sequential(self.prefix, self.suffix)
+        self.prefix.to(device, memory_format=torch.channels_last)
+        self.suffix.to(device)
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
+    @property
+    def loader_workers(self) -> int:
+        return 0 if self.cached else self.workers  # cached rows are already in memory
+
+    def describe(self) -> str:
+        if self.cache is None:
+            return f"Feature cache off: {self.off_reason}"
+        return f"Feature cache: frozen prefix up to {self.cut}, cached under {self.cache.folder or 'memory'}"
+
+    def bytes_to_write(self, samples: Sequence[tuple[str, int]]) -> tuple[Path, int] | None:
+        """(cache folder, bytes) that extracting ``samples`` will add; None when nothing goes to disk."""
+        if self.cache is None or self.cache.folder is None:
+            return None
+        width = next(m.in_features for m in self.suffix.modules() if isinstance(m, nn.Linear))
+        missing = {file_key(path) for path, _ in samples} - self.cache.rows.keys()
+        return self.cache.folder, len(missing) * width * 4
+
+    def rows(self, samples: Sequence[tuple[str, int]], desc: str = "") -> torch.Tensor:
+        """The prefix output of every sample: cached rows, extracting what the cache lacks (the slow part)."""
+        return extract_features(
+            self.prefix, samples, eval_transform(self.cfg.data), self.cache, device=self.device,
+            batch_size=self.cfg.data.eval_batch_size, num_workers=self.workers,
+            autocast=autocast_factory(self.device, self.precision),
+            desc=f"Extracting {desc} features".replace("  ", " "), group=self.group,
+        )
+
+    def dataset(self, samples: Sequence[tuple[str, int]], *, train: bool = False, desc: str = "") -> Dataset:
+        """(input, label) pairs for the loop: rows (extracted now if missing) or images decoded each epoch."""
+        if self.cache is None:
+            return ImageList(samples, train_transform(self.cfg.data) if train else eval_transform(self.cfg.data))
+        labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        return TensorDataset(self.rows(samples, desc), labels)

@@ -80,9 +80,18 @@ def check_free_space(needs: list[tuple[Path, int, str]]) -> None:
         free = shutil.disk_usage(where).free
         if total * 1.05 > free:
             raise OutputError(
-                f"{', '.join(keys)}: about {total / 2**20:,.0f} MiB will be written under '{where}' but only "
-                f"{free / 2**20:,.0f} MiB is free; free some space or point {keys[0]} at another disk"
+                f"{', '.join(keys)}: about {human_size(total)} will be written under '{where}' but only "
+                f"{human_size(free)} is free; free some space or point {keys[0]} at another disk"
             )
+
+
+def human_size(count: float) -> str:
+    """1536 -> '2 KiB': the unit that keeps the number readable."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}"
+        count /= 1024
+    return f"{count:,.0f} TiB"
 
 
 def cache_root(configured: str | None = None) -> Path:

@@ -6,112 +6,40 @@ The saved weights stay a plain torchvision ``VGG`` state_dict, so that
 
 from __future__ import annotations
 
-import os
-import urllib.error
-import zipfile
-from pathlib import Path
-
 import torch
 from torch import nn
 from torchvision import models
 
 from .config import ARCHS, ModelConfig
-from .errors import WeightsError, first_line
+from .errors import ConfigError, WeightsError, first_line
 
 CONV_COUNT = {"vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}
+
+
+def vgg(arch: str, *, num_classes: int = 1000, dropout: float = 0.5, init_weights: bool = True) -> models.VGG:
+    """The one place a network is made: torchvision's ``VGG`` for ``arch``, without weights.
+
+    (The tests replace this factory with a narrow stand-in of the same layout.)
+    """
+    return models.get_model(arch, weights=None, num_classes=num_classes, init_weights=init_weights, dropout=dropout)
 
 
 def _skeleton(arch: str, num_classes: int = 1000, dropout: float = 0.5) -> models.VGG:
     """The architecture on the meta device: no memory, no random init; load weights with assign=True."""
     with torch.device("meta"):
-        return models.get_model(arch, weights=None, num_classes=num_classes, init_weights=False, dropout=dropout)
+        return vgg(arch, num_classes=num_classes, init_weights=False, dropout=dropout)
 
 
-def pretrained_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
-    """The backbone's starting weights from ``model.weights``: a torchvision name, a file, or None."""
-    if cfg.weights is None:
-        return None
-    path = Path(cfg.weights).expanduser()
-    if path.suffix in (".pth", ".pt", ".bin") or os.sep in cfg.weights or path.exists():
-        if not path.is_file():
-            raise WeightsError(
-                f"model.weights: file '{path}' not found; point it at a local .pth state_dict, "
-                "use a torchvision name such as IMAGENET1K_V1, or null for random init"
-            )
-        state_dict = read_state_dict(path, "model.weights")
-        if "format" in state_dict:
-            raise WeightsError(
-                f"model.weights: '{path}' is a run checkpoint (last.pt/best.pt), not a state_dict; continue that "
-                f"run with vggft train --resume {path}, or start from the weights it saved (output.weights)"
-            )
-        return state_dict
-    return _torchvision_state_dict(cfg.arch, cfg.weights)
-
-
-def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
-    enum = models.get_model_weights(arch)
-    try:
-        weights = enum[name.split(".")[-1]]
-    except KeyError:
-        names = ", ".join(w.name for w in enum) + ", DEFAULT"
-        raise WeightsError(
-            f"model.weights: '{name}' is not a torchvision weights name for {arch} (one of {names})"
-        ) from None
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
-    cached = hub / os.path.basename(weights.url)
-    try:
-        # torchvision's own loader: it looks in $TORCH_HOME/hub/checkpoints/ first, then downloads.
-        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
-        reason = getattr(err, "reason", err)
-        raise WeightsError(
-            f"model.weights: {arch} {weights.name} is not at {cached} and could not be downloaded ({reason}); "
-            "copy the file there, set model.weights to a local .pth file, or use model.weights: null"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise WeightsError(
-            f"{cached}: unreadable pretrained weights ({first_line(err)}); delete it to download again, "
-            "or set model.weights to another file"
-        ) from None
-
-
-def safe_load(path: Path, what: str, fix: str, *, mmap: bool = False):
-    """``torch.load(weights_only=True)``; a pickle that would run code, or an unreadable file, is a WeightsError."""
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as err:
-            if not mmap or "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
-    except Exception as err:
-        text = first_line(err)
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
-            raise WeightsError(
-                f"{what}: '{path}' contains pickled code or objects, which vggft never unpickles; {fix}"
-            ) from None
-        detail = f" ({text})" if zipfile.is_zipfile(path) else ""  # for any other bytes torch's reason is noise
-        raise WeightsError(f"{what}: '{path}' is not a file written by torch.save{detail}; {fix}") from None
-
-
-def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """A plain state_dict (or a vggft run checkpoint), read without unpickling code."""
-    loaded = safe_load(path, what, "load only plain state_dict files (torch.save(model.state_dict(), ...))", mmap=True)
-    if isinstance(loaded, dict) and str(loaded.get("format", "")).startswith("vggft-checkpoint"):
-        return loaded  # a run's last.pt / best.pt: vggft.checkpoint rebuilds the full model from it
-    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise WeightsError(f"{what}: '{path}' is not a state_dict (a mapping of names to tensors)")
-    return loaded
-
-
-def _what_it_is(state_dict: dict[str, torch.Tensor], err: RuntimeError) -> str:
+def _what_it_is(state_dict: dict[str, torch.Tensor], err: RuntimeError, expected: str) -> str:
     """'they are vgg11 weights', or the first mismatch torch reports."""
     try:
         arch, _, _ = describe_state_dict(state_dict)
-        return f"they are {arch} weights"
     except WeightsError:
-        detail = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
-        return detail[0].rstrip(".") if detail else first_line(err)
+        arch = None
+    if arch is not None and arch != expected:
+        return f"they are {arch} weights"
+    detail = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    return detail[0].rstrip(".") if detail else first_line(err)
 
 
 def replace_head(model: models.VGG, head: str, num_classes: int) -> None:
@@ -121,20 +49,24 @@ def replace_head(model: models.VGG, head: str, num_classes: int) -> None:
     else:
         # features -> global average pool -> Linear(512, 512) -> ReLU -> Linear(512, n);
         # VGG.forward flattens between avgpool and classifier.
+        width = feature_width(model)  # 512 for every torchvision VGG
         model.avgpool = nn.AdaptiveAvgPool2d(1)
-        model.classifier = nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes))
+        model.classifier = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, num_classes))
 
 
-def build_model(cfg: ModelConfig, num_classes: int, state_dict: dict | None = None) -> models.VGG:
-    """VGG with the configured backbone weights, a fresh head for ``num_classes`` and frozen layers.
+def feature_width(model: models.VGG) -> int:
+    """Channels of the last conv layer: the length of the pooled feature vector."""
+    return [m for m in model.features if isinstance(m, nn.Conv2d)][-1].out_channels
 
-    ``state_dict`` defaults to ``pretrained_state_dict(cfg)``; pass it to avoid loading twice.
+
+def build_model(cfg: ModelConfig, num_classes: int, state_dict: dict | None) -> models.VGG:
+    """VGG with the backbone weights ``state_dict`` (``vggft.artifacts.pretrained_state_dict``; None for
+    random init), a fresh head for ``num_classes`` and frozen layers.
+
     Random parts (the head; the whole net with weights null) use torch's global RNG: seed first.
     """
     if state_dict is None:
-        state_dict = pretrained_state_dict(cfg)
-    if state_dict is None:
-        model = models.get_model(cfg.arch, weights=None, dropout=cfg.dropout)
+        model = vgg(cfg.arch, dropout=cfg.dropout)
     else:
         source = cfg.weights
         classes = state_dict.get("classifier.6.weight")
@@ -143,7 +75,7 @@ def build_model(cfg: ModelConfig, num_classes: int, state_dict: dict | None = No
         try:
             model.load_state_dict(state_dict, assign=True, strict=not backbone_only)
         except RuntimeError as err:
-            raise WeightsError(f"model.weights: '{source}' does not fit {cfg.arch} ({_what_it_is(state_dict, err)}); "
+            raise WeightsError(f"model.weights: '{source}' does not fit {cfg.arch} ({_what_it_is(state_dict, err, cfg.arch)}); "
                                "set model.arch to the architecture the weights were saved from") from None
         if backbone_only and any(p.is_meta for p in model.features.parameters()):
             raise WeightsError(f"model.weights: '{source}' holds no {cfg.arch} backbone weights")
@@ -188,8 +120,6 @@ def freeze(model: models.VGG, cfg: ModelConfig) -> None:
 
 
 def unfrozen_block_indices(unfreeze: list[str] | int, count: int) -> list[int]:
-    from .errors import ConfigError
-
     if isinstance(unfreeze, int):
         if not 0 <= unfreeze <= count:
             raise ConfigError(f"model.unfreeze: expected a block count from 0 to {count}, got {unfreeze}")
@@ -213,7 +143,8 @@ def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[str, str, 
     if "classifier.6.weight" in state_dict:
         return arch, "classifier6", int(state_dict["classifier.6.weight"].shape[0])
     last = state_dict.get("classifier.2.weight")
-    if last is not None and state_dict["classifier.0.weight"].shape[1] == 512:
+    first = state_dict.get("classifier.0.weight")
+    if last is not None and first is not None and first.shape[1] == state_dict[convs[-1]].shape[0]:
         return arch, "gap", int(last.shape[0])
     raise WeightsError("the classifier matches neither head (classifier6, gap)")
 

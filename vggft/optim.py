@@ -10,16 +10,14 @@ from torch import nn
 from .config import TrainConfig
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module, backbone: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """Two parameter groups: the head at ``lr``; the unfrozen ``backbone`` blocks at ``backbone_lr``
+def make_optimizer(cfg: TrainConfig, head: list[nn.Parameter], backbone: list[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """Two parameter groups: the ``head`` at ``lr``; the unfrozen ``backbone`` blocks at ``backbone_lr``
     (default lr/10). A two-stage run passes the backbone even while it is still frozen: parameters
     without a gradient are skipped by every optimizer, so nothing needs rebuilding when it thaws.
     """
-    features = {id(p) for p in model.features.parameters()}
-    head = [p for p in model.parameters() if id(p) not in features and p.requires_grad]
-    groups = [{"params": head, "lr": cfg.lr, "name": "head"}]
+    groups = [{"params": list(head), "lr": cfg.lr, "name": "head"}]
     if backbone:
-        groups.append({"params": backbone, "lr": cfg.backbone_lr or cfg.lr / 10, "name": "backbone"})
+        groups.append({"params": list(backbone), "lr": cfg.backbone_lr or cfg.lr / 10, "name": "backbone"})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)

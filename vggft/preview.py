@@ -6,21 +6,20 @@ from pathlib import Path
 
 import torch
 import torchinfo
-from torchvision import models
 
 from .config import Config
+from .data import prepare_data
+from .data.loaders import image_loader
+from .data.transforms import eval_transform, normalization, train_transform
 from .errors import DataError
-from .loaders import image_loader
-from .model import freeze, replace_head
-from .plots import save_image_grid
-from .prepare import prepare_data
-from .transforms import eval_transform, normalization, train_transform
+from .model import freeze, replace_head, vgg
+from .reports import save_image_grid
 
 
 def summary(cfg: Config, num_classes: int | None = None) -> torchinfo.ModelStatistics:
     """The torchinfo table of the model as configured: architecture only, no data, no weights file."""
     classes = num_classes or cfg.model.num_classes or 2
-    model = models.get_model(cfg.model.arch, weights=None, init_weights=False)
+    model = vgg(cfg.model.arch, init_weights=False)
     with torch.no_grad():
         for param in model.parameters():  # defined values for the shape-only forward pass
             param.zero_()
@@ -31,10 +30,9 @@ def summary(cfg: Config, num_classes: int | None = None) -> torchinfo.ModelStati
                              col_names=("output_size", "num_params", "trainable"))
 
 
-def show_batch(cfg: Config, split: str = "train", out: Path | None = None, count: int | None = None,
-               log=print, progress: bool = True) -> Path:
+def show_batch(cfg: Config, split: str = "train", out: Path | None = None, count: int | None = None) -> Path:
     """A PNG grid of one batch as the model sees it, de-normalised, each titled with its class."""
-    splits, _ = prepare_data(cfg, log=log, progress=progress)
+    splits, _ = prepare_data(cfg)
     samples = splits[split]
     if not samples:
         raise DataError(f"{splits.root}: the {split} split has no images; choose another with --split")

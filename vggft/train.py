@@ -1,15 +1,15 @@
-"""The training loop: forward, loss, backward, step, log — the tutorial's story, kept readable.
+"""``vggft train``: from a config to saved weights, as setup → epochs → finish.
 
-``fit`` goes from a config to saved weights; ``train_one_epoch`` and ``evaluate`` are
-small and return numbers.
+Setup finds the data, builds the model, decides between cached rows and images, and extracts what the
+cache lacks; the epochs are ``vggft.engine.run_epochs`` with a checkpoint after each; finishing puts
+the best val epoch back, tests it and saves weights and sidecar. Under torchrun every process calls
+``fit``; they share the work and only rank 0 prints or writes.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,83 +17,24 @@ import torch
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, Subset
-from tqdm import tqdm
+from torch.utils.data import DistributedSampler, Subset, WeightedRandomSampler
 
-from . import checkpoint, rng
-from .config import Config, load_config
-from .datasets import DataSplits, write_manifest
-from .device import out_of_memory_hint, prepare_backend, resolve_device
-from .distributed import Group, is_peer_failure, process_group, reduce_metrics
-from .errors import ConfigError, DataError, VggftError, first_line
-from .features import file_key
-from .feeder import Feeder
+from . import artifacts, rng
+from .config import Config, load_config, resume_overrides_refused
+from .data import DataSplits, prepare_data, split_record
+from .data.loaders import make_loader
+from .device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
+from .distributed import Group, is_peer_failure, main_first, process_group, reduce_metrics
+from .engine import Loop, Progress, class_weights, epoch_line, evaluate, restore_best, run_epochs
+from .errors import ConfigError, DataError, DivergedError, Interrupted, VggftError, WeightsError, first_line
+from .features import FeatureSource
 from .files import check_free_space, save_text
-from .metrics import Metrics
-from .model import build_model, parameter_counts, set_train_mode
+from .logs import log, silence
+from .metrics import Metrics, output_names
+from .model import build_model, parameter_counts
 from .optim import make_optimizer, make_scheduler
-from .plots import save_curves
-from .prepare import prepare_data
 
-Log = Callable[[str], None]
-
-
-def train_one_epoch(
-    module: nn.Module,
-    loader,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    feeder: Feeder,
-    *,
-    desc: str,
-    progress: bool = True,
-    grad_clip: float | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    scheduler=None,
-) -> dict[str, float]:
-    set_train_mode(module)
-    loss_sum, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False)
-    for inputs, labels in bar:
-        inputs, labels = feeder.to_device(inputs), labels.to(feeder.device, non_blocking=True)
-        with feeder.autocast():
-            outputs = module(inputs)
-            loss = criterion(outputs, labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        loss_sum += loss.item() * len(labels)
-        correct += int((outputs.argmax(dim=1) == labels).sum())
-        seen += len(labels)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "seen": seen}
-
-
-@torch.no_grad()
-def evaluate(module: nn.Module, loader, feeder: Feeder, class_names: list[str], num_outputs: int,
-             *, desc: str = "Evaluating", progress: bool = True, ks=(1, 5), keep: bool = False) -> Metrics:
-    module.eval()
-    metrics = Metrics.empty(class_names, num_outputs)
-    metrics.topk_correct = {min(k, num_outputs): 0 for k in ks}  # the same keys on every rank, even with no batch
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    for inputs, labels in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-        inputs, labels = feeder.to_device(inputs), labels.to(feeder.device, non_blocking=True)
-        with feeder.autocast():
-            outputs = module(inputs)
-        metrics.update(outputs, labels, float(criterion(outputs.float(), labels)), ks=ks, keep=keep)
-    return metrics
+RUN_FILES = "config.yaml, metrics.csv, last.pt, best.pt, curves.png"
 
 
 @dataclass
@@ -106,16 +47,25 @@ class TrainResult:
     test: Metrics | None = None
 
 
-def _class_weights(splits: DataSplits, num_outputs: int) -> torch.Tensor:
-    counts = torch.bincount(torch.tensor([label for _, label in splits["train"]]), minlength=num_outputs).float()
-    return torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), torch.zeros(()))
+@dataclass
+class Run:
+    """One training run as set up: what the epochs and the finish need."""
 
+    cfg: Config
+    splits: DataSplits
+    model: nn.Module
+    source: FeatureSource
+    loop: Loop
+    state: Progress
+    generator: torch.Generator
+    run_dir: Path | None
+    test_loader: object
+    fingerprint: str
+    start: int = 1
 
-def _sampler(splits: DataSplits, num_outputs: int, generator: torch.Generator):
-    labels = torch.tensor([label for _, label in splits["train"]])
-    per_sample = _class_weights(splits, num_outputs)[labels]
-    return torch.utils.data.WeightedRandomSampler(per_sample.double(), len(labels), replacement=True,
-                                                  generator=generator)
+    @property
+    def split(self) -> dict | None:
+        return split_record(self.splits, self.cfg.data) if self.splits.layout == "pool" else None
 
 
 def new_run_dir(runs_dir: str, name: str | None) -> Path:
@@ -129,32 +79,251 @@ def new_run_dir(runs_dir: str, name: str | None) -> Path:
 
 
 def resume_config(checkpoint_path: Path, overrides: list[str] = ()) -> Config:
-    """The config a run was started with, under ``--set`` overrides (e.g. more epochs)."""
-    body = checkpoint.load_checkpoint(checkpoint_path)
+    """The config a run was started with, under the ``--set`` overrides that can still take effect."""
+    resume_overrides_refused(list(overrides))
+    body = artifacts.load_checkpoint(checkpoint_path)
+    if body.get("kind") == "best":
+        raise WeightsError(f"--resume: '{checkpoint_path}' is the run's best epoch ({body['epoch']}), kept for "
+                           f"eval, predict and export; go on with {Path(checkpoint_path).with_name('last.pt')}, "
+                           "or start a new run")
     return load_config(None, overrides, base=body["config"])
 
 
-def _mean_over_ranks(stats: dict[str, float], group: Group) -> dict[str, float]:
-    """Each rank's epoch loss and accuracy, weighted by how many samples it saw."""
-    if not group.active:
-        return stats
-    sums = group.sum_(torch.tensor([stats["loss"] * stats["seen"], stats["acc"] * stats["seen"], stats["seen"]],
-                                   dtype=torch.float64))
-    return {"loss": float(sums[0] / sums[2]), "acc": float(sums[1] / sums[2]), "seen": int(sums[2])}
+def fit(cfg: Config, *, resume: Path | None = None) -> TrainResult:
+    """Train as configured (or go on from a run's last.pt), evaluate on test, save weights and sidecar."""
+    device = resolve_device(cfg.train.device)
+    with process_group(device) as (group, device):
+        if group.active:
+            _check_distributed(cfg)
+        if not group.is_main:
+            silence()  # rank 0 speaks for the job
+        try:
+            run = _setup(cfg, resume, device, group)
+            memory = out_of_memory_hint(device, {"data.batch_size": cfg.data.batch_size,
+                                                 "data.eval_batch_size": cfg.data.eval_batch_size})
+            with memory:
+                test = _train(run)
+            return _finish(run, test)
+        except VggftError as err:  # past the pre-flight that every rank shares, an error is this rank's own
+            err.rank_specific = err.rank_specific or "run" in locals()
+            raise
+        except RuntimeError as err:
+            if not (group.active and is_peer_failure(err)):
+                raise
+            error = VggftError(f"another process of this job stopped ({first_line(err)}); its error is above")
+            error.rank_specific = True
+            raise error from None
 
 
-def _disk_needs(cfg: Config, model: nn.Module, feeder: Feeder, splits: DataSplits) -> list[tuple[Path, int, str]]:
-    """What this run will write, by folder: the weights, two checkpoints, the features not cached yet."""
+def _check_distributed(cfg: Config) -> None:
+    if cfg.data.balance == "sampler":
+        raise ConfigError("data.balance: 'sampler' cannot shard across processes; use weights (a weighted loss)")
+    if cfg.train.head_only_epochs and cfg.model.unfreeze:
+        raise ConfigError("train.head_only_epochs: two-stage training is not supported under torchrun yet; "
+                          "set it to 0, or run it as one process")
+
+
+# --- setup ------------------------------------------------------------------------------------------
+
+def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group) -> Run:
+    body = artifacts.load_checkpoint(resume) if resume else None
+    if body and cfg.train.scheduler == "onecycle" and body["config"]["train"]["epochs"] != cfg.train.epochs:
+        raise ConfigError(f"train.epochs: a onecycle schedule is laid out for the run's "
+                          f"{body['config']['train']['epochs']} epochs at its start; resume with that many, "
+                          "or start a new run")
+    artifacts.check_writable(Path(cfg.output.weights))
+    prepare_backend(device)
+    splits = _find_data(cfg, body, resume, group)
+    num_outputs = cfg.model.num_classes or len(splits.class_names)
+    model = _build(cfg, num_outputs, group, device)
+    precision = autocast_dtype(device, cfg.train.amp)
+    source = FeatureSource(model, cfg, device, precision, group)
+    log.info(source.describe())
+    _check_disk(cfg, model, source, splits)
+    with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
+        loop, generator, test_loader = _make_loop(cfg, model, source, splits, device, precision, group)
+    fingerprint = artifacts.frozen_fingerprint(model, artifacts.trainable_state(model, loop.optimizer))
+    run = Run(cfg, splits, model, source, loop, Progress(), generator, None, test_loader, fingerprint)
+    if body:
+        _restore(run, body, Path(resume))
+    elif group.is_main:
+        run.run_dir = new_run_dir(cfg.output.runs_dir, cfg.output.name)
+        run.run_dir.mkdir(parents=True)
+    if group.is_main:
+        save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run.run_dir / "config.yaml")
+    return run
+
+
+def _find_data(cfg: Config, body: dict | None, resume: Path | None, group: Group) -> DataSplits:
+    with main_first(group):  # rank 0 decodes every image first; the others then read its verdict cache
+        splits, _ = prepare_data(cfg, body.get("split") if body else None, f"--resume {resume}")
+    if not splits["train"]:
+        raise DataError(f"{splits.root}: no train/ folder; training needs train/<class>/ images "
+                        "(a folder with test/ alone can only be evaluated: vggft eval)")
+    if body and body["class_names"] != splits.class_names:
+        raise DataError(f"--resume: the run was trained on classes {body['class_names']}, "
+                        f"but {splits.root} has {splits.class_names}; resume on the same data")
+    if cfg.model.num_classes and cfg.model.num_classes < len(splits.class_names):
+        raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(splits.class_names)} "
+                          "class folders; set it to null or at least the number of classes")
+    if cfg.train.early_stopping.patience and not splits["val"]:
+        raise ConfigError("train.early_stopping.patience: needs a val split to watch, and there is none; add a "
+                          "val/ folder, set data.val_fraction (e.g. 0.1), or remove early_stopping.patience")
+    sizes = ", ".join(f"{split} {len(splits[split])}" for split in ("train", "val", "test") if splits[split])
+    log.info(f"Data: {splits.root} ({splits.layout}), {len(splits.class_names)} classes, {sizes} images")
+    return splits
+
+
+def _build(cfg: Config, num_outputs: int, group: Group, device: torch.device) -> nn.Module:
+    rng.seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, num_outputs, artifacts.pretrained_state_dict(cfg.model))
+    if group.active:
+        torch.manual_seed(cfg.train.seed + group.rank)  # the same head everywhere, each rank its own dropout
+    total, trainable = parameter_counts(model)
+    log.info(f"Model: {cfg.model.arch} ({cfg.model.weights or 'random init'}), head {cfg.model.head}, "
+             f"{total:,} parameters, {trainable:,} trainable; device {device}"
+             + (f" x {group.world} processes" if group.active else ""))
+    return model
+
+
+def _check_disk(cfg: Config, model: nn.Module, source: FeatureSource, splits: DataSplits) -> None:
+    """Before any work: the weights, two checkpoints and the rows not cached yet must fit."""
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     needs = [(Path(cfg.output.weights).parent, state, "output.weights"),
-             (Path(cfg.output.runs_dir), 6 * trainable, "output.runs_dir")]  # last + best, with optimizer state
-    if feeder.cache is not None and feeder.cache.folder is not None:
-        width = next(m.in_features for m in feeder.suffix.modules() if isinstance(m, nn.Linear))
-        missing = sum(file_key(path) not in feeder.cache
-                      for split in ("train", "val", "test") for path, _ in splits[split])
-        needs.append((feeder.cache.folder, missing * width * 4, "cache.dir"))
-    return needs
+             (Path(cfg.output.runs_dir), 8 * trainable, "output.runs_dir")]  # last (with best and optimizer), best
+    rows = source.bytes_to_write([s for split in ("train", "val", "test") for s in splits[split]])
+    if rows is not None:
+        needs.append((rows[0], rows[1], "cache.dir"))
+    check_free_space(needs)
+
+
+def _make_loop(cfg: Config, model: nn.Module, source: FeatureSource, splits: DataSplits, device: torch.device,
+               precision, group: Group) -> tuple[Loop, torch.Generator, object]:
+    datasets = {split: source.dataset(splits[split], train=split == "train", desc=split)
+                for split in ("train", "val", "test") if splits[split]}
+    num_outputs = cfg.model.num_classes or len(splits.class_names)
+    labels = torch.tensor([label for _, label in splits["train"]])
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    sampler = None
+    if cfg.data.balance == "sampler":
+        weights = class_weights(labels, num_outputs)[labels].double()
+        sampler = WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
+    if group.active:  # each rank a different part of every epoch (padded to equal lengths)
+        sampler = DistributedSampler(datasets["train"], group.world, group.rank, seed=cfg.train.seed)
+    workers = source.loader_workers
+    train_loader = make_loader(datasets["train"], cfg.data.batch_size, device=device, num_workers=workers,
+                               shuffle=True, generator=generator, sampler=sampler)
+    # Evaluation shards are disjoint and unpadded: every image counted once, then summed over ranks.
+    shard = {split: make_loader(Subset(datasets[split], group.shard(range(len(datasets[split])))),
+                                cfg.data.eval_batch_size, device=device, num_workers=workers)
+             for split in ("val", "test") if split in datasets}
+    module = source.module
+    if group.active:
+        module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_weights = class_weights(labels, num_outputs).to(device) if cfg.data.balance == "weights" else None
+    backbone = [p for p in model.features.parameters() if p.requires_grad]
+    features = {id(p) for p in model.features.parameters()}
+    head = [p for p in model.parameters() if id(p) not in features and p.requires_grad]
+    optimizer = make_optimizer(cfg.train, head, backbone)
+    scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
+    loop = Loop(module, model, train_loader, shard.get("val"),
+                nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.train.label_smoothing), optimizer,
+                make_scheduler(cfg.train, optimizer, len(train_loader)), device, precision,
+                output_names(splits.class_names, num_outputs), cfg.train, scaler, backbone, group,
+                sampler if group.active else None)
+    return loop, generator, shard.get("test")
+
+
+def _restore(run: Run, body: dict, resume: Path) -> None:
+    """Go on exactly where ``last.pt`` left off: weights, optimizer, schedule, RNG, history, best epoch."""
+    loop = run.loop
+    expected = body.get("frozen_fingerprint")
+    if expected is not None and expected != run.fingerprint:
+        raise WeightsError(f"--resume: '{resume}' was trained on other base weights than model.weights "
+                           f"'{run.cfg.model.weights}' gives now (the file changed since); restore those weights, "
+                           "or start a new run")
+    wanted = set(artifacts.trainable_state(run.model, loop.optimizer))
+    if wanted - set(body["model"]) or set(body["model"]) - set(run.model.state_dict()):
+        raise WeightsError(f"--resume: '{resume}' does not hold the trainable part of this model "
+                           f"({run.cfg.model.arch}, head {run.cfg.model.head}); resume with the run's own last.pt")
+    run.model.load_state_dict(body["model"], strict=False)
+    loop.optimizer.load_state_dict(body["optimizer"])
+    loop.scheduler.load_state_dict(body["scheduler"])
+    run.state = Progress(body["history"], body["best"], _best_state(body, resume))
+    run.start = body["epoch"] + 1
+    rng.restore(body["rng"], run.generator)
+    if loop.group.active:  # the checkpoint holds rank 0's RNG; each rank its own dropout again
+        torch.manual_seed(run.cfg.train.seed + loop.group.rank + 1000 * run.start)
+    if loop.scaler is not None and body.get("scaler"):
+        loop.scaler.load_state_dict(body["scaler"])
+    run.run_dir = resume.parent
+    if loop.group.is_main and run.state.best_state:  # best.pt is what last.pt says is best, whatever a kill left
+        artifacts.save_checkpoint(run.run_dir / "best.pt", _best_body(run))
+    log.info(f"Resuming {run.run_dir} after epoch {body['epoch']}")
+
+
+def _best_state(body: dict, resume: Path) -> dict[str, torch.Tensor]:
+    if body.get("best_model"):
+        return body["best_model"]
+    best = resume.with_name("best.pt")  # format 1 kept the best epoch in best.pt alone
+    return artifacts.load_checkpoint(best)["model"] if best.is_file() else {}
+
+
+# --- the epochs -------------------------------------------------------------------------------------
+
+def _train(run: Run) -> Metrics | None:
+    """The epochs, a checkpoint after each; then the best val epoch back and scored on test."""
+    loop, main = run.loop, run.loop.group.is_main
+    try:
+        for end in run_epochs(loop, run.state, run.start):
+            log.info(epoch_line(end.row, run.cfg.train.epochs))
+            if main:
+                if end.improved:  # best.pt first: last.pt, written second, is the unit's authority
+                    artifacts.save_checkpoint(run.run_dir / "best.pt", _best_body(run))
+                artifacts.save_checkpoint(run.run_dir / "last.pt", _last_body(run))
+                _write_metrics(run.state.history, run.run_dir / "metrics.csv")
+            if end.stop:
+                log.info(end.stop)
+    except KeyboardInterrupt:
+        last = run.run_dir / "last.pt" if run.run_dir is not None else None
+        if last is None or not last.exists():
+            raise Interrupted("Interrupted before the first epoch ended; nothing to resume from") from None
+        raise Interrupted(f"Interrupted: {last} holds epoch {run.state.last_epoch}; "
+                          f"go on with: vggft train --resume {last}") from None
+    except DivergedError as err:
+        if main and run.state.history:
+            _plot_curves(run)
+        last = run.run_dir / "last.pt" if run.run_dir else None
+        kept = f"; the last good epoch ({run.state.last_epoch}) is kept in {last}" if run.state.history else ""
+        raise DivergedError(f"{err}{kept}") from None
+    if main:
+        _plot_curves(run)
+    best = run.state.best
+    if loop.val_loader is not None and restore_best(run.model, run.state):
+        log.info(f"Restored the best epoch ({best['epoch']}, val acc {100 * best['val_acc']:.2f}%) "
+                 "for testing and saving")
+    if run.test_loader is None:
+        return None
+    return reduce_metrics(evaluate(loop.module, run.test_loader, loop.device, loop.precision,
+                                   names=loop.names, desc="Testing"), loop.group)
+
+
+def _common_body(run: Run) -> dict:
+    return {"config": run.cfg.to_dict(), "class_names": run.splits.class_names, "split": run.split,
+            "frozen_fingerprint": run.fingerprint, "history": run.state.history, "best": run.state.best}
+
+
+def _last_body(run: Run) -> dict:
+    loop = run.loop
+    return {**_common_body(run), "kind": "last", "epoch": run.state.last_epoch,
+            "model": artifacts.trainable_state(run.model, loop.optimizer), "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict(), "best_model": run.state.best_state,
+            "rng": rng.capture(run.generator), "scaler": loop.scaler.state_dict() if loop.scaler else None}
+
+
+def _best_body(run: Run) -> dict:
+    return {**_common_body(run), "kind": "best", "epoch": run.state.best["epoch"], "model": run.state.best_state}
 
 
 def _write_metrics(history: list[dict], path: Path) -> None:
@@ -166,208 +335,25 @@ def _write_metrics(history: list[dict], path: Path) -> None:
     save_text(buffer.getvalue(), path)
 
 
-def fit(cfg: Config, *, resume: Path | None = None, log: Log = print, progress: bool = True) -> TrainResult:
-    """Train as configured (or go on from a run's last.pt), evaluate on test, save weights and sidecar.
+def _plot_curves(run: Run) -> None:
+    from .reports import save_curves
 
-    Under torchrun every process calls this; they share the work and only rank 0 prints or writes.
-    """
-    device = resolve_device(cfg.train.device)
-    with process_group(device) as (group, device):
-        if group.active:
-            _check_distributed(cfg)
-        if not group.is_main:
-            log, progress = _silent, False
-        try:
-            return _fit(cfg, resume, device, group, log=log, progress=progress)
-        except RuntimeError as err:
-            if not (group.active and is_peer_failure(err)):
-                raise
-            error = VggftError(f"another process of this job stopped ({first_line(err)}); its error is above")
-            error.rank_specific = True
-            raise error from None
+    save_curves(run.state.history, run.run_dir / "curves.png", best_epoch=run.state.best["epoch"])
 
 
-def _silent(message: str) -> None:
-    pass
+# --- finish -----------------------------------------------------------------------------------------
 
-
-def _check_distributed(cfg: Config) -> None:
-    if cfg.data.balance == "sampler":
-        raise ConfigError("data.balance: 'sampler' cannot shard across processes; use weights (a weighted loss)")
-    if cfg.train.head_only_epochs and cfg.model.unfreeze:
-        raise ConfigError("train.head_only_epochs: two-stage training is not supported under torchrun yet; "
-                          "set it to 0, or run it as one process")
-
-
-def _fit(cfg: Config, resume: Path | None, device: torch.device, group: Group, *, log: Log,
-         progress: bool) -> TrainResult:
-    body = checkpoint.load_checkpoint(resume) if resume else None
-    if body and cfg.train.scheduler == "onecycle" and body["config"]["train"]["epochs"] != cfg.train.epochs:
-        raise ConfigError(f"train.epochs: a onecycle schedule is laid out for the run's "
-                          f"{body['config']['train']['epochs']} epochs at its start; resume with that many, "
-                          "or start a new run")
-    weights_path = Path(cfg.output.weights)
-    checkpoint.check_writable(weights_path)
-    prepare_backend(device)
-    manifest = checkpoint.manifest_path(weights_path)
-    if not group.is_main:
-        group.barrier()  # rank 0 decodes every image first; the others then read its verdict cache
-    splits, _ = prepare_data(cfg, manifest=manifest if body else None, log=log, progress=progress)
-    if group.active and group.is_main:
-        group.barrier()
-    if not splits["train"]:
-        raise DataError(f"{splits.root}: no train/ folder; training needs train/<class>/ images "
-                        "(a folder with test/ alone can only be evaluated: vggft eval)")
-    if splits.layout == "pool" and not body and group.is_main:
-        write_manifest(splits, cfg.data, manifest)
-    class_names = splits.class_names
-    if body and body["class_names"] != class_names:
-        raise DataError(f"--resume: the run was trained on classes {body['class_names']}, "
-                        f"but {splits.root} has {class_names}; resume on the same data")
-    num_outputs = cfg.model.num_classes or len(class_names)
-    if num_outputs < len(class_names):
-        raise ConfigError(
-            f"model.num_classes: {num_outputs} is fewer than the {len(class_names)} class folders; "
-            "set it to null or at least the number of classes"
-        )
-    sizes = ", ".join(f"{split} {len(splits[split])}" for split in ("train", "val", "test") if splits[split])
-    log(f"Data: {splits.root} ({splits.layout}), {len(class_names)} classes, {sizes} images")
-
-    rng.seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, num_outputs)
-    if group.active:
-        torch.manual_seed(cfg.train.seed + group.rank)  # the same head everywhere, each rank its own dropout
-    backbone = [p for p in model.features.parameters() if p.requires_grad]
-    total, trainable = parameter_counts(model)
-    feeder = Feeder(model, cfg, device, log=log, progress=progress, group=group)
-    log(f"Model: {cfg.model.arch} ({cfg.model.weights or 'random init'}), head {cfg.model.head}, "
-        f"{total:,} parameters, {trainable:,} trainable; device {device}"
-        + (f" x {group.world} processes" if group.active else "")
-        + (f", autocast {str(feeder.dtype).removeprefix('torch.')}" if feeder.dtype else ""))
-    if feeder.cached:
-        log(f"Feature cache: frozen prefix up to {feeder.cut}, cached under {feeder.cache.folder or 'memory'}")
-    else:
-        log(f"Feature cache off: {feeder.cache_off_reason}")
-
-    check_free_space(_disk_needs(cfg, model, feeder, splits))
-
-    run_dir: Path | None = None
-    memory_hint = out_of_memory_hint(device, {"data.batch_size": cfg.data.batch_size,
-                                              "data.eval_batch_size": cfg.data.eval_batch_size})
-    try:
-        with memory_hint:
-            datasets = {split: feeder.dataset(splits[split], train=split == "train", desc=split)
-                        for split in ("train", "val", "test") if splits[split]}
-            generator = torch.Generator().manual_seed(cfg.train.seed)
-            sampler = _sampler(splits, num_outputs, generator) if cfg.data.balance == "sampler" else None
-            if group.active:  # each rank a different part of every epoch (padded to equal lengths)
-                sampler = DistributedSampler(datasets["train"], group.world, group.rank, seed=cfg.train.seed)
-            train_loader = feeder.loader(datasets["train"], cfg.data.batch_size, shuffle=True,
-                                         generator=generator, sampler=sampler)
-            # Evaluation shards are disjoint and unpadded: every image counted once, then summed over ranks.
-            eval_loaders = {split: feeder.loader(Subset(datasets[split], group.shard(range(len(datasets[split])))),
-                                                 cfg.data.eval_batch_size)
-                            for split in ("val", "test") if split in datasets}
-            trainee = feeder.module
-            if group.active:
-                trainee = DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None)
-            loss_weights = _class_weights(splits, num_outputs).to(device) if cfg.data.balance == "weights" else None
-            criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.train.label_smoothing)
-            optimizer = make_optimizer(cfg.train, model, backbone)
-            scheduler = make_scheduler(cfg.train, optimizer, len(train_loader))
-            scaler = torch.amp.GradScaler(device.type) if feeder.dtype == torch.float16 else None
-            history: list[dict] = []
-            best = {"epoch": 0, "val_acc": -1.0}
-            best_state: dict[str, torch.Tensor] = {}
-            start = 1
-            if body:
-                model.load_state_dict(body["model"], strict=False)
-                optimizer.load_state_dict(body["optimizer"])
-                scheduler.load_state_dict(body["scheduler"])
-                history, best, start = body["history"], body["best"], body["epoch"] + 1
-                rng.restore(body["rng"], generator)
-                if group.active:  # the checkpoint holds rank 0's RNG; each rank its own dropout again
-                    torch.manual_seed(cfg.train.seed + group.rank + 1000 * start)
-                if scaler is not None and body.get("scaler"):
-                    scaler.load_state_dict(body["scaler"])
-                run_dir = Path(resume).parent
-                if (run_dir / "best.pt").exists():
-                    best_state = checkpoint.load_checkpoint(run_dir / "best.pt")["model"]
-                log(f"Resuming {run_dir} after epoch {body['epoch']}")
-            elif group.is_main:
-                run_dir = new_run_dir(cfg.output.runs_dir, cfg.output.name)
-                run_dir.mkdir(parents=True)
-            if group.is_main:
-                save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
-
-            for epoch in range(start, cfg.train.epochs + 1):
-                for param in backbone:  # two-stage fine-tuning: the head alone first
-                    param.requires_grad = epoch > cfg.train.head_only_epochs
-                started = time.perf_counter()
-                row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-                if group.active:
-                    sampler.set_epoch(epoch)
-                stats = train_one_epoch(trainee, train_loader, criterion, optimizer, feeder,
-                                        desc=f"Epoch {epoch}/{cfg.train.epochs}", progress=progress,
-                                        grad_clip=cfg.train.grad_clip, scaler=scaler, scheduler=scheduler)
-                stats = _mean_over_ranks(stats, group)
-                row.update(train_loss=stats["loss"], train_acc=stats["acc"])
-                line = (f"Epoch {epoch:3d}/{cfg.train.epochs}: loss {stats['loss']:.4f}, "
-                        f"train acc {100 * stats['acc']:.2f}%")
-                if "val" in eval_loaders:
-                    val = reduce_metrics(evaluate(feeder.module, eval_loaders["val"], feeder, class_names,
-                                                  num_outputs, desc="Validating", progress=progress), group)
-                    row.update(val_loss=val.loss, val_acc=val.accuracy)
-                    line += f", val loss {val.loss:.4f}, val {val.summary_line()}"
-                row["seconds"] = time.perf_counter() - started
-                history.append(row)
-                log(line + f" ({row['seconds']:.1f}s)")
-                improved = row["val_acc"] > best["val_acc"] if "val" in eval_loaders else True
-                if improved:
-                    best = {"epoch": epoch, "val_acc": row.get("val_acc", -1.0)}
-                    if "val" in eval_loaders:  # without val the best epoch is the last: nothing to restore
-                        best_state = {k: v.clone() for k, v in checkpoint.trainable_state(model, optimizer).items()}
-                if group.is_main:
-                    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, cfg=cfg,
-                                 class_names=class_names, history=history, best=best, generator=generator,
-                                 extra={"scaler": scaler.state_dict()} if scaler is not None else None)
-                    checkpoint.save_checkpoint(run_dir / "last.pt", **state)
-                    if improved:
-                        checkpoint.save_checkpoint(run_dir / "best.pt", **state)
-                    _write_metrics(history, run_dir / "metrics.csv")
-                    save_curves(history, run_dir / "curves.png")
-                patience = cfg.train.early_stopping.patience
-                if "val" in eval_loaders and patience and epoch - best["epoch"] >= patience:
-                    log(f"Early stopping: no better val accuracy for {patience} epoch(s); "
-                        f"best was epoch {best['epoch']}")
-                    break
-            last = history[-1]["epoch"] if history else 0
-            if "val" in eval_loaders and best_state and 0 < best["epoch"] != last:
-                # What is tested and saved is the best epoch, as best.pt says, not the last one.
-                model.load_state_dict(best_state, strict=False)
-                log(f"Restored the best epoch ({best['epoch']}, val acc {100 * best['val_acc']:.2f}%) "
-                    "for testing and saving")
-            test = None
-            if "test" in eval_loaders:
-                test = reduce_metrics(evaluate(feeder.module, eval_loaders["test"], feeder, class_names,
-                                               num_outputs, desc="Testing", progress=progress), group)
-                log(f"Test: {test.summary_line()}")
-    except VggftError as err:  # past the pre-flight that every rank shares: this rank's own trouble
-        err.rank_specific = True
-        raise
-    except KeyboardInterrupt:
-        if run_dir is not None and (run_dir / "last.pt").exists():
-            log(f"Interrupted. Resume with: vggft train --resume {run_dir / 'last.pt'}")
-        raise
-
-    sidecar = checkpoint.sidecar_path(weights_path)
-    if not group.is_main:
-        return TrainResult(weights_path, sidecar, run_dir, class_names, history, test)
-    checkpoint.save_trained(
-        model, weights_path, cfg, class_names,
-        metrics={"test": test.to_dict() if test else None, "history": history, "run": str(run_dir)},
-        manifest=manifest if splits.layout == "pool" else None,
+def _finish(run: Run, test: Metrics | None) -> TrainResult:
+    weights = Path(run.cfg.output.weights)
+    sidecar = artifacts.sidecar_path(weights)
+    names = run.splits.class_names
+    if not run.loop.group.is_main:
+        return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
+    replaced = weights.exists()
+    artifacts.save_trained(
+        run.model, weights, run.cfg, names, split=run.split,
+        metrics={"test": test.to_dict() if test else None, "history": run.state.history, "run": str(run.run_dir)},
     )
-    log(f"Saved {weights_path} (sidecar {sidecar}); run folder {run_dir}: config.yaml, metrics.csv, "
-        "last.pt, best.pt, curves.png")
-    return TrainResult(weights_path, sidecar, run_dir, class_names, history, test)
+    if replaced:
+        log.info(f"Replaced the earlier {weights}; this run's best epoch stays usable as {run.run_dir / 'best.pt'}")
+    return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from .errors import DataError
-from .images import open_rgb
+from ..errors import DataError
+from .images import DECODE_ERRORS, open_rgb
 
 
 class ImageList(Dataset):
@@ -25,7 +25,7 @@ class ImageList(Dataset):
         path, label = self.samples[index]
         try:
             image = open_rgb(path)
-        except (OSError, SyntaxError, ValueError) as err:  # changed on disk since it was checked
+        except DECODE_ERRORS as err:  # changed on disk since it was checked
             raise DataError(f"{path}: cannot be read any more ({err}); run vggft check-data") from None
         return self.transform(image), label
 

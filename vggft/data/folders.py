@@ -5,21 +5,27 @@ Layouts accepted under ``data.root``:
 - ``train/``, ``test/`` and optionally ``val/`` (or ``valid/``, ``validation/``), each of class folders;
 - a single pool of class folders, split by ``data.split`` with ``data.split_seed``, stratified per class.
 
-Nothing here decodes an image; ``vggft.scan`` does that.
+Nothing here decodes an image; ``vggft.data.images`` does that.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DataConfig
-from .errors import DataError
-from .files import save_json
-from .images import is_image_name
+from ..config import DataConfig
+from ..errors import DataError
+
+# torchvision's ImageFolder extensions; anything else (Thumbs.db, notes, .DS_Store) is not an image.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_image_name(path: str | Path) -> bool:
+    name = Path(path).name
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
 
 SPLITS = ("train", "val", "test")
 VAL_NAMES = ("val", "valid", "validation")
@@ -50,7 +56,7 @@ def _visible_dirs(folder: Path) -> list[Path]:
     )
 
 
-def _images_in(folder: Path) -> list[str]:
+def images_in(folder: Path) -> list[str]:
     """Every image file below ``folder``, sorted, skipping hidden files and folders."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -60,7 +66,7 @@ def _images_in(folder: Path) -> list[str]:
 
 
 def _class_folders(split_dir: Path) -> dict[str, list[str]]:
-    return {folder.name: _images_in(folder) for folder in _visible_dirs(split_dir)}
+    return {folder.name: images_in(folder) for folder in _visible_dirs(split_dir)}
 
 
 def _find_split_dir(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -70,8 +76,9 @@ def _find_split_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def find_splits(data: DataConfig, manifest: Path | None = None) -> DataSplits:
-    """Discover the splits under ``data.root`` (or reuse a pool ``manifest``) without decoding."""
+def find_splits(data: DataConfig, record: dict | None = None, source: str = "") -> DataSplits:
+    """Discover the splits under ``data.root`` (a pool's split comes from ``record``, the split a model was
+    trained with, when there is one) without decoding."""
     root = Path(data.root)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "not found"
@@ -81,8 +88,8 @@ def find_splits(data: DataConfig, manifest: Path | None = None) -> DataSplits:
         )
     if (root / "train").is_dir() or (root / "test").is_dir():
         return _folder_layout(root, data)
-    if manifest is not None and manifest.is_file():
-        return read_manifest(manifest, root)
+    if record is not None and Path(record.get("root", "")) == root.resolve():
+        return splits_from_record(record, root, source)
     return _pool_layout(root, data)
 
 
@@ -164,8 +171,9 @@ def _stratified_take(samples: list[Sample], fraction: float, seed: str) -> tuple
     return sorted(kept), sorted(taken)
 
 
-def write_manifest(splits: DataSplits, data: DataConfig, path: Path) -> None:
-    """Record which file went to which split, so that eval later scores exactly the held-out files."""
+def split_record(splits: DataSplits, data: DataConfig) -> dict:
+    """Which file went to which split of a pool, stored with the run's checkpoints and the weights' sidecar,
+    so that resume and eval later use exactly the same held-out files."""
     body = {
         "root": str(splits.root.resolve()),
         "split": data.split,
@@ -175,23 +183,23 @@ def write_manifest(splits: DataSplits, data: DataConfig, path: Path) -> None:
     for split in SPLITS:
         body[split] = [Path(os.path.relpath(p, splits.root)).as_posix() for p, _ in splits[split]]
         body[f"{split}_labels"] = [label for _, label in splits[split]]
-    save_json(body, path)
+    return body
 
 
-def read_manifest(path: Path, root: Path) -> DataSplits:
+def splits_from_record(record: dict, root: Path, source: str) -> DataSplits:
+    """The pool split ``record`` (from ``source``: a checkpoint or sidecar) over the files under ``root``."""
     try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-        class_names = list(body["class_names"])
+        class_names = list(record["class_names"])
         splits = {
-            split: [(str(root / rel), int(label)) for rel, label in zip(body[split], body[f"{split}_labels"])]
+            split: [(str(root / rel), int(label)) for rel, label in zip(record[split], record[f"{split}_labels"])]
             for split in SPLITS
         }
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{path}: unreadable split manifest ({err}); delete it to split the pool afresh") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{source}: unreadable pool split record ({err}); train again to split the pool afresh") from None
     missing = [p for split in SPLITS for p, _ in splits[split] if not os.path.exists(p)]
     if missing:
         raise DataError(
-            f"{path}: {len(missing)} file(s) of this split manifest are gone from {root} "
-            f"(first: {missing[0]}); restore them, or delete the manifest to split afresh"
+            f"{source}: {len(missing)} file(s) of the pool split it was trained with are gone from {root} "
+            f"(first: {missing[0]}); restore them, or train again to split afresh"
         )
     return DataSplits(root, "pool", class_names, splits)

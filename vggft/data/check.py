@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config
-from .datasets import SPLITS, DataSplits, find_splits
-from .files import cache_root
-from .images import Verdict
-from .scan import VerdictCache, inspect_all
+from ..config import Config
+from ..files import cache_root
+from .folders import SPLITS, DataSplits, find_splits
+from .images import Verdict, VerdictCache, inspect_all
 
 
 @dataclass
@@ -47,10 +45,11 @@ class DataReport:
         return found
 
 
-def check_data(cfg: Config, *, max_imbalance: float = 10.0, progress: bool = True) -> DataReport:
+def check_data(cfg: Config, *, max_imbalance: float = 10.0) -> DataReport:
     splits = find_splits(cfg.data)
     cache = VerdictCache(cache_root(cfg.cache.dir) if cfg.cache.enabled else None, splits.root)
-    verdicts = inspect_all([path for _, (path, _) in splits.all_samples()], cache, progress=progress)
+    # What check-data is asked to check it decodes afresh (a cached verdict could be of older bytes).
+    verdicts = inspect_all([path for _, (path, _) in splits.all_samples()], cache, fresh=True)
     report = DataReport(splits, verdicts, max_imbalance=max_imbalance)
     for split in SPLITS:
         per_class: dict[str, tuple[int, int]] = {}
@@ -78,44 +77,6 @@ def check_data(cfg: Config, *, max_imbalance: float = 10.0, progress: bool = Tru
     elif train_counts:
         report.imbalance = float("inf")
     return report
-
-
-def format_report(report: DataReport) -> str:
-    splits = report.splits
-    rel = lambda p: os.path.relpath(p, splits.root)  # noqa: E731
-    lines = [f"{splits.root} ({splits.layout} layout): {len(splits.class_names)} classes"]
-    width = max([5, *(len(n) for n in splits.class_names)])
-    lines.append(f"{'split':<6} {'class':<{width}} {'usable':>7} {'bad':>5}")
-    for split, per_class in report.counts.items():
-        for name, (ok, bad) in per_class.items():
-            lines.append(f"{split:<6} {name:<{width}} {ok:>7} {bad:>5}")
-    good = [v for v in report.verdicts.values() if v.ok]
-    if good:
-        widths, heights = [v.width for v in good], [v.height for v in good]
-        lines.append(
-            f"Image sizes: width {min(widths)}-{max(widths)} (median {statistics.median(widths):g}), "
-            f"height {min(heights)}-{max(heights)} (median {statistics.median(heights):g}), {len(good)} images"
-        )
-    split = "train" if "train" in report.counts else "test"
-    counts = {name: ok for name, (ok, _) in report.counts.get(split, {}).items()}
-    if len(counts) > 1:
-        big, small = max(counts, key=counts.get), min(counts, key=counts.get)
-        lines.append(
-            f"Class balance ({split}): largest {big} {counts[big]}, smallest {small} {counts[small]}, "
-            f"ratio {report.imbalance:.1f}x"
-        )
-    if report.bad:
-        reasons = Counter(v.reason for _, v in report.bad)
-        lines.append(f"Unreadable files ({', '.join(f'{n} {r}' for r, n in reasons.most_common())}):")
-        lines += [f"  {rel(p)}\t{v.reason}\t{v.detail}" for p, v in report.bad]
-    for title, groups in (("Duplicates across splits (test leakage)", report.cross_duplicates),
-                          ("Duplicates within a split", report.within_duplicates)):
-        if groups:
-            lines.append(f"{title}: {len(groups)} group(s)")
-            lines += ["  " + " == ".join(rel(p) for _, p in group) for group in groups]
-    problems = report.problems
-    lines.append("Found: " + "; ".join(problems) if problems else "No problems found.")
-    return "\n".join(lines)
 
 
 def quarantine(report: DataReport, destination: Path) -> list[tuple[Path, Path]]:

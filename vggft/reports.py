@@ -1,14 +1,18 @@
-"""Pictures people open: a labelled grid of images."""
+"""What people read and open: the check-data report, training curves, confusion matrices, image grids."""
 
 from __future__ import annotations
 
 import math
+import os
+import statistics
+from collections import Counter
 from pathlib import Path
 
 import torch
 
+from .data.check import DataReport
+from .data.transforms import denormalize
 from .files import atomic_path
-from .transforms import denormalize
 
 
 def _subplots(*args, **kwargs):
@@ -50,8 +54,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def save_curves(history: list[dict], path: Path) -> Path:
-    """Loss and accuracy per epoch, train and (when there is one) val."""
+def save_curves(history: list[dict], path: Path, best_epoch: int = 0) -> Path:
+    """Loss and accuracy per epoch, train and (when there is one) val; the best val epoch marked."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [row["epoch"] for row in history]
     fig, (loss_ax, acc_ax) = _subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy")):
@@ -59,8 +65,13 @@ def save_curves(history: list[dict], path: Path) -> Path:
             values = [row.get(f"{split}_{metric}") for row in history]
             if any(v is not None for v in values):
                 ax.plot(epochs, values, marker="o", label=split)
+        if best_epoch and any("val_acc" in row for row in history):
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best (epoch {best_epoch})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        if len(epochs) == 1:
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
         ax.grid(alpha=0.3)
         ax.legend()
     acc_ax.set_ylim(0, 1.02)
@@ -86,3 +97,41 @@ def save_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) 
                     color="white" if matrix[i, j] > top / 2 else "black", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def format_report(report: DataReport) -> str:
+    splits = report.splits
+    rel = lambda p: os.path.relpath(p, splits.root)  # noqa: E731
+    lines = [f"{splits.root} ({splits.layout} layout): {len(splits.class_names)} classes"]
+    width = max([5, *(len(n) for n in splits.class_names)])
+    lines.append(f"{'split':<6} {'class':<{width}} {'usable':>7} {'bad':>5}")
+    for split, per_class in report.counts.items():
+        for name, (ok, bad) in per_class.items():
+            lines.append(f"{split:<6} {name:<{width}} {ok:>7} {bad:>5}")
+    good = [v for v in report.verdicts.values() if v.ok]
+    if good:
+        widths, heights = [v.width for v in good], [v.height for v in good]
+        lines.append(
+            f"Image sizes: width {min(widths)}-{max(widths)} (median {statistics.median(widths):g}), "
+            f"height {min(heights)}-{max(heights)} (median {statistics.median(heights):g}), {len(good)} images"
+        )
+    split = "train" if "train" in report.counts else "test"
+    counts = {name: ok for name, (ok, _) in report.counts.get(split, {}).items()}
+    if len(counts) > 1:
+        big, small = max(counts, key=counts.get), min(counts, key=counts.get)
+        lines.append(
+            f"Class balance ({split}): largest {big} {counts[big]}, smallest {small} {counts[small]}, "
+            f"ratio {report.imbalance:.1f}x"
+        )
+    if report.bad:
+        reasons = Counter(v.reason for _, v in report.bad)
+        lines.append(f"Unreadable files ({', '.join(f'{n} {r}' for r, n in reasons.most_common())}):")
+        lines += [f"  {rel(p)}\t{v.reason}\t{v.detail}" for p, v in report.bad]
+    for title, groups in (("Duplicates across splits (test leakage)", report.cross_duplicates),
+                          ("Duplicates within a split", report.within_duplicates)):
+        if groups:
+            lines.append(f"{title}: {len(groups)} group(s)")
+            lines += ["  " + " == ".join(rel(p) for _, p in group) for group in groups]
+    problems = report.problems
+    lines.append("Found: " + "; ".join(problems) if problems else "No problems found.")
+    return "\n".join(lines)

@@ -1,29 +1,79 @@
-"""Predicting classes for image files and folders with saved weights.
+"""Using trained weights: loading them into a model, and predicting classes for image files and folders.
 
-Preprocessing is the one the weights were trained with (the sidecar's config: a
-model trained at 160 px is served at 160 px). An image that cannot be decoded
-gets a row with an ``error`` instead of stopping the run.
+Nothing here imports training, optimisers, distributed code or the feature cache. Preprocessing is
+the one the weights were trained with (the sidecar's config: a model trained at 160 px is served at
+160 px). An image that cannot be decoded gets a row with an ``error`` instead of stopping the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from .datasets import _images_in
+from .artifacts import read_weights, sidecar_path
+from .config import Config, load_config
+from .data.folders import IMG_EXTENSIONS, images_in
+from .data.images import DECODE_ERRORS, decode_failure, open_rgb
+from .data.loaders import make_loader
+from .data.transforms import eval_transform
 from .device import (autocast_dtype, autocast_factory, out_of_memory_hint, prepare_backend, resolve_device,
                      resolve_workers)
-from .errors import ConfigError, DataError
-from .evaluate import load_trained_model
-from .images import DECODE_ERRORS, IMG_EXTENSIONS, decode_failure, open_rgb
-from .loaders import make_loader
-from .transforms import eval_transform
+from .errors import ConfigError, DataError, WeightsError
+from .logs import progress
+from .metrics import output_names
+from .model import describe_state_dict, freeze, model_from_weights
 
+@dataclass
+class TrainedModel:
+    """Saved weights with what is needed to use them: architecture, head, class names, config."""
+
+    model: torch.nn.Module
+    cfg: Config
+    class_names: list[str] | None  # None: a bare state_dict; names come from the data
+    num_classes: int
+    sidecar: dict | None
+    path: Path
+
+    @property
+    def names(self) -> list[str]:
+        """A name per output: the class names (class_0, class_1, ... for a bare state_dict), then unused_K."""
+        return output_names(self.class_names or [f"class_{i}" for i in range(self.num_classes)], self.num_classes)
+
+
+def load_model(weights: Path, config: Path | None = None, overrides: list[str] = ()) -> TrainedModel:
+    """Weights plus their sidecar (if any), the sidecar's config under ``--config``/``--set``."""
+    saved = read_weights(weights)
+    state_dict, sidecar, weights = saved.state_dict, saved.sidecar, saved.path
+    try:
+        arch, head, num_classes = describe_state_dict(state_dict)
+    except WeightsError as err:
+        raise WeightsError(f"--weights: '{weights}' is not VGG weights vggft can use: {err}") from None
+    except (KeyError, IndexError):
+        raise WeightsError(f"--weights: '{weights}' is not a VGG state_dict") from None
+    if sidecar and sidecar.get("num_classes", num_classes) != num_classes:
+        raise WeightsError(
+            f"{sidecar_path(weights)}: describes a {sidecar['num_classes']}-class model but '{weights}' "
+            f"has a {num_classes}-class head (the files come from different runs, or a save was cut short); "
+            "train again, or delete the sidecar to evaluate the weights alone"
+        )
+    base = sidecar["config"] if sidecar else {"model": {"arch": arch, "head": head}}
+    cfg = load_config(config, overrides, base=base)
+    # What the file holds wins over what a config says about it.
+    cfg.model = dataclasses.replace(cfg.model, arch=arch, head=head, num_classes=num_classes, unfreeze=0)
+    cfg.data = dataclasses.replace(cfg.data, augment="none")
+    try:
+        model = model_from_weights(state_dict, arch, head, num_classes)
+    except RuntimeError as err:
+        raise WeightsError(f"--weights: '{weights}' does not load into {arch} ({str(err).splitlines()[0]})") from None
+    freeze(model, cfg.model)  # the same frozen prefix as in training, so cached features are shared
+    class_names = list(sidecar["class_names"]) if sidecar else None
+    return TrainedModel(model, cfg, class_names, num_classes, sidecar, Path(weights))
 
 
 def collect_images(inputs: Sequence[Path]) -> list[str]:
@@ -34,7 +84,7 @@ def collect_images(inputs: Sequence[Path]) -> list[str]:
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            paths = _images_in(item)
+            paths = images_in(item)
         elif item.is_file():
             paths = [str(item)]
         else:
@@ -72,8 +122,6 @@ def predict(
     overrides: Sequence[str] = (),
     topk: int = 5,
     batch_size: int = 32,
-    *,
-    progress: bool = False,
 ) -> list[dict]:
     """One row per image, sorted by path: {"path", "top": [{"class", "probability"}, ...]},
     or {"path", "top": [], "error"} for a file that cannot be decoded."""
@@ -82,7 +130,7 @@ def predict(
     if batch_size < 1:
         raise ConfigError(f"batch size: expected 1 or more, got {batch_size}")
     paths = collect_images(inputs)
-    trained = load_trained_model(weights, config, list(overrides))
+    trained = load_model(weights, config, list(overrides))
     cfg = trained.cfg
     names = trained.names
     k = min(topk, trained.num_classes)
@@ -98,7 +146,7 @@ def predict(
 
     rows: list[dict] = []
     with torch.inference_mode(), out_of_memory_hint(device, {"--batch-size": batch_size}):
-        for images, errors in tqdm(loader, desc="Predicting", unit="batch", disable=not progress, leave=False):
+        for images, errors in progress(loader, desc="Predicting", unit="batch"):
             with autocast():
                 logits = model(images.to(device, non_blocking=True))
             probs, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)

@@ -1,0 +1,22 @@
+"""The data: folders and splits, image decoding and verdicts, transforms, loaders.
+
+``prepare_data`` goes from ``data.*`` settings to checked splits: discovery, then one decode of
+every image (its verdict cached), the unreadable ones left out or an error per ``data.bad_images``.
+"""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..files import cache_root
+from .folders import SPLITS, DataSplits, Sample, find_splits, split_record
+from .images import BadImages, drop_bad_images
+
+__all__ = ["SPLITS", "BadImages", "DataSplits", "Sample", "find_splits", "prepare_data", "split_record"]
+
+
+def prepare_data(cfg: Config, record: dict | None = None, source: str = "") -> tuple[DataSplits, BadImages]:
+    """The usable splits (a pool's from ``record`` when given): bad images skipped (and reported once) or an
+    error, per ``data.bad_images``."""
+    splits = find_splits(cfg.data, record, source)
+    cache_dir = cache_root(cfg.cache.dir) if cfg.cache.enabled else None
+    return drop_bad_images(splits, cfg.data, cache_dir)

@@ -1,0 +1,233 @@
+"""Reading image files: a 3-channel RGB picture the right way up, or a reason why not; verdicts cached.
+
+Real folders hold zero-byte files, truncated downloads, text files named .jpg,
+CMYK and 16-bit files and PNGs with transparency. ``inspect_image`` decodes a
+file fully once and returns a verdict; ``open_rgb`` turns any readable file into
+upright RGB (alpha composited on white, EXIF orientation applied). A verdict is cached per
+file, keyed by its path, size and modification time, so a second run decodes only what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..config import DataConfig
+from ..errors import DataError
+from ..files import save_json, save_text
+from ..logs import log, progress
+from .folders import SPLITS, DataSplits
+
+WHITE = (255, 255, 255)
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Decode ``path`` into an upright 3-channel RGB image."""
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not lose an otherwise good picture
+        pass
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode != "F" and pixels.max(initial=0) > 255 else 255.0
+        if image.mode == "F":
+            top = max(float(pixels.max(initial=0)), 1.0)
+        gray = np.clip(pixels / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one full decode of a file found."""
+
+    ok: bool
+    reason: str = ""  # empty, truncated, not an image, unsupported
+    detail: str = ""
+    width: int = 0
+    height: int = 0
+    sha1: str = ""
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("ok", "reason", "detail", "width", "height", "sha1")}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Verdict:
+        return cls(**data)
+
+
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def decode_failure(err: BaseException) -> tuple[str, str]:
+    """(reason, detail) for an exception from decoding an image: not an image, truncated or unsupported."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image", "no image format recognised"
+    text = str(err)
+    if isinstance(err, EOFError) or ("truncated" in text.lower() and not isinstance(err, Image.DecompressionBombError)):
+        return "truncated", text
+    return "unsupported", text
+
+
+def inspect_image(path: str | Path) -> Verdict:
+    """Decode ``path`` completely and say whether it can be trained on."""
+    path = Path(path)
+    try:
+        content = path.read_bytes()
+    except OSError as err:
+        return Verdict(False, "unreadable", err.strerror or str(err))
+    if not content:
+        return Verdict(False, "empty", "0 bytes")
+    sha1 = hashlib.sha1(content).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's own warnings (EXIF, palette) are not verdicts
+            with Image.open(path) as image:
+                image.load()
+                rgb = to_rgb(image)
+    except DECODE_ERRORS as err:
+        return Verdict(False, *decode_failure(err), sha1=sha1)
+    if rgb.width < 1 or rgb.height < 1:
+        return Verdict(False, "unsupported", "zero-sized image", sha1=sha1)
+    return Verdict(True, width=rgb.width, height=rgb.height, sha1=sha1)
+
+
+
+def _stat_key(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]  # ctime: a rewrite that restored mtime
+
+
+class VerdictCache:
+    """A JSON file of {absolute path: [size, mtime_ns, ctime_ns, inode, verdict]} for one data root."""
+
+    def __init__(self, cache_dir: Path | None, root: Path):
+        self.path = None
+        self.entries: dict[str, list] = {}
+        if cache_dir is None:
+            return
+        digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+        self.path = cache_dir / "images" / f"{root.resolve().name}-{digest}.json"
+        try:
+            loaded = json.loads(self.path.read_text(encoding="utf-8"))
+            if isinstance(loaded, dict):
+                self.entries = loaded
+        except (OSError, ValueError):
+            self.entries = {}  # missing or corrupt: rebuilt from scratch, never trusted
+
+    def get(self, path: str, key: list[int] | None) -> Verdict | None:
+        entry = self.entries.get(os.path.abspath(path))
+        if key is None or not isinstance(entry, list) or len(entry) != len(key) + 1 or entry[:-1] != key:
+            return None
+        try:
+            return Verdict.from_dict(entry[-1])
+        except TypeError:
+            return None
+
+    def put(self, path: str, key: list[int] | None, verdict: Verdict) -> None:
+        if key is not None:
+            self.entries[os.path.abspath(path)] = [*key, verdict.to_dict()]
+
+    def save(self) -> None:
+        if self.path is not None:
+            try:
+                save_json(self.entries, self.path)
+            except Exception:  # the cache is an optimisation: failing to write it must not fail a run
+                pass
+
+    @property
+    def bad_list_path(self) -> Path | None:
+        return None if self.path is None else self.path.with_suffix(".bad.txt")
+
+
+def inspect_all(paths: list[str], cache: VerdictCache, *, fresh: bool = False) -> dict[str, Verdict]:
+    """A verdict for every path, decoding only those the cache does not know (all of them if ``fresh``)."""
+    verdicts: dict[str, Verdict] = {}
+    todo: list[tuple[str, list[int] | None]] = []
+    for path in paths:
+        key = _stat_key(path)
+        cached = None if fresh else cache.get(path, key)
+        if cached is not None:
+            verdicts[path] = cached
+        else:
+            todo.append((path, key))
+    if todo:
+        workers = min(len(todo), os.cpu_count() or 1, 8)
+        with ThreadPoolExecutor(workers) as pool:  # Pillow releases the GIL while decoding
+            results = pool.map(lambda item: inspect_image(item[0]), todo)
+            bar = progress(results, total=len(todo), desc="Checking images", unit="img")
+            for (path, key), verdict in zip(todo, bar):
+                verdicts[path] = verdict
+                cache.put(path, key, verdict)
+        cache.save()
+    return verdicts
+
+
+@dataclass
+class BadImages:
+    files: list[tuple[str, Verdict]] = field(default_factory=list)
+    list_path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def lines(self) -> list[str]:
+        return [f"{path}\t{v.reason}\t{v.detail}" for path, v in self.files]
+
+
+def drop_bad_images(
+    splits: DataSplits, data: DataConfig, cache_dir: Path | None
+) -> tuple[DataSplits, BadImages]:
+    """Decode every image once (cached); leave the unreadable out, or stop, per ``data.bad_images``."""
+    cache = VerdictCache(cache_dir, splits.root)
+    paths = [path for _, (path, _) in splits.all_samples()]
+    verdicts = inspect_all(paths, cache)
+    bad = BadImages([(path, verdicts[path]) for path in paths if not verdicts[path].ok])
+    if not bad:
+        return splits, bad
+    bad.list_path = cache.bad_list_path
+    if bad.list_path is not None:
+        save_text("\n".join(bad.lines()) + "\n", bad.list_path)
+    first_path, first = bad.files[0]
+    where = f"; full list: {bad.list_path}" if bad.list_path else ""
+    if data.bad_images == "error":
+        raise DataError(
+            f"{len(bad)} unreadable image(s) under {splits.root} (first: {first_path}: {first.reason})"
+            f"{where}; fix or remove them (vggft check-data --quarantine DIR moves them), "
+            "or set data.bad_images: skip"
+        )
+    log.warning(f"Skipping {len(bad)} unreadable image(s) (first: {first_path}: {first.reason}){where}")
+    good = {split: [s for s in splits[split] if verdicts[s[0]].ok] for split in SPLITS if split in splits.splits}
+    kept = DataSplits(splits.root, splits.layout, splits.class_names, good)
+    for split, samples in kept.splits.items():
+        present = {label for _, label in samples}
+        before = {label for _, label in splits[split]}
+        for label in sorted(before - present):
+            raise DataError(
+                f"{splits.root}: every image of class '{splits.class_names[label]}' in the {split} split "
+                f"is unreadable{where}; replace them or remove the class"
+            )
+    return kept, bad

@@ -1,0 +1,97 @@
+"""Notes and progress, both on stderr: stdout is kept for a command's result.
+
+Library code logs through ``logging.getLogger("vggft")`` and wraps long loops in ``progress``;
+nothing here prints unless the caller (the CLI, or a notebook) asks for it with ``configure``.
+In a terminal, progress is a tqdm bar; written to a file (nohup, CI, a cluster's job log) it is a
+plain line at most every ``PLAIN_INTERVAL`` seconds, never hundreds of carriage-return frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+log = logging.getLogger("vggft")
+
+PLAIN_INTERVAL = 30.0  # seconds between plain progress lines when stderr is not a terminal
+T = TypeVar("T")
+
+_settings = {"progress": False}
+
+
+def configure(*, verbose: bool = True, progress: bool = True) -> None:
+    """Send vggft's notes to stderr as bare lines, and turn progress on or off (the CLI calls this)."""
+    log.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
+    _settings["progress"] = progress
+
+
+def silence() -> None:
+    """Nothing but errors from this process (another rank of a distributed job speaks for it)."""
+    log.setLevel(logging.ERROR)
+    _settings["progress"] = False
+
+
+def progress_enabled() -> bool:
+    return _settings["progress"]
+
+
+def set_progress(enabled: bool) -> None:
+    _settings["progress"] = enabled
+
+
+def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """``iterable`` with a progress display that suits where stderr goes (or none)."""
+    if not _settings["progress"]:
+        yield from iterable
+        return
+    if total is None:
+        try:
+            total = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr)
+        return
+    last = time.monotonic()
+    for done, item in enumerate(iterable, start=1):
+        yield item
+        now = time.monotonic()
+        if now - last >= PLAIN_INTERVAL:
+            last = now
+            of = f"/{total}" if total else ""
+            log.info("%s: %d%s %s", desc, done, of, unit)
+
+
+class Counter:
+    """A progress count for work that arrives in chunks (images in batches): ``update(n)`` after each."""
+
+    def __init__(self, *, desc: str, total: int, unit: str = "img"):
+        self.desc, self.total, self.unit, self.done = desc, total, unit, 0
+        self._bar = None
+        self._last = time.monotonic()
+        if _settings["progress"] and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if self._bar is not None:
+            self._bar.update(count)
+        elif _settings["progress"] and time.monotonic() - self._last >= PLAIN_INTERVAL:
+            self._last = time.monotonic()
+            log.info("%s: %d/%d %s", self.desc, self.done, self.total, self.unit)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
