@@ -47,6 +47,7 @@ def make_folder(root: Path, counts: dict[str, dict[str, int]], seed: int = 0) ->
     return root
 
 
+REPO = Path(__file__).resolve().parent.parent
 HUB_FILE = "vgg16-397923af.pth"  # torchvision's file name of vgg16 IMAGENET1K_V1
 
 
@@ -120,7 +121,14 @@ def tiny_subprocess_env() -> dict[str, str]:
 
     stand_in = str(Path(__file__).resolve().parent / "stand_in")
     return {**os.environ, "VGGFT_TEST_TINY": "1", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join([stand_in, *sys.path])}
+            "PYTHONPATH": os.pathsep.join([stand_in, *source_path()])}
+
+
+def source_path() -> list[str]:
+    """sys.path for a child process, this checkout's vggft first (whatever its working folder)."""
+    import sys
+
+    return [str(REPO), *(p for p in sys.path if p)]
 
 
 @pytest.fixture

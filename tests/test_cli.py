@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from conftest import FAST, invoke, make_folder
+from conftest import FAST, invoke, make_folder, source_path
 from tiny import tutorial_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -106,7 +106,7 @@ def test_show_batch_writes_a_titled_png(runner, pet, tmp_path):
 @pytest.mark.real_vgg
 def test_subprocess_python_m_vggft_train_then_eval(pet, tmp_path):
     """The real torchvision VGG-16 (at 32 px) in a process of its own, as a user runs it."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(source_path())}
     args = [sys.executable, "-m", "vggft", "train", "--set", f"data.root={pet}", *FAST,
             "--set", "output.weights=out/m.pt"]
     try:
