@@ -34,7 +34,9 @@ from .distributed import SINGLE, Group
 from .errors import ConfigError, Interrupted
 from .files import cache_root, save_json, save_torch
 from .logs import Counter, log
+from .memo import holds_every_tensor, memoised
 from .model import split_frozen_prefix
+from .rows import Rows
 
 SHARD_ROWS = 1024  # write a shard at least this often, so an interrupted extraction keeps its work
 
@@ -47,9 +49,16 @@ def file_key(path: str) -> str:
     return hashlib.sha1(identity.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def module_fingerprint(module: nn.Module) -> str:
-    """A content hash of a module's layers and weights: identical prefixes share a cache."""
-    return hashlib.sha1(f"{module!r}|{fingerprint(module.state_dict())}".encode()).hexdigest()
+def module_fingerprint(module: nn.Module, *, loaded_from: Path | None = None, memo: Path | None = None) -> str:
+    """A content hash of a module's layers and weights: identical prefixes share a cache. Memoised in
+    ``memo`` when every weight was loaded unchanged from the file ``loaded_from`` (see ``vggft.memo``)."""
+    def content() -> str:
+        return hashlib.sha1(f"{module!r}|{fingerprint(module.state_dict())}".encode()).hexdigest()
+
+    if loaded_from is None or memo is None:
+        return content()
+    layout = [(k, tuple(v.shape), str(v.dtype)) for k, v in module.state_dict().items()]
+    return memoised(f"{file_key(str(loaded_from))}|{module!r}|{layout}|{torch.__version__}", memo, content)
 
 
 class FeatureCache:
@@ -88,6 +97,8 @@ class FeatureCache:
 
     def add(self, keys: list[str], features: torch.Tensor) -> None:
         features = features.float().contiguous()
+        if features.is_inference():  # made under inference mode: a normal tensor, that autograd may save
+            features = features.clone()
         self.rows.update(zip(keys, features))
         if self.folder is not None:
             shard = self.folder / f"{time.time_ns()}-{os.getpid()}.pt"
@@ -118,8 +129,9 @@ def extract_features(
     autocast: Callable,
     desc: str = "Extracting features",
     group: Group = SINGLE,
-) -> torch.Tensor:
-    """The prefix output for every sample, in order; only files the cache lacks go through the network.
+) -> Rows:
+    """The prefix output for every sample, in order (views of the cache's rows, gathered per batch: see
+    ``vggft.rows``); only files the cache lacks go through the network.
 
     Under torchrun each rank extracts its own shard of the missing files into the shared cache folder,
     then every rank reads all of them: N processes extract N times faster and no file twice.
@@ -145,10 +157,7 @@ def extract_features(
         seconds = time.perf_counter() - started
         ranks = f" on {group.world} processes" if group.active else ""
         log.info(f"{desc}: {total_missing} images in {seconds:.1f}s ({total_missing / seconds:.2f} img/s){ranks}")
-    if not keys:
-        return torch.empty(0)
-    # Stacked outside inference mode: a normal tensor that autograd may save for backward.
-    return torch.stack([cache.rows[key] for key in keys])
+    return Rows([cache.rows[key] for key in keys])
 
 
 def _extract_missing(prefix, missing, transform, cache: FeatureCache, *, device, batch_size, num_workers,
@@ -203,7 +212,7 @@ class FeatureSource:
     the suffix), or decoded images (``module`` is the whole network)."""
 
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device, precision: torch.dtype | None,
-                 group: Group = SINGLE):
+                 group: Group = SINGLE, *, weights_file: Path | None = None):
         self.cfg, self.device, self.precision, self.group = cfg, device, precision, group
         self.prefix, self.suffix, self.cut = split_frozen_prefix(model)
         self.workers = resolve_workers(cfg.data, device)
@@ -213,7 +222,7 @@ class FeatureSource:
             namespace = {
                 "arch": cfg.model.arch,
                 "cut": self.cut,
-                "prefix": module_fingerprint(self.prefix),
+                "prefix": self._prefix_fingerprint(model, weights_file),
                 "transform": transform_signature(cfg.data),
                 "precision": str(precision or "fp32"),
                 "torch": torch.__version__.split("+")[0],
@@ -224,6 +233,13 @@ class FeatureSource:
             self.module = nn.Sequential(self.prefix, self.suffix)
         self.prefix.to(device, memory_format=torch.channels_last)
         self.suffix.to(device)
+
+    def _prefix_fingerprint(self, model: nn.Module, weights_file: Path | None) -> str:
+        """``weights_file``: the file ``model`` was just built from, if it was; its prefix's hash is then
+        memoised when the file holds every prefix weight."""
+        if weights_file is not None and not holds_every_tensor(weights_file, model, self.prefix):
+            weights_file = None
+        return module_fingerprint(self.prefix, loaded_from=weights_file, memo=cache_root(self.cfg.cache.dir))
 
     @property
     def cached(self) -> bool:
@@ -246,7 +262,7 @@ class FeatureSource:
         missing = {file_key(path) for path, _ in samples} - self.cache.rows.keys()
         return self.cache.folder, len(missing) * width * 4
 
-    def rows(self, samples: Sequence[tuple[str, int]], desc: str = "") -> torch.Tensor:
+    def rows(self, samples: Sequence[tuple[str, int]], desc: str = "") -> Rows:
         """The prefix output of every sample: cached rows, extracting what the cache lacks (the slow part)."""
         return extract_features(
             self.prefix, samples, eval_transform(self.cfg.data), self.cache, device=self.device,
