@@ -472,7 +472,8 @@ def label_issues(
                + f"; out-of-fold acc@1 {100 * found.run.mean:.2f}%")
     _wrote(found.out, found.files)
     if found.moved:
-        typer.echo(f"Moved {len(found.moved)} file(s) to {move} for review")
+        typer.echo(f"Moved {len(found.moved)} file(s) to {move} for review (paths kept relative to "
+                   f"{found.run.data.splits.root}; nothing deleted)")
 
 
 @app.command("make-demo")

@@ -23,7 +23,6 @@ from .data.transforms import eval_transform, normalization
 from .errors import OutputError
 from .folds import FoldRun, run_folds, write_oof
 from .cached import run_folder, write_csv
-from .logs import log
 
 TOLERANCE = 1e-6  # cleanlab's slack on the threshold comparison, and on the given label's argmax
 
@@ -97,8 +96,6 @@ def label_issues(cfg: Config, *, folds: int = 5, seed: int = 0, out: Path | None
     if move is not None and suspects:
         report = DataReport(run.data.splits, {}, bad=[(run.samples[s.index][0], None) for s in suspects])
         moved = quarantine(report, Path(move))
-        log.info(f"Moved {len(moved)} suspect(s) to {move} for review (paths kept relative to "
-                 f"{run.data.splits.root}; nothing deleted)")
     return LabelIssues(run, suspects, Path(out), files, moved)
 
 
