@@ -146,6 +146,9 @@ class OutputConfig:
     """Each train writes runs_dir/<name>/: config, metrics.csv, last.pt, best.pt, plots."""
     name: str | None = None
     """Run folder name; null: train, train2, train3, ..."""
+    tensorboard: bool = False
+    """Also write the epoch scalars of metrics.csv, the curves and the test confusion matrix as TensorBoard
+    events under the run folder's tensorboard/ (needs the tensorboard package: pip install 'vggft[tensorboard]')."""
 
 
 @dataclass
