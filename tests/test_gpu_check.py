@@ -12,7 +12,7 @@ from conftest import REPO, tiny_subprocess_env
 
 SCRIPT = REPO / "scripts" / "gpu_check.py"
 CUDA_ONLY = {"train --nproc 2 (nccl)", "nccl in a one-process torchrun job", "out of memory: one line, exit 7"}
-CHECKS = {"train, cached features (2 workers)", "train, uncached (augment light): 2 workers",
+CHECKS = {"train, cached features, data.decode pil (2 workers)", "train, uncached (augment light): 2 workers",
           "train, cached, data.decode gpu", "model.unfreeze 1, amp bf16", "model.unfreeze 1, amp fp16 + GradScaler",
           "resume from last.pt", "eval", "predict", "export torchscript", "export onnx",
           "decode: per-file Pillow fallback on dirty files", "decode: gpu vs pil, prefix outputs", *CUDA_ONLY}
@@ -55,7 +55,7 @@ def test_a_failing_row_is_a_row_and_the_exit_status(tmp_path, capsys, monkeypatc
                            "--weights", str(tmp_path / "missing.pth")])
     assert code == 1
     rows = {row["name"]: row for row in json.loads(out.read_text())["checks"]}
-    failed = rows["train, cached features (2 workers)"]
+    failed = rows["train, cached features, data.decode pil (2 workers)"]
     assert failed["status"] == "failed" and failed["detail"].startswith("WeightsError: model.weights:")
     assert "Traceback" in failed["traceback"]
     assert rows["eval"]["detail"] == "skipped: needs the cached run's weights, which did not pass"
