@@ -65,6 +65,13 @@ class DataConfig:
     eval_batch_size: int = _check(_positive, default=32)
     """Batch size of feature extraction and evaluation: no gradients, so it can be larger."""
     num_workers: int | Literal["auto"] = "auto"
+    decode: Literal["auto", "pil", "gpu"] = "auto"
+    """How feature extraction decodes images. pil: Pillow in the DataLoader workers. gpu: the workers read
+    file bytes; batches of JPEGs are decoded by torchvision.io.decode_jpeg on the device and resized,
+    cropped and normalised there as tensors (without CUDA the same tensor path runs on the CPU); a file it
+    cannot take (PNG, CMYK, progressive, EXIF-rotated, rejected) goes through Pillow, counted in a note.
+    auto: gpu on CUDA, pil elsewhere. Part of the feature-cache key (tensor resizing differs slightly
+    from Pillow's); training on decoded images (cache off) always uses Pillow."""
     split: list[float] = _check(_split, default_factory=lambda: [0.8, 0.1, 0.1])
     """How a single pool of class folders is split into train/val/test (stratified)."""
     split_seed: int = 0
@@ -139,6 +146,9 @@ class OutputConfig:
     """Each train writes runs_dir/<name>/: config, metrics.csv, last.pt, best.pt, plots."""
     name: str | None = None
     """Run folder name; null: train, train2, train3, ..."""
+    tensorboard: bool = False
+    """Also write the epoch scalars of metrics.csv, the curves and the test confusion matrix as TensorBoard
+    events under the run folder's tensorboard/ (needs the tensorboard package: pip install 'vggft[tensorboard]')."""
 
 
 @dataclass

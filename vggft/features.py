@@ -27,7 +27,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 from .artifacts import fingerprint
 from .config import Config
-from .data.loaders import ImageList, image_loader
+from .data.decode import TensorDecoder, device_batches, resolve_decode
+from .data.loaders import ImageList
 from .data.transforms import eval_transform, train_transform, transform_signature
 from .device import autocast_factory, resolve_workers
 from .distributed import SINGLE, Group
@@ -118,11 +119,13 @@ def extract_features(
     autocast: Callable,
     desc: str = "Extracting features",
     group: Group = SINGLE,
+    decoder: TensorDecoder | None = None,
 ) -> torch.Tensor:
     """The prefix output for every sample, in order; only files the cache lacks go through the network.
 
     Under torchrun each rank extracts its own shard of the missing files into the shared cache folder,
-    then every rank reads all of them: N processes extract N times faster and no file twice.
+    then every rank reads all of them: N processes extract N times faster and no file twice. ``decoder``
+    (data.decode: gpu) decodes JPEG batches on the device instead of Pillow and ``transform`` in workers.
     """
     keys = [file_key(path) for path, _ in samples]
     missing = [(sample, key) for sample, key in zip(samples, keys) if key not in cache]
@@ -132,7 +135,7 @@ def extract_features(
     missing = group.shard(missing)
     if missing:
         _extract_missing(prefix, missing, transform, cache, device=device, batch_size=batch_size,
-                         num_workers=num_workers, autocast=autocast, desc=desc)
+                         num_workers=num_workers, autocast=autocast, desc=desc, decoder=decoder)
     if total_missing and group.active:
         group.barrier()  # every rank's shards are on disk
         cache.reload()
@@ -152,17 +155,16 @@ def extract_features(
 
 
 def _extract_missing(prefix, missing, transform, cache: FeatureCache, *, device, batch_size, num_workers,
-                     autocast, desc) -> None:
+                     autocast, desc, decoder=None) -> None:
     """Run the prefix over ``missing`` (sample, key) pairs, adding a shard every SHARD_ROWS rows."""
-    loader = image_loader([sample for sample, _ in missing], transform, batch_size, device=device,
-                          num_workers=num_workers)
+    batches = device_batches([sample for sample, _ in missing], transform, decoder, batch_size=batch_size,
+                             device=device, num_workers=num_workers)
     pending_keys: list[str] = []
     pending: list[torch.Tensor] = []
     done = 0
     counter = Counter(desc=desc, total=len(missing))
     try:
-        for images, _ in loader:
-            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+        for images in batches:
             with torch.inference_mode(), autocast():
                 output = prefix(images)
             pending.append(output.float().cpu())
@@ -208,6 +210,8 @@ class FeatureSource:
         self.prefix, self.suffix, self.cut = split_frozen_prefix(model)
         self.workers = resolve_workers(cfg.data, device)
         self.off_reason = cache_off_reason(cfg, model, self.cut)
+        self.decode = resolve_decode(cfg.data.decode, device)  # for extraction; images for the loop: Pillow
+        self.decoder = TensorDecoder(cfg.data) if self.decode != "pil" else None
         self.cache: FeatureCache | None = None
         if self.off_reason is None:
             namespace = {
@@ -217,6 +221,7 @@ class FeatureSource:
                 "transform": transform_signature(cfg.data),
                 "precision": str(precision or "fp32"),
                 "torch": torch.__version__.split("+")[0],
+                "decode": self.decode,
             }
             self.cache = FeatureCache(cache_root(cfg.cache.dir), namespace)
             self.module = self.suffix
@@ -235,7 +240,8 @@ class FeatureSource:
 
     def describe(self) -> str:
         if self.cache is None:
-            return f"Feature cache off: {self.off_reason}"
+            unused = "; data.decode: gpu serves extraction only, so Pillow decodes" if self.decoder else ""
+            return f"Feature cache off: {self.off_reason}{unused}"
         return f"Feature cache: frozen prefix up to {self.cut}, cached under {self.cache.folder or 'memory'}"
 
     def bytes_to_write(self, samples: Sequence[tuple[str, int]]) -> tuple[Path, int] | None:
@@ -252,7 +258,7 @@ class FeatureSource:
             self.prefix, samples, eval_transform(self.cfg.data), self.cache, device=self.device,
             batch_size=self.cfg.data.eval_batch_size, num_workers=self.workers,
             autocast=autocast_factory(self.device, self.precision),
-            desc=f"Extracting {desc} features".replace("  ", " "), group=self.group,
+            desc=f"Extracting {desc} features".replace("  ", " "), group=self.group, decoder=self.decoder,
         )
 
     def dataset(self, samples: Sequence[tuple[str, int]], *, train: bool = False, desc: str = "") -> Dataset:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Subset, WeightedRandomSampler
 
-from . import artifacts, rng
+from . import artifacts, rng, tensorboard_log
 from .config import Config, load_config, resume_overrides_refused
 from .data import DataSplits, prepare_data, split_record
 from .data.loaders import make_loader
@@ -62,6 +62,7 @@ class Run:
     test_loader: object
     fingerprint: str
     start: int = 1
+    board: object = None  # a TensorBoardLog (output.tensorboard, rank 0)
 
     @property
     def split(self) -> dict | None:
@@ -92,6 +93,8 @@ def resume_config(checkpoint_path: Path, overrides: list[str] = ()) -> Config:
 def fit(cfg: Config, *, resume: Path | None = None) -> TrainResult:
     """Train as configured (or go on from a run's last.pt), evaluate on test, save weights and sidecar."""
     device = resolve_device(cfg.train.device)
+    if cfg.output.tensorboard:
+        tensorboard_log.require()  # before any work
     with process_group(device) as (group, device):
         if group.active:
             _check_distributed(cfg)
@@ -151,6 +154,7 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group)
         run.run_dir.mkdir(parents=True)
     if group.is_main:
         save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run.run_dir / "config.yaml")
+        run.board = tensorboard_log.TensorBoardLog(run.run_dir) if cfg.output.tensorboard else None
     return run
 
 
@@ -283,6 +287,8 @@ def _train(run: Run) -> Metrics | None:
                     artifacts.save_checkpoint(run.run_dir / "best.pt", _best_body(run))
                 artifacts.save_checkpoint(run.run_dir / "last.pt", _last_body(run))
                 _write_metrics(run.state.history, run.run_dir / "metrics.csv")
+                if run.board:
+                    run.board.add_epoch(end.row)
             if end.stop:
                 log.info(end.stop)
     except KeyboardInterrupt:
@@ -349,6 +355,8 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
     names = run.splits.class_names
     if not run.loop.group.is_main:
         return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
+    if run.board:
+        run.board.close(run.state.history, test, run.state.best["epoch"])
     replaced = weights.exists()
     artifacts.save_trained(
         run.model, weights, run.cfg, names, split=run.split,
