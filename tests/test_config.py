@@ -27,10 +27,18 @@ def test_defaults_are_the_pytorch_recipe():
     assert cfg.output.weights == "models/VGG16.pt"
 
 
-@pytest.mark.parametrize("name", ["pet.yaml", "keras_gap.yaml", "demo.yaml"])
-def test_shipped_configs_load(name):
+@pytest.mark.parametrize(("name", "expected"), [
+    ("pet.yaml", {"data.image_size": 224, "data.resize": 256, "train.lr": 1e-4, "data.batch_size": 4,
+                  "train.epochs": 5, "model.head": "classifier6", "data.normalize": "imagenet"}),
+    ("keras_gap.yaml", {"data.image_size": 160, "data.resize": None, "data.normalize": "symmetric",
+                        "model.head": "gap", "data.split": [0.8, 0.1, 0.1]}),
+    ("demo.yaml", {"model.weights": None, "data.root": "data/demo"}),
+])
+def test_shipped_configs_load_as_their_recipes(name, expected):
     cfg = load_config(CONFIGS / name)
-    assert isinstance(cfg, Config)
+    for key, value in expected.items():
+        section, field = key.split(".")
+        assert getattr(getattr(cfg, section), field) == value, key
 
 
 def test_configs_folder_holds_the_shipped_presets():

@@ -100,7 +100,7 @@ def _handle_errors(command):
 
 
 def _rank() -> int:
-    from .distributed import environment_rank
+    from .env import environment_rank
 
     return environment_rank()
 

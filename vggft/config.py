@@ -456,6 +456,11 @@ def _try_convert(value: Any, hint: Any) -> Any:
             return _NO
         items = [_try_convert(v, item) for v in value]
         return _NO if any(i is _NO for i in items) else items
+    return _convert_scalar(value, hint)
+
+
+def _convert_scalar(value: Any, hint: Any) -> Any:
+    """bool, int, float or str from what YAML (or --set) made of the text."""
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .env import environment_rank, environment_world
 from .errors import ConfigError, DeviceError
 from .metrics import Metrics
 
@@ -69,16 +70,6 @@ def main_first(group: Group) -> Iterator[None]:
     yield
     if group.active and group.is_main:
         group.barrier()
-
-
-def environment_rank() -> int:
-    """RANK as torchrun sets it (0 when not under torchrun): only rank 0 speaks to the user."""
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-def environment_world() -> int:
-    """WORLD_SIZE as torchrun sets it (1 when not under torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def _backend() -> str:
