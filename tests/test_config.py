@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import invoke
+from vggft import presets
 from vggft.config import Config, all_keys, load_config
 from vggft.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_defaults_are_the_pytorch_recipe():
@@ -36,6 +39,20 @@ def test_shipped_configs_load_as_their_recipes(name, expected):
     for key, value in expected.items():
         section, field = key.split(".")
         assert getattr(getattr(cfg, section), field) == value, key
+
+
+def test_configs_folder_holds_the_shipped_presets():
+    """configs/*.yaml are the editable copies of the presets inside the package: the same files."""
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == [f"{n}.yaml" for n in presets.names()]
+    for path in CONFIGS.glob("*.yaml"):
+        assert path.read_bytes() == presets.find(path.stem).read_bytes(), path.name
+
+
+def test_readme_key_table_lists_every_config_key():
+    table = README.read_text(encoding="utf-8").split("| key | default | meaning |\n")[1].split("\n\n")[0]
+    rows = table.splitlines()[1:]  # under the |---| line
+    listed = [key for row in rows for key in re.findall(r"`([a-z_.]+)`", row.split("|")[1])]
+    assert sorted(listed) == sorted(all_keys())
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,12 +23,52 @@ app = typer.Typer(
 
 _state = {"debug": False}
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/).")]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.epochs=1."),
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", metavar="FILE|PRESET",
+    help="YAML config file, or a shipped preset: pet, keras_gap, demo (vggft configs lists them).")]
+
+
+def _set_option(example: str):
+    """--set, with an example that fits the command."""
+    return Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", metavar="KEY=VALUE",
+        help=f"Override a config key (repeatable), e.g. --set {example}; every key: vggft configs --defaults.")]
+
+
+SetOpt = _set_option("train.epochs=1")
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or progress lines.")]
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    pt2 = "pt2"
+    torchscript = "torchscript"
+
+
+def _no_flag_metavar() -> None:
+    """typer 0.2x shows '<bool>' beside on/off flags in --help, as if they took a value: show nothing there."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - typer without its own core
+        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "vggft", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.vggft = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_no_flag_metavar()
 
 
 def _handle_errors(command):
@@ -81,6 +123,34 @@ def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def _require(ok: bool, option: str, expected: str, got) -> None:
+    """A senseless option value is one line and exit 2, like a config mistake."""
+    if not ok:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{option}: expected {expected}, got {got}")
+
+
+def _check_pretrained(cfg) -> None:
+    """A model.weights that is neither null, a file nor a torchvision weights name of model.arch is a config
+    mistake: said before any work (torchvision's list of names is read; nothing is loaded)."""
+    name = cfg.model.weights
+    if name is None:
+        return
+    path = Path(name).expanduser()
+    if path.suffix in (".pth", ".pt", ".bin") or os.sep in name or path.exists():
+        return  # a file: read (and judged) when the model is built
+    from .artifacts import torchvision_weights
+    from .errors import ConfigError, WeightsError
+
+    try:
+        torchvision_weights(cfg.model.arch, name)
+    except WeightsError as err:
+        fix = ("for random init write null, not None" if name.lower() == "none"
+               else "use one of those names, a local .pth state_dict, or null for random init")
+        raise ConfigError(f"{err}; {fix}") from None
+
+
 def _print_version(value: bool) -> None:
     if value:
         from . import __version__
@@ -109,6 +179,7 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune: frozen backbone, new head; evaluate on test; save weights, sidecar and a run folder."""
+    _require(nproc >= 1, "--nproc", "1 or more processes", nproc)
     overrides = [*(set_ or []), *([f"output.name={name}"] if name else [])]
     if resume:
         if config is not None:
@@ -124,6 +195,7 @@ def train(
         cfg = resume_config(resume, set_ or [])
     else:
         cfg = _config(config, overrides)
+    _check_pretrained(cfg)
     _output(quiet)
     if nproc != 1:
         from .launch import launch_train
@@ -148,19 +220,21 @@ def eval_(
         "models/VGG16.pt"
     ),
     config: ConfigOpt = None,
-    set_: SetOpt = None,
-    split: Annotated[str, typer.Option(help="Which split to score: test or val.")] = "test",
-    topk: Annotated[int, typer.Option(help="Also report acc@k for this k.")] = 5,
-    misclassified: Annotated[int, typer.Option(help="Save a grid of the N most confident mistakes.")] = 0,
+    set_: _set_option("data.root=other/images") = None,
+    split: Annotated[Split, typer.Option(help="Which split to score.")] = Split.test,
+    topk: Annotated[int, typer.Option(help="Also report acc@k for this k (1 or more).")] = 5,
+    misclassified: Annotated[int, typer.Option(help="Save a grid of the N most confident mistakes (0: none).")] = 0,
     plots: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: beside the weights).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """acc@1 and acc@k over every image of the test split, per-class precision/recall/F1, confusion matrix."""
+    _require(topk >= 1, "--topk", "1 or more", topk)
+    _require(misclassified >= 0, "--misclassified", "0 (no grid) or more", misclassified)
     _output(quiet)
     from .evaluate import evaluate_weights
 
-    metrics, _, written = evaluate_weights(weights, config, set_ or [], split=split, topk=topk,
+    metrics, _, written = evaluate_weights(weights, config, set_ or [], split=split.value, topk=topk,
                                            misclassified=misclassified, plots_dir=plots)
     if as_json:
         typer.echo(json.dumps({**metrics.to_dict(), "files": [str(p) for p in written]}, indent=2))
@@ -173,9 +247,10 @@ def eval_(
     rows = metrics.per_class()
     width = max(len("class"), *(len(r["class"]) for r in rows))
     typer.echo(f"{'class':<{width}}  {'images':>7}  {'correct':>7}  {'accuracy':>8}  {'precision':>9}  {'f1':>6}")
-    for r in rows:
+    for r in rows:  # precision of a class never predicted is undefined: n/a, not 0 %
+        precision = f"{'n/a':>9}" if r["precision"] is None else f"{100 * r['precision']:>8.2f}%"
         typer.echo(f"{r['class']:<{width}}  {r['support']:>7}  {r['correct']:>7}  {100 * r['accuracy']:>7.2f}%"
-                   f"  {100 * r['precision']:>8.2f}%  {r['f1']:>6.3f}")
+                   f"  {precision}  {r['f1']:>6.3f}")
     typer.echo("Confusion matrix (rows: true class)")
     typer.echo(metrics.confusion_table())
     for path in written:
@@ -186,31 +261,35 @@ def eval_(
 @_handle_errors
 def summary(
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: _set_option("model.head=gap") = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classes of the new head (default: model.num_classes or 2).")] = None,
 ) -> None:
     """The torchinfo table of the model as configured; needs no data and no weights file."""
+    _require(num_classes is None or num_classes >= 1, "--num-classes", "1 or more", num_classes)
+    cfg = _config(config, set_)
     from .preview import summary as model_summary
+    from .preview import summary_text
 
-    typer.echo(str(model_summary(_config(config, set_), num_classes)))
+    typer.echo(summary_text(model_summary(cfg, num_classes)))
 
 
 @app.command("show-batch")
 @_handle_errors
 def show_batch(
     config: ConfigOpt = None,
-    set_: SetOpt = None,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "train",
+    set_: _set_option("data.augment=light") = None,
+    split: Annotated[Split, typer.Option(help="Which split to draw from (train: with its augmentation).")] = Split.train,
     out: Annotated[Optional[Path], typer.Option(help="PNG path (default: beside output.weights).")] = None,
     count: Annotated[Optional[int], typer.Option(help="Images in the grid (default: data.batch_size).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Save a PNG grid of one batch, de-normalised to real colours, titled with class names."""
+    _require(count is None or count >= 1, "--count", "1 or more images", count)
     cfg = _config(config, set_)
     _output(quiet)
     from .preview import show_batch as save_batch
 
-    path = save_batch(cfg, split=split, out=out, count=count)
+    path = save_batch(cfg, split=split.value, out=out, count=count)
     typer.echo(str(path))
 
 
@@ -218,15 +297,18 @@ def show_batch(
 @_handle_errors
 def check_data(
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: _set_option("data.root=path/to/images") = None,
     quarantine: Annotated[Optional[Path], typer.Option(help="Move unreadable files here (paths kept); deletes nothing.")] = None,
-    max_imbalance: Annotated[float, typer.Option(help="Largest/smallest class ratio that counts as a problem.")] = 10.0,
+    max_imbalance: Annotated[float, typer.Option(
+        help="Largest/smallest class ratio that counts as a problem (greater than 1).")] = 10.0,
     quiet: QuietOpt = False,
 ) -> None:
     """Scan every image: unreadable files, sizes, class balance, duplicates across and within splits.
 
     Exits 1 when it finds something that would break or bias training.
     """
+    _require(max_imbalance > 1, "--max-imbalance", "a ratio greater than 1 (largest / smallest class), e.g. 10",
+             max_imbalance)
     cfg = _config(config, set_)
     _output(quiet)
     from .data import check
@@ -251,16 +333,18 @@ def predict(
         "models/VGG16.pt"
     ),
     config: ConfigOpt = None,
-    set_: SetOpt = None,
-    topk: Annotated[int, typer.Option(help="Classes to report per image, most probable first.")] = 5,
-    csv_path: Annotated[
-        Optional[Path], typer.Option("--csv", help="Also write path,rank,class,probability rows here.")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    set_: _set_option("train.device=cpu") = None,
+    topk: Annotated[int, typer.Option(help="Classes to report per image, most probable first (1 or more).")] = 5,
+    csv_path: Annotated[Optional[Path], typer.Option(
+        "--csv", help="Also write path,rank,class,probability,error rows here (error: why a file could not be "
+        "read; its other columns empty).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (1 or more).")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Classify images with saved weights, preprocessed exactly as in training; unreadable files are reported."""
+    _require(topk >= 1, "--topk", "1 or more", topk)
+    _require(batch_size >= 1, "--batch-size", "1 or more images", batch_size)
     _output(quiet)
     from .inference import predict as run_predict
 
@@ -310,32 +394,65 @@ def export(
     weights: Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")] = Path(
         "models/VGG16.pt"
     ),
-    fmt: Annotated[str, typer.Option("--format", "-f", help="torchscript, or onnx (pip install onnx onnxscript "
-                                     "onnxruntime).")] = "torchscript",
+    fmt: Annotated[Optional[ExportFormat], typer.Option(
+        "--format", "-f", help="onnx (needs pip install onnx onnxscript onnxruntime), pt2 (torch.export), or "
+        "torchscript (deprecated upstream); default: onnx when those packages are installed, else pt2.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output file (default: beside the weights, "
-                                                "VGG16.torchscript.pt or VGG16.onnx).")] = None,
+                                                "VGG16.onnx, VGG16.pt2 or VGG16.torchscript.pt).")] = None,
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: _set_option("data.image_size=160") = None,
 ) -> None:
-    """Export to TorchScript or ONNX (batch of normalised images in, logits out), checked against PyTorch."""
+    """Export to ONNX, torch.export (.pt2) or TorchScript (normalised images in, logits out), checked against PyTorch."""
     from .export import TOLERANCE
     from .export import export as run_export
 
-    path, diff = run_export(weights, fmt, out, config, set_ or [])
+    path, diff = run_export(weights, fmt.value if fmt else None, out, config, set_ or [])
     typer.echo(f"Exported {path} (max |diff| vs PyTorch: {diff:.1e}, tolerance {TOLERANCE:.0e})")
 
 
 @app.command("make-demo")
 @_handle_errors
 def make_demo(
-    root: Annotated[Path, typer.Argument(help="Where to write the demo image folder.")] = Path("data/demo"),
-    train_per_class: int = 24,
-    test_per_class: int = 10,
+    root: Annotated[Path, typer.Argument(help="Where to write the demo image folder (made if missing).")] = Path(
+        "data/demo"),
+    train_per_class: Annotated[int, typer.Option(help="Training images per class (sea, sun).")] = 24,
+    test_per_class: Annotated[int, typer.Option(help="Test images per class (sea, sun).")] = 10,
 ) -> None:
-    """Write a small two-class image folder (train/ and test/) to try vggft offline."""
+    """Write a small two-class image folder (train/ and test/, 64 px JPEGs) to try vggft offline."""
+    _require(train_per_class >= 1, "--train-per-class", "1 or more images", train_per_class)
+    _require(test_per_class >= 1, "--test-per-class", "1 or more images", test_per_class)
     from .demo import make_demo_data
 
     typer.echo(str(make_demo_data(root, train_per_class, test_per_class)))
+
+
+@app.command("configs")
+@_handle_errors
+def configs(
+    show: Annotated[Optional[str], typer.Option(metavar="PRESET", help="Print that preset (a YAML file to copy and "
+                                                "edit).")] = None,
+    defaults: Annotated[bool, typer.Option("--defaults", help="Print every key with its default and what it "
+                                           "means (a config file to start from).")] = False,
+) -> None:
+    """The shipped presets (use one with --config NAME), one of them in full, or every key's default."""
+    from . import presets
+    from .errors import ConfigError
+
+    if show is not None and defaults:
+        raise ConfigError("--show and --defaults: give one of them")
+    if show is not None:
+        path = presets.find(show)
+        if path is None:
+            raise ConfigError(f"--show: no preset '{show}'; the presets are {', '.join(presets.names())}")
+        typer.echo(path.read_text(encoding="utf-8"), nl=False)
+        return
+    if defaults:
+        typer.echo(presets.defaults_yaml(), nl=False)
+        return
+    width = max(len(name) for name in presets.names())
+    for name in presets.names():
+        typer.echo(f"{name:<{width}}  {presets.description(name)}")
+    typer.echo("Use one with --config NAME; print it with vggft configs --show NAME; every key: --defaults")
 
 
 def run() -> None:

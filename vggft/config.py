@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import reprlib
 import types
 import typing
@@ -46,6 +47,14 @@ def _split(value: list[float]) -> str | None:
     return None
 
 
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _device(value: str) -> str | None:
+    """Spelling only (torch-free); whether the device is present is asked when it is used."""
+    return None if DEVICE.fullmatch(value.strip().lower()) else "auto, cpu, cuda, cuda:N or mps"
+
+
 def _check(check, **kwargs) -> Any:
     """A dataclass field with a validity check run after type conversion."""
     return field(metadata={"check": check}, **kwargs)
@@ -56,15 +65,18 @@ class DataConfig:
     root: str = "data/pet"
     """Holds train/ and test/ (optionally val/) of class folders, or one pool of class folders."""
     image_size: int = _check(_positive, default=224)
+    """Side of the square the network sees, in pixels."""
     resize: int | None = _check(_positive, default=256)
     """Shorter side is resized to this, then centre-cropped to image_size; null squashes
     the whole image to image_size x image_size (the Keras recipe)."""
     normalize: Literal["imagenet", "symmetric"] = "imagenet"
     """imagenet: torchvision's mean/std; symmetric: pixels scaled to [-1, 1]."""
     batch_size: int = _check(_positive, default=4)
+    """Training batch size (per process under torchrun)."""
     eval_batch_size: int = _check(_positive, default=32)
     """Batch size of feature extraction and evaluation: no gradients, so it can be larger."""
     num_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes; auto: the cores on CUDA, none on a small CPU."""
     decode: Literal["auto", "pil", "gpu"] = "auto"
     """How feature extraction decodes images. pil: Pillow in the DataLoader workers. gpu: the workers read
     file bytes; batches of JPEGs are decoded by torchvision.io.decode_jpeg on the device and resized,
@@ -75,19 +87,27 @@ class DataConfig:
     split: list[float] = _check(_split, default_factory=lambda: [0.8, 0.1, 0.1])
     """How a single pool of class folders is split into train/val/test (stratified)."""
     split_seed: int = 0
+    """Seed of the pool split (and of carving val_fraction out of train)."""
     val_fraction: float = _check(_fraction, default=0.0)
     """Carve this fraction of train out as validation when there is no val split."""
     bad_images: Literal["skip", "error"] = "skip"
+    """Unreadable images: skip them (reported once), or stop before any training."""
     balance: Literal["none", "weights", "sampler"] = "none"
+    """Class imbalance: weights (class-weighted loss) or sampler (weighted sampling)."""
     augment: Literal["none", "light", "strong"] = "none"
+    """Training augmentation: light (random resized crop, flip) or strong (wider crop, colour jitter,
+    rotation); either turns the feature cache off."""
 
 
 @dataclass
 class ModelConfig:
     arch: Arch = "vgg16"
+    """The torchvision VGG architecture; _bn: with batch norm."""
     weights: str | None = "IMAGENET1K_V1"
     """A torchvision weights name (IMAGENET1K_V1, DEFAULT), a local .pth state_dict, or null."""
     head: Literal["classifier6", "gap"] = "classifier6"
+    """classifier6: VGG's last Linear swapped for n outputs (the PyTorch tutorial); gap: global average
+    pool, Linear(512, 512), ReLU, Linear(512, n) (the Keras tutorial)."""
     num_classes: int | None = _check(_positive, default=None)
     """null: the number of class folders in the training split."""
     dropout: float = _check(_fraction, default=0.5)
@@ -105,12 +125,16 @@ class EarlyStoppingConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _check(_positive, default=5)
+    """Passes over the training split."""
     lr: float = _check(_positive, default=1.0e-4)
+    """Learning rate of the head."""
     backbone_lr: float | None = _check(_positive, default=None)
     """Learning rate of unfrozen backbone blocks; null: lr / 10."""
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     momentum: float = _check(_non_negative, default=0.0)
+    """SGD momentum."""
     nesterov: bool = False
+    """Nesterov momentum (sgd with momentum > 0)."""
     weight_decay: float = _check(_non_negative, default=0.0)
     scheduler: Literal["none", "cosine", "step", "onecycle"] = "none"
     """cosine: to 0 over the epochs after warmup; step: x gamma every step_size epochs; onecycle: torch's
@@ -118,16 +142,22 @@ class TrainConfig:
     warmup_epochs: int = _check(_non_negative, default=0)
     """Linear warmup from 0 to lr over this many epochs (cosine, step)."""
     step_size: int = _check(_positive, default=10)
+    """Epochs between learning-rate drops of scheduler step."""
     gamma: float = _check(_positive, default=0.1)
+    """Factor of each drop of scheduler step."""
     label_smoothing: float = _check(_fraction, default=0.0)
+    """Cross-entropy label smoothing."""
     grad_clip: float | None = _check(_positive, default=None)
+    """Largest gradient norm; null: no clipping."""
     early_stopping: EarlyStoppingConfig = field(default_factory=lambda: EarlyStoppingConfig())
     head_only_epochs: int = _check(_non_negative, default=0)
     """Two-stage fine-tuning: train the head alone this many epochs, then the model.unfreeze blocks too."""
     seed: int = 0
-    device: str = "auto"
+    """Seeds the head's initialisation, shuffling and dropout."""
+    device: str = _check(_device, default="auto")
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    """Autocast: auto is bf16 (or fp16) on CUDA and fp32 on CPU; off: always fp32."""
 
 
 @dataclass
@@ -200,8 +230,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         _merge(raw, migrate_config(base))
     source = "config"
     if path is not None:
-        source = str(path)
-        _merge(raw, migrate_config(_read_yaml(Path(path)), _renamed_note(source)))
+        path, source = config_file(path)
+        _merge(raw, migrate_config(_read_yaml(path), _renamed_note(source)))
     origins = {}
     for override in overrides:
         key, value = parse_override(override)
@@ -209,6 +239,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         _set_dotted(raw, key, value)
         origins[key] = "--set"
     return config_from_dict(raw, source, origins)
+
+
+def config_file(path: str | Path) -> tuple[Path, str]:
+    """(file, name for messages) of ``--config``: a file, else a preset of that name (``--config pet``)."""
+    path = Path(path)
+    if not path.is_file() and path.parent == Path("."):
+        from .presets import find
+
+        preset = find(path.name)
+        if preset is not None:
+            return preset, f"preset {preset.stem}"
+    return path, str(path)
 
 
 def _renamed_note(source: str):
@@ -229,7 +271,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config", origins: dict[
     try:
         cfg = _build(Config, raw, prefix="", source=source, origins=origins or {})
     except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply to be a vggft config; see configs/ for the shape") from None
+        raise ConfigError(f"{source}: nested too deeply to be a vggft config; see vggft configs --defaults for the shape") from None
     check_consistency(cfg, source)
     return cfg
 
@@ -284,7 +326,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass an existing YAML file to --config (see configs/)")
+        from .presets import find, names
+
+        hint = f"; the preset of that name is --config {path.stem}" if find(path.name) else ""
+        raise ConfigError(f"{path}: config file not found{hint}; pass an existing YAML file to --config, or a "
+                          f"preset name ({', '.join(names())}; vggft configs lists them)")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a config "
                           f"(at most {MAX_CONFIG_BYTES:,}); pass the YAML file of settings")
@@ -293,7 +339,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file; --config takes a YAML file") from None
     except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to be a vggft config; see configs/ for the shape") from None
+        raise ConfigError(f"{path}: nested too deeply to be a vggft config; see vggft configs --defaults for the shape") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -463,7 +509,8 @@ def _describe(hint: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+        item = _describe(typing.get_args(hint)[0])
+        return f"a list of {item.removeprefix('a ')}s"
     return {bool: "true/false", int: "a whole number", float: "a number", str: "a non-empty string"}[hint]
 
 

@@ -6,18 +6,21 @@ saved by the tutorial's script (class count read from the weights, class names f
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
-from .data import DataSplits, prepare_data
-from .data.images import open_rgb
+from .config import Config
+from .data import DataSplits, find_splits
+from .data.images import drop_bad_images, open_rgb
 from .data.loaders import make_loader
 from .data.transforms import eval_transform, normalization
 from .device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
 from .engine import evaluate
 from .errors import DataError, OutputError, WeightsError
 from .features import FeatureSource
+from .files import cache_root
 from .inference import TrainedModel, load_model
 from .logs import log
 from .metrics import Metrics
@@ -48,6 +51,17 @@ def align_labels(trained: TrainedModel, splits: DataSplits) -> DataSplits:
     return DataSplits(splits.root, splits.layout, list(trained.class_names), relabelled)
 
 
+def one_split(cfg: Config, record: dict | None, source: str, split: str) -> DataSplits:
+    """The ``split`` alone, its images decoded (verdicts cached) and the unreadable ones skipped or an error:
+    the other splits' files are not read, and not counted in the "Skipping N unreadable image(s)" note."""
+    found = find_splits(cfg.data, record, source)
+    if not found[split]:
+        raise DataError(f"{found.root}: the {split} split has no images; choose another with --split")
+    only = DataSplits(found.root, found.layout, found.class_names, {split: found[split]})
+    splits, _ = drop_bad_images(only, cfg.data, cache_root(cfg.cache.dir) if cfg.cache.enabled else None)
+    return splits
+
+
 def evaluate_weights(
     weights: Path,
     config: Path | None = None,
@@ -64,11 +78,8 @@ def evaluate_weights(
     device = resolve_device(cfg.train.device)
     prepare_backend(device)
     record = trained.sidecar.get("split") if trained.sidecar else None
-    splits, _ = prepare_data(cfg, record, str(weights))
-    splits = align_labels(trained, splits)
+    splits = align_labels(trained, one_split(cfg, record, str(weights), split))
     samples = splits[split]
-    if not samples:
-        raise DataError(f"{splits.root}: the {split} split has no images; choose another with --split")
     precision = autocast_dtype(device, cfg.train.amp)
     source = FeatureSource(trained.model, cfg, device, precision)
     with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
@@ -79,15 +90,19 @@ def evaluate_weights(
     folder = Path(plots_dir) if plots_dir else Path(weights).parent
     stem = Path(weights).stem
     written = []
+    title = f"{Path(weights).name} on the {split} split: {metrics.summary_line()}"
     try:  # the scores are the result; a plot that cannot be written is a note, not a failure
-        written.append(save_confusion(metrics.confusion, metrics.class_names, folder / f"{stem}.confusion_{split}.png"))
+        for suffix, normalize in (("", False), ("_normalized", True)):
+            written.append(save_confusion(metrics.confusion, metrics.class_names,
+                                          folder / f"{stem}.confusion_{split}{suffix}.png", title, normalize))
     except OutputError as err:
         log.warning(f"Confusion matrix PNG not written ({err}); choose a folder with --plots DIR")
     mistakes = metrics.worst_mistakes(misclassified)
     if mistakes:
         images = torch.stack([eval_transform(cfg.data)(open_rgb(samples[i][0])) for i, *_ in mistakes])
         names = metrics.class_names
-        titles = [f"true {names[t]}\npred {names[p]} {c:.2f}" for _, t, p, c in mistakes]
+        titles = [f"true {names[t]}\npred {names[p]} ({c:.2f})\n{os.path.relpath(samples[i][0], splits.root)}"
+                  for i, t, p, c in mistakes]
         mean, std = normalization(cfg.data)
         written.append(save_image_grid(images, titles, mean, std, folder / f"{stem}.misclassified_{split}.png",
                                        title_colors=["red"] * len(mistakes)))

@@ -109,10 +109,17 @@ class _Images(Dataset):
     def __getitem__(self, index: int):
         try:
             return self.transform(open_rgb(self.paths[index])), ""
-        except DECODE_ERRORS as err:
-            reason, detail = decode_failure(err)
+        except DECODE_ERRORS as err:  # a 0-byte file is "empty", as vggft check-data says
+            reason, detail = ("empty", "0 bytes") if _empty(self.paths[index]) else decode_failure(err)
             lines = detail.strip().splitlines()
             return torch.zeros(3, self.size, self.size), f"{reason} ({lines[0]})" if lines else reason
+
+
+def _empty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
 
 
 def predict(

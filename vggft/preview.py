@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -28,6 +29,15 @@ def summary(cfg: Config, num_classes: int | None = None) -> torchinfo.ModelStati
     size = cfg.data.image_size
     return torchinfo.summary(model, input_size=(1, 3, size, size), device="cpu", verbose=0, depth=2,
                              col_names=("output_size", "num_params", "trainable"))
+
+
+UNIT_PREFIX = {"MEGABYTES": "millions", "GIGABYTES": "billions", "TERABYTES": "trillions"}
+
+
+def summary_text(stats: torchinfo.ModelStatistics) -> str:
+    """torchinfo's table as text, its mult-adds in plain units: torchinfo 1.8 on Python 3.11+ writes
+    'Total mult-adds (Units.GIGABYTES)' (an enum's name) where it means a count in billions (G)."""
+    return re.sub(r"\(Units\.(\w+)\)", lambda m: f"({UNIT_PREFIX.get(m[1], m[1])})", str(stats))
 
 
 def show_batch(cfg: Config, split: str = "train", out: Path | None = None, count: int | None = None) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from .data.check import DataReport
 from .data.transforms import denormalize
 from .files import atomic_path
+from .metrics import shorten
 
 
 def _subplots(*args, **kwargs):
@@ -27,6 +29,40 @@ def _subplots(*args, **kwargs):
     return fig, fig.subplots(*args, **kwargs)
 
 
+CELL_CHARS = 30  # characters of a 9 pt title that fit over one 2.6 inch grid cell
+TICK_CHARS = 24  # class names on a confusion matrix's axes are cut to this
+
+
+def fit_title(title: str, width: int = CELL_CHARS) -> str:
+    """Each line of ``title`` wrapped to ``width`` characters at spaces and slashes, at most two lines each:
+    past that the second keeps the end ('...IMG_0042.jpg'), so long class names and paths neither overlap the
+    next cell nor run off the figure, and a file name stays whole."""
+    lines = []
+    for line in title.splitlines():
+        wrapped = _wrap(line, width)
+        if len(wrapped) > 2:
+            rest = "".join(wrapped[1:])
+            wrapped = [wrapped[0], "..." + rest[-(width - 3):]]
+        lines += [part.strip() for part in wrapped]
+    return "\n".join(lines)
+
+
+def _wrap(line: str, width: int) -> list[str]:
+    """Greedy wrapping that may break after a space or a slash, and inside a word only when it must."""
+    pieces = [p for p in re.split(r"(?<=[ /])", line) if p]
+    lines = [""]
+    for piece in pieces:
+        if len(lines[-1]) + len(piece.rstrip()) > width and len(piece) <= width:
+            lines.append("")
+        while len(lines[-1]) + len(piece) > width:  # a word longer than a line: split where the line ends
+            room = width - len(lines[-1])
+            lines[-1] += piece[:room]
+            piece = piece[room:]
+            lines.append("")
+        lines[-1] += piece
+    return [l for l in lines if l.strip()] or [""]
+
+
 def save_image_grid(images: torch.Tensor, titles: list[str], mean, std, path: Path,
                     title_colors: list[str] | None = None) -> Path:
     """Normalised image tensors back to real colours, one titled cell each, saved as PNG."""
@@ -36,7 +72,9 @@ def save_image_grid(images: torch.Tensor, titles: list[str], mean, std, path: Pa
     if count % cols and count % 4 == 0:
         cols = 4  # 8 or 12 images fill whole rows of four
     rows = math.ceil(count / cols)
-    fig, axes = _subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    titles = [fit_title(t) for t in titles]
+    title_lines = max(t.count("\n") + 1 for t in titles)
+    fig, axes = _subplots(rows, cols, figsize=(2.6 * cols, (2.6 + 0.2 * title_lines) * rows), squeeze=False)
     for index, ax in enumerate(axes.flat):
         ax.axis("off")
         if index < count:
@@ -79,21 +117,34 @@ def save_curves(history: list[dict], path: Path, best_epoch: int = 0) -> Path:
     return _save(fig, path)
 
 
-def save_confusion(confusion: torch.Tensor, class_names: list[str], path: Path) -> Path:
-    """The confusion matrix as a heat map with counts; rows are true classes."""
+def save_confusion(confusion: torch.Tensor, class_names: list[str], path: Path, title: str = "",
+                   normalize: bool = False) -> Path:
+    """The confusion matrix as a heat map, rows true classes; counts, or with ``normalize`` each row as
+    fractions of that class's images (the diagonal is then each class's recall)."""
     n = len(class_names)
-    matrix = confusion[:n, :n].numpy()
+    counts = confusion[:n, :n].double()
+    if normalize:
+        matrix = (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
+        text = [[f"{v:.2f}" for v in row] for row in matrix]
+    else:
+        matrix = counts.numpy()
+        text = [[str(int(v)) for v in row] for row in matrix]
     size = max(4, 0.6 * n + 2)
     fig, ax = _subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    names = list(class_names)
+    if any(len(name) > TICK_CHARS for name in names):  # cut names may no longer differ: number them too
+        names = [f"{i} {shorten(name, TICK_CHARS)}" for i, name in enumerate(names)]
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    top = matrix.max() if matrix.size else 0
+    ax.set_ylabel("true (rows sum to 1)" if normalize else "true")
+    if title:
+        ax.set_title(fit_title(title, int(12 * size)), fontsize=10)
+    top = 1 if normalize else matrix.max() if matrix.size else 0
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
+            ax.text(j, i, text[i][j], ha="center", va="center",
                     color="white" if matrix[i, j] > top / 2 else "black", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
@@ -119,10 +170,13 @@ def format_report(report: DataReport) -> str:
     counts = {name: ok for name, (ok, _) in report.counts.get(split, {}).items()}
     if len(counts) > 1:
         big, small = max(counts, key=counts.get), min(counts, key=counts.get)
-        lines.append(
-            f"Class balance ({split}): largest {big} {counts[big]}, smallest {small} {counts[small]}, "
-            f"ratio {report.imbalance:.1f}x"
-        )
+        if counts[big] == counts[small]:
+            lines.append(f"Class balance ({split}): balanced, {counts[big]} images per class")
+        else:
+            lines.append(
+                f"Class balance ({split}): largest {big} {counts[big]}, smallest {small} {counts[small]}, "
+                f"ratio {report.imbalance:.1f}x"
+            )
     if report.bad:
         reasons = Counter(v.reason for _, v in report.bad)
         lines.append(f"Unreadable files ({', '.join(f'{n} {r}' for r, n in reasons.most_common())}):")

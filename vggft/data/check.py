@@ -40,7 +40,7 @@ class DataReport:
             found.append(f"{len(self.cross_duplicates)} image(s) duplicated across splits (test leakage)")
         if self.within_duplicates:
             found.append(f"{len(self.within_duplicates)} image(s) duplicated within a split")
-        if self.imbalance >= self.max_imbalance:
+        if self.imbalance > 1 and self.imbalance >= self.max_imbalance:  # balanced data is never imbalanced
             found.append(f"class imbalance {self.imbalance:.1f}x in train (set data.balance: weights or sampler)")
         return found
 
