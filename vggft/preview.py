@@ -13,14 +13,15 @@ from .data import prepare_data
 from .data.loaders import image_loader
 from .data.transforms import eval_transform, normalization, train_transform
 from .errors import DataError
-from .model import freeze, replace_head, vgg
+from . import model as networks
+from .model import freeze, replace_head
 from .reports import save_image_grid
 
 
 def summary(cfg: Config, num_classes: int | None = None) -> torchinfo.ModelStatistics:
     """The torchinfo table of the model as configured: architecture only, no data, no weights file."""
     classes = num_classes or cfg.model.num_classes or 2
-    model = vgg(cfg.model.arch, init_weights=False)
+    model = networks.vgg(cfg.model.arch, init_weights=False)  # looked up when called: tests swap the factory
     with torch.no_grad():
         for param in model.parameters():  # defined values for the shape-only forward pass
             param.zero_()
