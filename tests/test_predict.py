@@ -212,8 +212,9 @@ def test_export_onnx(runner, trained, tmp_path):
 
 def test_inference_imports_nothing_of_training(trained):
     """Loading weights and predicting pull in no training, optimiser, distributed or feature-cache code, and
-    no plotting library: a server that imports vggft.inference (or vggft.export) pays for none of it."""
-    code = ("import sys, vggft.inference, vggft.export; "
+    no plotting library: a server that imports vggft.inference (or vggft.export, vggft.explain) pays for none
+    of it."""
+    code = ("import sys, vggft.inference, vggft.export, vggft.explain; "
             f"vggft.inference.load_model({str(trained)!r}); "
             "print(' '.join(sorted(m for m in sys.modules if m.startswith(('vggft', 'matplotlib')))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

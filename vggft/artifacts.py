@@ -230,8 +230,9 @@ def preprocessing(cfg: Config) -> dict:
 
 
 def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list[str], *,
-                 metrics: dict | None = None, split: dict | None = None) -> Path:
-    """Write the weights, then the sidecar that records their digest (and a pool's ``split``), each atomically.
+                 metrics: dict | None = None, split: dict | None = None, temperature: float | None = None) -> Path:
+    """Write the weights, then the sidecar that records their digest (and a pool's ``split``, and the softmax
+    ``temperature`` fitted on val, if any), each atomically.
 
     A kill between the two renames leaves new weights beside the old sidecar: its digest no longer
     matches, and loading says so instead of naming the classes wrongly.
@@ -252,6 +253,7 @@ def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list
         "class_names": class_names,
         **preprocessing(cfg),
         "split": split,
+        "temperature": temperature,
         "config": config,
         "metrics": metrics or {},
     }

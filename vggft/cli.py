@@ -69,6 +69,9 @@ def _no_flag_metavar() -> None:
 
 
 _no_flag_metavar()
+WeightsOpt = Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")]
+InputsArg = Annotated[list[Path], typer.Argument(metavar="IMAGE_OR_DIR", help="Image files and/or folders "
+                                                 "(searched recursively, hidden files skipped).")]
 
 
 def _handle_errors(command):
@@ -224,6 +227,8 @@ def eval_(
     split: Annotated[Split, typer.Option(help="Which split to score.")] = Split.test,
     topk: Annotated[int, typer.Option(help="Also report acc@k for this k (1 or more).")] = 5,
     misclassified: Annotated[int, typer.Option(help="Save a grid of the N most confident mistakes (0: none).")] = 0,
+    top_losses: Annotated[int, typer.Option(help="Save a grid and a CSV of the N highest-loss images (0: none).")] = 0,
+    explain: Annotated[bool, typer.Option("--explain", help="Draw Grad-CAM heatmaps on those grids.")] = False,
     plots: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: beside the weights).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     quiet: QuietOpt = False,
@@ -235,7 +240,8 @@ def eval_(
     from .evaluate import evaluate_weights
 
     metrics, _, written = evaluate_weights(weights, config, set_ or [], split=split.value, topk=topk,
-                                           misclassified=misclassified, plots_dir=plots)
+                                           misclassified=misclassified, plots_dir=plots, top_losses=top_losses,
+                                           explain=explain)
     if as_json:
         typer.echo(json.dumps({**metrics.to_dict(), "files": [str(p) for p in written]}, indent=2))
         return
@@ -253,8 +259,26 @@ def eval_(
                    f"  {precision}  {r['f1']:>6.3f}")
     typer.echo("Confusion matrix (rows: true class)")
     typer.echo(metrics.confusion_table())
+    _echo_eval_extras(metrics)
     for path in written:
         typer.echo(f"Wrote {path}")
+
+
+def _echo_eval_extras(metrics) -> None:
+    """Most confused pairs and calibration, below eval's confusion matrix."""
+    pairs = metrics.confused_pairs(limit=10)
+    if pairs:
+        typer.echo("Most confused pairs (true -> predicted: count)")
+        width = max(len(f"{p['true']} -> {p['predicted']}") for p in pairs)
+        for p in pairs:
+            typer.echo(f"  {p['true'] + ' -> ' + p['predicted']:<{width}}  {p['count']}")
+    cal = metrics.extra["calibration"]
+    line = f"ECE ({cal['bins']} bins): {cal['ece']:.4f} uncalibrated"
+    if cal["temperature"] is not None:
+        line += f", {cal['ece_calibrated']:.4f} calibrated (temperature {cal['temperature']:.3f})"
+    else:
+        line += " (the sidecar holds no temperature: trained without a val split, or train.calibrate: false)"
+    typer.echo(line)
 
 
 @app.command()
@@ -301,6 +325,9 @@ def check_data(
     quarantine: Annotated[Optional[Path], typer.Option(help="Move unreadable files here (paths kept); deletes nothing.")] = None,
     max_imbalance: Annotated[float, typer.Option(
         help="Largest/smallest class ratio that counts as a problem (greater than 1).")] = 10.0,
+    near_duplicates: Annotated[bool, typer.Option("--near-duplicates", help="Also find resized, recompressed or "
+                                                  "cropped copies (cosine similarity of pooled backbone features).")] = False,
+    similarity: Annotated[float, typer.Option(help="Cosine similarity at which --near-duplicates links two images.")] = 0.97,
     quiet: QuietOpt = False,
 ) -> None:
     """Scan every image: unreadable files, sizes, class balance, duplicates across and within splits.
@@ -314,7 +341,15 @@ def check_data(
     from .data import check
     from .reports import format_report
 
+    if similarity != 0.97 and not near_duplicates:
+        from .errors import ConfigError
+
+        raise ConfigError("--similarity: sets the threshold of --near-duplicates; add --near-duplicates")
     report = check.check_data(cfg, max_imbalance=max_imbalance)
+    if near_duplicates:
+        from .near_duplicates import find_near_duplicates
+
+        find_near_duplicates(cfg, report, similarity)
     typer.echo(format_report(report))
     if quarantine is not None and report.bad:
         moved = check.quarantine(report, quarantine)
@@ -327,11 +362,8 @@ def check_data(
 @app.command()
 @_handle_errors
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(metavar="IMAGE_OR_DIR", help="Image files and/or folders "
-                                                 "(searched recursively, hidden files skipped).")],
-    weights: Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")] = Path(
-        "models/VGG16.pt"
-    ),
+    inputs: InputsArg,
+    weights: WeightsOpt = Path("models/VGG16.pt"),
     config: ConfigOpt = None,
     set_: _set_option("train.device=cpu") = None,
     topk: Annotated[int, typer.Option(help="Classes to report per image, most probable first (1 or more).")] = 5,
@@ -356,7 +388,9 @@ def predict(
     else:
         width = max(len("path"), *(len(r["path"]) for r in rows))
         name_width = max([len("top-1")] + [len(t["class"]) for r in rows for t in r["top"][:1]])
-        typer.echo(f"{'path':<{width}}  {'top-1':<{name_width}}  {'prob':>6}  others")
+        calibrated = next((f"  (calibrated probabilities, temperature {r['temperature']:.3f})" for r in rows
+                           if r.get("calibrated")), "")
+        typer.echo(f"{'path':<{width}}  {'top-1':<{name_width}}  {'prob':>6}  others{calibrated}")
         for r in rows:
             if "error" in r:
                 typer.echo(f"{r['path']:<{width}}  error: {r['error']}")
@@ -371,6 +405,41 @@ def predict(
         _err(f"{failed} of {len(rows)} file(s) could not be read as images")
     if csv_path is not None:
         say(f"Wrote {csv_path}")
+
+
+@app.command()
+@_handle_errors
+def explain(
+    inputs: InputsArg,
+    weights: WeightsOpt = Path("models/VGG16.pt"),
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Explain this class (default: the predicted one).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for <stem>.cam.png (overlay) and <stem>.cam.npy (the map).")] = Path(
+        "explain"
+    ),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward and backward pass.")] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Grad-CAM: where in each image the network found the evidence for a class (heatmap PNG and .npy map)."""
+    _output(quiet)
+    from .explain import explain as run_explain
+
+    rows = run_explain(weights, inputs, config, set_ or [], class_name=class_name, out=out, batch_size=batch_size)
+    failed = sum("error" in r for r in rows)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        width = max(len("path"), *(len(r["path"]) for r in rows))
+        typer.echo(f"{'path':<{width}}  {'class':<12}  {'prob':>6}  overlay")
+        for r in rows:
+            if "error" in r:
+                typer.echo(f"{r['path']:<{width}}  error: {r['error']}")
+            else:
+                typer.echo(f"{r['path']:<{width}}  {r['class']:<12}  {r['probability']:.4f}  {r['overlay']}")
+    if failed:
+        _err(f"{failed} of {len(rows)} file(s) could not be read as images")
 
 
 def _write_predictions_csv(rows: list[dict], path: Path) -> None:

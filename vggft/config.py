@@ -158,6 +158,9 @@ class TrainConfig:
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     """Autocast: auto is bf16 (or fp16) on CUDA and fp32 on CPU; off: always fp32."""
+    calibrate: bool = True
+    """Fit a softmax temperature on the val split after training (Guo et al. 2017) and store it in the
+    sidecar, so that predict reports calibrated probabilities; needs a val split. false: don't."""
 
 
 @dataclass
@@ -200,7 +203,7 @@ RENAMED_KEYS: dict[str, str] = {}
 # What can still take effect when a run goes on from its last.pt: anything else would be recorded in
 # config.yaml and the sidecar without having changed the training (the optimizer state holds the lr, ...).
 RESUMABLE_KEYS = ("train.epochs", "train.early_stopping.patience", "train.device", "output.weights",
-                  "data.num_workers", "data.eval_batch_size", "cache.enabled", "cache.dir")
+                  "data.num_workers", "data.eval_batch_size", "cache.enabled", "cache.dir", "train.calibrate")
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of keys; anything larger is not one
 

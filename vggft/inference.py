@@ -45,6 +45,15 @@ class TrainedModel:
         """A name per output: the class names (class_0, class_1, ... for a bare state_dict), then unused_K."""
         return output_names(self.class_names or [f"class_{i}" for i in range(self.num_classes)], self.num_classes)
 
+    @property
+    def temperature(self) -> float | None:
+        """The temperature fitted on the val split at training time (None: none was fitted)."""
+        return self.sidecar.get("temperature") if self.sidecar else None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities, softmax(logits / T), when the sidecar holds a temperature; else softmax."""
+        return torch.softmax(logits.float() / (self.temperature or 1.0), dim=1)
+
 
 def load_model(weights: Path, config: Path | None = None, overrides: list[str] = ()) -> TrainedModel:
     """Weights plus their sidecar (if any), the sidecar's config under ``--config``/``--set``."""
@@ -73,7 +82,16 @@ def load_model(weights: Path, config: Path | None = None, overrides: list[str] =
         raise WeightsError(f"--weights: '{weights}' does not load into {arch} ({str(err).splitlines()[0]})") from None
     freeze(model, cfg.model)  # the same frozen prefix as in training, so cached features are shared
     class_names = list(sidecar["class_names"]) if sidecar else None
+    _check_temperature(sidecar, weights)
     return TrainedModel(model, cfg, class_names, num_classes, sidecar, Path(weights))
+
+
+def _check_temperature(sidecar: dict | None, weights: Path) -> None:
+    value = sidecar.get("temperature") if sidecar else None
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and 0 < value < float("inf")):
+        raise WeightsError(f"{sidecar_path(weights)}: temperature {value!r} is not a positive number; "
+                           "train again, or remove the temperature key to use uncalibrated probabilities")
 
 
 def collect_images(inputs: Sequence[Path]) -> list[str]:
@@ -130,8 +148,10 @@ def predict(
     topk: int = 5,
     batch_size: int = 32,
 ) -> list[dict]:
-    """One row per image, sorted by path: {"path", "top": [{"class", "probability"}, ...]},
-    or {"path", "top": [], "error"} for a file that cannot be decoded."""
+    """One row per image, sorted by path: {"path", "top": [{"class", "probability"}, ...], "calibrated",
+    "temperature"}, or {"path", "top": [], "error", ...} for a file that cannot be decoded.
+
+    With a temperature in the sidecar the probabilities are calibrated: softmax(logits / T)."""
     if topk < 1:
         raise ConfigError(f"--topk: expected 1 or more, got {topk}")
     if batch_size < 1:
@@ -152,16 +172,17 @@ def predict(
     loader = make_loader(dataset, batch_size, device=device, num_workers=workers)
 
     rows: list[dict] = []
+    calibration = {"calibrated": trained.temperature is not None, "temperature": trained.temperature}
     with torch.inference_mode(), out_of_memory_hint(device, {"--batch-size": batch_size}):
         for images, errors in progress(loader, desc="Predicting", unit="batch"):
             with autocast():
                 logits = model(images.to(device, non_blocking=True))
-            probs, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
+            probs, indices = trained.probabilities(logits).topk(k, dim=1)
             for p_row, i_row, error in zip(probs.tolist(), indices.tolist(), errors):
                 path = paths[len(rows)]
                 if error:
-                    rows.append({"path": path, "top": [], "error": error})
+                    rows.append({"path": path, "top": [], "error": error, **calibration})
                 else:
                     rows.append({"path": path, "top": [{"class": names[i], "probability": p}
-                                                       for p, i in zip(p_row, i_row)]})
+                                                       for p, i in zip(p_row, i_row)], **calibration})
     return rows

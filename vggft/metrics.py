@@ -28,8 +28,9 @@ class Metrics:
     confusion: torch.Tensor  # [true, predicted] counts, int64
     loss_sum: float = 0.0
     topk_correct: dict[int, int] = field(default_factory=dict)
-    probabilities: list[torch.Tensor] = field(default_factory=list)  # per batch, when kept
+    logits: list[torch.Tensor] = field(default_factory=list)  # per batch (float32, CPU), when kept
     labels: list[torch.Tensor] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # sections a caller adds to to_dict (eval: calibration, ...)
 
     @classmethod
     def empty(cls, class_names: list[str], num_outputs: int | None = None) -> Metrics:
@@ -40,7 +41,7 @@ class Metrics:
                keep: bool = False) -> None:
         logits, labels = logits.detach().float().cpu(), labels.cpu()
         if keep:
-            self.probabilities.append(logits.softmax(dim=1))
+            self.logits.append(logits)
             self.labels.append(labels)
         predicted = logits.argmax(dim=1)
         n = self.confusion.shape[0]
@@ -50,6 +51,37 @@ class Metrics:
             k = min(k, logits.shape[1])
             top = logits.topk(k, dim=1).indices
             self.topk_correct[k] = self.topk_correct.get(k, 0) + int((top == labels[:, None]).any(dim=1).sum())
+
+    @property
+    def probabilities(self) -> list[torch.Tensor]:
+        """Softmax of the kept logits, per batch."""
+        return [batch.softmax(dim=1) for batch in self.logits]
+
+    def sample_losses(self) -> torch.Tensor:
+        """Cross-entropy of every kept sample, in loader order (needs keep=True)."""
+        if not self.logits:
+            return torch.empty(0)
+        return torch.nn.functional.cross_entropy(torch.cat(self.logits), torch.cat(self.labels), reduction="none")
+
+    def top_losses(self, count: int) -> list[tuple[int, int, int, float, float]]:
+        """(index, true, predicted, probability of the prediction, loss) of the ``count`` highest-loss samples,
+        right or wrong (needs keep=True)."""
+        if not self.logits or count <= 0:
+            return []
+        losses = self.sample_losses()
+        confidence, predicted = torch.cat(self.probabilities).max(dim=1)
+        labels = torch.cat(self.labels)
+        order = losses.argsort(descending=True, stable=True)[:count]
+        return [(int(i), int(labels[i]), int(predicted[i]), float(confidence[i]), float(losses[i])) for i in order]
+
+    def confused_pairs(self, limit: int | None = None) -> list[dict]:
+        """Off-diagonal cells of the confusion matrix, most frequent first: {"true", "predicted", "count"}."""
+        n = self.confusion.shape[0]
+        cells = [(int(self.confusion[t, p]), t, p) for t in range(n) for p in range(n)
+                 if t != p and self.confusion[t, p] > 0]
+        cells.sort(key=lambda cell: (-cell[0], cell[1], cell[2]))
+        return [{"true": self.class_names[t], "predicted": self.class_names[p], "count": c}
+                for c, t, p in cells[:limit]]
 
     @property
     def total(self) -> int:
@@ -129,4 +161,6 @@ class Metrics:
             "topk": {f"acc@{k}": c / self.total if self.total else 0.0 for k, c in sorted(self.topk_correct.items())},
             "per_class": self.per_class(),
             "confusion": self.confusion.tolist(),
+            "confused_pairs": self.confused_pairs(),
+            **self.extra,
         }

@@ -61,11 +61,13 @@ def _wrap(line: str, width: int) -> list[str]:
             lines.append("")
         lines[-1] += piece
     return [l for l in lines if l.strip()] or [""]
+CAM_ALPHA = 0.45  # how much of the picture shows through a Grad-CAM heatmap
 
 
 def save_image_grid(images: torch.Tensor, titles: list[str], mean, std, path: Path,
-                    title_colors: list[str] | None = None) -> Path:
-    """Normalised image tensors back to real colours, one titled cell each, saved as PNG."""
+                    title_colors: list[str] | None = None, heatmaps: torch.Tensor | None = None) -> Path:
+    """Normalised image tensors back to real colours, one titled cell each (a heatmap in [0, 1] over each
+    when ``heatmaps`` is given), saved as PNG."""
     pixels = denormalize(images, mean, std).permute(0, 2, 3, 1).numpy()
     count = len(pixels)
     cols = min(count, 5)
@@ -79,9 +81,56 @@ def save_image_grid(images: torch.Tensor, titles: list[str], mean, std, path: Pa
         ax.axis("off")
         if index < count:
             ax.imshow(pixels[index])
+            if heatmaps is not None:
+                ax.imshow(heatmaps[index].numpy(), cmap="jet", alpha=CAM_ALPHA, vmin=0, vmax=1)
             color = title_colors[index] if title_colors else "black"
             ax.set_title(titles[index], fontsize=9, color=color)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_cam_overlay(image: torch.Tensor, cam: torch.Tensor, mean, std, title: str, path: Path) -> Path:
+    """The image as the model saw it, and the same image under its Grad-CAM heatmap, with a colour bar."""
+    pixels = denormalize(image[None], mean, std)[0].permute(1, 2, 0).numpy()
+    fig, (left, right) = _subplots(1, 2, figsize=(8, 4.3))
+    left.imshow(pixels)
+    left.set_title("model input", fontsize=9)
+    right.imshow(pixels)
+    shown = right.imshow(cam.numpy(), cmap="jet", alpha=CAM_ALPHA, vmin=0, vmax=1)
+    right.set_title("Grad-CAM", fontsize=9)
+    for ax in (left, right):
+        ax.axis("off")
+    fig.colorbar(shown, ax=right, fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_reliability(summary: dict, path: Path) -> Path:
+    """Reliability diagram: accuracy against confidence per bin, raw and (if fitted) temperature-scaled."""
+    panels = [("uncalibrated", summary["reliability"], summary["ece"])]
+    if summary.get("reliability_calibrated"):
+        panels.append((f"temperature {summary['temperature']:.2f}", summary["reliability_calibrated"],
+                       summary["ece_calibrated"]))
+    fig, axes = _subplots(1, len(panels), figsize=(max(5.6, 4.2 * len(panels)), 4.7), squeeze=False)
+    bins = summary["bins"]
+    centres = [(k + 0.5) / bins for k in range(bins)]
+    for ax, (label, table, ece) in zip(axes[0], panels):
+        filled = [n > 0 for n in table["counts"]]
+        ax.bar([c for c, f in zip(centres, filled) if f], [a for a, f in zip(table["accuracy"], filled) if f],
+               width=1 / bins, edgecolor="black", color="tab:blue", label="accuracy")
+        ax.bar([c for c, f in zip(centres, filled) if f],
+               [conf - acc for conf, acc, f in zip(table["confidence"], table["accuracy"], filled) if f],
+               bottom=[a for a, f in zip(table["accuracy"], filled) if f], width=1 / bins, fill=False,
+               hatch="//", edgecolor="tab:red", label="gap to mean confidence")
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top-1 probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{label}: ECE {ece:.3f} ({sum(table['counts'])} images)", fontsize=10)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the shared legend below the plots
     return _save(fig, path)
 
 
@@ -150,6 +199,27 @@ def save_confusion(confusion: torch.Tensor, class_names: list[str], path: Path, 
     return _save(fig, path)
 
 
+def _near_duplicate_lines(report: DataReport, rel) -> list[str]:
+    if report.near_threshold is None:
+        return []
+    at = f"cosine >= {report.near_threshold:g}"
+    if not (report.near_cross or report.near_within):
+        return [f"Near-duplicates ({at}): none among {report.near_checked} readable images"]
+    lines = []
+    for title, groups in ((f"Near-duplicates across splits ({at}; test leakage)", report.near_cross),
+                          (f"Near-duplicates within a split ({at})", report.near_within)):
+        if groups:
+            lines.append(f"{title}: {len(groups)} group(s)")
+            lines += [f"  {_members(g.members, rel)}  (similarity {g.similarity:.3f})" for g in groups]
+    return lines
+
+
+def _members(members: list[tuple[str, str]], rel, shown: int = 8) -> str:
+    """'a ~ b ~ c', or the first ``shown`` and how many more: a chain of look-alikes can hold thousands."""
+    text = " ~ ".join(rel(p) for _, p in members[:shown])
+    return text + (f" ~ ... ({len(members) - shown} more)" if len(members) > shown else "")
+
+
 def format_report(report: DataReport) -> str:
     splits = report.splits
     rel = lambda p: os.path.relpath(p, splits.root)  # noqa: E731
@@ -186,6 +256,7 @@ def format_report(report: DataReport) -> str:
         if groups:
             lines.append(f"{title}: {len(groups)} group(s)")
             lines += ["  " + " == ".join(rel(p) for _, p in group) for group in groups]
+    lines += _near_duplicate_lines(report, rel)
     problems = report.problems
     lines.append("Found: " + "; ".join(problems) if problems else "No problems found.")
     return "\n".join(lines)

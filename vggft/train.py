@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Subset, WeightedRandomSampler
 
 from . import artifacts, rng, tensorboard_log
+from .calibration import TemperatureFit, fit_temperature
 from .config import Config, load_config, resume_overrides_refused
 from .data import DataSplits, prepare_data, split_record
 from .data.loaders import make_loader
@@ -358,10 +359,32 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
     if run.board:
         run.board.close(run.state.history, test, run.state.best["epoch"])
     replaced = weights.exists()
+    fit = _calibrate(run)
     artifacts.save_trained(
-        run.model, weights, run.cfg, names, split=run.split,
-        metrics={"test": test.to_dict() if test else None, "history": run.state.history, "run": str(run.run_dir)},
+        run.model, weights, run.cfg, names, split=run.split, temperature=fit.temperature if fit else None,
+        metrics={"test": test.to_dict() if test else None, "history": run.state.history, "run": str(run.run_dir),
+                 "calibration": asdict(fit) if fit else None},
     )
     if replaced:
         log.info(f"Replaced the earlier {weights}; this run's best epoch stays usable as {run.run_dir / 'best.pt'}")
     return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
+
+
+def _calibrate(run: Run) -> TemperatureFit | None:
+    """The softmax temperature that minimises the NLL on the whole val split (rank 0 alone, not its shard)."""
+    loop = run.loop
+    if not run.cfg.train.calibrate or loop.val_loader is None:
+        return None
+    val = loop.val_loader.dataset
+    loader = make_loader(val.dataset if isinstance(val, Subset) else val, run.cfg.data.eval_batch_size,
+                         device=loop.device, num_workers=run.source.loader_workers)
+    kept = evaluate(run.source.module, loader, loop.device, loop.precision, names=loop.names, keep=True,
+                    desc="Calibrating")
+    fit = fit_temperature(torch.cat(kept.logits), torch.cat(kept.labels))
+    log.info(f"Calibration: temperature {fit.temperature:.3f} fitted on {fit.count} val images "
+             f"(val NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f})")
+    if fit.at_bound:  # T -> 0 (val separable) or T -> infinity (no signal): no temperature beats that one
+        log.warning(f"Calibration: temperature not stored: it ran to the edge of its range ({fit.temperature:.3g}) "
+                    f"because {fit.at_bound}; predict reports uncalibrated probabilities")
+        return None
+    return fit

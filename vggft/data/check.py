@@ -21,6 +21,15 @@ from .images import Verdict, VerdictCache, inspect_all
 
 
 @dataclass
+class NearGroup:
+    """Near-identical images (``vggft check-data --near-duplicates``): (split, path) members, and the lowest
+    cosine similarity of the pooled features that links them."""
+
+    members: list[tuple[str, str]]
+    similarity: float
+
+
+@dataclass
 class DataReport:
     splits: DataSplits
     verdicts: dict[str, Verdict]
@@ -30,6 +39,10 @@ class DataReport:
     within_duplicates: list[list[tuple[str, str]]] = field(default_factory=list)
     imbalance: float = 1.0
     max_imbalance: float = 10.0
+    near_cross: list[NearGroup] = field(default_factory=list)  # filled by vggft.near_duplicates when asked
+    near_within: list[NearGroup] = field(default_factory=list)
+    near_threshold: float | None = None  # None: near-duplicates were not looked for
+    near_checked: int = 0
 
     @property
     def problems(self) -> list[str]:
@@ -40,6 +53,8 @@ class DataReport:
             found.append(f"{len(self.cross_duplicates)} image(s) duplicated across splits (test leakage)")
         if self.within_duplicates:
             found.append(f"{len(self.within_duplicates)} image(s) duplicated within a split")
+        if self.near_cross:
+            found.append(f"{len(self.near_cross)} group(s) of near-duplicates across splits (test leakage)")
         if self.imbalance > 1 and self.imbalance >= self.max_imbalance:  # balanced data is never imbalanced
             found.append(f"class imbalance {self.imbalance:.1f}x in train (set data.balance: weights or sampler)")
         return found
