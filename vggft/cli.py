@@ -169,6 +169,8 @@ def main(
                                           is_eager=True)] = False,
 ) -> None:
     _state["debug"] = debug
+    if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8 is printed as its bytes, as ls does
+        sys.stdout.reconfigure(errors="surrogateescape")
 
 
 @app.command()
@@ -447,7 +449,8 @@ def _write_predictions_csv(rows: list[dict], path: Path) -> None:
 
     from .files import atomic_path
 
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                           errors="surrogateescape") as handle:  # a path's own bytes
         writer = csv.writer(handle)
         writer.writerow(["path", "rank", "class", "probability", "error"])
         for r in rows:

@@ -35,6 +35,17 @@ def _non_negative(value: Any) -> str | None:
     return None if value >= 0 else "a number of 0 or more"
 
 
+MIN_IMAGE_SIZE = 32  # VGG's five max-pools halve the input five times: 32 px is the least that leaves a pixel
+
+
+def _image_size(value: Any) -> str | None:
+    return None if value >= MIN_IMAGE_SIZE else f"{MIN_IMAGE_SIZE} or more (VGG's five max-pools halve it to 1 px)"
+
+
+def _workers(value: Any) -> str | None:
+    return None if value == "auto" or value >= 0 else "'auto' or a number of 0 or more"
+
+
 def _fraction(value: Any) -> str | None:
     return None if 0 <= value < 1 else "a fraction from 0 up to (not including) 1"
 
@@ -64,8 +75,8 @@ def _check(check, **kwargs) -> Any:
 class DataConfig:
     root: str = "data/pet"
     """Holds train/ and test/ (optionally val/) of class folders, or one pool of class folders."""
-    image_size: int = _check(_positive, default=224)
-    """Side of the square the network sees, in pixels."""
+    image_size: int = _check(_image_size, default=224)
+    """Side of the square the network sees, in pixels (32 or more: VGG halves it five times)."""
     resize: int | None = _check(_positive, default=256)
     """Shorter side is resized to this, then centre-cropped to image_size; null squashes
     the whole image to image_size x image_size (the Keras recipe)."""
@@ -75,7 +86,7 @@ class DataConfig:
     """Training batch size (per process under torchrun)."""
     eval_batch_size: int = _check(_positive, default=32)
     """Batch size of feature extraction and evaluation: no gradients, so it can be larger."""
-    num_workers: int | Literal["auto"] = "auto"
+    num_workers: int | Literal["auto"] = _check(_workers, default="auto")
     """DataLoader worker processes; auto: the cores on CUDA, none on a small CPU."""
     decode: Literal["auto", "pil", "gpu"] = "auto"
     """How feature extraction decodes images. pil: Pillow in the DataLoader workers. gpu: the workers read
@@ -281,7 +292,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "config", origins: dict[
 
 def check_consistency(cfg: Config, source: str = "config") -> None:
     """Settings that would silently do nothing are refused, naming the key and what would make it work."""
-    t, m = cfg.train, cfg.model
+    t, m, d = cfg.train, cfg.model, cfg.data
+    if d.resize is not None and d.resize < d.image_size:
+        raise ConfigError(f"{source}: data.resize: {d.resize} is smaller than data.image_size {d.image_size} (the "
+                          f"crop would be padded with black); set resize to {d.image_size} or more, or null")
     if t.head_only_epochs and not m.unfreeze:
         raise ConfigError(f"{source}: train.head_only_epochs: {t.head_only_epochs} does nothing without "
                           "model.unfreeze (nothing to thaw later); set model.unfreeze, or head_only_epochs: 0")

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .artifacts import read_weights, sidecar_path
 from .config import Config, load_config
-from .data.folders import IMG_EXTENSIONS, images_in
+from .data.folders import IMG_EXTENSIONS, display_name, images_in, note_skipped
 from .data.images import DECODE_ERRORS, decode_failure, open_rgb
 from .data.loaders import make_loader
 from .data.transforms import eval_transform
@@ -81,7 +81,7 @@ def load_model(weights: Path, config: Path | None = None, overrides: list[str] =
     except RuntimeError as err:
         raise WeightsError(f"--weights: '{weights}' does not load into {arch} ({str(err).splitlines()[0]})") from None
     freeze(model, cfg.model)  # the same frozen prefix as in training, so cached features are shared
-    class_names = list(sidecar["class_names"]) if sidecar else None
+    class_names = [display_name(name) for name in sidecar["class_names"]] if sidecar else None
     _check_temperature(sidecar, weights)
     return TrainedModel(model, cfg, class_names, num_classes, sidecar, Path(weights))
 
@@ -95,20 +95,25 @@ def _check_temperature(sidecar: dict | None, weights: Path) -> None:
 
 
 def collect_images(inputs: Sequence[Path]) -> list[str]:
-    """The files named, and every image below the folders named (hidden ones skipped), sorted, once each."""
+    """The files named, and every image below the folders named (hidden ones skipped), sorted, once each.
+
+    A file named that is not a regular file (a FIFO) is listed: it gets an error row, never a read.
+    """
     if not inputs:
         raise DataError("IMAGE_OR_DIR: no input given; name image files or folders of images")
     found: dict[str, str] = {}
+    skipped: list[tuple[str, str]] = []
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            paths = images_in(item)
-        elif item.is_file():
+            paths = images_in(item, skipped=skipped)
+        elif item.exists():
             paths = [str(item)]
         else:
             raise DataError(f"IMAGE_OR_DIR: '{item}' not found; name existing image files or folders")
         for path in paths:
             found.setdefault(os.path.realpath(path), path)
+    note_skipped(skipped, ", ".join(str(item) for item in inputs))
     if not found:
         named = ", ".join(f"'{item}'" for item in inputs)
         raise DataError(f"IMAGE_OR_DIR: no image files ({', '.join(IMG_EXTENSIONS)}) in {named}")
@@ -167,7 +172,6 @@ def predict(
     autocast = autocast_factory(device, autocast_dtype(device, cfg.train.amp))  # as vggft eval scores
     model = trained.model.to(device)
     workers = resolve_workers(cfg.data, device)
-    workers = min(workers, max(0, (len(paths) - 1) // batch_size))  # no pool of workers for one batch
     dataset = _Images(paths, eval_transform(cfg.data), cfg.data.image_size)
     loader = make_loader(dataset, batch_size, device=device, num_workers=workers)
 
