@@ -93,8 +93,8 @@ def test_sidecar_root_is_absolute_and_a_replaced_model_is_said(runner, tmp_path)
     assert first.exit_code == 0 and "Replaced" not in first.stderr
     second = invoke(runner, *args)
     assert second.exit_code == 0
-    assert "Replaced the earlier models/VGG16.pt; this run's best epoch stays usable as runs/train2/best.pt" \
-        in second.stderr
+    assert ("Replaced the earlier models/VGG16.pt; the run that made it, runs/train, still holds it: "
+            "vggft eval/predict/export --weights runs/train/best.pt") in second.stderr
     sidecar = json.loads(Path("models/VGG16.json").read_text())
     assert sidecar["config"]["data"]["root"] == str(tmp_path / "pet")
     elsewhere = tmp_path / "elsewhere"

@@ -242,7 +242,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     raw: dict[str, Any] = {}
     if base:
         _merge(raw, migrate_config(base))
-    source = "config"
+    source = "--set" if overrides else "config"  # what the consistency checks name when no file was given
     if path is not None:
         path, source = config_file(path)
         _merge(raw, migrate_config(_read_yaml(path), _renamed_note(source)))

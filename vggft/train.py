@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -358,16 +359,29 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
         return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
     if run.board:
         run.board.close(run.state.history, test, run.state.best["epoch"])
-    replaced = weights.exists()
+    replaced = _way_back(weights)
     fit = _calibrate(run)
     artifacts.save_trained(
         run.model, weights, run.cfg, names, split=run.split, temperature=fit.temperature if fit else None,
         metrics={"test": test.to_dict() if test else None, "history": run.state.history, "run": str(run.run_dir),
                  "calibration": asdict(fit) if fit else None},
     )
-    if replaced:
-        log.info(f"Replaced the earlier {weights}; this run's best epoch stays usable as {run.run_dir / 'best.pt'}")
+    if replaced is not None:
+        log.info(f"Replaced the earlier {weights}{replaced}")
     return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
+
+
+def _way_back(weights: Path) -> str | None:
+    """None if nothing is at ``weights``; else how to get the model about to be replaced back (its run's best.pt)."""
+    if not weights.exists():
+        return None
+    try:
+        run = json.loads(artifacts.sidecar_path(weights).read_text(encoding="utf-8"))["metrics"]["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return " (it had no vggft sidecar naming its run)"
+    best = Path(run) / "best.pt"
+    return f"; the run that made it, {run}, still holds it: vggft eval/predict/export --weights {best}" \
+        if best.is_file() else f" (its run folder {run} is gone)"
 
 
 def _calibrate(run: Run) -> TemperatureFit | None:
