@@ -28,7 +28,7 @@ from .distributed import Group, is_peer_failure, main_first, process_group, redu
 from .engine import Loop, Progress, class_weights, epoch_line, evaluate, restore_best, run_epochs
 from .errors import ConfigError, DataError, DivergedError, Interrupted, VggftError, WeightsError, first_line
 from .features import FeatureSource
-from .files import check_free_space, save_text
+from .files import check_free_space, check_name_length, save_text
 from .logs import log, silence
 from .metrics import Metrics, output_names
 from .model import build_model, parameter_counts
@@ -132,6 +132,8 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group)
                           f"{body['config']['train']['epochs']} epochs at its start; resume with that many, "
                           "or start a new run")
     artifacts.check_writable(Path(cfg.output.weights))
+    if not resume:
+        check_name_length(Path(cfg.output.runs_dir) / (cfg.output.name or "train"), "output.name (--name)", spare=4)
     prepare_backend(device)
     splits = _find_data(cfg, body, resume, group)
     num_outputs = cfg.model.num_classes or len(splits.class_names)
