@@ -24,7 +24,8 @@ from .config import Config, load_config, resume_overrides_refused
 from .data import DataSplits, prepare_data, split_record
 from .data.loaders import make_loader
 from .device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
-from .distributed import Group, is_peer_failure, main_first, process_group, reduce_metrics
+from .distributed import (Group, is_peer_failure, is_timeout, main_first, process_group, reduce_metrics,
+                          stalled)
 from .engine import Loop, Progress, class_weights, epoch_line, evaluate, restore_best, run_epochs
 from .errors import ConfigError, DataError, DivergedError, Interrupted, VggftError, WeightsError, first_line
 from .features import FeatureSource
@@ -108,6 +109,8 @@ def fit(cfg: Config, *, resume: Path | None = None) -> TrainResult:
             err.rank_specific = err.rank_specific or "run" in locals()
             raise
         except RuntimeError as err:
+            if group.active and is_timeout(err):
+                raise stalled(group, err) from None
             if not (group.active and is_peer_failure(err)):
                 raise
             error = VggftError(f"another process of this job stopped ({first_line(err)}); its error is above")
