@@ -1,12 +1,11 @@
 """Faults done for real: processes killed at a rename (strace -e inject), full and read-only file systems
 (small tmpfs mounts), damaged and foreign cache shards, values that overflow, refused resumes.
 
-Every test here failed on the code before issue 12 was fixed.
+Each test here fails on the code issue 12 was filed against.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil

@@ -5,8 +5,9 @@ outputs. ``FeatureCache`` stores them in a folder named by everything that decid
 prefix's weights and layers, the cut, the transform, the precision); inside, one row per image
 keyed by the file's path, size, times and inode, so a changed image invalidates only its own row.
 
-Storage is append-only: each extraction writes a new shard file (atomically); a shard that fails to
-load or does not add up is deleted and its rows extracted again.
+Storage is append-only: each extraction writes a new shard file (atomically) and its key index; a
+run reads only the shards that hold rows it needs. A shard that fails to load or does not add up (row
+count, width, finite float32) is deleted and its rows extracted again.
 
 ``FeatureSource`` decides, for one model and config, whether the loop trains on cached rows (the
 suffix after the frozen prefix) or on decoded images (the whole network), and says why.

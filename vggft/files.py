@@ -33,7 +33,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path.parent)
-        folder = Path(tempfile.mkdtemp(prefix=f".{path.name[:80]}.{_HOST}-{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent))
+        prefix = f".{path.name[:80]}.{_HOST}-{os.getpid()}."  # short enough for any name the file may have
+        folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=path.parent))
     except OSError as err:
         if err.errno in DISK_FULL:
             raise OutputError(_disk_full(path)) from None
