@@ -29,7 +29,7 @@ from torchvision import models
 from . import __version__
 from .config import Config, ModelConfig, config_from_dict, migrate_config
 from .errors import OutputError, WeightsError, first_line
-from .files import existing_parent, save_json, save_torch
+from .files import check_name_length, existing_parent, save_json, save_torch
 from .model import build_model
 
 WEIGHTS_FORMAT = "vggft-weights/2"
@@ -199,6 +199,7 @@ def check_writable(path: Path) -> None:
     if path.suffix.lower() == ".json":
         raise OutputError(f"output.weights: '{path}' ends in .json, the name of its own sidecar; "
                           "give the weights a .pt name such as models/VGG16.pt")
+    check_name_length(path, "output.weights", spare=max(0, len(".json") - len(path.suffix)))  # and its sidecar
     existing = existing_parent(path.parent)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(

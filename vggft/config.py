@@ -50,6 +50,13 @@ def _fraction(value: Any) -> str | None:
     return None if 0 <= value < 1 else "a fraction from 0 up to (not including) 1"
 
 
+MAX_SEED = 2**63 - 1  # torch and numpy seed from 64 bits; a rank and epoch are added under torchrun
+
+
+def _seed(value: int) -> str | None:
+    return None if 0 <= value <= MAX_SEED else f"a whole number from 0 to {MAX_SEED}"
+
+
 def _split(value: list[float]) -> str | None:
     if len(value) != 3 or any(part < 0 for part in value) or abs(sum(value) - 1) > 1e-6:
         return "three fractions [train, val, test] that add up to 1, e.g. [0.8, 0.1, 0.1]"
@@ -163,7 +170,7 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=lambda: EarlyStoppingConfig())
     head_only_epochs: int = _check(_non_negative, default=0)
     """Two-stage fine-tuning: train the head alone this many epochs, then the model.unfreeze blocks too."""
-    seed: int = 0
+    seed: int = _check(_seed, default=0)
     """Seeds the head's initialisation, shuffling and dropout."""
     device: str = _check(_device, default="auto")
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""

@@ -26,11 +26,12 @@ from .config import Config, load_config, resume_overrides_refused
 from .data import DataSplits, prepare_data, split_record
 from .data.loaders import make_loader
 from .device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
-from .distributed import Group, is_peer_failure, main_first, process_group, reduce_metrics
+from .distributed import (Group, is_peer_failure, is_timeout, main_first, process_group, reduce_metrics,
+                          stalled)
 from .engine import Loop, Progress, class_weights, epoch_line, evaluate, restore_best, run_epochs
 from .errors import ConfigError, DataError, DivergedError, Interrupted, VggftError, WeightsError, first_line
 from .features import FeatureSource
-from .files import check_free_space, save_text
+from .files import check_free_space, check_name_length, save_text
 from .logs import log, silence
 from .metrics import Metrics, output_names
 from .model import build_model, parameter_counts
@@ -113,6 +114,8 @@ def fit(cfg: Config, *, resume: Path | None = None) -> TrainResult:
             err.rank_specific = err.rank_specific or "run" in locals()
             raise
         except RuntimeError as err:
+            if group.active and is_timeout(err):
+                raise stalled(group, err) from None
             if not (group.active and is_peer_failure(err)):
                 raise
             error = VggftError(f"another process of this job stopped ({first_line(err)}); its error is above")
@@ -137,6 +140,8 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group)
                           f"{body['config']['train']['epochs']} epochs at its start; resume with that many, "
                           "or start a new run")
     artifacts.check_writable(Path(cfg.output.weights))
+    if not resume:
+        check_name_length(Path(cfg.output.runs_dir) / (cfg.output.name or "train"), "output.name (--name)", spare=4)
     prepare_backend(device)
     splits = _find_data(cfg, body, resume, group)
     num_outputs = cfg.model.num_classes or len(splits.class_names)
