@@ -4,6 +4,7 @@ and the refusals of distributed training and check-data's exit codes."""
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -62,3 +63,36 @@ def test_check_data_exit_code_follows_imbalance(runner, tmp_path):
     assert result.exit_code == 1 and "class imbalance 3.0x in train" in result.stdout
     result = invoke(runner, "check-data", "--set", f"data.root={skewed}", "--max-imbalance", "4", "-q")
     assert result.exit_code == 0 and "No problems found." in result.stdout
+
+
+def test_a_mistake_from_set_is_named_so_even_beside_a_config_file(runner, tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text("train:\n  epochs: 3\n")
+    result = invoke(runner, "train", "--config", config, "--set", "train.head_only_epochs=2")
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("error: --set: train.head_only_epochs: 2 does nothing without")
+    config.write_text("train:\n  epochs: 3\n  head_only_epochs: 2\n")
+    result = invoke(runner, "train", "--config", config)
+    assert result.stderr.strip().startswith(f"error: {config}: train.head_only_epochs: 2 does nothing without")
+
+
+def test_output_folders_that_cannot_be_made_are_found_before_any_work(runner, pet):
+    Path("afile").write_text("a file where a folder should be")
+    result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "output.runs_dir=afile/runs")
+    assert result.exit_code == 6 and "Data:" not in result.stderr
+    assert result.stderr.strip() == ("error: output.runs_dir: cannot make or write 'afile/runs' "
+                                     f"('{Path('afile').resolve()}' is not a writable folder); choose another "
+                                     "folder with --set output.runs_dir=PATH")
+    (pet / "train" / "cat" / "broken.jpg").write_bytes(b"not a picture")
+    result = invoke(runner, "check-data", "--set", f"data.root={pet}", "--quarantine", "afile/q", "-q")
+    assert result.exit_code == 6 and not result.stdout  # refused before the scan and before any move
+    assert "error: --quarantine: cannot make or write 'afile/q'" in result.stderr
+    assert (pet / "train" / "cat" / "broken.jpg").exists()
+
+
+def test_resume_keeps_its_run_folder_and_names_no_way_back_to_itself(runner, pet):
+    assert invoke(runner, "train", "--set", f"data.root={pet}", *FAST).exit_code == 0
+    result = invoke(runner, "train", "--resume", "runs/train/last.pt", "--name", "elsewhere")
+    assert result.exit_code == 2 and "error: --set output.name: cannot change when resuming" in result.stderr
+    result = invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=3", "-q")
+    assert result.exit_code == 0 and "Replaced" not in result.stderr

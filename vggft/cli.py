@@ -194,10 +194,10 @@ def train(
                               "drop --config, or start a new run with it")
         from .config import resume_overrides_refused
 
-        resume_overrides_refused(set_ or [])  # before torch is imported
+        resume_overrides_refused(overrides)  # before torch is imported (--name too: the run folder is the run's)
         from .train import resume_config
 
-        cfg = resume_config(resume, set_ or [])
+        cfg = resume_config(resume, overrides)
     else:
         cfg = _config(config, overrides)
     _check_pretrained(cfg)
@@ -342,6 +342,9 @@ def check_data(
     _output(quiet)
     from .data import check
     from .reports import format_report
+
+    if quarantine is not None:
+        check.check_destination(quarantine)  # before the scan: nothing half-done
 
     if similarity != 0.97 and not near_duplicates:
         from .errors import ConfigError

@@ -293,36 +293,46 @@ def config_from_dict(raw: dict[str, Any], source: str = "config", origins: dict[
         cfg = _build(Config, raw, prefix="", source=source, origins=origins or {})
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply to be a vggft config; see vggft configs --defaults for the shape") from None
-    check_consistency(cfg, source)
+    check_consistency(cfg, source, origins)
     return cfg
 
 
-def check_consistency(cfg: Config, source: str = "config") -> None:
-    """Settings that would silently do nothing are refused, naming the key and what would make it work."""
+def check_consistency(cfg: Config, source: str = "config", origins: dict[str, str] | None = None) -> None:
+    """Settings that would silently do nothing are refused, naming the key, where it came from (the file, or
+    ``--set``: ``origins``) and what would make it work."""
     t, m, d = cfg.train, cfg.model, cfg.data
+    problem = _inconsistency(t, m, d)
+    if problem is not None:
+        key, text = problem
+        raise ConfigError(f"{(origins or {}).get(key, source)}: {key}{text}")
+
+
+def _inconsistency(t: TrainConfig, m: ModelConfig, d: DataConfig) -> tuple[str, str] | None:
+    """(key, the rest of the message) of the first setting that would do nothing, or None."""
     if d.resize is not None and d.resize < d.image_size:
-        raise ConfigError(f"{source}: data.resize: {d.resize} is smaller than data.image_size {d.image_size} (the "
-                          f"crop would be padded with black); set resize to {d.image_size} or more, or null")
+        return "data.resize", (f": {d.resize} is smaller than data.image_size {d.image_size} (the crop would be "
+                               f"padded with black); set resize to {d.image_size} or more, or null")
     if t.head_only_epochs and not m.unfreeze:
-        raise ConfigError(f"{source}: train.head_only_epochs: {t.head_only_epochs} does nothing without "
-                          "model.unfreeze (nothing to thaw later); set model.unfreeze, or head_only_epochs: 0")
+        return "train.head_only_epochs", (f": {t.head_only_epochs} does nothing without model.unfreeze (nothing to "
+                                          "thaw later); set model.unfreeze, or head_only_epochs: 0")
     if t.head_only_epochs and t.head_only_epochs >= t.epochs:
-        raise ConfigError(f"{source}: train.head_only_epochs: {t.head_only_epochs} leaves no epoch of the "
-                          f"{t.epochs} for the unfrozen blocks; raise train.epochs or lower head_only_epochs")
+        return "train.head_only_epochs", (f": {t.head_only_epochs} leaves no epoch of the {t.epochs} for the "
+                                          "unfrozen blocks; raise train.epochs or lower head_only_epochs")
     if t.backbone_lr is not None and not m.unfreeze:
-        raise ConfigError(f"{source}: train.backbone_lr does nothing while the backbone is frozen; "
-                          "set model.unfreeze, or remove backbone_lr")
+        return "train.backbone_lr", (" does nothing while the backbone is frozen; set model.unfreeze, or remove "
+                                     "backbone_lr")
     if t.warmup_epochs and t.scheduler == "onecycle":
-        raise ConfigError(f"{source}: train.warmup_epochs does nothing with scheduler onecycle (it warms up by "
-                          "itself); remove warmup_epochs, or use scheduler cosine or step")
+        return "train.warmup_epochs", (" does nothing with scheduler onecycle (it warms up by itself); remove "
+                                       "warmup_epochs, or use scheduler cosine or step")
     if t.warmup_epochs and t.warmup_epochs >= t.epochs and t.scheduler != "none":
-        raise ConfigError(f"{source}: train.warmup_epochs: {t.warmup_epochs} is the whole run of {t.epochs} "
-                          "epoch(s); lower it or raise train.epochs")
+        return "train.warmup_epochs", (f": {t.warmup_epochs} is the whole run of {t.epochs} epoch(s); lower it "
+                                       "or raise train.epochs")
     if t.nesterov and (t.optimizer != "sgd" or t.momentum == 0):
-        raise ConfigError(f"{source}: train.nesterov needs optimizer sgd with momentum > 0 "
-                          f"(got {t.optimizer}, momentum {t.momentum:g}); set train.momentum, e.g. 0.9")
+        return "train.nesterov", (f" needs optimizer sgd with momentum > 0 (got {t.optimizer}, momentum "
+                                  f"{t.momentum:g}); set train.momentum, e.g. 0.9")
     if t.momentum and t.optimizer != "sgd":
-        raise ConfigError(f"{source}: train.momentum is an sgd setting; {t.optimizer} ignores it; remove it")
+        return "train.momentum", f" is an sgd setting; {t.optimizer} ignores it; remove it"
+    return None
 
 
 def resume_overrides_refused(overrides: list[str]) -> None:

@@ -136,6 +136,16 @@ def save_text(text: str, path: str | Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def check_folder(folder: str | Path, what: str, fix: str) -> None:
+    """Before any work: ``folder`` is a folder that exists or can be made and written (creating nothing)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{what}: '{folder}' is a file, not a folder; {fix}")
+    existing = existing_parent(folder)
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{what}: cannot make or write '{folder}' ('{existing}' is not a writable folder); {fix}")
+
+
 def existing_parent(path: str | Path) -> Path:
     """``path`` itself or its nearest ancestor that exists (where a new file would land)."""
     existing = Path(path).resolve()

@@ -76,9 +76,8 @@ class Metrics:
 
     def confused_pairs(self, limit: int | None = None) -> list[dict]:
         """Off-diagonal cells of the confusion matrix, most frequent first: {"true", "predicted", "count"}."""
-        n = self.confusion.shape[0]
-        cells = [(int(self.confusion[t, p]), t, p) for t in range(n) for p in range(n)
-                 if t != p and self.confusion[t, p] > 0]
+        off = self.confusion.clone().fill_diagonal_(0)
+        cells = [(int(off[t, p]), int(t), int(p)) for t, p in off.nonzero().tolist()]  # only the non-zero cells
         cells.sort(key=lambda cell: (-cell[0], cell[1], cell[2]))
         return [{"true": self.class_names[t], "predicted": self.class_names[p], "count": c}
                 for c, t, p in cells[:limit]]

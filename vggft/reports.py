@@ -166,37 +166,62 @@ def save_curves(history: list[dict], path: Path, best_epoch: int = 0) -> Path:
     return _save(fig, path)
 
 
+CONFUSION_DRAWN = 30  # classes a confusion PNG shows; beyond that the most confused ones, the rest in the CSV
+
+
 def save_confusion(confusion: torch.Tensor, class_names: list[str], path: Path, title: str = "",
                    normalize: bool = False) -> Path:
     """The confusion matrix as a heat map, rows true classes; counts, or with ``normalize`` each row as
-    fractions of that class's images (the diagonal is then each class's recall)."""
+    fractions of that class's images (the diagonal is then each class's recall).
+
+    With more than CONFUSION_DRAWN classes a readable picture cannot hold them all (1,000 classes would be a
+    60,000-pixel canvas): it shows the classes most involved in mistakes, and the whole matrix is written
+    beside it as ``<path>.csv``."""
     n = len(class_names)
     counts = confusion[:n, :n].double()
-    if normalize:
-        matrix = (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
-        text = [[f"{v:.2f}" for v in row] for row in matrix]
-    else:
-        matrix = counts.numpy()
-        text = [[str(int(v)) for v in row] for row in matrix]
-    size = max(4, 0.6 * n + 2)
+    full = counts / counts.sum(dim=1, keepdim=True).clamp(min=1) if normalize else counts
+    shown = list(range(n))
+    if n > CONFUSION_DRAWN:
+        save_confusion_csv(full if normalize else confusion[:n, :n], class_names, path.with_suffix(".csv"))
+        off = counts.clone().fill_diagonal_(0)
+        shown = sorted((off.sum(dim=0) + off.sum(dim=1)).argsort(descending=True)[:CONFUSION_DRAWN].tolist())
+        title = f"{title}\n{len(shown)} of {n} classes, the most confused; all of them in {path.with_suffix('.csv').name}"
+    matrix = full[shown][:, shown].numpy()
+    size = max(4, 0.6 * len(shown) + 2)
     fig, ax = _subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1 if normalize else None)
-    names = list(class_names)
-    if any(len(name) > TICK_CHARS for name in names):  # cut names may no longer differ: number them too
-        names = [f"{i} {shorten(name, TICK_CHARS)}" for i, name in enumerate(names)]
-    ax.set_xticks(range(n), names, rotation=45, ha="right")
-    ax.set_yticks(range(n), names)
+    names = [class_names[i] for i in shown]
+    if any(len(name) > TICK_CHARS for name in names) or len(shown) < n:  # cut or picked names: number them too
+        names = [f"{i} {shorten(class_names[i], TICK_CHARS)}" for i in shown]
+    ax.set_xticks(range(len(shown)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(shown)), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (rows sum to 1)" if normalize else "true")
     if title:
         ax.set_title(fit_title(title, int(12 * size)), fontsize=10)
     top = 1 if normalize else matrix.max() if matrix.size else 0
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, text[i][j], ha="center", va="center",
-                    color="white" if matrix[i, j] > top / 2 else "black", fontsize=8)
+    for i in range(len(shown)):
+        for j in range(len(shown)):
+            value = matrix[i, j]
+            ax.text(j, i, f"{value:.2f}" if normalize else str(int(value)), ha="center", va="center",
+                    color="white" if value > top / 2 else "black", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def save_confusion_csv(confusion: torch.Tensor, class_names: list[str], path: Path) -> Path:
+    """The whole confusion matrix as CSV: a header of predicted classes, one row per true class."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["true \\ predicted", *class_names])
+    for name, row in zip(class_names, confusion.tolist()):
+        writer.writerow([name, *(f"{v:.4f}" if isinstance(v, float) else v for v in row)])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    return path
 
 
 def _near_duplicate_lines(report: DataReport, rel) -> list[str]:

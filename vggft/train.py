@@ -29,9 +29,10 @@ from .device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve
 from .distributed import (Group, is_peer_failure, is_timeout, main_first, process_group, reduce_metrics,
                           stalled)
 from .engine import Loop, Progress, class_weights, epoch_line, evaluate, restore_best, run_epochs
-from .errors import ConfigError, DataError, DivergedError, Interrupted, VggftError, WeightsError, first_line
+from .errors import (ConfigError, DataError, DivergedError, Interrupted, OutputError, VggftError, WeightsError,
+                     first_line)
 from .features import FeatureSource
-from .files import check_free_space, check_name_length, save_text
+from .files import check_folder, check_free_space, check_name_length, save_text
 from .logs import log, silence
 from .metrics import Metrics, output_names
 from .model import build_model, parameter_counts
@@ -140,6 +141,7 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group)
                           f"{body['config']['train']['epochs']} epochs at its start; resume with that many, "
                           "or start a new run")
     artifacts.check_writable(Path(cfg.output.weights))
+    check_folder(cfg.output.runs_dir, "output.runs_dir", "choose another folder with --set output.runs_dir=PATH")
     if not resume:
         check_name_length(Path(cfg.output.runs_dir) / (cfg.output.name or "train"), "output.name (--name)", spare=4)
     prepare_backend(device)
@@ -158,7 +160,11 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group)
         _restore(run, body, Path(resume))
     elif group.is_main:
         run.run_dir = new_run_dir(cfg.output.runs_dir, cfg.output.name)
-        run.run_dir.mkdir(parents=True)
+        try:
+            run.run_dir.mkdir(parents=True)
+        except OSError as err:
+            raise OutputError(f"output.runs_dir: cannot make the run folder '{run.run_dir}' ({err.strerror}); "
+                              "choose another folder with --set output.runs_dir=PATH") from None
     if group.is_main:
         save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run.run_dir / "config.yaml")
         run.board = tensorboard_log.TensorBoardLog(run.run_dir) if cfg.output.tensorboard else None
@@ -364,11 +370,11 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
         return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
     if run.board:
         run.board.close(run.state.history, test, run.state.best["epoch"])
-    replaced = _way_back(weights)
+    replaced = _way_back(weights, run.run_dir)
     fit = _calibrate(run)
     artifacts.save_trained(
         run.model, weights, run.cfg, names, split=run.split, temperature=fit.temperature if fit else None,
-        metrics={"test": test.to_dict() if test else None, "history": run.state.history, "run": str(run.run_dir),
+        metrics={"test": _sidecar_metrics(test), "history": run.state.history, "run": str(run.run_dir),
                  "calibration": asdict(fit) if fit else None},
     )
     if replaced is not None:
@@ -376,14 +382,29 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
     return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
 
 
-def _way_back(weights: Path) -> str | None:
-    """None if nothing is at ``weights``; else how to get the model about to be replaced back (its run's best.pt)."""
+SIDECAR_CONFUSION_MAX = 100  # classes whose confusion matrix the sidecar keeps (1,000 would be megabytes)
+
+
+def _sidecar_metrics(test: Metrics | None) -> dict | None:
+    if test is None:
+        return None
+    scores = test.to_dict()
+    if len(test.class_names) > SIDECAR_CONFUSION_MAX:
+        scores["confusion"] = None  # vggft eval --json gives it whole
+    return scores
+
+
+def _way_back(weights: Path, this_run: Path) -> str | None:
+    """None if nothing is at ``weights`` (or this very run made it); else how to get the model about to be
+    replaced back (its run's best.pt)."""
     if not weights.exists():
         return None
     try:
         run = json.loads(artifacts.sidecar_path(weights).read_text(encoding="utf-8"))["metrics"]["run"]
     except (OSError, ValueError, KeyError, TypeError):
         return " (it had no vggft sidecar naming its run)"
+    if Path(run).resolve() == this_run.resolve():  # a resumed run replaces its own earlier save
+        return None
     best = Path(run) / "best.pt"
     return f"; the run that made it, {run}, still holds it: vggft eval/predict/export --weights {best}" \
         if best.is_file() else f" (its run folder {run} is gone)"

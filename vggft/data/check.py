@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config
-from ..files import cache_root
+from ..errors import OutputError
+from ..files import cache_root, check_folder
 from .folders import SPLITS, DataSplits, find_splits
 from .images import Verdict, VerdictCache, inspect_all
 
@@ -94,17 +95,27 @@ def check_data(cfg: Config, *, max_imbalance: float = 10.0) -> DataReport:
     return report
 
 
-def quarantine(report: DataReport, destination: Path) -> list[tuple[Path, Path]]:
+def check_destination(destination: Path, option: str = "--quarantine") -> None:
+    """Before anything is moved: ``destination`` must be a folder, or a folder that can be made."""
+    check_folder(destination, option, "give another folder to move the files into")
+
+
+def quarantine(report: DataReport, destination: Path, option: str = "--quarantine") -> list[tuple[Path, Path]]:
     """Move every unreadable file under ``destination``, keeping its path relative to data.root."""
+    check_destination(destination, option)
     moved = []
     root = report.splits.root
     for path, _ in report.bad:
         target = Path(destination) / os.path.relpath(path, root)
-        target.parent.mkdir(parents=True, exist_ok=True)
         candidate, n = target, 1
         while candidate.exists():  # never overwrite an earlier quarantined file
             candidate = target.with_name(f"{target.stem}.{n}{target.suffix}")
             n += 1
-        shutil.move(path, candidate)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, candidate)
+        except OSError as err:
+            raise OutputError(f"{option}: could not move '{path}' to '{candidate}' ({err.strerror}); {len(moved)} "
+                              "file(s) were moved before it, nothing was deleted") from None
         moved.append((Path(path), candidate))
     return moved
