@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import invoke
+from vggft import presets
 from vggft.config import Config, all_keys, load_config
 from vggft.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_defaults_are_the_pytorch_recipe():
@@ -24,10 +27,32 @@ def test_defaults_are_the_pytorch_recipe():
     assert cfg.output.weights == "models/VGG16.pt"
 
 
-@pytest.mark.parametrize("name", ["pet.yaml", "keras_gap.yaml", "demo.yaml"])
-def test_shipped_configs_load(name):
+@pytest.mark.parametrize(("name", "expected"), [
+    ("pet.yaml", {"data.image_size": 224, "data.resize": 256, "train.lr": 1e-4, "data.batch_size": 4,
+                  "train.epochs": 5, "model.head": "classifier6", "data.normalize": "imagenet"}),
+    ("keras_gap.yaml", {"data.image_size": 160, "data.resize": None, "data.normalize": "symmetric",
+                        "model.head": "gap", "data.split": [0.8, 0.1, 0.1]}),
+    ("demo.yaml", {"model.weights": None, "data.root": "data/demo"}),
+])
+def test_shipped_configs_load_as_their_recipes(name, expected):
     cfg = load_config(CONFIGS / name)
-    assert isinstance(cfg, Config)
+    for key, value in expected.items():
+        section, field = key.split(".")
+        assert getattr(getattr(cfg, section), field) == value, key
+
+
+def test_configs_folder_holds_the_shipped_presets():
+    """configs/*.yaml are the editable copies of the presets inside the package: the same files."""
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == [f"{n}.yaml" for n in presets.names()]
+    for path in CONFIGS.glob("*.yaml"):
+        assert path.read_bytes() == presets.find(path.stem).read_bytes(), path.name
+
+
+def test_readme_key_table_lists_every_config_key():
+    table = README.read_text(encoding="utf-8").split("| key | default | meaning |\n")[1].split("\n\n")[0]
+    rows = table.splitlines()[1:]  # under the |---| line
+    listed = [key for row in rows for key in re.findall(r"`([a-z_.]+)`", row.split("|")[1])]
+    assert sorted(listed) == sorted(all_keys())
 
 
 def test_yaml_then_overrides(tmp_path):

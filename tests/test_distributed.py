@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -60,3 +65,72 @@ def test_a_bad_config_under_nproc_is_one_line(runner, pet):
     result = invoke(runner, "train", "--nproc", "2", "--set", f"data.root={pet}", "--set", "train.epocs=1")
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --set: unknown key 'train.epocs'; did you mean 'train.epochs'?"
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _rank_of(pid: int) -> int | None:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next((int(item[5:]) for item in environ if item.startswith(b"RANK=")), None)
+
+
+def test_a_stopped_rank_is_named_in_one_line_within_seconds(pet):
+    """SIGSTOP one of two training processes: the other gives up after VGGFT_DIST_TIMEOUT, says which rank
+    stopped answering, and exits (torchrun's agent then kills the stopped one, after its 30 s grace)."""
+    env = {**tiny_subprocess_env(), "VGGFT_DIST_TIMEOUT": "5"}
+    command = [sys.executable, "-m", "vggft", "train", "--nproc", "2", "--set", f"data.root={pet}", *FAST,
+               "--set", "train.epochs=100000"]
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in job.stderr], daemon=True).start()
+    try:
+        _read_until(lines, lambda line: line.startswith("Epoch   2/"), 240)  # training, past every setup wait
+        ranks = {_rank_of(pid): pid for pid in _children(job.pid)}
+        stopped_at = time.monotonic()
+        os.kill(ranks[1], signal.SIGSTOP)
+        said = _read_until(lines, lambda line: line.startswith("error"), 60)
+        noticed = time.monotonic() - stopped_at
+        assert _exits(ranks[0], 20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)  # only this test's job: its own session
+        job.wait()
+    assert said[-1].strip() == ("error: rank 1 of 2 did not answer for 5s while training (stopped, hung or "
+                                "unreachable); the job stops. If that much time can be normal here, raise "
+                                "VGGFT_DIST_TIMEOUT (now 5s)")
+    assert noticed < 30 and not [line for line in said if "Traceback" in line]
+
+
+def _exits(pid: int, seconds: float) -> bool:
+    """Whether ``pid`` ends (is gone, or a zombie its parent has not reaped yet) within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _read_until(lines: queue.Queue, wanted, seconds: float) -> list[str]:
+    """The lines read until one is ``wanted`` (that one last); fails after ``seconds``."""
+    deadline, seen = time.monotonic() + seconds, []
+    while True:
+        try:
+            seen.append(lines.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            raise AssertionError(f"not seen within {seconds}s; stderr so far:\n{''.join(seen)}") from None
+        if wanted(seen[-1]):
+            return seen

@@ -87,14 +87,17 @@ def test_predict_a_file_and_a_messy_folder(runner, trained, tmp_path):
     make_image(folder / ".d.jpg", (40, 80, 200), seed=4)
     (folder / "notes.txt").write_text("not an image")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    (folder / "zero.jpg").write_bytes(b"")
     result = invoke(runner, "predict", folder, "--weights", trained, "-q")
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()[1:]
-    assert [line.split()[0] for line in lines] == [str(folder / n) for n in ("a.png", "broken.jpg", "deeper/b.JPG")]
+    assert [line.split()[0] for line in lines] == [str(folder / n) for n in ("a.png", "broken.jpg", "deeper/b.JPG",
+                                                                             "zero.jpg")]
     assert "error: " in lines[1] and "error" not in lines[0] + lines[2]
-    assert result.stderr.strip() == "1 of 3 file(s) could not be read as images"
+    assert lines[3].split(None, 1)[1] == "error: empty (0 bytes)"  # as vggft check-data calls it
+    assert result.stderr.strip() == "2 of 4 file(s) could not be read as images"
     rows = _predict_json(runner, folder, image, "--weights", trained, "--topk", "2")
-    assert len(rows) == 4 and "error" in rows[1] and rows[1]["top"] == []
+    assert len(rows) == 5 and "error" in rows[1] and rows[1]["top"] == []
 
 
 def test_predict_csv(runner, trained, tmp_path):
@@ -143,22 +146,32 @@ def _real_batch(weights: Path) -> tuple[torch.Tensor, torch.Tensor]:
 EXPORTED = re.compile(r"Exported (\S+) \(max \|diff\| vs PyTorch: (\S+), tolerance 1e-04\)")
 
 
+def _load_torchscript(path: Path):
+    extra = {"vggft.json": ""}
+    return torch.jit.load(str(path), map_location="cpu", _extra_files=extra), json.loads(extra["vggft.json"])
+
+
+def _load_pt2(path: Path):
+    extra = {"vggft.json": ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    return program.module(), json.loads(extra["vggft.json"])
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-def test_export_torchscript(runner, trained, tmp_path):
-    out = tmp_path / "m.torchscript.pt"
-    result = invoke(runner, "export", "--weights", trained, "--format", "torchscript", "--out", out)
+@pytest.mark.parametrize(("fmt", "load"), [("pt2", _load_pt2), ("torchscript", _load_torchscript)])
+def test_export_torch_formats(runner, trained, tmp_path, fmt, load):
+    out = tmp_path / f"m.{fmt}"
+    result = invoke(runner, "export", "--weights", trained, "--format", fmt, "--out", out)
     assert result.exit_code == 0, result.output
     match = EXPORTED.fullmatch(result.stdout.strip())
     assert match and match[1] == str(out) and float(match[2]) <= 1e-4
-    extra = {"vggft.json": ""}
-    scripted = torch.jit.load(str(out), map_location="cpu", _extra_files=extra)
-    meta = json.loads(extra["vggft.json"])
+    model, meta = load(out)
     assert meta["class_names"] == ["cat", "dog"] and meta["image_size"] == 32 and meta["mean"][0] == 0.485
-    batch, expected = _real_batch(trained)
+    batch, expected = _real_batch(trained)  # batch of 3, exported with 2: the batch axis is free
     with torch.inference_mode():
-        assert torch.allclose(scripted(batch), expected, atol=1e-4, rtol=0)
+        assert torch.allclose(model(batch), expected, atol=1e-4, rtol=0)
     # Refuses to overwrite the weights it reads.
-    result = invoke(runner, "export", "--weights", trained, "--out", trained)
+    result = invoke(runner, "export", "--weights", trained, "--format", fmt, "--out", trained)
     assert result.exit_code == 6 and "would overwrite the weights" in result.stderr
 
 
@@ -169,13 +182,22 @@ def test_export_onnx_without_the_extra_says_what_to_install(runner, trained, mon
     (line,) = result.stderr.strip().splitlines()
     assert "onnxruntime not installed" in line and line.endswith("pip install onnx onnxscript onnxruntime")
     assert not trained.with_name("VGG16.onnx").exists()
+    # Without --format, export picks the format torch alone can write.
+    out = trained.with_name("VGG16.pt2")
+    result = invoke(runner, "export", "--weights", trained)
+    try:
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith(f"Exported {out} ")
+    finally:
+        out.unlink(missing_ok=True)
 
 
 def test_export_onnx(runner, trained, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
-    result = invoke(runner, "export", "--weights", trained, "--format", "onnx")
+    result = invoke(runner, "export", "--weights", trained)  # onnx, the default where its packages are
+    assert "ONNX packages" not in result.stderr
     assert result.exit_code == 0, result.output
     out = trained.with_name("VGG16.onnx")
     match = EXPORTED.fullmatch(result.stdout.strip())
@@ -190,8 +212,9 @@ def test_export_onnx(runner, trained, tmp_path):
 
 def test_inference_imports_nothing_of_training(trained):
     """Loading weights and predicting pull in no training, optimiser, distributed or feature-cache code, and
-    no plotting library: a server that imports vggft.inference (or vggft.export) pays for none of it."""
-    code = ("import sys, vggft.inference, vggft.export; "
+    no plotting library: a server that imports vggft.inference (or vggft.export, vggft.explain) pays for none
+    of it."""
+    code = ("import sys, vggft.inference, vggft.export, vggft.explain; "
             f"vggft.inference.load_model({str(trained)!r}); "
             "print(' '.join(sorted(m for m in sys.modules if m.startswith(('vggft', 'matplotlib')))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -46,7 +46,7 @@ def test_a_save_that_fails_midway_leaves_the_old_weights(runner, pet, monkeypatc
 
     monkeypatch.setattr(vggft.files.torch, "save", disk_full)
     line = _one_line(_train(runner, pet, "--set", "train.lr=0.5"), 6)
-    assert line.startswith("error: runs/train2/best.pt: could not be written (No space left on device)")
+    assert line.startswith("error: runs/train2/best.pt: could not be written (No space left on device: disk full")
     assert weights.read_bytes() == before
     _loads_in_plain_torchvision(weights)
     assert _leftovers(Path(".")) == []

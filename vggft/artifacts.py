@@ -29,7 +29,7 @@ from torchvision import models
 from . import __version__
 from .config import Config, ModelConfig, config_from_dict, migrate_config
 from .errors import OutputError, WeightsError, first_line
-from .files import existing_parent, save_json, save_torch
+from .files import check_name_length, existing_parent, save_json, save_torch
 from .model import build_model
 
 WEIGHTS_FORMAT = "vggft-weights/2"
@@ -199,6 +199,7 @@ def check_writable(path: Path) -> None:
     if path.suffix.lower() == ".json":
         raise OutputError(f"output.weights: '{path}' ends in .json, the name of its own sidecar; "
                           "give the weights a .pt name such as models/VGG16.pt")
+    check_name_length(path, "output.weights", spare=max(0, len(".json") - len(path.suffix)))  # and its sidecar
     existing = existing_parent(path.parent)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(
@@ -230,8 +231,9 @@ def preprocessing(cfg: Config) -> dict:
 
 
 def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list[str], *,
-                 metrics: dict | None = None, split: dict | None = None) -> Path:
-    """Write the weights, then the sidecar that records their digest (and a pool's ``split``), each atomically.
+                 metrics: dict | None = None, split: dict | None = None, temperature: float | None = None) -> Path:
+    """Write the weights, then the sidecar that records their digest (and a pool's ``split``, and the softmax
+    ``temperature`` fitted on val, if any), each atomically.
 
     A kill between the two renames leaves new weights beside the old sidecar: its digest no longer
     matches, and loading says so instead of naming the classes wrongly.
@@ -252,6 +254,7 @@ def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list
         "class_names": class_names,
         **preprocessing(cfg),
         "split": split,
+        "temperature": temperature,
         "config": config,
         "metrics": metrics or {},
     }

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,12 +23,60 @@ app = typer.Typer(
 
 _state = {"debug": False}
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/).")]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.epochs=1."),
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", metavar="FILE|PRESET",
+    help="YAML config file, or a shipped preset: pet, keras_gap, demo (vggft configs lists them).")]
+
+
+def _set_option(example: str):
+    """--set, with an example that fits the command."""
+    return Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", metavar="KEY=VALUE",
+        help=f"Override a config key (repeatable), e.g. --set {example}; every key: vggft configs --defaults.")]
+
+
+SetOpt = _set_option("train.epochs=1")
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or progress lines.")]
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+class Suggestion(str, Enum):
+    valley = "valley"
+    steepest = "steepest"
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    pt2 = "pt2"
+    torchscript = "torchscript"
+
+
+def _no_flag_metavar() -> None:
+    """typer 0.2x shows '<bool>' beside on/off flags in --help, as if they took a value: show nothing there."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - typer without its own core
+        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "vggft", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.vggft = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_no_flag_metavar()
+WeightsOpt = Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")]
+InputsArg = Annotated[list[Path], typer.Argument(metavar="IMAGE_OR_DIR", help="Image files and/or folders "
+                                                 "(searched recursively, hidden files skipped).")]
 
 
 def _handle_errors(command):
@@ -58,7 +108,7 @@ def _handle_errors(command):
 
 
 def _rank() -> int:
-    from .distributed import environment_rank
+    from .env import environment_rank
 
     return environment_rank()
 
@@ -81,6 +131,34 @@ def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def _require(ok: bool, option: str, expected: str, got) -> None:
+    """A senseless option value is one line and exit 2, like a config mistake."""
+    if not ok:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{option}: expected {expected}, got {got}")
+
+
+def _check_pretrained(cfg) -> None:
+    """A model.weights that is neither null, a file nor a torchvision weights name of model.arch is a config
+    mistake: said before any work (torchvision's list of names is read; nothing is loaded)."""
+    name = cfg.model.weights
+    if name is None:
+        return
+    path = Path(name).expanduser()
+    if path.suffix in (".pth", ".pt", ".bin") or os.sep in name or path.exists():
+        return  # a file: read (and judged) when the model is built
+    from .artifacts import torchvision_weights
+    from .errors import ConfigError, WeightsError
+
+    try:
+        torchvision_weights(cfg.model.arch, name)
+    except WeightsError as err:
+        fix = ("for random init write null, not None" if name.lower() == "none"
+               else "use one of those names, a local .pth state_dict, or null for random init")
+        raise ConfigError(f"{err}; {fix}") from None
+
+
 def _print_version(value: bool) -> None:
     if value:
         from . import __version__
@@ -96,6 +174,8 @@ def main(
                                           is_eager=True)] = False,
 ) -> None:
     _state["debug"] = debug
+    if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8 is printed as its bytes, as ls does
+        sys.stdout.reconfigure(errors="surrogateescape")
 
 
 @app.command()
@@ -109,6 +189,7 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune: frozen backbone, new head; evaluate on test; save weights, sidecar and a run folder."""
+    _require(nproc >= 1, "--nproc", "1 or more processes", nproc)
     overrides = [*(set_ or []), *([f"output.name={name}"] if name else [])]
     if resume:
         if config is not None:
@@ -118,12 +199,13 @@ def train(
                               "drop --config, or start a new run with it")
         from .config import resume_overrides_refused
 
-        resume_overrides_refused(set_ or [])  # before torch is imported
+        resume_overrides_refused(overrides)  # before torch is imported (--name too: the run folder is the run's)
         from .train import resume_config
 
-        cfg = resume_config(resume, set_ or [])
+        cfg = resume_config(resume, overrides)
     else:
         cfg = _config(config, overrides)
+    _check_pretrained(cfg)
     _output(quiet)
     if nproc != 1:
         from .launch import launch_train
@@ -148,20 +230,25 @@ def eval_(
         "models/VGG16.pt"
     ),
     config: ConfigOpt = None,
-    set_: SetOpt = None,
-    split: Annotated[str, typer.Option(help="Which split to score: test or val.")] = "test",
-    topk: Annotated[int, typer.Option(help="Also report acc@k for this k.")] = 5,
-    misclassified: Annotated[int, typer.Option(help="Save a grid of the N most confident mistakes.")] = 0,
+    set_: _set_option("data.root=other/images") = None,
+    split: Annotated[Split, typer.Option(help="Which split to score.")] = Split.test,
+    topk: Annotated[int, typer.Option(help="Also report acc@k for this k (1 or more).")] = 5,
+    misclassified: Annotated[int, typer.Option(help="Save a grid of the N most confident mistakes (0: none).")] = 0,
+    top_losses: Annotated[int, typer.Option(help="Save a grid and a CSV of the N highest-loss images (0: none).")] = 0,
+    explain: Annotated[bool, typer.Option("--explain", help="Draw Grad-CAM heatmaps on those grids.")] = False,
     plots: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: beside the weights).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """acc@1 and acc@k over every image of the test split, per-class precision/recall/F1, confusion matrix."""
+    _require(topk >= 1, "--topk", "1 or more", topk)
+    _require(misclassified >= 0, "--misclassified", "0 (no grid) or more", misclassified)
     _output(quiet)
     from .evaluate import evaluate_weights
 
-    metrics, _, written = evaluate_weights(weights, config, set_ or [], split=split, topk=topk,
-                                           misclassified=misclassified, plots_dir=plots)
+    metrics, _, written = evaluate_weights(weights, config, set_ or [], split=split.value, topk=topk,
+                                           misclassified=misclassified, plots_dir=plots, top_losses=top_losses,
+                                           explain=explain)
     if as_json:
         typer.echo(json.dumps({**metrics.to_dict(), "files": [str(p) for p in written]}, indent=2))
         return
@@ -173,44 +260,67 @@ def eval_(
     rows = metrics.per_class()
     width = max(len("class"), *(len(r["class"]) for r in rows))
     typer.echo(f"{'class':<{width}}  {'images':>7}  {'correct':>7}  {'accuracy':>8}  {'precision':>9}  {'f1':>6}")
-    for r in rows:
+    for r in rows:  # precision of a class never predicted is undefined: n/a, not 0 %
+        precision = f"{'n/a':>9}" if r["precision"] is None else f"{100 * r['precision']:>8.2f}%"
         typer.echo(f"{r['class']:<{width}}  {r['support']:>7}  {r['correct']:>7}  {100 * r['accuracy']:>7.2f}%"
-                   f"  {100 * r['precision']:>8.2f}%  {r['f1']:>6.3f}")
+                   f"  {precision}  {r['f1']:>6.3f}")
     typer.echo("Confusion matrix (rows: true class)")
     typer.echo(metrics.confusion_table())
+    _echo_eval_extras(metrics)
     for path in written:
         typer.echo(f"Wrote {path}")
+
+
+def _echo_eval_extras(metrics) -> None:
+    """Most confused pairs and calibration, below eval's confusion matrix."""
+    pairs = metrics.confused_pairs(limit=10)
+    if pairs:
+        typer.echo("Most confused pairs (true -> predicted: count)")
+        width = max(len(f"{p['true']} -> {p['predicted']}") for p in pairs)
+        for p in pairs:
+            typer.echo(f"  {p['true'] + ' -> ' + p['predicted']:<{width}}  {p['count']}")
+    cal = metrics.extra["calibration"]
+    line = f"ECE ({cal['bins']} bins): {cal['ece']:.4f} uncalibrated"
+    if cal["temperature"] is not None:
+        line += f", {cal['ece_calibrated']:.4f} calibrated (temperature {cal['temperature']:.3f})"
+    else:
+        line += " (the sidecar holds no temperature: trained without a val split, or train.calibrate: false)"
+    typer.echo(line)
 
 
 @app.command()
 @_handle_errors
 def summary(
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: _set_option("model.head=gap") = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Classes of the new head (default: model.num_classes or 2).")] = None,
 ) -> None:
     """The torchinfo table of the model as configured; needs no data and no weights file."""
+    _require(num_classes is None or num_classes >= 1, "--num-classes", "1 or more", num_classes)
+    cfg = _config(config, set_)
     from .preview import summary as model_summary
+    from .preview import summary_text
 
-    typer.echo(str(model_summary(_config(config, set_), num_classes)))
+    typer.echo(summary_text(model_summary(cfg, num_classes)))
 
 
 @app.command("show-batch")
 @_handle_errors
 def show_batch(
     config: ConfigOpt = None,
-    set_: SetOpt = None,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "train",
+    set_: _set_option("data.augment=light") = None,
+    split: Annotated[Split, typer.Option(help="Which split to draw from (train: with its augmentation).")] = Split.train,
     out: Annotated[Optional[Path], typer.Option(help="PNG path (default: beside output.weights).")] = None,
     count: Annotated[Optional[int], typer.Option(help="Images in the grid (default: data.batch_size).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Save a PNG grid of one batch, de-normalised to real colours, titled with class names."""
+    _require(count is None or count >= 1, "--count", "1 or more images", count)
     cfg = _config(config, set_)
     _output(quiet)
     from .preview import show_batch as save_batch
 
-    path = save_batch(cfg, split=split, out=out, count=count)
+    path = save_batch(cfg, split=split.value, out=out, count=count)
     typer.echo(str(path))
 
 
@@ -218,21 +328,38 @@ def show_batch(
 @_handle_errors
 def check_data(
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: _set_option("data.root=path/to/images") = None,
     quarantine: Annotated[Optional[Path], typer.Option(help="Move unreadable files here (paths kept); deletes nothing.")] = None,
-    max_imbalance: Annotated[float, typer.Option(help="Largest/smallest class ratio that counts as a problem.")] = 10.0,
+    max_imbalance: Annotated[float, typer.Option(
+        help="Largest/smallest class ratio that counts as a problem (greater than 1).")] = 10.0,
+    near_duplicates: Annotated[bool, typer.Option("--near-duplicates", help="Also find resized, recompressed or "
+                                                  "cropped copies (cosine similarity of pooled backbone features).")] = False,
+    similarity: Annotated[float, typer.Option(help="Cosine similarity at which --near-duplicates links two images.")] = 0.97,
     quiet: QuietOpt = False,
 ) -> None:
     """Scan every image: unreadable files, sizes, class balance, duplicates across and within splits.
 
     Exits 1 when it finds something that would break or bias training.
     """
+    _require(max_imbalance > 1, "--max-imbalance", "a ratio greater than 1 (largest / smallest class), e.g. 10",
+             max_imbalance)
     cfg = _config(config, set_)
     _output(quiet)
     from .data import check
     from .reports import format_report
 
+    if quarantine is not None:
+        check.check_destination(quarantine)  # before the scan: nothing half-done
+
+    if similarity != 0.97 and not near_duplicates:
+        from .errors import ConfigError
+
+        raise ConfigError("--similarity: sets the threshold of --near-duplicates; add --near-duplicates")
     report = check.check_data(cfg, max_imbalance=max_imbalance)
+    if near_duplicates:
+        from .near_duplicates import find_near_duplicates
+
+        find_near_duplicates(cfg, report, similarity)
     typer.echo(format_report(report))
     if quarantine is not None and report.bad:
         moved = check.quarantine(report, quarantine)
@@ -245,22 +372,21 @@ def check_data(
 @app.command()
 @_handle_errors
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(metavar="IMAGE_OR_DIR", help="Image files and/or folders "
-                                                 "(searched recursively, hidden files skipped).")],
-    weights: Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")] = Path(
-        "models/VGG16.pt"
-    ),
+    inputs: InputsArg,
+    weights: WeightsOpt = Path("models/VGG16.pt"),
     config: ConfigOpt = None,
-    set_: SetOpt = None,
-    topk: Annotated[int, typer.Option(help="Classes to report per image, most probable first.")] = 5,
-    csv_path: Annotated[
-        Optional[Path], typer.Option("--csv", help="Also write path,rank,class,probability rows here.")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    set_: _set_option("train.device=cpu") = None,
+    topk: Annotated[int, typer.Option(help="Classes to report per image, most probable first (1 or more).")] = 5,
+    csv_path: Annotated[Optional[Path], typer.Option(
+        "--csv", help="Also write path,rank,class,probability,error rows here (error: why a file could not be "
+        "read; its other columns empty).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (1 or more).")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Classify images with saved weights, preprocessed exactly as in training; unreadable files are reported."""
+    _require(topk >= 1, "--topk", "1 or more", topk)
+    _require(batch_size >= 1, "--batch-size", "1 or more images", batch_size)
     _output(quiet)
     from .inference import predict as run_predict
 
@@ -272,7 +398,9 @@ def predict(
     else:
         width = max(len("path"), *(len(r["path"]) for r in rows))
         name_width = max([len("top-1")] + [len(t["class"]) for r in rows for t in r["top"][:1]])
-        typer.echo(f"{'path':<{width}}  {'top-1':<{name_width}}  {'prob':>6}  others")
+        calibrated = next((f"  (calibrated probabilities, temperature {r['temperature']:.3f})" for r in rows
+                           if r.get("calibrated")), "")
+        typer.echo(f"{'path':<{width}}  {'top-1':<{name_width}}  {'prob':>6}  others{calibrated}")
         for r in rows:
             if "error" in r:
                 typer.echo(f"{r['path']:<{width}}  error: {r['error']}")
@@ -289,12 +417,48 @@ def predict(
         say(f"Wrote {csv_path}")
 
 
+@app.command()
+@_handle_errors
+def explain(
+    inputs: InputsArg,
+    weights: WeightsOpt = Path("models/VGG16.pt"),
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Explain this class (default: the predicted one).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for <stem>.cam.png (overlay) and <stem>.cam.npy (the map).")] = Path(
+        "explain"
+    ),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward and backward pass.")] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Grad-CAM: where in each image the network found the evidence for a class (heatmap PNG and .npy map)."""
+    _output(quiet)
+    from .explain import explain as run_explain
+
+    rows = run_explain(weights, inputs, config, set_ or [], class_name=class_name, out=out, batch_size=batch_size)
+    failed = sum("error" in r for r in rows)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        width = max(len("path"), *(len(r["path"]) for r in rows))
+        typer.echo(f"{'path':<{width}}  {'class':<12}  {'prob':>6}  overlay")
+        for r in rows:
+            if "error" in r:
+                typer.echo(f"{r['path']:<{width}}  error: {r['error']}")
+            else:
+                typer.echo(f"{r['path']:<{width}}  {r['class']:<12}  {r['probability']:.4f}  {r['overlay']}")
+    if failed:
+        _err(f"{failed} of {len(rows)} file(s) could not be read as images")
+
+
 def _write_predictions_csv(rows: list[dict], path: Path) -> None:
     import csv
 
     from .files import atomic_path
 
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                           errors="surrogateescape") as handle:  # a path's own bytes
         writer = csv.writer(handle)
         writer.writerow(["path", "rank", "class", "probability", "error"])
         for r in rows:
@@ -310,18 +474,19 @@ def export(
     weights: Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")] = Path(
         "models/VGG16.pt"
     ),
-    fmt: Annotated[str, typer.Option("--format", "-f", help="torchscript, or onnx (pip install onnx onnxscript "
-                                     "onnxruntime).")] = "torchscript",
+    fmt: Annotated[Optional[ExportFormat], typer.Option(
+        "--format", "-f", help="onnx (needs pip install onnx onnxscript onnxruntime), pt2 (torch.export), or "
+        "torchscript (deprecated upstream); default: onnx when those packages are installed, else pt2.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output file (default: beside the weights, "
-                                                "VGG16.torchscript.pt or VGG16.onnx).")] = None,
+                                                "VGG16.onnx, VGG16.pt2 or VGG16.torchscript.pt).")] = None,
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: _set_option("data.image_size=160") = None,
 ) -> None:
-    """Export to TorchScript or ONNX (batch of normalised images in, logits out), checked against PyTorch."""
+    """Export to ONNX, torch.export (.pt2) or TorchScript (normalised images in, logits out), checked against PyTorch."""
     from .export import TOLERANCE
     from .export import export as run_export
 
-    path, diff = run_export(weights, fmt, out, config, set_ or [])
+    path, diff = run_export(weights, fmt.value if fmt else None, out, config, set_ or [])
     typer.echo(f"Exported {path} (max |diff| vs PyTorch: {diff:.1e}, tolerance {TOLERANCE:.0e})")
 
 
@@ -351,7 +516,7 @@ def _table(header: list[str], rows: list[list[str]], left: int = 0) -> None:
 @_handle_errors
 def sweep(
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: _set_option("train.epochs=10") = None,
     grid: Annotated[Optional[list[str]], typer.Option("--grid", metavar="KEY=V1,V2,...", help="Values to try "
                     "(repeatable; every combination), e.g. --grid train.lr=1e-4,1e-3,1e-2.")] = None,
     range_: Annotated[Optional[list[str]], typer.Option("--range", metavar="KEY=LO:HI[:log]", help="A range to "
@@ -366,6 +531,7 @@ def sweep(
 ) -> None:
     """Train one head per setting on the cached rows (one extraction), rank them on val, write best.yaml."""
     cfg = _config(config, _named(set_, name))
+    _check_pretrained(cfg)
     from .sweepplan import parse_grid, parse_range, plan_trials, trial_configs
 
     plans = plan_trials([parse_grid(g) for g in grid or []], [parse_range(r) for r in range_ or []], trials, seed)
@@ -395,21 +561,26 @@ def sweep(
 @_handle_errors
 def lr_find(
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: _set_option("train.optimizer=adam") = None,
     start: Annotated[float, typer.Option(help="First learning rate.")] = 1e-7,
     end: Annotated[float, typer.Option(help="Last learning rate.")] = 10.0,
-    steps: Annotated[int, typer.Option(help="Batches to take (going round the train rows as needed).")] = 100,
+    steps: Annotated[int, typer.Option(help="Batches to take, 10 or more (going round the train rows as "
+                                       "needed).")] = 100,
     one_pass: Annotated[bool, typer.Option("--one-pass", help="One pass over the train rows instead of --steps.")] = False,
-    suggest: Annotated[str, typer.Option(help="Which suggestion to print: valley or steepest.")] = "valley",
+    suggest: Annotated[Suggestion, typer.Option(help="Which suggestion to print.")] = Suggestion.valley,
     name: NameOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """The learning-rate range test on cached rows: a loss-vs-lr plot and a suggested train.lr."""
+    _require(0 < start < end, "--start and --end", "0 < --start < --end", f"--start {start:g} --end {end:g}")
+    _require(one_pass or steps >= 10, "--steps", "10 or more (the first tenth and the last five are not used)",
+             steps)
     cfg = _config(config, _named(set_, name))
+    _check_pretrained(cfg)
     _output(quiet)
     from .lrfind import lr_find as run_lr_find
 
-    found = run_lr_find(cfg, start=start, end=end, steps=None if one_pass else steps, suggestion=suggest)
+    found = run_lr_find(cfg, start=start, end=end, steps=None if one_pass else steps, suggestion=suggest.value)
     test = found.test
     stopped = f"; {test.stopped}" if test.stopped else ""
     typer.echo(f"Range test: {len(test.lrs)} steps, lr {start:.0e} to {test.lrs[-1]:.2e}{stopped}")
@@ -423,14 +594,16 @@ def lr_find(
 @_handle_errors
 def kfold(
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: _set_option("model.head=gap") = None,
     folds: FoldsOpt = 5,
     seed: FoldSeedOpt = 0,
     name: NameOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Stratified k-fold cross-validation on the cached rows: accuracy per fold, mean and std, out-of-fold CSV."""
+    _require(folds >= 2, "--folds", "2 or more", folds)
     cfg = _config(config, _named(set_, name))
+    _check_pretrained(cfg)
     _output(quiet)
     from .folds import kfold as run_kfold
 
@@ -446,17 +619,20 @@ def kfold(
 @_handle_errors
 def label_issues(
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: _set_option("data.root=path/to/images") = None,
     folds: FoldsOpt = 5,
     seed: FoldSeedOpt = 0,
     out: Annotated[Optional[Path], typer.Option(help="Folder for the CSVs and the PNG (default: a new run folder).")] = None,
-    show: Annotated[int, typer.Option(help="Suspects in the grid PNG (and printed).")] = 16,
+    show: Annotated[int, typer.Option(help="Suspects in the grid PNG and printed (0: no grid).")] = 16,
     move: Annotated[Optional[Path], typer.Option(help="Move the suspects here for review (paths kept); deletes nothing.")] = None,
     name: NameOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Images whose label looks wrong: confident learning on k-fold out-of-fold probabilities."""
+    _require(folds >= 2, "--folds", "2 or more", folds)
+    _require(show >= 0, "--show", "0 (no grid) or more", show)
     cfg = _config(config, _named(set_, name))
+    _check_pretrained(cfg)
     _output(quiet)
     from .labelissues import label_issues as find
 
@@ -479,14 +655,46 @@ def label_issues(
 @app.command("make-demo")
 @_handle_errors
 def make_demo(
-    root: Annotated[Path, typer.Argument(help="Where to write the demo image folder.")] = Path("data/demo"),
-    train_per_class: int = 24,
-    test_per_class: int = 10,
+    root: Annotated[Path, typer.Argument(help="Where to write the demo image folder (made if missing).")] = Path(
+        "data/demo"),
+    train_per_class: Annotated[int, typer.Option(help="Training images per class (sea, sun).")] = 24,
+    test_per_class: Annotated[int, typer.Option(help="Test images per class (sea, sun).")] = 10,
 ) -> None:
-    """Write a small two-class image folder (train/ and test/) to try vggft offline."""
+    """Write a small two-class image folder (train/ and test/, 64 px JPEGs) to try vggft offline."""
+    _require(train_per_class >= 1, "--train-per-class", "1 or more images", train_per_class)
+    _require(test_per_class >= 1, "--test-per-class", "1 or more images", test_per_class)
     from .demo import make_demo_data
 
     typer.echo(str(make_demo_data(root, train_per_class, test_per_class)))
+
+
+@app.command("configs")
+@_handle_errors
+def configs(
+    show: Annotated[Optional[str], typer.Option(metavar="PRESET", help="Print that preset (a YAML file to copy and "
+                                                "edit).")] = None,
+    defaults: Annotated[bool, typer.Option("--defaults", help="Print every key with its default and what it "
+                                           "means (a config file to start from).")] = False,
+) -> None:
+    """The shipped presets (use one with --config NAME), one of them in full, or every key's default."""
+    from . import presets
+    from .errors import ConfigError
+
+    if show is not None and defaults:
+        raise ConfigError("--show and --defaults: give one of them")
+    if show is not None:
+        path = presets.find(show)
+        if path is None:
+            raise ConfigError(f"--show: no preset '{show}'; the presets are {', '.join(presets.names())}")
+        typer.echo(path.read_text(encoding="utf-8"), nl=False)
+        return
+    if defaults:
+        typer.echo(presets.defaults_yaml(), nl=False)
+        return
+    width = max(len(name) for name in presets.names())
+    for name in presets.names():
+        typer.echo(f"{name:<{width}}  {presets.description(name)}")
+    typer.echo("Use one with --config NAME; print it with vggft configs --show NAME; every key: --defaults")
 
 
 def run() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import reprlib
 import types
 import typing
@@ -34,8 +35,26 @@ def _non_negative(value: Any) -> str | None:
     return None if value >= 0 else "a number of 0 or more"
 
 
+MIN_IMAGE_SIZE = 32  # VGG's five max-pools halve the input five times: 32 px is the least that leaves a pixel
+
+
+def _image_size(value: Any) -> str | None:
+    return None if value >= MIN_IMAGE_SIZE else f"{MIN_IMAGE_SIZE} or more (VGG's five max-pools halve it to 1 px)"
+
+
+def _workers(value: Any) -> str | None:
+    return None if value == "auto" or value >= 0 else "'auto' or a number of 0 or more"
+
+
 def _fraction(value: Any) -> str | None:
     return None if 0 <= value < 1 else "a fraction from 0 up to (not including) 1"
+
+
+MAX_SEED = 2**63 - 1  # torch and numpy seed from 64 bits; a rank and epoch are added under torchrun
+
+
+def _seed(value: int) -> str | None:
+    return None if 0 <= value <= MAX_SEED else f"a whole number from 0 to {MAX_SEED}"
 
 
 def _split(value: list[float]) -> str | None:
@@ -44,6 +63,14 @@ def _split(value: list[float]) -> str | None:
     if value[0] <= 0 or value[2] <= 0:
         return "a split with a non-zero train and test fraction"
     return None
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _device(value: str) -> str | None:
+    """Spelling only (torch-free); whether the device is present is asked when it is used."""
+    return None if DEVICE.fullmatch(value.strip().lower()) else "auto, cpu, cuda, cuda:N or mps"
 
 
 def _check(check, **kwargs) -> Any:
@@ -55,32 +82,50 @@ def _check(check, **kwargs) -> Any:
 class DataConfig:
     root: str = "data/pet"
     """Holds train/ and test/ (optionally val/) of class folders, or one pool of class folders."""
-    image_size: int = _check(_positive, default=224)
+    image_size: int = _check(_image_size, default=224)
+    """Side of the square the network sees, in pixels (32 or more: VGG halves it five times)."""
     resize: int | None = _check(_positive, default=256)
     """Shorter side is resized to this, then centre-cropped to image_size; null squashes
     the whole image to image_size x image_size (the Keras recipe)."""
     normalize: Literal["imagenet", "symmetric"] = "imagenet"
     """imagenet: torchvision's mean/std; symmetric: pixels scaled to [-1, 1]."""
     batch_size: int = _check(_positive, default=4)
+    """Training batch size (per process under torchrun)."""
     eval_batch_size: int = _check(_positive, default=32)
     """Batch size of feature extraction and evaluation: no gradients, so it can be larger."""
-    num_workers: int | Literal["auto"] = "auto"
+    num_workers: int | Literal["auto"] = _check(_workers, default="auto")
+    """DataLoader worker processes; auto: the cores on CUDA, none on a small CPU."""
+    decode: Literal["auto", "pil", "gpu"] = "auto"
+    """How feature extraction decodes images. pil: Pillow in the DataLoader workers. gpu: the workers read
+    file bytes; batches of JPEGs are decoded by torchvision.io.decode_jpeg on the device and resized,
+    cropped and normalised there as tensors (without CUDA the same tensor path runs on the CPU); a file it
+    cannot take (PNG, CMYK, progressive, EXIF-rotated, rejected) goes through Pillow, counted in a note.
+    auto: gpu on CUDA, pil elsewhere. Part of the feature-cache key (tensor resizing differs slightly
+    from Pillow's); training on decoded images (cache off) always uses Pillow."""
     split: list[float] = _check(_split, default_factory=lambda: [0.8, 0.1, 0.1])
     """How a single pool of class folders is split into train/val/test (stratified)."""
     split_seed: int = 0
+    """Seed of the pool split (and of carving val_fraction out of train)."""
     val_fraction: float = _check(_fraction, default=0.0)
     """Carve this fraction of train out as validation when there is no val split."""
     bad_images: Literal["skip", "error"] = "skip"
+    """Unreadable images: skip them (reported once), or stop before any training."""
     balance: Literal["none", "weights", "sampler"] = "none"
+    """Class imbalance: weights (class-weighted loss) or sampler (weighted sampling)."""
     augment: Literal["none", "light", "strong"] = "none"
+    """Training augmentation: light (random resized crop, flip) or strong (wider crop, colour jitter,
+    rotation); either turns the feature cache off."""
 
 
 @dataclass
 class ModelConfig:
     arch: Arch = "vgg16"
+    """The torchvision VGG architecture; _bn: with batch norm."""
     weights: str | None = "IMAGENET1K_V1"
     """A torchvision weights name (IMAGENET1K_V1, DEFAULT), a local .pth state_dict, or null."""
     head: Literal["classifier6", "gap"] = "classifier6"
+    """classifier6: VGG's last Linear swapped for n outputs (the PyTorch tutorial); gap: global average
+    pool, Linear(512, 512), ReLU, Linear(512, n) (the Keras tutorial)."""
     num_classes: int | None = _check(_positive, default=None)
     """null: the number of class folders in the training split."""
     dropout: float = _check(_fraction, default=0.5)
@@ -98,12 +143,16 @@ class EarlyStoppingConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _check(_positive, default=5)
+    """Passes over the training split."""
     lr: float = _check(_positive, default=1.0e-4)
+    """Learning rate of the head."""
     backbone_lr: float | None = _check(_positive, default=None)
     """Learning rate of unfrozen backbone blocks; null: lr / 10."""
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     momentum: float = _check(_non_negative, default=0.0)
+    """SGD momentum."""
     nesterov: bool = False
+    """Nesterov momentum (sgd with momentum > 0)."""
     weight_decay: float = _check(_non_negative, default=0.0)
     scheduler: Literal["none", "cosine", "step", "onecycle"] = "none"
     """cosine: to 0 over the epochs after warmup; step: x gamma every step_size epochs; onecycle: torch's
@@ -111,16 +160,25 @@ class TrainConfig:
     warmup_epochs: int = _check(_non_negative, default=0)
     """Linear warmup from 0 to lr over this many epochs (cosine, step)."""
     step_size: int = _check(_positive, default=10)
+    """Epochs between learning-rate drops of scheduler step."""
     gamma: float = _check(_positive, default=0.1)
+    """Factor of each drop of scheduler step."""
     label_smoothing: float = _check(_fraction, default=0.0)
+    """Cross-entropy label smoothing."""
     grad_clip: float | None = _check(_positive, default=None)
+    """Largest gradient norm; null: no clipping."""
     early_stopping: EarlyStoppingConfig = field(default_factory=lambda: EarlyStoppingConfig())
     head_only_epochs: int = _check(_non_negative, default=0)
     """Two-stage fine-tuning: train the head alone this many epochs, then the model.unfreeze blocks too."""
-    seed: int = 0
-    device: str = "auto"
+    seed: int = _check(_seed, default=0)
+    """Seeds the head's initialisation, shuffling and dropout."""
+    device: str = _check(_device, default="auto")
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    """Autocast: auto is bf16 (or fp16) on CUDA and fp32 on CPU; off: always fp32."""
+    calibrate: bool = True
+    """Fit a softmax temperature on the val split after training (Guo et al. 2017) and store it in the
+    sidecar, so that predict reports calibrated probabilities; needs a val split. false: don't."""
 
 
 @dataclass
@@ -139,6 +197,9 @@ class OutputConfig:
     """Each train writes runs_dir/<name>/: config, metrics.csv, last.pt, best.pt, plots."""
     name: str | None = None
     """Run folder name; null: train, train2, train3, ..."""
+    tensorboard: bool = False
+    """Also write the epoch scalars of metrics.csv, the curves and the test confusion matrix as TensorBoard
+    events under the run folder's tensorboard/ (needs the tensorboard package: pip install 'vggft[tensorboard]')."""
 
 
 @dataclass
@@ -160,7 +221,7 @@ RENAMED_KEYS: dict[str, str] = {}
 # What can still take effect when a run goes on from its last.pt: anything else would be recorded in
 # config.yaml and the sidecar without having changed the training (the optimizer state holds the lr, ...).
 RESUMABLE_KEYS = ("train.epochs", "train.early_stopping.patience", "train.device", "output.weights",
-                  "data.num_workers", "data.eval_batch_size", "cache.enabled", "cache.dir")
+                  "data.num_workers", "data.eval_batch_size", "cache.enabled", "cache.dir", "train.calibrate")
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of keys; anything larger is not one
 
@@ -188,10 +249,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     raw: dict[str, Any] = {}
     if base:
         _merge(raw, migrate_config(base))
-    source = "config"
+    source = "--set" if overrides else "config"  # what the consistency checks name when no file was given
     if path is not None:
-        source = str(path)
-        _merge(raw, migrate_config(_read_yaml(Path(path)), _renamed_note(source)))
+        path, source = config_file(path)
+        _merge(raw, migrate_config(_read_yaml(path), _renamed_note(source)))
     origins = {}
     for override in overrides:
         key, value = parse_override(override)
@@ -199,6 +260,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         _set_dotted(raw, key, value)
         origins[key] = "--set"
     return config_from_dict(raw, source, origins)
+
+
+def config_file(path: str | Path) -> tuple[Path, str]:
+    """(file, name for messages) of ``--config``: a file, else a preset of that name (``--config pet``)."""
+    path = Path(path)
+    if not path.is_file() and path.parent == Path("."):
+        from .presets import find
+
+        preset = find(path.name)
+        if preset is not None:
+            return preset, f"preset {preset.stem}"
+    return path, str(path)
 
 
 def _renamed_note(source: str):
@@ -219,34 +292,47 @@ def config_from_dict(raw: dict[str, Any], source: str = "config", origins: dict[
     try:
         cfg = _build(Config, raw, prefix="", source=source, origins=origins or {})
     except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply to be a vggft config; see configs/ for the shape") from None
-    check_consistency(cfg, source)
+        raise ConfigError(f"{source}: nested too deeply to be a vggft config; see vggft configs --defaults for the shape") from None
+    check_consistency(cfg, source, origins)
     return cfg
 
 
-def check_consistency(cfg: Config, source: str = "config") -> None:
-    """Settings that would silently do nothing are refused, naming the key and what would make it work."""
-    t, m = cfg.train, cfg.model
+def check_consistency(cfg: Config, source: str = "config", origins: dict[str, str] | None = None) -> None:
+    """Settings that would silently do nothing are refused, naming the key, where it came from (the file, or
+    ``--set``: ``origins``) and what would make it work."""
+    t, m, d = cfg.train, cfg.model, cfg.data
+    problem = _inconsistency(t, m, d)
+    if problem is not None:
+        key, text = problem
+        raise ConfigError(f"{(origins or {}).get(key, source)}: {key}{text}")
+
+
+def _inconsistency(t: TrainConfig, m: ModelConfig, d: DataConfig) -> tuple[str, str] | None:
+    """(key, the rest of the message) of the first setting that would do nothing, or None."""
+    if d.resize is not None and d.resize < d.image_size:
+        return "data.resize", (f": {d.resize} is smaller than data.image_size {d.image_size} (the crop would be "
+                               f"padded with black); set resize to {d.image_size} or more, or null")
     if t.head_only_epochs and not m.unfreeze:
-        raise ConfigError(f"{source}: train.head_only_epochs: {t.head_only_epochs} does nothing without "
-                          "model.unfreeze (nothing to thaw later); set model.unfreeze, or head_only_epochs: 0")
+        return "train.head_only_epochs", (f": {t.head_only_epochs} does nothing without model.unfreeze (nothing to "
+                                          "thaw later); set model.unfreeze, or head_only_epochs: 0")
     if t.head_only_epochs and t.head_only_epochs >= t.epochs:
-        raise ConfigError(f"{source}: train.head_only_epochs: {t.head_only_epochs} leaves no epoch of the "
-                          f"{t.epochs} for the unfrozen blocks; raise train.epochs or lower head_only_epochs")
+        return "train.head_only_epochs", (f": {t.head_only_epochs} leaves no epoch of the {t.epochs} for the "
+                                          "unfrozen blocks; raise train.epochs or lower head_only_epochs")
     if t.backbone_lr is not None and not m.unfreeze:
-        raise ConfigError(f"{source}: train.backbone_lr does nothing while the backbone is frozen; "
-                          "set model.unfreeze, or remove backbone_lr")
+        return "train.backbone_lr", (" does nothing while the backbone is frozen; set model.unfreeze, or remove "
+                                     "backbone_lr")
     if t.warmup_epochs and t.scheduler == "onecycle":
-        raise ConfigError(f"{source}: train.warmup_epochs does nothing with scheduler onecycle (it warms up by "
-                          "itself); remove warmup_epochs, or use scheduler cosine or step")
+        return "train.warmup_epochs", (" does nothing with scheduler onecycle (it warms up by itself); remove "
+                                       "warmup_epochs, or use scheduler cosine or step")
     if t.warmup_epochs and t.warmup_epochs >= t.epochs and t.scheduler != "none":
-        raise ConfigError(f"{source}: train.warmup_epochs: {t.warmup_epochs} is the whole run of {t.epochs} "
-                          "epoch(s); lower it or raise train.epochs")
+        return "train.warmup_epochs", (f": {t.warmup_epochs} is the whole run of {t.epochs} epoch(s); lower it "
+                                       "or raise train.epochs")
     if t.nesterov and (t.optimizer != "sgd" or t.momentum == 0):
-        raise ConfigError(f"{source}: train.nesterov needs optimizer sgd with momentum > 0 "
-                          f"(got {t.optimizer}, momentum {t.momentum:g}); set train.momentum, e.g. 0.9")
+        return "train.nesterov", (f" needs optimizer sgd with momentum > 0 (got {t.optimizer}, momentum "
+                                  f"{t.momentum:g}); set train.momentum, e.g. 0.9")
     if t.momentum and t.optimizer != "sgd":
-        raise ConfigError(f"{source}: train.momentum is an sgd setting; {t.optimizer} ignores it; remove it")
+        return "train.momentum", f" is an sgd setting; {t.optimizer} ignores it; remove it"
+    return None
 
 
 def resume_overrides_refused(overrides: list[str]) -> None:
@@ -274,7 +360,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass an existing YAML file to --config (see configs/)")
+        from .presets import find, names
+
+        hint = f"; the preset of that name is --config {path.stem}" if find(path.name) else ""
+        raise ConfigError(f"{path}: config file not found{hint}; pass an existing YAML file to --config, or a "
+                          f"preset name ({', '.join(names())}; vggft configs lists them)")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a config "
                           f"(at most {MAX_CONFIG_BYTES:,}); pass the YAML file of settings")
@@ -283,7 +373,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file; --config takes a YAML file") from None
     except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to be a vggft config; see configs/ for the shape") from None
+        raise ConfigError(f"{path}: nested too deeply to be a vggft config; see vggft configs --defaults for the shape") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -410,6 +500,11 @@ def _try_convert(value: Any, hint: Any) -> Any:
             return _NO
         items = [_try_convert(v, item) for v in value]
         return _NO if any(i is _NO for i in items) else items
+    return _convert_scalar(value, hint)
+
+
+def _convert_scalar(value: Any, hint: Any) -> Any:
+    """bool, int, float or str from what YAML (or --set) made of the text."""
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -448,7 +543,8 @@ def _describe(hint: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+        item = _describe(typing.get_args(hint)[0])
+        return f"a list of {item.removeprefix('a ')}s"
     return {bool: "true/false", int: "a whole number", float: "a number", str: "a non-empty string"}[hint]
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from .errors import OutputError
+from .files import atomic_path
+
 CLASSES = ("sea", "sun")
 
 
@@ -34,16 +37,27 @@ def _picture(kind: str, rng: random.Random, size: int) -> Image.Image:
 
 def make_demo_data(root: str | Path, train_per_class: int = 24, test_per_class: int = 10,
                    size: int = 64, seed: int = 0) -> Path:
-    """Write root/{train,test}/{sea,sun}/*.jpg; existing files are left as they are."""
+    """Write root/{train,test}/{sea,sun}/*.jpg; existing files are left as they are.
+
+    A root that is a file, lies under a file, or cannot be written is an OutputError naming it.
+    """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"make-demo: '{root}' is a file, not a folder; give a folder path such as data/demo")
     rng = random.Random(seed)
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for kind in CLASSES:
-            folder = root / split / kind
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                path = folder / f"{kind}.{index:04d}.jpg"
-                picture = _picture(kind, rng, size)
-                if not path.exists():
-                    picture.save(path, quality=90)
+    try:
+        for split, count in (("train", train_per_class), ("test", test_per_class)):
+            for kind in CLASSES:
+                folder = root / split / kind
+                folder.mkdir(parents=True, exist_ok=True)
+                for index in range(count):
+                    path = folder / f"{kind}.{index:04d}.jpg"
+                    picture = _picture(kind, rng, size)
+                    if not path.exists():
+                        with atomic_path(path) as tmp:  # a full disk leaves no half-written JPEG behind
+                            picture.save(tmp, format="JPEG", quality=90)
+    except OSError as err:
+        where = f"'{err.filename}'" if err.filename else f"'{root}'"
+        raise OutputError(f"make-demo: cannot write {where} ({err.strerror or err}); choose a writable folder "
+                          "for PATH") from None
     return root

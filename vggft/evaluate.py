@@ -6,22 +6,27 @@ saved by the tutorial's script (class count read from the weights, class names f
 
 from __future__ import annotations
 
+import csv
+import os
 from pathlib import Path
 
 import torch
 
-from .data import DataSplits, prepare_data
-from .data.images import open_rgb
+from .calibration import calibration_summary
+from .config import Config
+from .data import DataSplits, find_splits
+from .data.images import drop_bad_images, open_rgb
 from .data.loaders import make_loader
 from .data.transforms import eval_transform, normalization
 from .device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
 from .engine import evaluate
-from .errors import DataError, OutputError, WeightsError
+from .errors import ConfigError, DataError, OutputError, WeightsError
 from .features import FeatureSource
+from .files import atomic_path, cache_root
 from .inference import TrainedModel, load_model
 from .logs import log
 from .metrics import Metrics
-from .reports import save_confusion, save_image_grid
+from .reports import save_confusion, save_image_grid, save_reliability
 
 
 def align_labels(trained: TrainedModel, splits: DataSplits) -> DataSplits:
@@ -48,6 +53,17 @@ def align_labels(trained: TrainedModel, splits: DataSplits) -> DataSplits:
     return DataSplits(splits.root, splits.layout, list(trained.class_names), relabelled)
 
 
+def one_split(cfg: Config, record: dict | None, source: str, split: str) -> DataSplits:
+    """The ``split`` alone, its images decoded (verdicts cached) and the unreadable ones skipped or an error:
+    the other splits' files are not read, and not counted in the "Skipping N unreadable image(s)" note."""
+    found = find_splits(cfg.data, record, source)
+    if not found[split]:
+        raise DataError(f"{found.root}: the {split} split has no images; choose another with --split")
+    only = DataSplits(found.root, found.layout, found.class_names, {split: found[split]})
+    splits, _ = drop_bad_images(only, cfg.data, cache_root(cfg.cache.dir) if cfg.cache.enabled else None)
+    return splits
+
+
 def evaluate_weights(
     weights: Path,
     config: Path | None = None,
@@ -57,40 +73,104 @@ def evaluate_weights(
     topk: int = 5,
     misclassified: int = 0,
     plots_dir: Path | None = None,
+    top_losses: int = 0,
+    explain: bool = False,
 ) -> tuple[Metrics, TrainedModel, list[Path]]:
-    """acc@1 (and per-class figures) of saved weights on every image of ``split``."""
+    """acc@1 (and per-class figures, confused pairs, calibration) of saved weights on every image of ``split``.
+
+    ``misclassified``/``top_losses``: grids of the N most confident mistakes / N highest-loss images (the
+    latter with a CSV); ``explain`` draws Grad-CAM heatmaps of the predicted class on those grids.
+    """
+    if misclassified < 0 or top_losses < 0:
+        raise ConfigError("--misclassified, --top-losses: expected a count of 0 or more")
+    if explain and not (misclassified or top_losses):
+        raise ConfigError("--explain draws heatmaps on the --misclassified or --top-losses grid; add "
+                          "--misclassified N (or --top-losses N)")
     trained = load_model(weights, config, overrides)
     cfg = trained.cfg
     device = resolve_device(cfg.train.device)
     prepare_backend(device)
     record = trained.sidecar.get("split") if trained.sidecar else None
-    splits, _ = prepare_data(cfg, record, str(weights))
-    splits = align_labels(trained, splits)
+    splits = align_labels(trained, one_split(cfg, record, str(weights), split))
     samples = splits[split]
-    if not samples:
-        raise DataError(f"{splits.root}: the {split} split has no images; choose another with --split")
     precision = autocast_dtype(device, cfg.train.amp)
     source = FeatureSource(trained.model, cfg, device, precision)
     with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
         loader = make_loader(source.dataset(samples, desc=split), cfg.data.eval_batch_size, device=device,
                              num_workers=source.loader_workers)
         metrics = evaluate(source.module, loader, device, precision, names=trained.names,
-                           ks=sorted({1, topk}), keep=misclassified > 0, desc=f"Evaluating {split}")
-    folder = Path(plots_dir) if plots_dir else Path(weights).parent
-    stem = Path(weights).stem
-    written = []
-    try:  # the scores are the result; a plot that cannot be written is a note, not a failure
-        written.append(save_confusion(metrics.confusion, metrics.class_names, folder / f"{stem}.confusion_{split}.png"))
-    except OutputError as err:
-        log.warning(f"Confusion matrix PNG not written ({err}); choose a folder with --plots DIR")
+                           ks=sorted({1, topk}), keep=True, desc=f"Evaluating {split}")
+    metrics.extra["calibration"] = calibration_summary(torch.cat(metrics.logits), torch.cat(metrics.labels),
+                                                       trained.temperature)
+    out = _Plots(Path(plots_dir) if plots_dir else Path(weights).parent, Path(weights).stem, split)
+    title = f"{Path(weights).name} on the {split} split: {metrics.summary_line()}"
+    out.write("Confusion matrix PNG", save_confusion, metrics.confusion, metrics.class_names,
+              out.path("confusion", "png"), title, False)
+    out.write("Row-normalised confusion matrix PNG", save_confusion, metrics.confusion, metrics.class_names,
+              out.path("confusion", "png", "_normalized"), title, True)
+    out.write("Reliability diagram PNG", save_reliability, metrics.extra["calibration"], out.path("reliability", "png"))
     mistakes = metrics.worst_mistakes(misclassified)
     if mistakes:
-        images = torch.stack([eval_transform(cfg.data)(open_rgb(samples[i][0])) for i, *_ in mistakes])
         names = metrics.class_names
-        titles = [f"true {names[t]}\npred {names[p]} {c:.2f}" for _, t, p, c in mistakes]
-        mean, std = normalization(cfg.data)
-        written.append(save_image_grid(images, titles, mean, std, folder / f"{stem}.misclassified_{split}.png",
-                                       title_colors=["red"] * len(mistakes)))
+        titles = [f"true {names[t]}\npred {names[p]} ({c:.2f})\n{os.path.relpath(samples[i][0], splits.root)}"
+                  for i, t, p, c in mistakes]
+        out.write("Mistakes grid", _grid, trained, samples, mistakes, titles, ["red"] * len(mistakes), explain,
+                  out.path("misclassified", "png"), device)
     elif misclassified > 0:
         log.info(f"--misclassified: no mistakes on the {split} split, so no grid was written")
-    return metrics, trained, written
+    if top_losses:
+        _top_losses(metrics, trained, samples, top_losses, explain, out, device)
+    return metrics, trained, out.written
+
+
+class _Plots:
+    """Where eval's files go (``<folder>/<stem>.<kind>_<split>.<ext>``) and which were written."""
+
+    def __init__(self, folder: Path, stem: str, split: str):
+        self.folder, self.stem, self.split, self.written = folder, stem, split, []
+
+    def path(self, kind: str, ext: str, suffix: str = "") -> Path:
+        return self.folder / f"{self.stem}.{kind}_{self.split}{suffix}.{ext}"
+
+    def write(self, what: str, save, *args) -> None:
+        try:  # the scores are the result; a file that cannot be written is a note, not a failure
+            self.written.append(save(*args))
+        except OutputError as err:
+            log.warning(f"{what} not written ({err}); choose a folder with --plots DIR")
+
+
+def _grid(trained: TrainedModel, samples, picked: list[tuple], titles: list[str], colors: list[str],
+          explain: bool, path: Path, device: torch.device) -> Path:
+    """The picked samples (index, true, predicted, ...) as a titled grid, with Grad-CAM of the prediction if asked."""
+    cfg = trained.cfg
+    images = torch.stack([eval_transform(cfg.data)(open_rgb(samples[i][0])) for i, *_ in picked])
+    heatmaps = None
+    if explain:
+        from .explain import grad_cam
+
+        heatmaps = grad_cam(trained.model.to(device), images.to(device), [p for _, _, p, *_ in picked]).maps
+    mean, std = normalization(cfg.data)
+    return save_image_grid(images, titles, mean, std, path, title_colors=colors, heatmaps=heatmaps)
+
+
+def _top_losses(metrics: Metrics, trained: TrainedModel, samples, count: int, explain: bool, out: _Plots,
+                device: torch.device) -> None:
+    """The ``count`` highest-loss images: a CSV (path, true, predicted, probability, loss) and a grid."""
+    worst = metrics.top_losses(count)
+    names = metrics.class_names
+    rows = [{"path": samples[i][0], "true": names[t], "predicted": names[p], "probability": c, "loss": loss}
+            for i, t, p, c, loss in worst]
+    metrics.extra["top_losses"] = rows
+    out.write("Top-losses CSV", _write_csv, rows, out.path("top_losses", "csv"))
+    titles = [f"true {r['true']}\npred {r['predicted']} {r['probability']:.2f}\nloss {r['loss']:.2f}" for r in rows]
+    colors = ["green" if r["true"] == r["predicted"] else "red" for r in rows]
+    out.write("Top-losses grid", _grid, trained, samples, worst, titles, colors, explain, out.path("top_losses", "png"),
+              device)
+
+
+def _write_csv(rows: list[dict], path: Path) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, ["path", "true", "predicted", "probability", "loss"])
+        writer.writeheader()
+        writer.writerows({**r, "probability": f"{r['probability']:.6f}", "loss": f"{r['loss']:.6f}"} for r in rows)
+    return path

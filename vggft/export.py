@@ -1,11 +1,13 @@
-"""Exporting saved weights to TorchScript or ONNX, checked against PyTorch before they are kept.
+"""Exporting saved weights to ONNX, torch.export (.pt2) or TorchScript, checked against PyTorch before they are kept.
 
-The exported file takes a float batch (N, 3, S, S), normalised as in training, and returns
-logits. What a server needs to prepare images and name classes (size, mean, std, class
-names) travels inside the file: TorchScript extra file ``vggft.json``, ONNX metadata
-property ``vggft``. The export is written to a temporary file, reloaded, run on a seeded
-random batch and compared with the PyTorch model; only a file within tolerance replaces
-the output.
+ONNX (any ONNX runtime) and torch.export's ``.pt2`` (``torch.export.load``, AOTInductor) are the
+first-class formats; TorchScript stays as an option while torch has it (``torch.jit`` is deprecated
+upstream). The exported file takes a float batch (N, 3, S, S), normalised as in training, and returns
+logits. What a server needs to prepare images and name classes (size, mean, std, class names)
+travels inside the file: ONNX metadata property ``vggft``, extra file ``vggft.json`` of a .pt2 or
+TorchScript archive. The export is written to a temporary file, reloaded, run on a seeded random
+batch of another batch size and compared with the PyTorch model; only a file within tolerance
+replaces the output.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from .errors import ConfigError, OutputError, VggftError, WeightsError, first_li
 from .files import atomic_path
 from .inference import TrainedModel, load_model
 
-FORMATS = ("torchscript", "onnx")
-SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
+FORMATS = ("onnx", "pt2", "torchscript")
+SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".torchscript.pt"}
 TOLERANCE = 1e-4
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # torch.onnx.export needs onnxscript since torch 2.9
 
@@ -34,25 +36,35 @@ class MissingExtraError(VggftError):
     """An optional dependency that a requested feature needs is not installed."""
 
 
+def default_format() -> str:
+    """onnx when its optional packages are installed, else pt2 (torch alone)."""
+    return "pt2" if _missing_onnx_packages() else "onnx"
+
+
+def _missing_onnx_packages() -> list[str]:
+    return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+
+
 def default_output(weights: Path, fmt: str) -> Path:
-    """Beside the weights: models/VGG16.pt -> models/VGG16.torchscript.pt or models/VGG16.onnx."""
+    """Beside the weights: models/VGG16.pt -> models/VGG16.onnx, .pt2 or .torchscript.pt."""
     weights = Path(weights)
     return weights.with_name(weights.stem + SUFFIX[fmt])
 
 
 def export(
     weights: Path,
-    fmt: str,
+    fmt: str | None = None,
     out: Path | None = None,
     config: Path | None = None,
     overrides: Sequence[str] = (),
 ) -> tuple[Path, float]:
-    """Write ``weights`` as ``fmt`` (torchscript or onnx); return (path, max |exported - PyTorch|)."""
-    fmt = fmt.strip().lower()
+    """Write ``weights`` as ``fmt`` (onnx, pt2 or torchscript; None: onnx if its packages are installed, else
+    pt2); return (path, max |exported - PyTorch|)."""
+    fmt = default_format() if fmt is None else fmt.strip().lower()
     if fmt not in FORMATS:
-        raise ConfigError(f"--format: expected torchscript or onnx, got '{fmt}'")
+        raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}, got '{fmt}'")
     if fmt == "onnx":
-        missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+        missing = _missing_onnx_packages()
         if missing:
             raise MissingExtraError(
                 f"--format onnx: needs the optional packages {', '.join(ONNX_PACKAGES)} "
@@ -71,16 +83,15 @@ def export(
         expected = model(check).float()
     metadata = json.dumps(_metadata(trained))
 
+    writer = {"onnx": _onnx, "pt2": _pt2, "torchscript": _torchscript}[fmt]
     with atomic_path(out) as tmp:
-        if fmt == "torchscript":
-            got = _torchscript(model, example, check, tmp, metadata)
-        else:
-            got = _onnx(model, example, check, tmp, metadata)
+        got = writer(model, example, check, tmp, metadata)
         diff = float((got - expected).abs().max())
         if not diff <= TOLERANCE:  # also catches NaN
+            other = "pt2" if fmt == "onnx" else "onnx"
             raise WeightsError(
                 f"{out}: the {fmt} export differs from PyTorch by {diff:.1e} (tolerance {TOLERANCE:.0e}); "
-                "nothing was written; export with --format torchscript or report the torch version"
+                f"nothing was written; try --format {other}, or report the torch version"
             )
     return out, diff
 
@@ -112,6 +123,18 @@ def _metadata(trained: TrainedModel) -> dict:
     }
 
 
+def _pt2(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
+    """torch.export's ExportedProgram with a free batch axis, saved with torch.export.save and loaded back."""
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as err:  # the exporter raises many types; one line for the user
+        raise WeightsError(f"--format pt2: torch.export failed ({first_line(err)}); try --format onnx") from None
+    torch.export.save(program, str(tmp), extra_files={"vggft.json": metadata})
+    loaded = torch.export.load(str(tmp))
+    with torch.inference_mode():
+        return loaded.module()(check).float()
+
+
 def _torchscript(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still the format asked for
@@ -135,7 +158,7 @@ def _onnx(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
             )
         except Exception as err:  # the exporter raises many types; one line for the user
             raise WeightsError(
-                f"--format onnx: torch.onnx.export failed ({first_line(err)}); try --format torchscript"
+                f"--format onnx: torch.onnx.export failed ({first_line(err)}); try --format pt2"
             ) from None
     program.model.metadata_props["vggft"] = metadata
     program.save(str(tmp), external_data=False)  # one self-contained file

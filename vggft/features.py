@@ -5,8 +5,9 @@ outputs. ``FeatureCache`` stores them in a folder named by everything that decid
 prefix's weights and layers, the cut, the transform, the precision); inside, one row per image
 keyed by the file's path, size, times and inode, so a changed image invalidates only its own row.
 
-Storage is append-only: each extraction writes a new shard file (atomically); a shard that fails to
-load or does not add up is deleted and its rows extracted again.
+Storage is append-only: each extraction writes a new shard file (atomically) and its key index; a
+run reads only the shards that hold rows it needs. A shard that fails to load or does not add up (row
+count, width, finite float32) is deleted and its rows extracted again.
 
 ``FeatureSource`` decides, for one model and config, whether the loop trains on cached rows (the
 suffix after the frozen prefix) or on decoded images (the whole network), and says why.
@@ -14,9 +15,11 @@ suffix after the frozen prefix) or on decoded images (the whole network), and sa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,12 +30,13 @@ from torch.utils.data import Dataset, TensorDataset
 
 from .artifacts import fingerprint
 from .config import Config
-from .data.loaders import ImageList, image_loader
+from .data.decode import TensorDecoder, device_batches, resolve_decode
+from .data.loaders import ImageList
 from .data.transforms import eval_transform, train_transform, transform_signature
 from .device import autocast_factory, resolve_workers
 from .distributed import SINGLE, Group
-from .errors import ConfigError, Interrupted
-from .files import cache_root, save_json, save_torch
+from .errors import ConfigError, Interrupted, OutputError, first_line
+from .files import cache_root, save_json, save_text, save_torch
 from .logs import Counter, log
 from .memo import holds_every_tensor, memoised
 from .model import split_frozen_prefix
@@ -67,59 +71,130 @@ def _all_finite(rows: torch.Tensor, block: int = 64) -> bool:
     return all(bool(torch.isfinite(rows[i : i + block]).all()) for i in range(0, len(rows), block))
 
 
-class FeatureCache:
-    """Rows of prefix outputs keyed by ``file_key``; kept on disk under ``directory`` (or in memory)."""
+def row_width(suffix: nn.Module) -> int | None:
+    """The width of the rows ``suffix`` takes: its first Linear's inputs (None: no Linear)."""
+    return next((m.in_features for m in suffix.modules() if isinstance(m, nn.Linear)), None)
 
-    def __init__(self, directory: Path | None, namespace: dict):
+
+class FeatureCache:
+    """Rows of prefix outputs keyed by ``file_key``; kept on disk under ``directory`` (or in memory).
+
+    Each shard ``<time>-<pid>.pt`` has its index beside it, ``<time>-<pid>.keys`` (its keys, one a
+    line, written after the shard). A run reads the indexes, then only the shards that hold rows it
+    asks for (``key in cache``), memory-mapped and checked when first read: another data set's rows
+    in the same folder cost nothing. ``width`` is the row width this model's suffix takes; a shard
+    of another width is damaged. A folder that cannot be written (read-only, full) is one note: the
+    run keeps its rows in memory.
+    """
+
+    def __init__(self, directory: Path | None, namespace: dict, width: int | None = None):
         self.rows: dict[str, torch.Tensor] = {}
-        self.loaded: set[str] = set()  # shard files already read
-        self.folder = None
+        self.width = width
+        self.folder: Path | None = None
+        self.writable = False
+        self._shard_of: dict[str, str] = {}  # key -> shard file holding it, not read yet
+        self._keys_of: dict[str, list[str]] = {}  # shard file -> its keys, not read yet
+        self._indexed: set[str] = set()  # shard files already indexed (or read, or written)
+        self._unsaved_reason: str | None = None  # why rows cannot be saved, until said once
         if directory is None:
             return
         name = hashlib.sha1(json.dumps(namespace, sort_keys=True).encode()).hexdigest()[:20]
         self.folder = directory / "features" / name
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if not (self.folder / "namespace.json").exists():
-            save_json(namespace, self.folder / "namespace.json")
-        self._load_shards()
+        self.writable = self._prepare(namespace)
+        self._index_shards()
 
-    def _load_shards(self) -> None:
+    def _prepare(self, namespace: dict) -> bool:
+        """Create the folder and its namespace.json; False where that cannot be done (said at the first
+        row that cannot be saved: a read-only cache that holds every row needed is no news)."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.folder):  # read-only mounts and permissions, as they are
+                pass
+            if not (self.folder / "namespace.json").exists():
+                save_json(namespace, self.folder / "namespace.json")
+        except OSError as err:
+            self._unsaved_reason = f"{self.folder}: {err.strerror or err}"
+            return False
+        except OutputError as err:
+            self._unsaved_reason = str(err)
+            return False
+        return True
+
+    def _index_shards(self) -> None:
+        if self.folder is None or not self.folder.is_dir():
+            return
         for shard in sorted(self.folder.glob("*.pt")):
-            if shard.name in self.loaded:
+            if shard.name in self._indexed:
                 continue
-            try:
-                body = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
-                keys, features = body["keys"], body["features"]
-                if not (isinstance(keys, list) and features.dim() == 2 and len(keys) == features.shape[0]):
-                    raise ValueError("keys and rows do not add up")
-                if features.dtype != torch.float32 or not _all_finite(features):
-                    raise ValueError("not finite float32 rows")
-            except Exception as err:  # corrupt, truncated or foreign: never trusted, rebuilt
-                log.warning(f"Feature cache: discarding damaged shard {shard} ({type(err).__name__}); re-extracting")
-                shard.unlink(missing_ok=True)
+            self._indexed.add(shard.name)
+            keys = self._read_index(shard.with_suffix(".keys"))
+            if keys is None:  # written before indexes existed, or killed between the two renames
+                self._read(shard)
                 continue
-            self.rows.update(zip(keys, features))
-            self.loaded.add(shard.name)
+            self._keys_of[shard.name] = keys
+            self._shard_of.update(dict.fromkeys(keys, shard.name))
+
+    @staticmethod
+    def _read_index(path: Path) -> list[str] | None:
+        try:
+            keys = path.read_text(encoding="ascii").split()
+        except (OSError, ValueError):
+            return None
+        return keys if all(len(key) == 40 for key in keys) else None
+
+    def _read(self, shard: Path) -> None:
+        """Load one shard (memory-mapped) and take its rows; a damaged one is deleted with a note."""
+        for key in self._keys_of.pop(shard.name, []):
+            if self._shard_of.get(key) == shard.name:
+                del self._shard_of[key]
+        try:
+            body = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+            keys, features = body["keys"], body["features"]
+            if not (isinstance(keys, list) and features.dim() == 2 and len(keys) == features.shape[0]):
+                raise ValueError("keys and rows do not add up")
+            if self.width is not None and features.shape[1] != self.width:
+                raise ValueError(f"rows {features.shape[1]} wide where this model takes {self.width}")
+            if features.dtype != torch.float32 or not _all_finite(features):
+                raise ValueError("not finite float32 rows")
+        except Exception as err:  # corrupt, truncated or foreign: never trusted, rebuilt
+            why = str(err) if isinstance(err, ValueError) else type(err).__name__
+            log.warning(f"Feature cache: discarding damaged shard {shard} ({why}); re-extracting")
+            for path in (shard, shard.with_suffix(".keys")):
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+            return
+        self.rows.update(zip(keys, features))
+        if self.writable and not shard.with_suffix(".keys").exists():
+            self._write_index(shard, keys)
+
+    def _write_index(self, shard: Path, keys: list[str]) -> None:
+        save_text("".join(f"{key}\n" for key in keys), shard.with_suffix(".keys"))
 
     def add(self, keys: list[str], features: torch.Tensor) -> None:
         features = features.float().contiguous()
         if features.is_inference():  # made under inference mode: a normal tensor, that autograd may save
             features = features.clone()
         self.rows.update(zip(keys, features))
-        if self.folder is not None:
+        if self.writable:
             shard = self.folder / f"{time.time_ns()}-{os.getpid()}.pt"
+            self._indexed.add(shard.name)
             try:
                 save_torch({"keys": keys, "features": features}, shard)
-                self.loaded.add(shard.name)
-            except Exception as err:
-                log.warning(f"Feature cache: could not write {shard} ({err}); continuing without saving")
+                self._write_index(shard, keys)
+            except (OutputError, OSError, RuntimeError) as err:  # the cache is an optimisation: the run goes on
+                self.writable, self._unsaved_reason = False, first_line(err)
+        if self._unsaved_reason and self.folder is not None:
+            log.warning(f"Feature cache: rows not saved ({self._unsaved_reason}); this run keeps its features "
+                        "in memory, the next one extracts them again (set cache.dir to a writable folder)")
+            self._unsaved_reason = None
 
     def reload(self) -> None:
-        """Read the shards other processes have written since."""
-        if self.folder is not None:
-            self._load_shards()
+        """Index the shards other processes have written since."""
+        self._index_shards()
 
     def __contains__(self, key: str) -> bool:
+        if key not in self.rows and key in self._shard_of:
+            self._read(self.folder / self._shard_of[key])
         return key in self.rows
 
 
@@ -135,12 +210,14 @@ def extract_features(
     autocast: Callable,
     desc: str = "Extracting features",
     group: Group = SINGLE,
+    decoder: TensorDecoder | None = None,
 ) -> Rows:
     """The prefix output for every sample, in order (views of the cache's rows, gathered per batch: see
     ``vggft.rows``); only files the cache lacks go through the network.
 
     Under torchrun each rank extracts its own shard of the missing files into the shared cache folder,
-    then every rank reads all of them: N processes extract N times faster and no file twice.
+    then every rank reads all of them: N processes extract N times faster and no file twice. ``decoder``
+    (data.decode: gpu) decodes JPEG batches on the device instead of Pillow and ``transform`` in workers.
     """
     keys = [file_key(path) for path, _ in samples]
     missing = [(sample, key) for sample, key in zip(samples, keys) if key not in cache]
@@ -150,7 +227,7 @@ def extract_features(
     missing = group.shard(missing)
     if missing:
         _extract_missing(prefix, missing, transform, cache, device=device, batch_size=batch_size,
-                         num_workers=num_workers, autocast=autocast, desc=desc)
+                         num_workers=num_workers, autocast=autocast, desc=desc, decoder=decoder)
     if total_missing and group.active:
         group.barrier()  # every rank's shards are on disk
         cache.reload()
@@ -167,17 +244,16 @@ def extract_features(
 
 
 def _extract_missing(prefix, missing, transform, cache: FeatureCache, *, device, batch_size, num_workers,
-                     autocast, desc) -> None:
+                     autocast, desc, decoder=None) -> None:
     """Run the prefix over ``missing`` (sample, key) pairs, adding a shard every SHARD_ROWS rows."""
-    loader = image_loader([sample for sample, _ in missing], transform, batch_size, device=device,
-                          num_workers=num_workers)
+    batches = device_batches([sample for sample, _ in missing], transform, decoder, batch_size=batch_size,
+                             device=device, num_workers=num_workers)
     pending_keys: list[str] = []
     pending: list[torch.Tensor] = []
     done = 0
     counter = Counter(desc=desc, total=len(missing))
     try:
-        for images, _ in loader:
-            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+        for images in batches:
             with torch.inference_mode(), autocast():
                 output = prefix(images)
             pending.append(output.float().cpu())
@@ -223,6 +299,8 @@ class FeatureSource:
         self.prefix, self.suffix, self.cut = split_frozen_prefix(model)
         self.workers = resolve_workers(cfg.data, device)
         self.off_reason = cache_off_reason(cfg, model, self.cut)
+        self.decode = resolve_decode(cfg.data.decode, device)  # for extraction; images for the loop: Pillow
+        self.decoder = TensorDecoder(cfg.data) if self.decode != "pil" else None
         self.cache: FeatureCache | None = None
         if self.off_reason is None:
             namespace = {
@@ -232,8 +310,9 @@ class FeatureSource:
                 "transform": transform_signature(cfg.data),
                 "precision": str(precision or "fp32"),
                 "torch": torch.__version__.split("+")[0],
+                "decode": self.decode,
             }
-            self.cache = FeatureCache(cache_root(cfg.cache.dir), namespace)
+            self.cache = FeatureCache(cache_root(cfg.cache.dir), namespace, row_width(self.suffix))
             self.module = self.suffix
         else:
             self.module = nn.Sequential(self.prefix, self.suffix)
@@ -257,16 +336,19 @@ class FeatureSource:
 
     def describe(self) -> str:
         if self.cache is None:
-            return f"Feature cache off: {self.off_reason}"
-        return f"Feature cache: frozen prefix up to {self.cut}, cached under {self.cache.folder or 'memory'}"
+            unused = "; data.decode: gpu serves extraction only, so Pillow decodes" if self.decoder else ""
+            return f"Feature cache off: {self.off_reason}{unused}"
+        where = self.cache.folder or "memory"
+        if self.cache.folder is not None and not self.cache.writable:
+            where = f"{where} (read only: new rows stay in memory)"
+        return f"Feature cache: frozen prefix up to {self.cut}, cached under {where}"
 
     def bytes_to_write(self, samples: Sequence[tuple[str, int]]) -> tuple[Path, int] | None:
         """(cache folder, bytes) that extracting ``samples`` will add; None when nothing goes to disk."""
-        if self.cache is None or self.cache.folder is None:
+        if self.cache is None or not self.cache.writable:
             return None
-        width = next(m.in_features for m in self.suffix.modules() if isinstance(m, nn.Linear))
-        missing = {file_key(path) for path, _ in samples} - self.cache.rows.keys()
-        return self.cache.folder, len(missing) * width * 4
+        missing = {key for key in (file_key(path) for path, _ in samples) if key not in self.cache}
+        return self.cache.folder, len(missing) * (row_width(self.suffix) or 0) * 4
 
     def rows(self, samples: Sequence[tuple[str, int]], desc: str = "") -> Rows:
         """The prefix output of every sample: cached rows, extracting what the cache lacks (the slow part)."""
@@ -274,7 +356,7 @@ class FeatureSource:
             self.prefix, samples, eval_transform(self.cfg.data), self.cache, device=self.device,
             batch_size=self.cfg.data.eval_batch_size, num_workers=self.workers,
             autocast=autocast_factory(self.device, self.precision),
-            desc=f"Extracting {desc} features".replace("  ", " "), group=self.group,
+            desc=f"Extracting {desc} features".replace("  ", " "), group=self.group, decoder=self.decoder,
         )
 
     def dataset(self, samples: Sequence[tuple[str, int]], *, train: bool = False, desc: str = "") -> Dataset:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import OutputError
+from .errors import OutputError, first_line
 
 
 @contextlib.contextmanager
@@ -22,13 +25,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     A crash, a full disk or an exception inside the block leaves the previous file intact. The
     temporary file has the final name inside a fresh hidden folder, so formats that record their
-    own file name (torch.save does) come out byte-identical to a direct write.
+    own file name (torch.save does) come out byte-identical to a direct write. The folder's name
+    carries this host and process id: what a killed writer left behind is removed by the next
+    process that writes into the same folder.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        remove_stale_temporaries(path.parent)
+        prefix = f".{path.name[:80]}.{_HOST}-{os.getpid()}."  # short enough for any name the file may have
+        folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=path.parent))
     except OSError as err:
+        if err.errno in DISK_FULL:
+            raise OutputError(_disk_full(path)) from None
         raise OutputError(f"{path}: cannot write here ({err.strerror}); choose another output path") from None
     tmp_path = folder / path.name
     try:
@@ -37,9 +46,79 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
     except OSError as err:
+        if err.errno in DISK_FULL:
+            raise OutputError(_disk_full(path, folder)) from None
         raise OutputError(f"{path}: could not be written ({err.strerror}); the previous file is unchanged") from None
+    except RuntimeError as err:
+        # torch.save's own writer reports a short write (a full disk) as "[enforce fail at
+        # inline_container.cc] ... unexpected pos" or "PytorchStreamWriter failed writing file".
+        if not any(mark in str(err) for mark in ("inline_container", "PytorchStreamWriter")):
+            raise
+        if _room(path) >= ROOM_LEFT_WHEN_FULL:  # not the disk: say what torch said, on one line
+            raise OutputError(f"{path}: could not be written ({first_line(err)}); the previous file is "
+                              "unchanged") from None
+        raise OutputError(_disk_full(path, folder)) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+TEMP_SUFFIX = ".tmp"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+ROOM_LEFT_WHEN_FULL = 16 << 20  # a write that fails with less free than this (bytes) failed for want of room
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40]
+_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]{0,40})-(?P<pid>\d+)\.[^.]+" + re.escape(TEMP_SUFFIX) + "$")
+_swept: set[Path] = set()
+
+
+def _room(path: Path) -> int:
+    try:
+        return shutil.disk_usage(existing_parent(path.parent)).free
+    except OSError:
+        return 0
+
+
+def _disk_full(path: Path, partial: Path | None = None) -> str:
+    """The line for a write the disk had no room for (``partial``, still there, is about to be removed)."""
+    free = human_size(_room(path) + (_size(partial) if partial else 0))
+    return (f"{path}: could not be written (No space left on device: disk full, {free} free there); "
+            "free some space or write it elsewhere; the previous file is unchanged")
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary folders that killed writers left in ``folder`` (once per folder and process).
+
+    Only those this host's dead processes wrote: a live writer's, and another machine's on a shared
+    disk, are left alone. Returns what was removed.
+    """
+    folder = Path(os.path.abspath(folder))
+    if folder in _swept:
+        return []
+    _swept.add(folder)
+    removed = []
+    try:
+        entries = [entry for entry in os.scandir(folder) if entry.name.endswith(TEMP_SUFFIX)]
+    except OSError:
+        return []
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match and match["host"] == _HOST and entry.is_dir(follow_symlinks=False) and not _alive(int(match["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's live process (or a pid we cannot judge): never touched
+    return True
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
@@ -57,12 +136,39 @@ def save_text(text: str, path: str | Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def check_folder(folder: str | Path, what: str, fix: str) -> None:
+    """Before any work: ``folder`` is a folder that exists or can be made and written (creating nothing)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{what}: '{folder}' is a file, not a folder; {fix}")
+    existing = existing_parent(folder)
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{what}: cannot make or write '{folder}' ('{existing}' is not a writable folder); {fix}")
+
+
 def existing_parent(path: str | Path) -> Path:
     """``path`` itself or its nearest ancestor that exists (where a new file would land)."""
     existing = Path(path).resolve()
     while not existing.exists():
         existing = existing.parent
     return existing
+
+
+def check_name_length(path: str | Path, key: str, spare: int = 0) -> None:
+    """Before any work: refuse a file or folder name longer than its file system allows (``spare``
+    bytes kept for what is appended later, such as a run folder's number)."""
+    path = Path(path)
+    existing = existing_parent(path.parent)
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size + spare > limit:
+            shown = part if len(part) <= 40 else f"{part[:20]}…{part[-12:]}"
+            raise OutputError(f"{key}: the name '{shown}' is {size} bytes, longer than the file system under "
+                              f"'{existing}' allows ({limit - spare}); choose a shorter one")
 
 
 def check_free_space(needs: list[tuple[Path, int, str]]) -> None:

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .artifacts import read_weights, sidecar_path
 from .config import Config, load_config
-from .data.folders import IMG_EXTENSIONS, images_in
+from .data.folders import IMG_EXTENSIONS, display_name, images_in, note_skipped
 from .data.images import DECODE_ERRORS, decode_failure, open_rgb
 from .data.loaders import make_loader
 from .data.transforms import eval_transform
@@ -44,6 +44,15 @@ class TrainedModel:
     def names(self) -> list[str]:
         """A name per output: the class names (class_0, class_1, ... for a bare state_dict), then unused_K."""
         return output_names(self.class_names or [f"class_{i}" for i in range(self.num_classes)], self.num_classes)
+
+    @property
+    def temperature(self) -> float | None:
+        """The temperature fitted on the val split at training time (None: none was fitted)."""
+        return self.sidecar.get("temperature") if self.sidecar else None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities, softmax(logits / T), when the sidecar holds a temperature; else softmax."""
+        return torch.softmax(logits.float() / (self.temperature or 1.0), dim=1)
 
 
 def load_model(weights: Path, config: Path | None = None, overrides: list[str] = ()) -> TrainedModel:
@@ -72,25 +81,39 @@ def load_model(weights: Path, config: Path | None = None, overrides: list[str] =
     except RuntimeError as err:
         raise WeightsError(f"--weights: '{weights}' does not load into {arch} ({str(err).splitlines()[0]})") from None
     freeze(model, cfg.model)  # the same frozen prefix as in training, so cached features are shared
-    class_names = list(sidecar["class_names"]) if sidecar else None
+    class_names = [display_name(name) for name in sidecar["class_names"]] if sidecar else None
+    _check_temperature(sidecar, weights)
     return TrainedModel(model, cfg, class_names, num_classes, sidecar, Path(weights))
 
 
+def _check_temperature(sidecar: dict | None, weights: Path) -> None:
+    value = sidecar.get("temperature") if sidecar else None
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and 0 < value < float("inf")):
+        raise WeightsError(f"{sidecar_path(weights)}: temperature {value!r} is not a positive number; "
+                           "train again, or remove the temperature key to use uncalibrated probabilities")
+
+
 def collect_images(inputs: Sequence[Path]) -> list[str]:
-    """The files named, and every image below the folders named (hidden ones skipped), sorted, once each."""
+    """The files named, and every image below the folders named (hidden ones skipped), sorted, once each.
+
+    A file named that is not a regular file (a FIFO) is listed: it gets an error row, never a read.
+    """
     if not inputs:
         raise DataError("IMAGE_OR_DIR: no input given; name image files or folders of images")
     found: dict[str, str] = {}
+    skipped: list[tuple[str, str]] = []
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            paths = images_in(item)
-        elif item.is_file():
+            paths = images_in(item, skipped=skipped)
+        elif item.exists():
             paths = [str(item)]
         else:
             raise DataError(f"IMAGE_OR_DIR: '{item}' not found; name existing image files or folders")
         for path in paths:
             found.setdefault(os.path.realpath(path), path)
+    note_skipped(skipped, ", ".join(str(item) for item in inputs))
     if not found:
         named = ", ".join(f"'{item}'" for item in inputs)
         raise DataError(f"IMAGE_OR_DIR: no image files ({', '.join(IMG_EXTENSIONS)}) in {named}")
@@ -109,10 +132,17 @@ class _Images(Dataset):
     def __getitem__(self, index: int):
         try:
             return self.transform(open_rgb(self.paths[index])), ""
-        except DECODE_ERRORS as err:
-            reason, detail = decode_failure(err)
+        except DECODE_ERRORS as err:  # a 0-byte file is "empty", as vggft check-data says
+            reason, detail = ("empty", "0 bytes") if _empty(self.paths[index]) else decode_failure(err)
             lines = detail.strip().splitlines()
             return torch.zeros(3, self.size, self.size), f"{reason} ({lines[0]})" if lines else reason
+
+
+def _empty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
 
 
 def predict(
@@ -123,8 +153,10 @@ def predict(
     topk: int = 5,
     batch_size: int = 32,
 ) -> list[dict]:
-    """One row per image, sorted by path: {"path", "top": [{"class", "probability"}, ...]},
-    or {"path", "top": [], "error"} for a file that cannot be decoded."""
+    """One row per image, sorted by path: {"path", "top": [{"class", "probability"}, ...], "calibrated",
+    "temperature"}, or {"path", "top": [], "error", ...} for a file that cannot be decoded.
+
+    With a temperature in the sidecar the probabilities are calibrated: softmax(logits / T)."""
     if topk < 1:
         raise ConfigError(f"--topk: expected 1 or more, got {topk}")
     if batch_size < 1:
@@ -140,21 +172,21 @@ def predict(
     autocast = autocast_factory(device, autocast_dtype(device, cfg.train.amp))  # as vggft eval scores
     model = trained.model.to(device)
     workers = resolve_workers(cfg.data, device)
-    workers = min(workers, max(0, (len(paths) - 1) // batch_size))  # no pool of workers for one batch
     dataset = _Images(paths, eval_transform(cfg.data), cfg.data.image_size)
     loader = make_loader(dataset, batch_size, device=device, num_workers=workers)
 
     rows: list[dict] = []
+    calibration = {"calibrated": trained.temperature is not None, "temperature": trained.temperature}
     with torch.inference_mode(), out_of_memory_hint(device, {"--batch-size": batch_size}):
         for images, errors in progress(loader, desc="Predicting", unit="batch"):
             with autocast():
                 logits = model(images.to(device, non_blocking=True))
-            probs, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
+            probs, indices = trained.probabilities(logits).topk(k, dim=1)
             for p_row, i_row, error in zip(probs.tolist(), indices.tolist(), errors):
                 path = paths[len(rows)]
                 if error:
-                    rows.append({"path": path, "top": [], "error": error})
+                    rows.append({"path": path, "top": [], "error": error, **calibration})
                 else:
                     rows.append({"path": path, "top": [{"class": names[i], "probability": p}
-                                                       for p, i in zip(p_row, i_row)]})
+                                                       for p, i in zip(p_row, i_row)], **calibration})
     return rows

@@ -7,7 +7,7 @@ import os
 import sys
 import uuid
 
-from .distributed import environment_world
+from .env import environment_world
 from .errors import ConfigError
 
 

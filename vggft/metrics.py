@@ -13,14 +13,24 @@ def output_names(class_names: list[str], num_outputs: int) -> list[str]:
     return list(class_names) + [f"unused_{i}" for i in range(len(class_names), num_outputs)]
 
 
+TABLE_WIDTH = 100  # a text confusion matrix wider than this is indexed (columns 0..n-1) with a legend
+LEGEND_NAME = 24  # row labels of an indexed table: the index and the name shortened to this
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in '...' when cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclass
 class Metrics:
     class_names: list[str]
     confusion: torch.Tensor  # [true, predicted] counts, int64
     loss_sum: float = 0.0
     topk_correct: dict[int, int] = field(default_factory=dict)
-    probabilities: list[torch.Tensor] = field(default_factory=list)  # per batch, when kept
+    logits: list[torch.Tensor] = field(default_factory=list)  # per batch (float32, CPU), when kept
     labels: list[torch.Tensor] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # sections a caller adds to to_dict (eval: calibration, ...)
 
     @classmethod
     def empty(cls, class_names: list[str], num_outputs: int | None = None) -> Metrics:
@@ -31,7 +41,7 @@ class Metrics:
                keep: bool = False) -> None:
         logits, labels = logits.detach().float().cpu(), labels.cpu()
         if keep:
-            self.probabilities.append(logits.softmax(dim=1))
+            self.logits.append(logits)
             self.labels.append(labels)
         predicted = logits.argmax(dim=1)
         n = self.confusion.shape[0]
@@ -41,6 +51,36 @@ class Metrics:
             k = min(k, logits.shape[1])
             top = logits.topk(k, dim=1).indices
             self.topk_correct[k] = self.topk_correct.get(k, 0) + int((top == labels[:, None]).any(dim=1).sum())
+
+    @property
+    def probabilities(self) -> list[torch.Tensor]:
+        """Softmax of the kept logits, per batch."""
+        return [batch.softmax(dim=1) for batch in self.logits]
+
+    def sample_losses(self) -> torch.Tensor:
+        """Cross-entropy of every kept sample, in loader order (needs keep=True)."""
+        if not self.logits:
+            return torch.empty(0)
+        return torch.nn.functional.cross_entropy(torch.cat(self.logits), torch.cat(self.labels), reduction="none")
+
+    def top_losses(self, count: int) -> list[tuple[int, int, int, float, float]]:
+        """(index, true, predicted, probability of the prediction, loss) of the ``count`` highest-loss samples,
+        right or wrong (needs keep=True)."""
+        if not self.logits or count <= 0:
+            return []
+        losses = self.sample_losses()
+        confidence, predicted = torch.cat(self.probabilities).max(dim=1)
+        labels = torch.cat(self.labels)
+        order = losses.argsort(descending=True, stable=True)[:count]
+        return [(int(i), int(labels[i]), int(predicted[i]), float(confidence[i]), float(losses[i])) for i in order]
+
+    def confused_pairs(self, limit: int | None = None) -> list[dict]:
+        """Off-diagonal cells of the confusion matrix, most frequent first: {"true", "predicted", "count"}."""
+        off = self.confusion.clone().fill_diagonal_(0)
+        cells = [(int(off[t, p]), int(t), int(p)) for t, p in off.nonzero().tolist()]  # only the non-zero cells
+        cells.sort(key=lambda cell: (-cell[0], cell[1], cell[2]))
+        return [{"true": self.class_names[t], "predicted": self.class_names[p], "count": c}
+                for c, t, p in cells[:limit]]
 
     @property
     def total(self) -> int:
@@ -59,15 +99,18 @@ class Metrics:
         return self.loss_sum / self.total if self.total else 0.0
 
     def per_class(self) -> list[dict]:
-        """support, correct, accuracy (= recall), precision and F1 per class."""
+        """support, correct, accuracy (= recall), precision and F1 per class.
+
+        The precision of a class the model never predicted is undefined: None (n/a), not 0.
+        """
         rows = []
         for i, name in enumerate(self.class_names):
             support = int(self.confusion[i].sum())
             predicted = int(self.confusion[:, i].sum())
             hit = int(self.confusion[i, i])
             recall = hit / support if support else 0.0
-            precision = hit / predicted if predicted else 0.0
-            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            precision = hit / predicted if predicted else None
+            f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
             rows.append({"class": name, "support": support, "correct": hit,
                          "accuracy": recall, "precision": precision, "recall": recall, "f1": f1})
         return rows
@@ -82,14 +125,27 @@ class Metrics:
         order = wrong[confidence[wrong].argsort(descending=True)][:count]
         return [(int(i), int(labels[i]), int(predicted[i]), float(confidence[i])) for i in order]
 
-    def confusion_table(self) -> str:
+    def confusion_table(self, max_width: int = TABLE_WIDTH) -> str:
+        """Rows: true class, columns: predicted. Columns are headed by class name while the table fits in
+        ``max_width`` characters; past that (long names, many classes) by index, with a legend below."""
         names = self.class_names
         corner = "true \\ predicted"
+        counts = [[str(int(v)) for v in row[: len(names)]] for row in self.confusion[: len(names)]]
+        number = max(len(c) for row in counts for c in row)
         label = max(len(corner), *(len(n) for n in names)) + 2
-        width = max(*(len(n) for n in names), *(len(str(int(v))) for v in self.confusion.flatten())) + 2
-        lines = [corner.ljust(label) + "".join(n.rjust(width) for n in names)]
-        for i, name in enumerate(names):
-            lines.append(name.ljust(label) + "".join(str(int(v)).rjust(width) for v in self.confusion[i, : len(names)]))
+        width = max(number, *(len(n) for n in names)) + 2
+        if label + width * len(names) <= max_width:
+            lines = [corner.ljust(label) + "".join(n.rjust(width) for n in names)]
+            lines += [name.ljust(label) + "".join(c.rjust(width) for c in row) for name, row in zip(names, counts)]
+            return "\n".join(lines)
+        digits = len(str(len(names) - 1))
+        tag = [f"{i:>{digits}} {shorten(name, LEGEND_NAME)}" for i, name in enumerate(names)]
+        label = max(len(corner), *(len(t) for t in tag)) + 2
+        width = max(number, digits) + 2
+        lines = [corner.ljust(label) + "".join(str(i).rjust(width) for i in range(len(names)))]
+        lines += [t.ljust(label) + "".join(c.rjust(width) for c in row) for t, row in zip(tag, counts)]
+        lines.append("Classes:")
+        lines += [f"  {i:>{digits}}  {name}" for i, name in enumerate(names)]
         return "\n".join(lines)
 
     def summary_line(self) -> str:
@@ -104,4 +160,6 @@ class Metrics:
             "topk": {f"acc@{k}": c / self.total if self.total else 0.0 for k, c in sorted(self.topk_correct.items())},
             "per_class": self.per_class(),
             "confusion": self.confusion.tolist(),
+            "confused_pairs": self.confused_pairs(),
+            **self.extra,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -12,14 +13,15 @@ from .data import prepare_data
 from .data.loaders import image_loader
 from .data.transforms import eval_transform, normalization, train_transform
 from .errors import DataError
-from .model import freeze, replace_head, vgg
+from . import model as networks
+from .model import freeze, replace_head
 from .reports import save_image_grid
 
 
 def summary(cfg: Config, num_classes: int | None = None) -> torchinfo.ModelStatistics:
     """The torchinfo table of the model as configured: architecture only, no data, no weights file."""
     classes = num_classes or cfg.model.num_classes or 2
-    model = vgg(cfg.model.arch, init_weights=False)
+    model = networks.vgg(cfg.model.arch, init_weights=False)  # looked up when called: tests swap the factory
     with torch.no_grad():
         for param in model.parameters():  # defined values for the shape-only forward pass
             param.zero_()
@@ -28,6 +30,15 @@ def summary(cfg: Config, num_classes: int | None = None) -> torchinfo.ModelStati
     size = cfg.data.image_size
     return torchinfo.summary(model, input_size=(1, 3, size, size), device="cpu", verbose=0, depth=2,
                              col_names=("output_size", "num_params", "trainable"))
+
+
+UNIT_PREFIX = {"MEGABYTES": "millions", "GIGABYTES": "billions", "TERABYTES": "trillions"}
+
+
+def summary_text(stats: torchinfo.ModelStatistics) -> str:
+    """torchinfo's table as text, its mult-adds in plain units: torchinfo 1.8 on Python 3.11+ writes
+    'Total mult-adds (Units.GIGABYTES)' (an enum's name) where it means a count in billions (G)."""
+    return re.sub(r"\(Units\.(\w+)\)", lambda m: f"({UNIT_PREFIX.get(m[1], m[1])})", str(stats))
 
 
 def show_batch(cfg: Config, split: str = "train", out: Path | None = None, count: int | None = None) -> Path:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,16 +20,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Subset, WeightedRandomSampler
 
-from . import artifacts, rng
+from . import artifacts, rng, tensorboard_log
+from .calibration import TemperatureFit, fit_temperature
 from .config import Config, load_config, resume_overrides_refused
 from .data import DataSplits, prepare_data, split_record
 from .data.loaders import make_loader
 from .device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
-from .distributed import Group, is_peer_failure, main_first, process_group, reduce_metrics
+from .distributed import (Group, is_peer_failure, is_timeout, main_first, process_group, reduce_metrics,
+                          stalled)
 from .engine import Loop, Progress, class_weights, epoch_line, evaluate, restore_best, run_epochs
-from .errors import ConfigError, DataError, DivergedError, Interrupted, VggftError, WeightsError, first_line
+from .errors import (ConfigError, DataError, DivergedError, Interrupted, OutputError, VggftError, WeightsError,
+                     first_line)
 from .features import FeatureSource
-from .files import check_free_space, save_text
+from .files import check_folder, check_free_space, check_name_length, save_text
 from .logs import log, silence
 from .memo import pretrained_file
 from .metrics import Metrics, output_names
@@ -63,6 +67,7 @@ class Run:
     test_loader: object
     fingerprint: str
     start: int = 1
+    board: object = None  # a TensorBoardLog (output.tensorboard, rank 0)
 
     @property
     def split(self) -> dict | None:
@@ -93,6 +98,8 @@ def resume_config(checkpoint_path: Path, overrides: list[str] = ()) -> Config:
 def fit(cfg: Config, *, resume: Path | None = None) -> TrainResult:
     """Train as configured (or go on from a run's last.pt), evaluate on test, save weights and sidecar."""
     device = resolve_device(cfg.train.device)
+    if cfg.output.tensorboard:
+        tensorboard_log.require()  # before any work
     with process_group(device) as (group, device):
         if group.active:
             _check_distributed(cfg)
@@ -109,6 +116,8 @@ def fit(cfg: Config, *, resume: Path | None = None) -> TrainResult:
             err.rank_specific = err.rank_specific or "run" in locals()
             raise
         except RuntimeError as err:
+            if group.active and is_timeout(err):
+                raise stalled(group, err) from None
             if not (group.active and is_peer_failure(err)):
                 raise
             error = VggftError(f"another process of this job stopped ({first_line(err)}); its error is above")
@@ -133,6 +142,9 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group)
                           f"{body['config']['train']['epochs']} epochs at its start; resume with that many, "
                           "or start a new run")
     artifacts.check_writable(Path(cfg.output.weights))
+    check_folder(cfg.output.runs_dir, "output.runs_dir", "choose another folder with --set output.runs_dir=PATH")
+    if not resume:
+        check_name_length(Path(cfg.output.runs_dir) / (cfg.output.name or "train"), "output.name (--name)", spare=4)
     prepare_backend(device)
     splits = _find_data(cfg, body, resume, group)
     num_outputs = cfg.model.num_classes or len(splits.class_names)
@@ -149,9 +161,14 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group)
         _restore(run, body, Path(resume))
     elif group.is_main:
         run.run_dir = new_run_dir(cfg.output.runs_dir, cfg.output.name)
-        run.run_dir.mkdir(parents=True)
+        try:
+            run.run_dir.mkdir(parents=True)
+        except OSError as err:
+            raise OutputError(f"output.runs_dir: cannot make the run folder '{run.run_dir}' ({err.strerror}); "
+                              "choose another folder with --set output.runs_dir=PATH") from None
     if group.is_main:
         save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run.run_dir / "config.yaml")
+        run.board = tensorboard_log.TensorBoardLog(run.run_dir) if cfg.output.tensorboard else None
     return run
 
 
@@ -284,6 +301,8 @@ def _train(run: Run) -> Metrics | None:
                     artifacts.save_checkpoint(run.run_dir / "best.pt", _best_body(run))
                 artifacts.save_checkpoint(run.run_dir / "last.pt", _last_body(run))
                 _write_metrics(run.state.history, run.run_dir / "metrics.csv")
+                if run.board:
+                    run.board.add_epoch(end.row)
             if end.stop:
                 log.info(end.stop)
     except KeyboardInterrupt:
@@ -350,11 +369,63 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
     names = run.splits.class_names
     if not run.loop.group.is_main:
         return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
-    replaced = weights.exists()
+    if run.board:
+        run.board.close(run.state.history, test, run.state.best["epoch"])
+    replaced = _way_back(weights, run.run_dir)
+    fit = _calibrate(run)
     artifacts.save_trained(
-        run.model, weights, run.cfg, names, split=run.split,
-        metrics={"test": test.to_dict() if test else None, "history": run.state.history, "run": str(run.run_dir)},
+        run.model, weights, run.cfg, names, split=run.split, temperature=fit.temperature if fit else None,
+        metrics={"test": _sidecar_metrics(test), "history": run.state.history, "run": str(run.run_dir),
+                 "calibration": asdict(fit) if fit else None},
     )
-    if replaced:
-        log.info(f"Replaced the earlier {weights}; this run's best epoch stays usable as {run.run_dir / 'best.pt'}")
+    if replaced is not None:
+        log.info(f"Replaced the earlier {weights}{replaced}")
     return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
+
+
+SIDECAR_CONFUSION_MAX = 100  # classes whose confusion matrix the sidecar keeps (1,000 would be megabytes)
+
+
+def _sidecar_metrics(test: Metrics | None) -> dict | None:
+    if test is None:
+        return None
+    scores = test.to_dict()
+    if len(test.class_names) > SIDECAR_CONFUSION_MAX:
+        scores["confusion"] = None  # vggft eval --json gives it whole
+    return scores
+
+
+def _way_back(weights: Path, this_run: Path) -> str | None:
+    """None if nothing is at ``weights`` (or this very run made it); else how to get the model about to be
+    replaced back (its run's best.pt)."""
+    if not weights.exists():
+        return None
+    try:
+        run = json.loads(artifacts.sidecar_path(weights).read_text(encoding="utf-8"))["metrics"]["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return " (it had no vggft sidecar naming its run)"
+    if Path(run).resolve() == this_run.resolve():  # a resumed run replaces its own earlier save
+        return None
+    best = Path(run) / "best.pt"
+    return f"; the run that made it, {run}, still holds it: vggft eval/predict/export --weights {best}" \
+        if best.is_file() else f" (its run folder {run} is gone)"
+
+
+def _calibrate(run: Run) -> TemperatureFit | None:
+    """The softmax temperature that minimises the NLL on the whole val split (rank 0 alone, not its shard)."""
+    loop = run.loop
+    if not run.cfg.train.calibrate or loop.val_loader is None:
+        return None
+    val = loop.val_loader.dataset
+    loader = make_loader(val.dataset if isinstance(val, Subset) else val, run.cfg.data.eval_batch_size,
+                         device=loop.device, num_workers=run.source.loader_workers)
+    kept = evaluate(run.source.module, loader, loop.device, loop.precision, names=loop.names, keep=True,
+                    desc="Calibrating")
+    fit = fit_temperature(torch.cat(kept.logits), torch.cat(kept.labels))
+    log.info(f"Calibration: temperature {fit.temperature:.3f} fitted on {fit.count} val images "
+             f"(val NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f})")
+    if fit.at_bound:  # T -> 0 (val separable) or T -> infinity (no signal): no temperature beats that one
+        log.warning(f"Calibration: temperature not stored: it ran to the edge of its range ({fit.temperature:.3g}) "
+                    f"because {fit.at_bound}; predict reports uncalibrated probabilities")
+        return None
+    return fit

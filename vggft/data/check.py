@@ -15,9 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config
-from ..files import cache_root
+from ..errors import OutputError
+from ..files import cache_root, check_folder
 from .folders import SPLITS, DataSplits, find_splits
 from .images import Verdict, VerdictCache, inspect_all
+
+
+@dataclass
+class NearGroup:
+    """Near-identical images (``vggft check-data --near-duplicates``): (split, path) members, and the lowest
+    cosine similarity of the pooled features that links them."""
+
+    members: list[tuple[str, str]]
+    similarity: float
 
 
 @dataclass
@@ -30,6 +40,10 @@ class DataReport:
     within_duplicates: list[list[tuple[str, str]]] = field(default_factory=list)
     imbalance: float = 1.0
     max_imbalance: float = 10.0
+    near_cross: list[NearGroup] = field(default_factory=list)  # filled by vggft.near_duplicates when asked
+    near_within: list[NearGroup] = field(default_factory=list)
+    near_threshold: float | None = None  # None: near-duplicates were not looked for
+    near_checked: int = 0
 
     @property
     def problems(self) -> list[str]:
@@ -40,7 +54,9 @@ class DataReport:
             found.append(f"{len(self.cross_duplicates)} image(s) duplicated across splits (test leakage)")
         if self.within_duplicates:
             found.append(f"{len(self.within_duplicates)} image(s) duplicated within a split")
-        if self.imbalance >= self.max_imbalance:
+        if self.near_cross:
+            found.append(f"{len(self.near_cross)} group(s) of near-duplicates across splits (test leakage)")
+        if self.imbalance > 1 and self.imbalance >= self.max_imbalance:  # balanced data is never imbalanced
             found.append(f"class imbalance {self.imbalance:.1f}x in train (set data.balance: weights or sampler)")
         return found
 
@@ -79,17 +95,27 @@ def check_data(cfg: Config, *, max_imbalance: float = 10.0) -> DataReport:
     return report
 
 
-def quarantine(report: DataReport, destination: Path) -> list[tuple[Path, Path]]:
+def check_destination(destination: Path, option: str = "--quarantine") -> None:
+    """Before anything is moved: ``destination`` must be a folder, or a folder that can be made."""
+    check_folder(destination, option, "give another folder to move the files into")
+
+
+def quarantine(report: DataReport, destination: Path, option: str = "--quarantine") -> list[tuple[Path, Path]]:
     """Move every unreadable file under ``destination``, keeping its path relative to data.root."""
+    check_destination(destination, option)
     moved = []
     root = report.splits.root
     for path, _ in report.bad:
         target = Path(destination) / os.path.relpath(path, root)
-        target.parent.mkdir(parents=True, exist_ok=True)
         candidate, n = target, 1
         while candidate.exists():  # never overwrite an earlier quarantined file
             candidate = target.with_name(f"{target.stem}.{n}{target.suffix}")
             n += 1
-        shutil.move(path, candidate)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, candidate)
+        except OSError as err:
+            raise OutputError(f"{option}: could not move '{path}' to '{candidate}' ({err.strerror}); {len(moved)} "
+                              "file(s) were moved before it, nothing was deleted") from None
         moved.append((Path(path), candidate))
     return moved

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DataConfig
 from ..errors import DataError
+from ..logs import log
 
 # torchvision's ImageFolder extensions; anything else (Thumbs.db, notes, .DS_Store) is not an image.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -48,25 +50,125 @@ class DataSplits:
         return [(split, sample) for split in SPLITS for sample in self[split]]
 
 
-def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(
-        entry
-        for entry in folder.iterdir()
-        if entry.is_dir() and not entry.name.startswith(".") and entry.name not in IGNORED_DIRS
-    )
+Skipped = list[tuple[str, str]]  # (path, why) of what a folder walk left out
 
 
-def images_in(folder: Path) -> list[str]:
-    """Every image file below ``folder``, sorted, skipping hidden files and folders."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in IGNORED_DIRS)
-        found.extend(os.path.join(dirpath, name) for name in filenames if is_image_name(name))
+def display_name(name: str) -> str:
+    """``name`` printable everywhere (JSON, CSV, plots, a UTF-8 terminal): a folder name's bytes that are not
+    UTF-8 (Latin-1 ``caf\\xe9``) shown as ``\\xe9`` escapes. Paths keep the real bytes; this is for labels."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _ancestors(folder: str | Path) -> set[tuple[int, int]]:
+    """The identities of ``folder`` and of every folder above it: a link back up to any of them is a loop."""
+    real = Path(os.path.realpath(folder))
+    return {ident for ident in map(_identity, (real, *real.parents)) if ident is not None}
+
+
+def not_regular(mode: int) -> str:
+    """What a file that is not a regular file is, in words, from its ``st_mode``."""
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+    return next((what for test, what in kinds if test(mode)), "a special file") + ", not a regular file"
+
+
+LOOP = "leads back to a folder already walked (or above it)"
+
+
+def _claim(path: str, seen: set, skipped: Skipped) -> bool:
+    """Mark the real folder behind ``path`` walked; False (and noted in ``skipped``) if it already was: a second
+    link to it, a link back up, or a bind mount of a folder into itself."""
+    ident = _identity(path)
+    if ident is None or ident in seen:
+        skipped.append((path, LOOP if ident else "unreadable folder"))
+        return False
+    seen.add(ident)
+    return True
+
+
+def _visible_dirs(folder: Path, seen: set, skipped: Skipped) -> list[Path]:
+    """The visible subfolders of ``folder`` not walked yet, sorted, claimed in ``seen`` (real folders before
+    links, so that a class folder and a link to it keep the folder's own name)."""
+    entries = [e for e in os.scandir(folder)
+               if e.is_dir() and not e.name.startswith(".") and e.name not in IGNORED_DIRS]
+    entries.sort(key=lambda e: (e.is_symlink(), e.name))
+    return sorted(Path(e.path) for e in entries if _claim(e.path, seen, skipped))
+
+
+def images_in(folder: Path, seen: set | None = None, skipped: Skipped | None = None) -> list[str]:
+    """Every image file below ``folder``, sorted, skipping hidden files and folders.
+
+    Links are followed, but each real folder is walked once (``seen`` holds the identities already walked;
+    a link to one of them or to a folder above is a loop), and only regular files are listed: a FIFO named
+    p.jpg, a socket or a link to /dev/zero is skipped, never opened. What was left out goes to ``skipped``
+    (one note is logged here when the caller passes none).
+    """
+    own = skipped is None
+    skipped = [] if own else skipped
+    seen = _ancestors(folder) if seen is None else seen
+    found: list[str] = []
+    stack, links = [str(folder)], []
+    while stack or links:
+        if not stack:  # links last: a folder reached both ways is listed under its real path
+            link = links.pop(0)
+            if _claim(link, seen, skipped):
+                stack.append(link)
+            continue
+        try:
+            entries = sorted(os.scandir(stack.pop()), key=lambda e: e.name)
+        except OSError as err:
+            skipped.append((err.filename, f"unreadable folder ({err.strerror or err})"))
+            continue
+        for entry in (e for e in entries if not e.name.startswith(".")):
+            if entry.is_dir():
+                if entry.name in IGNORED_DIRS:
+                    continue
+                if entry.is_symlink():
+                    links.append(entry.path)
+                elif _claim(entry.path, seen, skipped):
+                    stack.append(entry.path)
+            elif is_image_name(entry.name):
+                _list_file(entry, found, skipped)
+    if own:
+        note_skipped(skipped, folder)
     return sorted(found)
 
 
-def _class_folders(split_dir: Path) -> dict[str, list[str]]:
-    return {folder.name: images_in(folder) for folder in _visible_dirs(split_dir)}
+def _list_file(entry: os.DirEntry, found: list[str], skipped: Skipped) -> None:
+    try:
+        mode = entry.stat().st_mode  # follows a link: /dev/zero behind z.jpg is a device
+    except OSError:  # a dangling link: listed, and reported unreadable with the bad images
+        mode = stat.S_IFREG
+    if stat.S_ISREG(mode):
+        found.append(entry.path)
+    else:
+        skipped.append((entry.path, not_regular(mode)))
+
+
+def note_skipped(skipped: Skipped, where: str | Path) -> None:
+    """One note for everything a walk left out: how many, and the first."""
+    if skipped:
+        path, why = skipped[0]
+        log.warning(f"Left out {len(skipped)} path(s) under {where}: a folder is walked once and only regular "
+                    f"files are read (first: {path}: {why})")
+
+
+def _class_folders(split_dir: Path, skipped: Skipped) -> dict[str, list[str]]:
+    seen = _ancestors(split_dir)
+    folders = _visible_dirs(split_dir, seen, skipped)  # every class folder claimed before any is walked
+    names = [display_name(folder.name) for folder in folders]
+    if len(set(names)) < len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise DataError(f"{split_dir}: two class folders print as '{twice}'; rename one of them")
+    return {name: images_in(folder, seen, skipped) for name, folder in zip(names, folders)}
 
 
 def _find_split_dir(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -86,21 +188,25 @@ def find_splits(data: DataConfig, record: dict | None = None, source: str = "") 
             f"data.root: '{root}' {what}; set data.root (or --set data.root=PATH) to a folder "
             "holding train/ and test/ class folders, or one folder per class"
         )
-    if (root / "train").is_dir() or (root / "test").is_dir():
-        return _folder_layout(root, data)
-    if record is not None and Path(record.get("root", "")) == root.resolve():
-        return splits_from_record(record, root, source)
-    return _pool_layout(root, data)
+    skipped: Skipped = []
+    try:
+        if (root / "train").is_dir() or (root / "test").is_dir():
+            return _folder_layout(root, data, skipped)
+        if record is not None and Path(record.get("root", "")) == root.resolve():
+            return splits_from_record(record, root, source)
+        return _pool_layout(root, data, skipped)
+    finally:  # said before any error about what is left (an empty class folder whose one file was a FIFO)
+        note_skipped(skipped, root)
 
 
-def _folder_layout(root: Path, data: DataConfig) -> DataSplits:
+def _folder_layout(root: Path, data: DataConfig, skipped: Skipped) -> DataSplits:
     """train/ and test/ (a root with test/ alone can still be evaluated); classes come from train/."""
     test_dir = _find_split_dir(root, ("test",))
     if test_dir is None:
         raise DataError(f"{root}: has train/ but no test/; add a test/ folder of class folders")
-    found = {"test": _class_folders(test_dir)}
+    found = {"test": _class_folders(test_dir, skipped)}
     if (root / "train").is_dir():
-        found["train"] = _class_folders(root / "train")
+        found["train"] = _class_folders(root / "train", skipped)
     first = "train" if "train" in found else "test"
     class_names = list(found[first])
     if not class_names:
@@ -108,7 +214,7 @@ def _folder_layout(root: Path, data: DataConfig) -> DataSplits:
     index = {name: i for i, name in enumerate(class_names)}
     val_dir = _find_split_dir(root, VAL_NAMES)
     if val_dir is not None:
-        found["val"] = _class_folders(val_dir)
+        found["val"] = _class_folders(val_dir, skipped)
     dirs = {"train": root / "train", "test": test_dir, "val": val_dir}
     anchor = dirs[first].name
     splits: dict[str, list[Sample]] = {}
@@ -130,8 +236,8 @@ def _folder_layout(root: Path, data: DataConfig) -> DataSplits:
     return result
 
 
-def _pool_layout(root: Path, data: DataConfig) -> DataSplits:
-    classes = _class_folders(root)
+def _pool_layout(root: Path, data: DataConfig, skipped: Skipped) -> DataSplits:
+    classes = _class_folders(root, skipped)
     if not classes:
         raise DataError(
             f"{root}: no class folders; expected train/ and test/ of class folders, or one folder per class"

@@ -10,8 +10,10 @@ file, keyed by its path, size and modification time, so a second run decodes onl
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,18 +24,85 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..config import DataConfig
 from ..errors import DataError
-from ..files import save_json, save_text
+from ..files import atomic_path, human_size, save_json
 from ..logs import log, progress
-from .folders import SPLITS, DataSplits
+from .folders import SPLITS, DataSplits, not_regular
 
 WHITE = (255, 255, 255)
+MAX_ASPECT = 50  # longer side over shorter: Resize(256) of an 80000x1 strip would be 256 x 20,480,000 pixels
+MAX_FILE_BYTES = 256 << 20  # no photo is larger; a link to /dev/zero or a disk image is not a photo
+
+
+class ImageRefused(ValueError):
+    """A file refused before its pixels are decoded; ``reason`` is the verdict's."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def open_regular(path: str | Path, limit: int | None = None):
+    """``path`` opened for binary reading if it is a regular file of at most ``limit`` bytes.
+
+    A FIFO, socket or device is refused without reading (O_NONBLOCK: opening a FIFO never waits for a writer;
+    fstat of the open file, not of the name, decides, so a swap after a check cannot slip through).
+    """
+    limit = MAX_FILE_BYTES if limit is None else limit
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    handle = os.fdopen(fd, "rb")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageRefused("not a file", not_regular(st.st_mode))
+        if st.st_size > limit:
+            raise ImageRefused("too large", f"{human_size(st.st_size)} is too large for an image file "
+                               f"(at most {human_size(limit)})")
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def size_problem(width: int, height: int) -> str | None:
+    """Why an image of this size is refused before decoding (None: it is not)."""
+    if width < 1 or height < 1:
+        return "zero-sized image"
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        ratio = max(width, height) // min(width, height)
+        return f"extreme aspect ratio {ratio}:1 of a {width}x{height} image; at most {MAX_ASPECT}:1"
+    budget = Image.MAX_IMAGE_PIXELS
+    if budget and width * height > budget:
+        return f"{width}x{height} = {width * height:,} pixels is too many to decode (at most {budget:,})"
+    return None
+
+
+def _bounded(image: Image.Image) -> None:
+    """Refuse a size that would take unbounded memory to decode or resize; a huge JPEG is read reduced
+    (draft: 1/2, 1/4 or 1/8 scale, decided before any pixel is decoded) to fit PIL's pixel limit."""
+    width, height = image.size
+    budget = Image.MAX_IMAGE_PIXELS
+    if budget and width * height > budget and image.format == "JPEG":
+        scale = next((s for s in (2, 4, 8) if -(-width // s) * -(-height // s) <= budget), None)
+        if scale is not None:
+            image.draft(image.mode, (width // scale, height // scale))
+    problem = size_problem(*image.size)
+    if problem:
+        raise ImageRefused("unsupported", problem)
+
+
+def _decode(handle) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked here instead
+        with Image.open(handle) as image:
+            _bounded(image)
+            image.load()
+            return to_rgb(image)
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Decode ``path`` into an upright 3-channel RGB image."""
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb(image)
+    """Decode ``path`` (a regular file of a sane size) into an upright 3-channel RGB image."""
+    with open_regular(path) as handle:
+        return _decode(handle)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -81,6 +150,8 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 
 def decode_failure(err: BaseException) -> tuple[str, str]:
     """(reason, detail) for an exception from decoding an image: not an image, truncated or unsupported."""
+    if isinstance(err, ImageRefused):
+        return err.reason, str(err)
     if isinstance(err, UnidentifiedImageError):
         return "not an image", "no image format recognised"
     text = str(err)
@@ -91,26 +162,27 @@ def decode_failure(err: BaseException) -> tuple[str, str]:
 
 def inspect_image(path: str | Path) -> Verdict:
     """Decode ``path`` completely and say whether it can be trained on."""
-    path = Path(path)
     try:
-        content = path.read_bytes()
+        with open_regular(path) as handle:
+            content = handle.read(MAX_FILE_BYTES + 1)
+    except ImageRefused as err:
+        return Verdict(False, err.reason, str(err))
     except OSError as err:
         return Verdict(False, "unreadable", err.strerror or str(err))
     if not content:
         return Verdict(False, "empty", "0 bytes")
+    if len(content) > MAX_FILE_BYTES:  # it grew after the size was checked
+        return Verdict(False, "too large", f"more than {human_size(MAX_FILE_BYTES)}")
     sha1 = hashlib.sha1(content).hexdigest()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's own warnings (EXIF, palette) are not verdicts
-            with Image.open(path) as image:
-                image.load()
-                rgb = to_rgb(image)
+            rgb = _decode(io.BytesIO(content))
     except DECODE_ERRORS as err:
         return Verdict(False, *decode_failure(err), sha1=sha1)
     if rgb.width < 1 or rgb.height < 1:
         return Verdict(False, "unsupported", "zero-sized image", sha1=sha1)
     return Verdict(True, width=rgb.width, height=rgb.height, sha1=sha1)
-
 
 
 def _stat_key(path: str) -> list[int] | None:
@@ -143,9 +215,12 @@ class VerdictCache:
         if key is None or not isinstance(entry, list) or len(entry) != len(key) + 1 or entry[:-1] != key:
             return None
         try:
-            return Verdict.from_dict(entry[-1])
+            verdict = Verdict.from_dict(entry[-1])
         except TypeError:
             return None
+        if verdict.ok and size_problem(verdict.width, verdict.height):
+            return None  # judged before sizes were checked: decode again (and refuse it)
+        return verdict
 
     def put(self, path: str, key: list[int] | None, verdict: Verdict) -> None:
         if key is not None:
@@ -210,7 +285,8 @@ def drop_bad_images(
         return splits, bad
     bad.list_path = cache.bad_list_path
     if bad.list_path is not None:
-        save_text("\n".join(bad.lines()) + "\n", bad.list_path)
+        with atomic_path(bad.list_path) as tmp:  # the paths' own bytes, even those that are not UTF-8
+            tmp.write_bytes(os.fsencode("\n".join(bad.lines()) + "\n"))
     first_path, first = bad.files[0]
     where = f"; full list: {bad.list_path}" if bad.list_path else ""
     if data.bad_images == "error":

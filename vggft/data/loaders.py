@@ -60,10 +60,13 @@ def make_loader(
     ``generator`` drives the shuffle alone: the loader's own seed draw (once per pass, or once in
     all with persistent workers) comes from a private generator, so the order of epoch k is the
     same whether the run started at epoch 1 or resumed there, and the global RNG (dropout) is
-    never touched.
+    never touched. Workers are capped at the work there is: none for a single batch (the main process
+    would only wait for it), never more than there are batches.
     """
     if shuffle and sampler is None:
         sampler = RandomSampler(dataset, generator=generator)
+    batches = -(-len(sampler if sampler is not None else dataset) // batch_size)
+    num_workers = 0 if batches <= 1 else min(num_workers, batches)
     private = torch.Generator().manual_seed(generator.initial_seed() if generator is not None else 0)
     return DataLoader(
         dataset,

@@ -1,0 +1,98 @@
+"""Settings that would silently do nothing are refused, config mistakes are answered before torch loads,
+and the refusals of distributed training and check-data's exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+import sys
+
+import pytest
+
+from conftest import FAST, invoke, make_folder, source_path
+from vggft.config import load_config
+from vggft.errors import ConfigError
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.head_only_epochs=1", "train.epochs=3"], "train.head_only_epochs: 1 does nothing without model.unfreeze"),
+    (["model.unfreeze=1", "train.head_only_epochs=3", "train.epochs=3"], "leaves no epoch of the 3"),
+    (["train.backbone_lr=0.01"], "train.backbone_lr does nothing while the backbone is frozen"),
+    (["train.scheduler=onecycle", "train.warmup_epochs=1"], "train.warmup_epochs does nothing with scheduler onecycle"),
+    (["train.nesterov=true"], "train.nesterov needs optimizer sgd with momentum > 0"),
+    (["train.optimizer=adam", "train.momentum=0.9"], "train.momentum is an sgd setting"),
+    (["train.epochs=0"], "train.epochs: expected a number greater than 0"),
+])
+def test_settings_that_would_do_nothing_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_early_stopping_without_a_val_split_is_refused(runner, pet):
+    result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "train.early_stopping.patience=2")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: train.early_stopping.patience: needs a val split to watch, and there is none")
+
+
+def test_a_config_typo_is_answered_before_torch_is_imported(tmp_path):
+    code = ("import sys; from typer.testing import CliRunner; from vggft.cli import app; "
+            "r = CliRunner().invoke(app, ['train', '--set', 'train.epocs=1']); "
+            "print(r.exit_code, 'torch' in sys.modules)")
+    env = {"PYTHONPATH": ":".join(source_path()), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=60).stdout.split()
+    assert out == ["2", "False"]
+
+
+def test_distributed_refusals(runner, pet, monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) what cannot shard is refused before the process group is joined."""
+    from vggft.train import _check_distributed
+
+    with pytest.raises(ConfigError, match="data.balance: 'sampler' cannot shard across processes"):
+        _check_distributed(load_config(None, ["data.balance=sampler"]))
+    with pytest.raises(ConfigError, match="two-stage training is not supported under torchrun"):
+        _check_distributed(load_config(None, ["model.unfreeze=1", "train.head_only_epochs=1"]))
+    result = invoke(runner, "train", "--nproc", "0", "--set", f"data.root={pet}")
+    assert result.exit_code == 2 and "--nproc: expected 1 or more" in result.stderr
+
+
+def test_check_data_exit_code_follows_imbalance(runner, tmp_path):
+    skewed = make_folder(tmp_path / "skewed", {"train": {"cat": 6, "dog": 2}, "test": {"cat": 1, "dog": 1}})
+    result = invoke(runner, "check-data", "--set", f"data.root={skewed}", "--max-imbalance", "2.5", "-q")
+    assert result.exit_code == 1 and "class imbalance 3.0x in train" in result.stdout
+    result = invoke(runner, "check-data", "--set", f"data.root={skewed}", "--max-imbalance", "4", "-q")
+    assert result.exit_code == 0 and "No problems found." in result.stdout
+
+
+def test_a_mistake_from_set_is_named_so_even_beside_a_config_file(runner, tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text("train:\n  epochs: 3\n")
+    result = invoke(runner, "train", "--config", config, "--set", "train.head_only_epochs=2")
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("error: --set: train.head_only_epochs: 2 does nothing without")
+    config.write_text("train:\n  epochs: 3\n  head_only_epochs: 2\n")
+    result = invoke(runner, "train", "--config", config)
+    assert result.stderr.strip().startswith(f"error: {config}: train.head_only_epochs: 2 does nothing without")
+
+
+def test_output_folders_that_cannot_be_made_are_found_before_any_work(runner, pet):
+    Path("afile").write_text("a file where a folder should be")
+    result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "output.runs_dir=afile/runs")
+    assert result.exit_code == 6 and "Data:" not in result.stderr
+    assert result.stderr.strip() == ("error: output.runs_dir: cannot make or write 'afile/runs' "
+                                     f"('{Path('afile').resolve()}' is not a writable folder); choose another "
+                                     "folder with --set output.runs_dir=PATH")
+    (pet / "train" / "cat" / "broken.jpg").write_bytes(b"not a picture")
+    result = invoke(runner, "check-data", "--set", f"data.root={pet}", "--quarantine", "afile/q", "-q")
+    assert result.exit_code == 6 and not result.stdout  # refused before the scan and before any move
+    assert "error: --quarantine: cannot make or write 'afile/q'" in result.stderr
+    assert (pet / "train" / "cat" / "broken.jpg").exists()
+
+
+def test_resume_keeps_its_run_folder_and_names_no_way_back_to_itself(runner, pet):
+    assert invoke(runner, "train", "--set", f"data.root={pet}", *FAST).exit_code == 0
+    result = invoke(runner, "train", "--resume", "runs/train/last.pt", "--name", "elsewhere")
+    assert result.exit_code == 2 and "error: --set output.name: cannot change when resuming" in result.stderr
+    result = invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=3", "-q")
+    assert result.exit_code == 0 and "Replaced" not in result.stderr

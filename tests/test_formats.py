@@ -1,0 +1,132 @@
+"""Saved files across versions and honest resumes: format-1 files still load, renamed keys migrate,
+a checkpoint knows its base, and --resume accepts only what can still take effect."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import vggft.config
+from conftest import FAST, invoke, make_folder
+from tiny import tiny_vgg
+
+FIXTURES = Path(__file__).parent / "fixtures" / "format1"
+
+
+def _error(result, code: int) -> str:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in result.output
+    return lines[-1]
+
+
+@pytest.fixture
+def format1(tmp_path) -> Path:
+    """vggft 0.1's files (tests/fixtures/format1) where they were written: models/tiny.{pt,json}, runs/r/last.pt,
+    beside the 'pet' folder they name (relative, as format 1 stored it)."""
+    make_folder(tmp_path / "pet", {"train": {"cat": 4, "dog": 4}, "test": {"cat": 2, "dog": 2}})
+    (tmp_path / "models").mkdir()
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    shutil.copy(FIXTURES / "tiny.pt", tmp_path / "models" / "tiny.pt")
+    shutil.copy(FIXTURES / "tiny.json", tmp_path / "models" / "tiny.json")
+    shutil.copy(FIXTURES / "last.pt", tmp_path / "runs" / "r" / "last.pt")
+    return tmp_path
+
+
+def test_format1_weights_and_sidecar_still_evaluate_and_predict(runner, format1):
+    assert json.loads((format1 / "models" / "tiny.json").read_text())["format"] == "vggft-weights/1"
+    result = invoke(runner, "eval", "--weights", "models/tiny.pt", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("acc@1 ") and result.stdout.splitlines()[0].endswith("/4)")
+    rows = json.loads(invoke(runner, "predict", "pet/test", "--weights", "models/tiny.pt", "--json", "-q").stdout)
+    assert len(rows) == 4 and {t["class"] for r in rows for t in r["top"]} == {"cat", "dog"}
+
+
+def test_format1_checkpoint_resumes_and_is_rewritten_in_the_new_format(runner, format1):
+    result = invoke(runner, "train", "--resume", "runs/r/last.pt", "--set", "train.epochs=2", "-q")
+    assert result.exit_code == 0, result.output
+    assert "Resuming runs/r after epoch 1" in result.stderr
+    body = torch.load(format1 / "runs" / "r" / "last.pt", weights_only=True)
+    assert body["format"] == "vggft-checkpoint/2" and body["epoch"] == 2 and len(body["history"]) == 2
+    assert body["frozen_fingerprint"] and body["best_model"]
+    sidecar = json.loads((format1 / "models" / "tiny.json").read_text())
+    assert sidecar["format"] == "vggft-weights/2" and sidecar["weights_sha256"]
+
+
+def test_renamed_keys_migrate_in_saved_files_and_configs(runner, format1, monkeypatch):
+    """A key renamed after a file was saved: RENAMED_KEYS maps it; the saved file and a user's YAML still load."""
+    monkeypatch.setitem(vggft.config.RENAMED_KEYS, "train.learning_rate", "train.lr")
+    sidecar = format1 / "models" / "tiny.json"
+    body = json.loads(sidecar.read_text())
+    body["config"]["train"]["learning_rate"] = body["config"]["train"].pop("lr")
+    sidecar.write_text(json.dumps(body))
+    result = invoke(runner, "eval", "--weights", "models/tiny.pt", "-q")
+    assert result.exit_code == 0, result.output
+    old = format1 / "old.yaml"
+    old.write_text("train:\n  learning_rate: 0.02\n")
+    cfg = vggft.config.load_config(old)
+    assert cfg.train.lr == 0.02
+    assert vggft.config.load_config(None, ["train.learning_rate=0.03"]).train.lr == 0.03
+
+
+@pytest.fixture
+def trained_run(runner, pet):
+    assert invoke(runner, "train", "--set", f"data.root={pet}", *FAST).exit_code == 0
+    return Path("runs/train/last.pt")
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("train.lr=0.5", "train.lr"),  # the optimizer state would keep the old lr while config.yaml said 0.5
+    ("model.unfreeze=1", "model.unfreeze"),  # was a raw ValueError traceback
+    ("model.head=gap", "model.head"),
+    ("data.image_size=64", "data.image_size"),
+])
+def test_resume_refuses_keys_that_cannot_take_effect(runner, trained_run, override, key):
+    before = trained_run.read_bytes()
+    line = _error(invoke(runner, "train", "--resume", trained_run, "--set", override), 2)
+    assert line.startswith(f"error: --set {key}: cannot change when resuming") and "train.epochs" in line
+    assert trained_run.read_bytes() == before
+
+
+def test_resume_with_a_config_file_or_other_classes_is_refused(runner, trained_run, pet, tmp_path):
+    config = tmp_path / "other.yaml"
+    config.write_text("train:\n  lr: 0.5\n")
+    line = _error(invoke(runner, "train", "--resume", trained_run, "--config", config), 2)
+    assert "a resumed run goes on with its own config" in line
+    make_folder(pet, {"train": {"owl": 2}, "test": {"owl": 1}})
+    line = _error(invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3"), 3)
+    assert "--resume: the run was trained on classes ['cat', 'dog']" in line
+
+
+def test_resume_accepts_what_takes_effect(runner, trained_run):
+    result = invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3",
+                    "--set", "output.weights=more.pt", "--set", "data.num_workers=0", "-q")
+    assert result.exit_code == 0, result.output
+    assert torch.load(trained_run, weights_only=True)["epoch"] == 3 and Path("more.pt").is_file()
+
+
+def test_a_checkpoint_missing_its_trainable_part_is_refused(runner, trained_run):
+    body = torch.load(trained_run, weights_only=True)
+    del body["model"]["classifier.6.weight"]
+    torch.save(body, trained_run)
+    line = _error(invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3"), 4)
+    assert "does not hold the trainable part of this model" in line
+
+
+def test_a_checkpoint_knows_its_base_weights(runner, pet, tmp_path):
+    """last.pt/best.pt hold the head; the frozen rest is rebuilt from model.weights, and must be what it was."""
+    backbone = tmp_path / "backbone.pth"
+    torch.manual_seed(1)
+    torch.save(tiny_vgg().state_dict(), backbone)
+    assert invoke(runner, "train", "--set", f"data.root={pet}", "--set", f"model.weights={backbone}", *FAST).exit_code == 0
+    assert invoke(runner, "eval", "--weights", "runs/train/best.pt", "-q").exit_code == 0
+    torch.manual_seed(2)
+    torch.save(tiny_vgg().state_dict(), backbone)  # another file under the same name
+    line = _error(invoke(runner, "eval", "--weights", "runs/train/best.pt", "-q"), 4)
+    assert "was trained on other base weights than model.weights" in line and str(backbone) in line
+    line = _error(invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=3"), 4)
+    assert "was trained on other base weights" in line
