@@ -171,6 +171,7 @@ def test_the_test_split_is_never_extracted_let_alone_used_to_choose(runner, env,
 
 
 def test_trials_run_no_backbone_forward_after_the_one_extraction(runner, env, tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
     calls = conv_counter(monkeypatch)
     cold = options(env, f"cache.dir={tmp_path / 'fresh'}")
     assert invoke(runner, "sweep", *cold, "--grid", "train.lr=0.05").exit_code == 0
@@ -184,6 +185,7 @@ def test_trials_run_no_backbone_forward_after_the_one_extraction(runner, env, tm
     for command in (["kfold", "--folds", "2"], ["lr-find", "--steps", "20"]):
         assert invoke(runner, *command, *cold).exit_code == 0  # warm: train+val are cached
     assert calls == []
+    assert torch.get_num_threads() == threads  # heads train on one thread on a CPU; the setting is put back
 
 
 # --- lr-find -----------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 from .cached import extract, prepare, run_folder, write_csv
 from .config import Config
 from .data.loaders import make_loader
-from .engine import class_weights, fresh_head, to_device
+from .engine import class_weights, cpu_threads, fresh_head, row_threads, to_device
 from .errors import ConfigError
 from .logs import log, progress
 from .model import set_train_mode
@@ -68,7 +68,7 @@ def range_test(suffix: nn.Module, rows, labels: torch.Tensor, cfg: Config, *, na
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.train.label_smoothing)
     test = RangeTest(planned=steps)
     average, best = 0.0, math.inf
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), cpu_threads(row_threads(device)):
         torch.manual_seed(seed)  # dropout
         for step, (inputs, targets) in enumerate(progress(_cycle(loader, steps), desc="lr-find", total=steps,
                                                           unit="batch")):

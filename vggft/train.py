@@ -28,7 +28,7 @@ from .data.loaders import make_loader
 from .device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
 from .distributed import (Group, is_peer_failure, is_timeout, main_first, process_group, reduce_metrics,
                           stalled)
-from .engine import Loop, Progress, class_weights, epoch_line, evaluate, restore_best, run_epochs
+from .engine import Loop, Progress, class_weights, epoch_line, evaluate, restore_best, row_threads, run_epochs
 from .errors import (ConfigError, DataError, DivergedError, Interrupted, OutputError, VggftError, WeightsError,
                      first_line)
 from .features import FeatureSource
@@ -249,7 +249,7 @@ def _make_loop(cfg: Config, model: nn.Module, source: FeatureSource, splits: Dat
                 nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.train.label_smoothing), optimizer,
                 make_scheduler(cfg.train, optimizer, len(train_loader)), device, precision,
                 output_names(splits.class_names, num_outputs), cfg.train, scaler, backbone, group,
-                sampler if group.active else None)
+                sampler if group.active else None, threads=row_threads(device) if source.cached else None)
     return loop, generator, shard.get("test")
 
 
