@@ -117,7 +117,6 @@ def runner() -> CliRunner:
 def tiny_subprocess_env() -> dict[str, str]:
     """The environment for a vggft subprocess that builds the tiny stand-in (see tests/stand_in/)."""
     import os
-    import sys
 
     stand_in = str(Path(__file__).resolve().parent / "stand_in")
     return {**os.environ, "VGGFT_TEST_TINY": "1", "PYTHONUNBUFFERED": "1",

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from conftest import invoke
 from vggft import presets
-from vggft.config import Config, all_keys, load_config
+from vggft.config import all_keys, load_config
 from vggft.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -15,7 +15,6 @@ import vggft.engine
 from conftest import FAST, invoke, make_folder
 from vggft.config import ModelConfig, TrainConfig, load_config
 from vggft.inference import load_model
-from vggft.metrics import Metrics
 from vggft.model import build_model, conv_blocks
 from vggft.optim import lr_factor, make_optimizer, make_scheduler
 
