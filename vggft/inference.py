@@ -29,6 +29,7 @@ from .logs import progress
 from .metrics import output_names
 from .model import describe_state_dict, freeze, model_from_weights
 
+
 @dataclass
 class TrainedModel:
     """Saved weights with what is needed to use them: architecture, head, class names, config."""
