@@ -221,9 +221,7 @@ def train(
 @app.command("eval")
 @_handle_errors
 def eval_(
-    weights: Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")] = Path(
-        "models/VGG16.pt"
-    ),
+    weights: WeightsOpt = Path("models/VGG16.pt"),
     config: ConfigOpt = None,
     set_: _set_option("data.root=other/images") = None,
     split: Annotated[Split, typer.Option(help="Which split to score.")] = Split.test,
@@ -466,9 +464,7 @@ def _write_predictions_csv(rows: list[dict], path: Path) -> None:
 @app.command()
 @_handle_errors
 def export(
-    weights: Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")] = Path(
-        "models/VGG16.pt"
-    ),
+    weights: WeightsOpt = Path("models/VGG16.pt"),
     fmt: Annotated[Optional[ExportFormat], typer.Option(
         "--format", "-f", help="onnx (needs pip install onnx onnxscript onnxruntime), pt2 (torch.export), or "
         "torchscript (deprecated upstream); default: onnx when those packages are installed, else pt2.")] = None,
