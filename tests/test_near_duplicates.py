@@ -83,6 +83,15 @@ def test_similarity_out_of_range_or_alone_is_one_line(runner, folder):
     assert result.exit_code == 2 and "add --near-duplicates" in result.stderr and result.stdout == ""
 
 
+def test_the_default_similarity_given_alone_is_refused_too(runner, folder):
+    """--similarity 0.97 without --near-duplicates does nothing either (it once passed as the default)."""
+    _, options = folder
+    result = invoke(runner, "check-data", *options, "--similarity", str(near.DEFAULT_SIMILARITY), "-q")
+    assert result.exit_code == 2 and "add --near-duplicates" in result.stderr and result.stdout == ""
+    shown = " ".join(invoke(runner, "check-data", "--help").stdout.replace("│", " ").split())
+    assert f"links two images (default {near.DEFAULT_SIMILARITY})" in shown
+
+
 def test_blocks_of_the_similarity_matrix_find_what_the_whole_matrix_finds(monkeypatch):
     g = torch.Generator().manual_seed(0)
     base = torch.rand(12, 8, generator=g)

@@ -327,7 +327,8 @@ def check_data(
         help="Largest/smallest class ratio that counts as a problem (greater than 1).")] = 10.0,
     near_duplicates: Annotated[bool, typer.Option("--near-duplicates", help="Also find resized, recompressed or "
                                                   "cropped copies (cosine similarity of pooled backbone features).")] = False,
-    similarity: Annotated[float, typer.Option(help="Cosine similarity at which --near-duplicates links two images.")] = 0.97,
+    similarity: Annotated[Optional[float], typer.Option(
+        help="Cosine similarity at which --near-duplicates links two images (default 0.97).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Scan every image: unreadable files, sizes, class balance, duplicates across and within splits.
@@ -344,15 +345,15 @@ def check_data(
     if quarantine is not None:
         check.check_destination(quarantine)  # before the scan: nothing half-done
 
-    if similarity != 0.97 and not near_duplicates:
+    if similarity is not None and not near_duplicates:
         from .errors import ConfigError
 
         raise ConfigError("--similarity: sets the threshold of --near-duplicates; add --near-duplicates")
     report = check.check_data(cfg, max_imbalance=max_imbalance)
     if near_duplicates:
-        from .near_duplicates import find_near_duplicates
+        from .near_duplicates import DEFAULT_SIMILARITY, find_near_duplicates
 
-        find_near_duplicates(cfg, report, similarity)
+        find_near_duplicates(cfg, report, DEFAULT_SIMILARITY if similarity is None else similarity)
     typer.echo(format_report(report))
     if quarantine is not None and report.bad:
         moved = check.quarantine(report, quarantine)
