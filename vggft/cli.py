@@ -387,28 +387,18 @@ def predict(
     rows = run_predict(weights, inputs, config, set_ or [], topk=topk, batch_size=batch_size)
     if csv_path is not None:
         _write_predictions_csv(rows, csv_path)
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-    else:
-        width = max(len("path"), *(len(r["path"]) for r in rows))
-        name_width = max([len("top-1")] + [len(t["class"]) for r in rows for t in r["top"][:1]])
-        calibrated = next((f"  (calibrated probabilities, temperature {r['temperature']:.3f})" for r in rows
-                           if r.get("calibrated")), "")
-        typer.echo(f"{'path':<{width}}  {'top-1':<{name_width}}  {'prob':>6}  others{calibrated}")
-        for r in rows:
-            if "error" in r:
-                typer.echo(f"{r['path']:<{width}}  error: {r['error']}")
-                continue
-            best, *others = r["top"]
-            rest = "  ".join(f"{t['class']} {t['probability']:.4f}" for t in others)
-            line = f"{r['path']:<{width}}  {best['class']:<{name_width}}  {best['probability']:.4f}  {rest}"
-            typer.echo(line.rstrip())
-    say = _err if as_json else typer.echo
-    failed = sum("error" in r for r in rows)
-    if failed:
-        _err(f"{failed} of {len(rows)} file(s) could not be read as images")
+    name_width = max([len("top-1")] + [len(t["class"]) for r in rows for t in r["top"][:1]])
+    calibrated = next((f"  (calibrated probabilities, temperature {r['temperature']:.3f})" for r in rows
+                       if r.get("calibrated")), "")
+
+    def line(r: dict) -> str:
+        best, *others = r["top"]
+        rest = "  ".join(f"{t['class']} {t['probability']:.4f}" for t in others)
+        return f"{best['class']:<{name_width}}  {best['probability']:.4f}  {rest}".rstrip()
+
+    _echo_rows(rows, as_json, f"{'top-1':<{name_width}}  {'prob':>6}  others{calibrated}", line)
     if csv_path is not None:
-        say(f"Wrote {csv_path}")
+        (_err if as_json else typer.echo)(f"Wrote {csv_path}")
 
 
 @app.command()
@@ -431,17 +421,21 @@ def explain(
     from .explain import explain as run_explain
 
     rows = run_explain(weights, inputs, config, set_ or [], class_name=class_name, out=out, batch_size=batch_size)
-    failed = sum("error" in r for r in rows)
+    _echo_rows(rows, as_json, f"{'class':<12}  {'prob':>6}  overlay",
+               lambda r: f"{r['class']:<12}  {r['probability']:.4f}  {r['overlay']}")
+
+
+def _echo_rows(rows: list[dict], as_json: bool, header: str, line) -> None:
+    """One row per file: JSON, or a table (path column, then ``header`` / ``line(row)``; a file that could not
+    be read shows its error); then, on stderr, how many could not be read."""
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
         width = max(len("path"), *(len(r["path"]) for r in rows))
-        typer.echo(f"{'path':<{width}}  {'class':<12}  {'prob':>6}  overlay")
+        typer.echo(f"{'path':<{width}}  {header}")
         for r in rows:
-            if "error" in r:
-                typer.echo(f"{r['path']:<{width}}  error: {r['error']}")
-            else:
-                typer.echo(f"{r['path']:<{width}}  {r['class']:<12}  {r['probability']:.4f}  {r['overlay']}")
+            typer.echo(f"{r['path']:<{width}}  " + (f"error: {r['error']}" if "error" in r else line(r)))
+    failed = sum("error" in r for r in rows)
     if failed:
         _err(f"{failed} of {len(rows)} file(s) could not be read as images")
 
