@@ -27,7 +27,7 @@ from torch import nn
 from torchvision import models
 
 from . import __version__
-from .config import Config, ModelConfig, config_from_dict, migrate_config
+from .config import Config, ModelConfig, config_from_dict, migrate_config, weights_is_file
 from .errors import OutputError, WeightsError, first_line
 from .files import check_name_length, existing_parent, save_json, save_torch
 from .model import build_model
@@ -123,7 +123,7 @@ def pretrained_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
     if cfg.weights is None:
         return None
     path = Path(cfg.weights).expanduser()
-    if path.suffix in (".pth", ".pt", ".bin") or os.sep in cfg.weights or path.exists():
+    if weights_is_file(cfg.weights):
         if not path.is_file():
             raise WeightsError(
                 f"model.weights: file '{path}' not found; point it at a local .pth state_dict, "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -137,11 +136,10 @@ def _require(ok: bool, option: str, expected: str, got) -> None:
 def _check_pretrained(cfg) -> None:
     """A model.weights that is neither null, a file nor a torchvision weights name of model.arch is a config
     mistake: said before any work (torchvision's list of names is read; nothing is loaded)."""
+    from .config import weights_is_file
+
     name = cfg.model.weights
-    if name is None:
-        return
-    path = Path(name).expanduser()
-    if path.suffix in (".pth", ".pt", ".bin") or os.sep in name or path.exists():
+    if name is None or weights_is_file(name):
         return  # a file: read (and judged) when the model is built
     from .artifacts import torchvision_weights
     from .errors import ConfigError, WeightsError

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import reprlib
 import types
@@ -132,6 +133,13 @@ class ModelConfig:
     """Dropout of VGG's classifier (0.5 in torchvision); applies to the classifier6 head."""
     unfreeze: list[str] | int = 0
     """Conv blocks to train too: a list such as [block5], or a count from the top."""
+
+
+def weights_is_file(weights: str) -> bool:
+    """Whether a ``model.weights`` value names a file (a .pth/.pt/.bin name, a path, or anything that exists)
+    rather than a torchvision weights name such as IMAGENET1K_V1."""
+    path = Path(weights).expanduser()
+    return path.suffix in (".pth", ".pt", ".bin") or os.sep in weights or path.exists()
 
 
 @dataclass
