@@ -36,7 +36,7 @@ from .data.transforms import eval_transform, train_transform, transform_signatur
 from .device import autocast_factory, resolve_workers
 from .distributed import SINGLE, Group
 from .errors import ConfigError, Interrupted, OutputError, first_line
-from .files import cache_root, save_json, save_text, save_torch
+from .files import cache_root, file_identity, save_json, save_text, save_torch
 from .logs import Counter, log
 from .model import split_frozen_prefix
 
@@ -44,10 +44,8 @@ SHARD_ROWS = 1024  # write a shard at least this often, so an interrupted extrac
 
 
 def file_key(path: str) -> str:
-    """Path, size, modification and change times and inode: a file rewritten in place with the same size
-    and a restored mtime (cp -p, rsync -a) still changes its ctime, so its old row is not reused."""
-    st = os.stat(path)
-    identity = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    """A row's key: the file's absolute path and ``files.file_identity`` (size, times, inode), hashed."""
+    identity = "|".join([os.path.abspath(path), *map(str, file_identity(path))])
     return hashlib.sha1(identity.encode("utf-8", "surrogateescape")).hexdigest()
 
 

@@ -136,6 +136,14 @@ def save_text(text: str, path: str | Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def file_identity(path: str | Path) -> list[int]:
+    """Size, modification and change times (ns) and inode of ``path`` (OSError if it cannot be stat'ed): what
+    keys a cached result about a file. A file rewritten in place with the same size and a restored mtime
+    (cp -p, rsync -a) still changes its ctime, so it gets a new key."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
 def check_folder(folder: str | Path, what: str, fix: str) -> None:
     """Before any work: ``folder`` is a folder that exists or can be made and written (creating nothing)."""
     folder = Path(folder)
