@@ -221,15 +221,6 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def preprocessing(cfg: Config) -> dict:
-    """What a user of the weights needs to prepare images as in training."""
-    from .data.transforms import normalization
-
-    mean, std = normalization(cfg.data)
-    return {"image_size": cfg.data.image_size, "resize": cfg.data.resize, "normalize": cfg.data.normalize,
-            "mean": list(mean), "std": list(std)}
-
-
 def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list[str], *,
                  metrics: dict | None = None, split: dict | None = None, temperature: float | None = None) -> Path:
     """Write the weights, then the sidecar that records their digest (and a pool's ``split``, and the softmax
@@ -238,6 +229,8 @@ def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list
     A kill between the two renames leaves new weights beside the old sidecar: its digest no longer
     matches, and loading says so instead of naming the classes wrongly.
     """
+    from .data.transforms import preprocessing
+
     weights = Path(weights)
     save_torch(plain_state_dict(model), weights)
     config = cfg.to_dict()
@@ -252,7 +245,7 @@ def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list
         "head": cfg.model.head,
         "num_classes": cfg.model.num_classes or len(class_names),
         "class_names": class_names,
-        **preprocessing(cfg),
+        **preprocessing(cfg.data),
         "split": split,
         "temperature": temperature,
         "config": config,
