@@ -12,10 +12,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from .engine import HISTORY_COLUMNS
 from .errors import ConfigError
 from .metrics import Metrics
 
-SCALARS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")  # metrics.csv, less epoch
+SCALARS = HISTORY_COLUMNS[1:]  # metrics.csv's columns, less epoch (the step)
 FOLDER = "tensorboard"
 
 

@@ -28,7 +28,8 @@ from .data.loaders import make_loader
 from .device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
 from .distributed import (Group, is_peer_failure, is_timeout, main_first, process_group, reduce_metrics,
                           stalled)
-from .engine import Loop, Progress, class_weights, epoch_line, evaluate, restore_best, run_epochs
+from .engine import (HISTORY_COLUMNS, Loop, Progress, class_weights, epoch_line, evaluate, restore_best,
+                     run_epochs)
 from .errors import (ConfigError, DataError, DivergedError, Interrupted, OutputError, VggftError, WeightsError,
                      first_line)
 from .features import FeatureSource
@@ -346,9 +347,8 @@ def _best_body(run: Run) -> dict:
 
 
 def _write_metrics(history: list[dict], path: Path) -> None:
-    columns = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, HISTORY_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     save_text(buffer.getvalue(), path)
