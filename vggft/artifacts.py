@@ -366,6 +366,19 @@ def checked_checkpoint(body, path: Path, what: str) -> dict:
     return body
 
 
+def check_frozen(model: nn.Module, body: dict, path: Path, what: str, fix: str, *, current: str | None = None) -> None:
+    """Refuse checkpoint ``body`` if the frozen part of ``model`` (just rebuilt from its model.weights) is not the
+    one it was trained on. ``current``: the model's ``frozen_fingerprint``, when already computed; ``fix``:
+    what to do instead."""
+    expected = body.get("frozen_fingerprint")
+    if expected is None:  # format 1 recorded none
+        return
+    if (current or frozen_fingerprint(model, body["model"])) != expected:
+        weights = body["config"]["model"].get("weights")
+        raise WeightsError(f"{what}: '{path}' was trained on other base weights than model.weights '{weights}' "
+                           f"gives now (the file changed since); restore those weights, or {fix}")
+
+
 def rebuild_from_checkpoint(body: dict, path: Path, what: str) -> nn.Module:
     """The full model of a checkpoint: the frozen part rebuilt from its model.weights, checked against
     the fingerprint recorded at training time; the caller's random state is left as it was."""
@@ -375,12 +388,7 @@ def rebuild_from_checkpoint(body: dict, path: Path, what: str) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the draws of training: a random-init backbone comes back identical
         model = build_model(cfg.model, num_outputs, state_dict)
-    expected = body.get("frozen_fingerprint")
-    if expected is not None and frozen_fingerprint(model, body["model"]) != expected:
-        raise WeightsError(
-            f"{what}: '{path}' was trained on other base weights than model.weights '{cfg.model.weights}' gives "
-            "now (the file changed since); restore those weights, or use the weights the run saved (output.weights)"
-        )
+    check_frozen(model, body, path, what, "use the weights the run saved (output.weights)")
     _, unexpected = model.load_state_dict(body["model"], strict=False)  # the frozen rest is already in place
     if unexpected:
         raise WeightsError(f"{what}: '{path}' does not fit {cfg.model.arch} with a {cfg.model.head} head "

@@ -256,11 +256,7 @@ def _make_loop(cfg: Config, model: nn.Module, source: FeatureSource, splits: Dat
 def _restore(run: Run, body: dict, resume: Path) -> None:
     """Go on exactly where ``last.pt`` left off: weights, optimizer, schedule, RNG, history, best epoch."""
     loop = run.loop
-    expected = body.get("frozen_fingerprint")
-    if expected is not None and expected != run.fingerprint:
-        raise WeightsError(f"--resume: '{resume}' was trained on other base weights than model.weights "
-                           f"'{run.cfg.model.weights}' gives now (the file changed since); restore those weights, "
-                           "or start a new run")
+    artifacts.check_frozen(run.model, body, resume, "--resume", "start a new run", current=run.fingerprint)
     wanted = set(artifacts.trainable_state(run.model, loop.optimizer))
     if wanted - set(body["model"]) or set(body["model"]) - set(run.model.state_dict()):
         raise WeightsError(f"--resume: '{resume}' does not hold the trainable part of this model "
