@@ -30,7 +30,7 @@ from . import __version__
 from .config import Config, ModelConfig, config_from_dict, migrate_config, weights_is_file
 from .errors import OutputError, WeightsError, first_line
 from .files import check_name_length, existing_parent, save_json, save_torch
-from .model import build_model
+from .model import build_model, frozen_prefix_layers
 
 WEIGHTS_FORMAT = "vggft-weights/2"
 CHECKPOINT_FORMAT = "vggft-checkpoint/2"
@@ -180,8 +180,28 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def frozen_fingerprint(model: nn.Module, trainable: dict[str, torch.Tensor]) -> str:
-    """The fingerprint of everything a checkpoint does not hold: what is rebuilt from model.weights."""
+# Frozen fingerprints made of the prefix's and the rest's start with this; older ones (vggft-checkpoint/2
+# files written before it) are one hash over every frozen tensor, and are still checked as such.
+FROZEN_SCHEME = "2:"
+
+
+def frozen_fingerprint(model: nn.Module, trainable: dict[str, torch.Tensor], prefix_weights: str | None = None) -> str:
+    """The fingerprint of everything a checkpoint does not hold: what is rebuilt from model.weights.
+
+    It joins the ``fingerprint`` of the frozen prefix's state_dict (``prefix_weights``: the feature cache
+    hashes the same tensors to name its folder, so a run hashes them once) and that of the frozen tensors
+    after it; a tensor of the prefix that a two-stage run trains later is in the prefix's part.
+    """
+    layers = frozen_prefix_layers(model)
+    if prefix_weights is None:
+        prefix_weights = fingerprint(nn.Sequential(*[m for _, m in layers]).state_dict())
+    inside = {f"{name}.{key}" for name, module in layers for key in module.state_dict()}
+    rest = fingerprint({k: v for k, v in model.state_dict().items() if k not in trainable and k not in inside})
+    return FROZEN_SCHEME + hashlib.sha1(f"{prefix_weights}|{rest}".encode()).hexdigest()
+
+
+def legacy_frozen_fingerprint(model: nn.Module, trainable: dict[str, torch.Tensor]) -> str:
+    """A frozen fingerprint as recorded before ``FROZEN_SCHEME``: one hash over every frozen tensor."""
     return fingerprint({k: v for k, v in model.state_dict().items() if k not in trainable})
 
 
@@ -373,7 +393,11 @@ def check_frozen(model: nn.Module, body: dict, path: Path, what: str, fix: str, 
     expected = body.get("frozen_fingerprint")
     if expected is None:  # format 1 recorded none
         return
-    if (current or frozen_fingerprint(model, body["model"])) != expected:
+    if str(expected).startswith(FROZEN_SCHEME):
+        got = current or frozen_fingerprint(model, body["model"])
+    else:  # recorded before FROZEN_SCHEME: that hash (one more pass over the frozen weights)
+        got = legacy_frozen_fingerprint(model, body["model"])
+    if got != expected:
         weights = body["config"]["model"].get("weights")
         raise WeightsError(f"{what}: '{path}' was trained on other base weights than model.weights '{weights}' "
                            f"gives now (the file changed since); restore those weights, or {fix}")

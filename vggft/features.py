@@ -49,9 +49,10 @@ def file_key(path: str) -> str:
     return hashlib.sha1(identity.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def module_fingerprint(module: nn.Module) -> str:
-    """A content hash of a module's layers and weights: identical prefixes share a cache."""
-    return hashlib.sha1(f"{module!r}|{fingerprint(module.state_dict())}".encode()).hexdigest()
+def module_fingerprint(module: nn.Module, weights: str | None = None) -> str:
+    """A content hash of a module's layers and weights (``weights``: the ``fingerprint`` of its state_dict,
+    if already known): identical prefixes share a cache."""
+    return hashlib.sha1(f"{module!r}|{weights or fingerprint(module.state_dict())}".encode()).hexdigest()
 
 
 def row_width(suffix: nn.Module) -> int | None:
@@ -285,11 +286,13 @@ class FeatureSource:
         self.decode = resolve_decode(cfg.data.decode, device)  # for extraction; images for the loop: Pillow
         self.decoder = TensorDecoder(cfg.data) if self.decode != "pil" else None
         self.cache: FeatureCache | None = None
+        self.prefix_weights: str | None = None  # the prefix's weights' fingerprint, when the cache needs it
         if self.off_reason is None:
+            self.prefix_weights = fingerprint(self.prefix.state_dict())
             namespace = {
                 "arch": cfg.model.arch,
                 "cut": self.cut,
-                "prefix": module_fingerprint(self.prefix),
+                "prefix": module_fingerprint(self.prefix, self.prefix_weights),
                 "transform": transform_signature(cfg.data),
                 "precision": str(precision or "fp32"),
                 "torch": torch.__version__.split("+")[0],

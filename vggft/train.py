@@ -155,7 +155,8 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group)
     _check_disk(cfg, model, source, splits)
     with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
         loop, generator, test_loader = _make_loop(cfg, model, source, splits, device, precision, group)
-    fingerprint = artifacts.frozen_fingerprint(model, artifacts.trainable_state(model, loop.optimizer))
+    fingerprint = artifacts.frozen_fingerprint(model, artifacts.trainable_state(model, loop.optimizer),
+                                               source.prefix_weights)
     run = Run(cfg, splits, model, source, loop, Progress(), generator, None, test_loader, fingerprint)
     if body:
         _restore(run, body, Path(resume))
