@@ -29,7 +29,7 @@ from torchvision import models
 from . import __version__
 from .config import Config, ModelConfig, config_from_dict, migrate_config, weights_is_file
 from .errors import OutputError, WeightsError, first_line
-from .files import check_name_length, existing_parent, save_json, save_torch
+from .files import check_name_length, existing_parent, file_digest, save_json, save_torch
 from .model import build_model, frozen_prefix_layers
 
 WEIGHTS_FORMAT = "vggft-weights/2"
@@ -233,14 +233,6 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list[str], *,
                  metrics: dict | None = None, split: dict | None = None, temperature: float | None = None) -> Path:
     """Write the weights, then the sidecar that records their digest (and a pool's ``split``, and the softmax
@@ -252,7 +244,7 @@ def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list
     from .data.transforms import preprocessing
 
     weights = Path(weights)
-    save_torch(plain_state_dict(model), weights)
+    digest = save_torch(plain_state_dict(model), weights, sha256=True)
     config = cfg.to_dict()
     config["data"]["root"] = str(Path(cfg.data.root).resolve())  # usable from any working folder
     sidecar = {
@@ -260,7 +252,7 @@ def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list
         "vggft_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "weights_file": weights.name,
-        "weights_sha256": file_digest(weights),
+        "weights_sha256": digest,
         "arch": cfg.model.arch,
         "head": cfg.model.head,
         "num_classes": cfg.model.num_classes or len(class_names),
