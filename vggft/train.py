@@ -366,7 +366,7 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
     if not run.loop.group.is_main:
         return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
     if run.board:
-        run.board.close(run.state.history, test, run.state.best["epoch"])
+        run.board.close(run.state.history, test, run.state.best["epoch"], curves=run.run_dir / "curves.png")
     replaced = _way_back(weights, run.run_dir)
     fit = _calibrate(run)
     artifacts.save_trained(
