@@ -8,6 +8,7 @@ value to the field's declared type and checks it. Anything wrong is one
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -256,7 +257,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     """
     raw: dict[str, Any] = {}
     if base:
-        _merge(raw, migrate_config(base))
+        _merge(raw, migrate_config(copy.deepcopy(base)))  # a copy: --set must not write into the caller's dict
     source = "--set" if overrides else "config"  # what the consistency checks name when no file was given
     if path is not None:
         path, source = config_file(path)
