@@ -168,3 +168,12 @@ def test_a_train_start_hashes_each_frozen_weight_once(runner, pet, monkeypatch):
     full = artifacts.rebuild_from_checkpoint(body, Path("runs/train/last.pt"), "--weights").state_dict()
     frozen = sum(t.numel() * t.element_size() for k, t in full.items() if k not in body["model"])
     assert sum(hashed) == 2 * frozen  # training once, the rebuild above once: not twice each
+
+
+def test_resume_reads_last_pt_once(runner, trained_run, monkeypatch):
+    reads = []
+    load = artifacts.load_checkpoint
+    monkeypatch.setattr(artifacts, "load_checkpoint", lambda path, *args: reads.append(Path(path)) or load(path, *args))
+    result = invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3", "-q")
+    assert result.exit_code == 0, result.output
+    assert reads == [trained_run]

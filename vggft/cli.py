@@ -193,11 +193,11 @@ def train(
         from .config import resume_overrides_refused
 
         resume_overrides_refused(overrides)  # before torch is imported (--name too: the run folder is the run's)
-        from .train import resume_config
+        from .train import read_resume
 
-        cfg = resume_config(resume, overrides)
+        cfg, checkpoint = read_resume(resume, overrides)
     else:
-        cfg = _config(config, overrides)
+        cfg, checkpoint = _config(config, overrides), None
     _check_pretrained(cfg)
     _output(quiet)
     if nproc != 1:
@@ -209,7 +209,7 @@ def train(
         raise typer.Exit(launch_train(nproc, args, debug=_state["debug"]))  # the config is valid
     from .train import RUN_FILES, fit
 
-    result = fit(cfg, resume=resume)
+    result = fit(cfg, resume=resume, checkpoint=checkpoint)
     if _rank() == 0:
         if result.test is not None:
             typer.echo(f"Test: {result.test.summary_line()}")

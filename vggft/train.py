@@ -86,17 +86,24 @@ def new_run_dir(runs_dir: str, name: str | None) -> Path:
 
 def resume_config(checkpoint_path: Path, overrides: list[str] = ()) -> Config:
     """The config a run was started with, under the ``--set`` overrides that can still take effect."""
+    return read_resume(checkpoint_path, overrides)[0]
+
+
+def read_resume(checkpoint_path: Path, overrides: list[str] = ()) -> tuple[Config, dict]:
+    """``resume_config`` and the checkpoint itself, read once: pass it on to ``fit(checkpoint=...)``."""
     resume_overrides_refused(list(overrides))
     body = artifacts.load_checkpoint(checkpoint_path)
     if body.get("kind") == "best":
         raise WeightsError(f"--resume: '{checkpoint_path}' is the run's best epoch ({body['epoch']}), kept for "
                            f"eval, predict and export; go on with {Path(checkpoint_path).with_name('last.pt')}, "
                            "or start a new run")
-    return load_config(None, overrides, base=body["config"])
+    return load_config(None, overrides, base=body["config"]), body
 
 
-def fit(cfg: Config, *, resume: Path | None = None) -> TrainResult:
-    """Train as configured (or go on from a run's last.pt), evaluate on test, save weights and sidecar."""
+def fit(cfg: Config, *, resume: Path | None = None, checkpoint: dict | None = None) -> TrainResult:
+    """Train as configured (or go on from a run's last.pt), evaluate on test, save weights and sidecar.
+
+    ``checkpoint``: the body of ``resume``, when ``read_resume`` has read it already."""
     device = resolve_device(cfg.train.device)
     if cfg.output.tensorboard:
         tensorboard_log.require()  # before any work
@@ -106,7 +113,7 @@ def fit(cfg: Config, *, resume: Path | None = None) -> TrainResult:
         if not group.is_main:
             silence()  # rank 0 speaks for the job
         try:
-            run = _setup(cfg, resume, device, group)
+            run = _setup(cfg, resume, device, group, checkpoint)
             memory = out_of_memory_hint(device, {"data.batch_size": cfg.data.batch_size,
                                                  "data.eval_batch_size": cfg.data.eval_batch_size})
             with memory:
@@ -135,8 +142,9 @@ def _check_distributed(cfg: Config) -> None:
 
 # --- setup ------------------------------------------------------------------------------------------
 
-def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group) -> Run:
-    body = artifacts.load_checkpoint(resume) if resume else None
+def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group, body: dict | None = None) -> Run:
+    if resume and body is None:
+        body = artifacts.load_checkpoint(resume)
     if body and cfg.train.scheduler == "onecycle" and body["config"]["train"]["epochs"] != cfg.train.epochs:
         raise ConfigError(f"train.epochs: a onecycle schedule is laid out for the run's "
                           f"{body['config']['train']['epochs']} epochs at its start; resume with that many, "
