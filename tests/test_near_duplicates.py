@@ -61,6 +61,16 @@ def test_copies_are_found_and_unrelated_pictures_are_not(runner, folder):
     assert again.stdout == result.stdout and "Extracting" not in again.stderr
 
 
+def test_with_the_cache_off_the_rows_stay_in_memory(runner, folder, tmp_path):
+    _, options = folder
+    cached = invoke(runner, "check-data", *options, "--near-duplicates", "-q")
+    off = invoke(runner, "check-data", *options, "--set", f"cache.dir={tmp_path / 'off'}", "--set", "cache.enabled=false",
+                 "--near-duplicates", "-q")
+    assert off.exit_code == cached.exit_code == 1 and off.stdout == cached.stdout
+    assert "Extracting near-duplicate features: 19 images" in off.stderr
+    assert not (tmp_path / "off").exists()  # nothing written
+
+
 def test_leakage_alone_decides_the_exit_code(runner, folder):
     root, options = folder
     (root / "test" / "a" / "copy.jpg").unlink()

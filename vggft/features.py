@@ -275,10 +275,14 @@ def cache_off_reason(cfg: Config, model: nn.Module, cut: str) -> str | None:
 
 class FeatureSource:
     """Where the loop's inputs come from for one model: cached rows of the frozen prefix (``module`` is
-    the suffix), or decoded images (``module`` is the whole network)."""
+    the suffix), or decoded images (``module`` is the whole network).
+
+    ``rows_in_memory``: where the cache is off, ``rows`` still works, its rows kept in memory for this source
+    alone (a one-off pass over the prefix, such as check-data --near-duplicates with cache.enabled false).
+    """
 
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device, precision: torch.dtype | None,
-                 group: Group = SINGLE):
+                 group: Group = SINGLE, *, rows_in_memory: bool = False):
         self.cfg, self.device, self.precision, self.group = cfg, device, precision, group
         self.prefix, self.suffix, self.cut = split_frozen_prefix(model)
         self.workers = resolve_workers(cfg.data, device)
@@ -302,6 +306,8 @@ class FeatureSource:
             self.module = self.suffix
         else:
             self.module = nn.Sequential(self.prefix, self.suffix)
+            if rows_in_memory:
+                self.cache = FeatureCache(None, {}, row_width(self.suffix))
         self.prefix.to(device, memory_format=torch.channels_last)
         self.suffix.to(device)
 
