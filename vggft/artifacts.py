@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import pickletools
+import sys
 import time
 import urllib.error
 import zipfile
@@ -30,6 +31,7 @@ from . import __version__
 from .config import Config, ModelConfig, config_from_dict, migrate_config, weights_is_file
 from .errors import OutputError, WeightsError, first_line
 from .files import check_name_length, existing_parent, file_digest, save_json, save_torch
+from .logs import progress_enabled
 from .model import build_model, frozen_prefix_layers
 
 WEIGHTS_FORMAT = "vggft-weights/2"
@@ -156,8 +158,10 @@ def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
     weights = torchvision_weights(arch, name)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     try:
-        # torchvision's own loader: it looks in $TORCH_HOME/hub/checkpoints/ first, then downloads.
-        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        # torchvision's own loader: it looks in $TORCH_HOME/hub/checkpoints/ first, then downloads. Its tqdm
+        # bar only where vggft's progress goes (not under --quiet; in a terminal, not frames in a log file).
+        bar = progress_enabled() and sys.stderr.isatty()
+        return weights.get_state_dict(progress=bar, check_hash=True, weights_only=True)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
         reason = getattr(err, "reason", err)
         raise WeightsError(
