@@ -36,7 +36,7 @@ from .data.transforms import eval_transform, train_transform, transform_signatur
 from .device import autocast_factory, resolve_workers
 from .distributed import SINGLE, Group
 from .errors import ConfigError, Interrupted, OutputError, first_line
-from .files import cache_root, save_json, save_text, save_torch
+from .files import cache_root, file_identity, save_json, save_text, save_torch
 from .logs import Counter, log
 from .model import split_frozen_prefix
 
@@ -44,16 +44,15 @@ SHARD_ROWS = 1024  # write a shard at least this often, so an interrupted extrac
 
 
 def file_key(path: str) -> str:
-    """Path, size, modification and change times and inode: a file rewritten in place with the same size
-    and a restored mtime (cp -p, rsync -a) still changes its ctime, so its old row is not reused."""
-    st = os.stat(path)
-    identity = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    """A row's key: the file's absolute path and ``files.file_identity`` (size, times, inode), hashed."""
+    identity = "|".join([os.path.abspath(path), *map(str, file_identity(path))])
     return hashlib.sha1(identity.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def module_fingerprint(module: nn.Module) -> str:
-    """A content hash of a module's layers and weights: identical prefixes share a cache."""
-    return hashlib.sha1(f"{module!r}|{fingerprint(module.state_dict())}".encode()).hexdigest()
+def module_fingerprint(module: nn.Module, weights: str | None = None) -> str:
+    """A content hash of a module's layers and weights (``weights``: the ``fingerprint`` of its state_dict,
+    if already known): identical prefixes share a cache."""
+    return hashlib.sha1(f"{module!r}|{weights or fingerprint(module.state_dict())}".encode()).hexdigest()
 
 
 def row_width(suffix: nn.Module) -> int | None:
@@ -276,10 +275,14 @@ def cache_off_reason(cfg: Config, model: nn.Module, cut: str) -> str | None:
 
 class FeatureSource:
     """Where the loop's inputs come from for one model: cached rows of the frozen prefix (``module`` is
-    the suffix), or decoded images (``module`` is the whole network)."""
+    the suffix), or decoded images (``module`` is the whole network).
+
+    ``rows_in_memory``: where the cache is off, ``rows`` still works, its rows kept in memory for this source
+    alone (a one-off pass over the prefix, such as check-data --near-duplicates with cache.enabled false).
+    """
 
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device, precision: torch.dtype | None,
-                 group: Group = SINGLE):
+                 group: Group = SINGLE, *, rows_in_memory: bool = False):
         self.cfg, self.device, self.precision, self.group = cfg, device, precision, group
         self.prefix, self.suffix, self.cut = split_frozen_prefix(model)
         self.workers = resolve_workers(cfg.data, device)
@@ -287,11 +290,13 @@ class FeatureSource:
         self.decode = resolve_decode(cfg.data.decode, device)  # for extraction; images for the loop: Pillow
         self.decoder = TensorDecoder(cfg.data) if self.decode != "pil" else None
         self.cache: FeatureCache | None = None
+        self.prefix_weights: str | None = None  # the prefix's weights' fingerprint, when the cache needs it
         if self.off_reason is None:
+            self.prefix_weights = fingerprint(self.prefix.state_dict())
             namespace = {
                 "arch": cfg.model.arch,
                 "cut": self.cut,
-                "prefix": module_fingerprint(self.prefix),
+                "prefix": module_fingerprint(self.prefix, self.prefix_weights),
                 "transform": transform_signature(cfg.data),
                 "precision": str(precision or "fp32"),
                 "torch": torch.__version__.split("+")[0],
@@ -301,6 +306,8 @@ class FeatureSource:
             self.module = self.suffix
         else:
             self.module = nn.Sequential(self.prefix, self.suffix)
+            if rows_in_memory:
+                self.cache = FeatureCache(None, {}, row_width(self.suffix))
         self.prefix.to(device, memory_format=torch.channels_last)
         self.suffix.to(device)
 

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..config import DataConfig
 from ..errors import DataError
-from ..files import atomic_path, human_size, save_json
+from ..files import atomic_path, file_identity, human_size, save_json
 from ..logs import log, progress
 from .folders import SPLITS, DataSplits, not_regular
 
@@ -187,10 +187,9 @@ def inspect_image(path: str | Path) -> Verdict:
 
 def _stat_key(path: str) -> list[int] | None:
     try:
-        st = os.stat(path)
+        return file_identity(path)
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]  # ctime: a rewrite that restored mtime
 
 
 class VerdictCache:
