@@ -44,6 +44,11 @@ class Split(str, Enum):
     test = "test"
 
 
+class Suggestion(str, Enum):
+    valley = "valley"
+    steepest = "steepest"
+
+
 class ExportFormat(str, Enum):
     onnx = "onnx"
     pt2 = "pt2"
@@ -472,6 +477,168 @@ def export(
 
     path, diff = run_export(weights, fmt.value if fmt else None, out, config, set_ or [])
     typer.echo(f"Exported {path} (max |diff| vs PyTorch: {diff:.1e}, tolerance {TOLERANCE:.0e})")
+
+
+NameOpt = Annotated[Optional[str], typer.Option(help="Run folder name under output.runs_dir.")]
+
+
+FoldsOpt = Annotated[int, typer.Option(help="Number of folds (stratified) over train+val.")]
+FoldSeedOpt = Annotated[int, typer.Option(help="Seed of the fold assignment.")]
+
+
+def _wrote(folder: Path, files: list[Path]) -> None:
+    typer.echo(f"Wrote {folder}/: {', '.join(p.name for p in files)}")
+
+
+def _named(set_: list[str] | None, name: str | None) -> list[str]:
+    return [*(set_ or []), *([f"output.name={name}"] if name else [])]
+
+
+def _table(header: list[str], rows: list[list[str]], left: int = 0) -> None:
+    """Columns as wide as their widest cell; the first ``left`` left-aligned, the rest right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for line in [header, *rows]:
+        typer.echo("  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+
+
+@app.command()
+@_handle_errors
+def sweep(
+    config: ConfigOpt = None,
+    set_: _set_option("train.epochs=10") = None,
+    grid: Annotated[Optional[list[str]], typer.Option("--grid", metavar="KEY=V1,V2,...", help="Values to try "
+                    "(repeatable; every combination), e.g. --grid train.lr=1e-4,1e-3,1e-2.")] = None,
+    range_: Annotated[Optional[list[str]], typer.Option("--range", metavar="KEY=LO:HI[:log]", help="A range to "
+                      "draw from with --trials (repeatable), e.g. --range train.lr=1e-5:1e-1:log.")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="Random search: this many seeded draws over the --range "
+                                                  "and --grid values.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random draws.")] = 0,
+    save_best: Annotated[bool, typer.Option("--save-best", help="Save the best trial's model at output.weights "
+                                            "(no further training).")] = False,
+    name: NameOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train one head per setting on the cached rows (one extraction), rank them on val, write best.yaml."""
+    cfg = _config(config, _named(set_, name))
+    _check_pretrained(cfg)
+    from .sweepplan import parse_grid, parse_range, plan_trials, trial_configs
+
+    plans = plan_trials([parse_grid(g) for g in grid or []], [parse_range(r) for r in range_ or []], trials, seed)
+    trial_configs(cfg, plans)  # a bad value is refused before torch is imported
+    _output(quiet)
+    from .tune import sweep as run_sweep
+
+    result = run_sweep(cfg, plans, save_best=save_best)
+    show = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    rows = [[str(rank), str(t.number), *(show(t.values[k]) for k in result.keys),
+             f"{100 * t.val_acc:.2f}%" if t.status == "ok" else t.status,
+             f"{t.val_loss:.4f}" if t.status == "ok" else "-", str(t.epoch), f"{t.seconds:.1f}"]
+            for rank, t in enumerate(result.trials, start=1)]
+    _table(["rank", "trial", *result.keys, "val acc", "val loss", "epoch", "seconds"], rows)
+    best = result.best
+    typer.echo(f"Best: trial {best.number} (" + ", ".join(f"{k}={show(v)}" for k, v in best.values.items())
+               + f"), val acc {100 * best.val_acc:.2f}%")
+    _wrote(result.run_dir, result.files)
+    typer.echo(f"Train it: vggft train --config {result.run_dir / 'best.yaml'}")
+    if result.weights is not None:
+        from .artifacts import sidecar_path
+
+        typer.echo(f"Saved {result.weights} (sidecar {sidecar_path(result.weights)})")
+
+
+@app.command("lr-find")
+@_handle_errors
+def lr_find(
+    config: ConfigOpt = None,
+    set_: _set_option("train.optimizer=adam") = None,
+    start: Annotated[float, typer.Option(help="First learning rate.")] = 1e-7,
+    end: Annotated[float, typer.Option(help="Last learning rate.")] = 10.0,
+    steps: Annotated[int, typer.Option(help="Batches to take, 10 or more (going round the train rows as "
+                                       "needed).")] = 100,
+    one_pass: Annotated[bool, typer.Option("--one-pass", help="One pass over the train rows instead of --steps.")] = False,
+    suggest: Annotated[Suggestion, typer.Option(help="Which suggestion to print.")] = Suggestion.valley,
+    name: NameOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """The learning-rate range test on cached rows: a loss-vs-lr plot and a suggested train.lr."""
+    _require(0 < start < end, "--start and --end", "0 < --start < --end", f"--start {start:g} --end {end:g}")
+    _require(one_pass or steps >= 10, "--steps", "10 or more (the first tenth and the last five are not used)",
+             steps)
+    cfg = _config(config, _named(set_, name))
+    _check_pretrained(cfg)
+    _output(quiet)
+    from .lrfind import lr_find as run_lr_find
+
+    found = run_lr_find(cfg, start=start, end=end, steps=None if one_pass else steps, suggestion=suggest.value)
+    test = found.test
+    stopped = f"; {test.stopped}" if test.stopped else ""
+    typer.echo(f"Range test: {len(test.lrs)} steps, lr {start:.0e} to {test.lrs[-1]:.2e}{stopped}")
+    typer.echo("Suggestions: " + ", ".join(f"{n} {lr:.2e}" for n, (lr, _) in found.suggestions.items()))
+    typer.echo(f"Suggested lr ({found.chosen}): {found.lr:.2g}; use it with:")
+    typer.echo(f"  --set train.lr={found.lr:.2g}")
+    _wrote(found.run_dir, found.files)
+
+
+@app.command()
+@_handle_errors
+def kfold(
+    config: ConfigOpt = None,
+    set_: _set_option("model.head=gap") = None,
+    folds: FoldsOpt = 5,
+    seed: FoldSeedOpt = 0,
+    name: NameOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Stratified k-fold cross-validation on the cached rows: accuracy per fold, mean and std, out-of-fold CSV."""
+    _require(folds >= 2, "--folds", "2 or more", folds)
+    cfg = _config(config, _named(set_, name))
+    _check_pretrained(cfg)
+    _output(quiet)
+    from .folds import kfold as run_kfold
+
+    run, folder, files = run_kfold(cfg, folds, seed)
+    for f in run.figures:
+        typer.echo(f"fold {f['fold']}: acc@1 {100 * f['accuracy']:.2f}% ({f['correct']}/{f['images']})")
+    typer.echo(f"mean acc@1 {100 * run.mean:.2f}% +- {100 * run.std:.2f}% (sample std over {folds} folds, "
+               f"{len(run.samples)} images)")
+    _wrote(folder, files)
+
+
+@app.command("label-issues")
+@_handle_errors
+def label_issues(
+    config: ConfigOpt = None,
+    set_: _set_option("data.root=path/to/images") = None,
+    folds: FoldsOpt = 5,
+    seed: FoldSeedOpt = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the CSVs and the PNG (default: a new run folder).")] = None,
+    show: Annotated[int, typer.Option(help="Suspects in the grid PNG and printed (0: no grid).")] = 16,
+    move: Annotated[Optional[Path], typer.Option(help="Move the suspects here for review (paths kept); deletes nothing.")] = None,
+    name: NameOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Images whose label looks wrong: confident learning on k-fold out-of-fold probabilities."""
+    _require(folds >= 2, "--folds", "2 or more", folds)
+    _require(show >= 0, "--show", "0 (no grid) or more", show)
+    cfg = _config(config, _named(set_, name))
+    _check_pretrained(cfg)
+    _output(quiet)
+    from .labelissues import label_issues as find
+
+    found = find(cfg, folds=folds, seed=seed, out=out, show=show, move=move)
+    names = found.run.data.names
+    rows = [[found.run.samples[s.index][0], names[s.given], names[s.suggested], f"{s.confidence:.3f}"]
+            for s in found.suspects[:show]]
+    if rows:
+        _table(["path", "given", "suggested", "confidence"], rows, left=3)
+    more = len(found.suspects) - len(rows)
+    typer.echo(f"{len(found.suspects)} suspected label issue(s) among {len(found.run.samples)} images"
+               + (f" ({more} more in the CSV)" if more > 0 else "")
+               + f"; out-of-fold acc@1 {100 * found.run.mean:.2f}%")
+    _wrote(found.out, found.files)
+    if found.moved:
+        typer.echo(f"Moved {len(found.moved)} file(s) to {move} for review (paths kept relative to "
+                   f"{found.run.data.splits.root}; nothing deleted)")
 
 
 @app.command("make-demo")

@@ -38,7 +38,9 @@ from .distributed import SINGLE, Group
 from .errors import ConfigError, Interrupted, OutputError, first_line
 from .files import cache_root, file_identity, save_json, save_text, save_torch
 from .logs import Counter, log
+from .memo import holds_every_tensor, memoised
 from .model import split_frozen_prefix
+from .rows import Rows
 
 SHARD_ROWS = 1024  # write a shard at least this often, so an interrupted extraction keeps its work
 
@@ -53,6 +55,12 @@ def module_fingerprint(module: nn.Module, weights: str | None = None) -> str:
     """A content hash of a module's layers and weights (``weights``: the ``fingerprint`` of its state_dict,
     if already known): identical prefixes share a cache."""
     return hashlib.sha1(f"{module!r}|{weights or fingerprint(module.state_dict())}".encode()).hexdigest()
+
+
+def _all_finite(rows: torch.Tensor, block: int = 64) -> bool:
+    """isfinite over a few rows at a time: one temporary the size of a whole shard, freed after every
+    shard, left the allocator holding about 0.4x the rows' bytes for the life of the process."""
+    return all(bool(torch.isfinite(rows[i : i + block]).all()) for i in range(0, len(rows), block))
 
 
 def row_width(suffix: nn.Module) -> int | None:
@@ -138,7 +146,7 @@ class FeatureCache:
                 raise ValueError("keys and rows do not add up")
             if self.width is not None and features.shape[1] != self.width:
                 raise ValueError(f"rows {features.shape[1]} wide where this model takes {self.width}")
-            if features.dtype != torch.float32 or not torch.isfinite(features).all():
+            if features.dtype != torch.float32 or not _all_finite(features):
                 raise ValueError("not finite float32 rows")
         except Exception as err:  # corrupt, truncated or foreign: never trusted, rebuilt
             why = str(err) if isinstance(err, ValueError) else type(err).__name__
@@ -156,6 +164,8 @@ class FeatureCache:
 
     def add(self, keys: list[str], features: torch.Tensor) -> None:
         features = features.float().contiguous()
+        if features.is_inference():  # made under inference mode: a normal tensor, that autograd may save
+            features = features.clone()
         self.rows.update(zip(keys, features))
         if self.writable:
             shard = self.folder / f"{time.time_ns()}-{os.getpid()}.pt"
@@ -193,8 +203,9 @@ def extract_features(
     desc: str = "Extracting features",
     group: Group = SINGLE,
     decoder: TensorDecoder | None = None,
-) -> torch.Tensor:
-    """The prefix output for every sample, in order; only files the cache lacks go through the network.
+) -> Rows:
+    """The prefix output for every sample, in order (views of the cache's rows, gathered per batch: see
+    ``vggft.rows``); only files the cache lacks go through the network.
 
     Under torchrun each rank extracts its own shard of the missing files into the shared cache folder,
     then every rank reads all of them: N processes extract N times faster and no file twice. ``decoder``
@@ -221,10 +232,7 @@ def extract_features(
         seconds = time.perf_counter() - started
         ranks = f" on {group.world} processes" if group.active else ""
         log.info(f"{desc}: {total_missing} images in {seconds:.1f}s ({total_missing / seconds:.2f} img/s){ranks}")
-    if not keys:
-        return torch.empty(0)
-    # Stacked outside inference mode: a normal tensor that autograd may save for backward.
-    return torch.stack([cache.rows[key] for key in keys])
+    return Rows([cache.rows[key] for key in keys])
 
 
 def _extract_missing(prefix, missing, transform, cache: FeatureCache, *, device, batch_size, num_workers,
@@ -282,7 +290,7 @@ class FeatureSource:
     """
 
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device, precision: torch.dtype | None,
-                 group: Group = SINGLE, *, rows_in_memory: bool = False):
+                 group: Group = SINGLE, *, rows_in_memory: bool = False, weights_file: Path | None = None):
         self.cfg, self.device, self.precision, self.group = cfg, device, precision, group
         self.prefix, self.suffix, self.cut = split_frozen_prefix(model)
         self.workers = resolve_workers(cfg.data, device)
@@ -292,7 +300,7 @@ class FeatureSource:
         self.cache: FeatureCache | None = None
         self.prefix_weights: str | None = None  # the prefix's weights' fingerprint, when the cache needs it
         if self.off_reason is None:
-            self.prefix_weights = fingerprint(self.prefix.state_dict())
+            self.prefix_weights = self._prefix_weights(model, weights_file)
             namespace = {
                 "arch": cfg.model.arch,
                 "cut": self.cut,
@@ -310,6 +318,19 @@ class FeatureSource:
                 self.cache = FeatureCache(None, {}, row_width(self.suffix))
         self.prefix.to(device, memory_format=torch.channels_last)
         self.suffix.to(device)
+
+    def _prefix_weights(self, model: nn.Module, weights_file: Path | None) -> str:
+        """The fingerprint of the prefix's weights. ``weights_file``: the file ``model`` was just built from, if
+        it was; the fingerprint is then memoised (keyed by the file's identity) when the file holds every
+        prefix weight, so a warm run does not hash ~470 MB again."""
+        def content() -> str:
+            return fingerprint(self.prefix.state_dict())
+
+        if weights_file is None or not holds_every_tensor(weights_file, model, self.prefix):
+            return content()
+        layout = [(k, tuple(v.shape), str(v.dtype)) for k, v in self.prefix.state_dict().items()]
+        key = f"prefix weights|{file_key(str(weights_file))}|{self.prefix!r}|{layout}|{torch.__version__}"
+        return memoised(key, cache_root(self.cfg.cache.dir), content)
 
     @property
     def cached(self) -> bool:
@@ -335,7 +356,7 @@ class FeatureSource:
         missing = {key for key in (file_key(path) for path, _ in samples) if key not in self.cache}
         return self.cache.folder, len(missing) * (row_width(self.suffix) or 0) * 4
 
-    def rows(self, samples: Sequence[tuple[str, int]], desc: str = "") -> torch.Tensor:
+    def rows(self, samples: Sequence[tuple[str, int]], desc: str = "") -> Rows:
         """The prefix output of every sample: cached rows, extracting what the cache lacks (the slow part)."""
         return extract_features(
             self.prefix, samples, eval_transform(self.cfg.data), self.cache, device=self.device,

@@ -43,7 +43,7 @@ def pooled_features(cfg: Config, paths: list[str]) -> torch.Tensor:
     source = FeatureSource(model, gap, device, autocast_dtype(device, cfg.train.amp), rows_in_memory=True)
     if source.cut != "flatten":
         raise AssertionError(f"the gap head's frozen prefix ends at {source.cut}, not at the pooled features")
-    return source.rows([(path, 0) for path in paths], desc="near-duplicate")
+    return source.rows([(path, 0) for path in paths], desc="near-duplicate").tensor()  # one matrix: all pairs
 
 
 def similar_pairs(rows: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:

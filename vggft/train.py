@@ -35,6 +35,7 @@ from .errors import (ConfigError, DataError, DivergedError, Interrupted, OutputE
 from .features import FeatureSource
 from .files import check_folder, check_free_space, check_name_length, save_text
 from .logs import log, silence
+from .memo import pretrained_file
 from .metrics import Metrics, output_names
 from .model import build_model, parameter_counts
 from .optim import make_optimizer, make_scheduler
@@ -158,7 +159,7 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group,
     num_outputs = cfg.model.num_classes or len(splits.class_names)
     model = _build(cfg, num_outputs, group, device)
     precision = autocast_dtype(device, cfg.train.amp)
-    source = FeatureSource(model, cfg, device, precision, group)
+    source = FeatureSource(model, cfg, device, precision, group, weights_file=pretrained_file(cfg.model))
     log.info(source.describe())
     _check_disk(cfg, model, source, splits)
     with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):

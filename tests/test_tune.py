@@ -1,0 +1,332 @@
+"""sweep, lr-find, kfold and label-issues: many heads on one extraction of the feature cache."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from conftest import CLASS_COLOURS, invoke, make_folder, make_image
+from tiny import tiny_vgg
+from vggft.config import load_config
+from vggft.folds import stratified_folds
+from vggft.labelissues import find_label_issues
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Three colour classes (train, val, test) and a tiny VGG whose random convs keep the signal (He init, as
+    torchvision's own): a head tells the classes apart within a few epochs. One cache for the module."""
+    root = tmp_path_factory.mktemp("tune")
+    data = make_folder(root / "colours", {"train": {"cat": 10, "dog": 10, "owl": 10},
+                                          "val": {"cat": 3, "dog": 3, "owl": 3},
+                                          "test": {"cat": 2, "dog": 2, "owl": 2}})
+    torch.manual_seed(0)
+    model = tiny_vgg("vgg16")
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    torch.save(model.state_dict(), root / "he.pth")
+    return SimpleNamespace(root=root, data=data, cache=root / "cache", weights=root / "he.pth")
+
+
+def options(env, *extra: str, data: Path | None = None, cache: bool = True) -> list[str]:
+    sets = [f"data.root={data or env.data}", f"model.weights={env.weights}", "data.image_size=32", "data.resize=36",
+            "model.head=gap", "train.optimizer=adam", "train.lr=0.05", "train.epochs=6", "data.batch_size=8",
+            *([f"cache.dir={env.cache}"] if cache else []), *extra]
+    return [a for s in sets for a in ("--set", s)] + ["--quiet"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def conv_counter(monkeypatch) -> list:
+    calls = []
+    real = nn.Conv2d.forward
+    monkeypatch.setattr(nn.Conv2d, "forward", lambda self, x: calls.append(1) or real(self, x))
+    return calls
+
+
+def one_line_error(result, code: int, *words: str) -> str:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+# --- sweep -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head", ["gap", "classifier6"])
+def test_sweep_grid_ranks_on_val_and_writes_a_run_folder_whose_best_yaml_trains(runner, env, head):
+    result = invoke(runner, "sweep", *options(env, f"model.head={head}"), "--grid", "train.lr=1e-5,0.05",
+                    "--grid", "train.weight_decay=0,1e-4", "--name", f"grid-{head}")
+    assert result.exit_code == 0, result.output
+    folder = Path(f"runs/grid-{head}")
+    assert {p.name for p in folder.iterdir()} == {"results.csv", "best.yaml", "sweep.png", "config.yaml"}
+    assert (folder / "sweep.png").read_bytes().startswith(PNG)
+    rows = read_csv(folder / "results.csv")
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    assert sorted((float(r["train.lr"]), float(r["train.weight_decay"])) for r in rows) == [
+        (1e-5, 0.0), (1e-5, 1e-4), (0.05, 0.0), (0.05, 1e-4)]
+    accs = [float(r["val_acc"]) for r in rows]
+    assert accs == sorted(accs, reverse=True) and accs[0] > 0.9 and float(rows[0]["train.lr"]) == 0.05
+    assert all(r["status"] == "ok" and 1 <= int(r["epoch"]) <= 6 and float(r["seconds"]) > 0 for r in rows)
+    # stdout: the ranked table, best first, then where things went
+    table = result.stdout.splitlines()
+    assert table[0].split()[:4] == ["rank", "trial", "train.lr", "train.weight_decay"]
+    assert table[1].split()[:2] == ["1", rows[0]["trial"]]
+    assert f"Train it: vggft train --config {folder / 'best.yaml'}" in result.stdout
+    assert "Trial 4/4" in result.stderr and "Trial" not in result.stdout
+    # best.yaml is the winner's whole config, and trains as it is
+    best = load_config(folder / "best.yaml")
+    assert best.train.lr == 0.05 and best.train.weight_decay == float(rows[0]["train.weight_decay"])
+    assert best.model.head == head and best.data.root == str(env.data) and best.output.name is None
+    if head == "gap":
+        trained = invoke(runner, "train", "--config", folder / "best.yaml", "--quiet")
+        assert trained.exit_code == 0, trained.output
+        assert trained.stdout.startswith("Test: acc@1")
+
+
+def test_save_best_saves_the_winning_head_without_training_it_again(runner, env):
+    result = invoke(runner, "sweep", *options(env, "output.weights=models/best.pt"), "--grid", "train.lr=1e-5,0.05",
+                    "--save-best")
+    assert result.exit_code == 0, result.output
+    assert "Saved models/best.pt (sidecar models/best.json)" in result.stdout
+    best = read_csv(Path("runs/sweep/results.csv"))[0]
+    # the saved model scores on val exactly what the winning trial scored there
+    scored = invoke(runner, "eval", "--weights", "models/best.pt", "--split", "val", "--json", "--quiet")
+    assert scored.exit_code == 0, scored.output
+    total, correct = 9, round(float(best["val_acc"]) * 9)
+    assert f'"correct": {correct}' in scored.stdout and f'"total": {total}' in scored.stdout
+
+
+def test_random_search_is_seeded_and_stays_in_its_ranges(runner, env):
+    def values(seed: int) -> list[tuple[float, int]]:
+        result = invoke(runner, "sweep", *options(env), "--trials", "3", "--range", "train.lr=1e-4:1e-1:log",
+                        "--range", "train.epochs=1:3", "--seed", str(seed))
+        assert result.exit_code == 0, result.output
+        folder = Path(result.stdout.split("Wrote ")[1].split("/:")[0])
+        rows = sorted(read_csv(folder / "results.csv"), key=lambda r: int(r["trial"]))
+        return [(float(r["train.lr"]), int(r["train.epochs"])) for r in rows]
+
+    first = values(7)
+    assert values(7) == first and values(8) != first
+    assert all(1e-4 <= lr <= 1e-1 and 1 <= epochs <= 3 for lr, epochs in first)
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--grid", "model.arch=vgg11,vgg13"], ["model.arch", "cached rows"]),
+    (["--grid", "data.image_size=32,64"], ["data.image_size", "cached rows"]),
+    (["--grid", "model.unfreeze=0,1"], ["model.unfreeze", "cached rows"]),
+    (["--grid", "data.augment=none,light"], ["data.augment", "cached rows"]),
+    (["--range", "train.amp=0:1"], ["train.amp", "cached rows"]),
+    (["--grid", "data.root=a,b"], ["data.root", "cannot be swept"]),
+    (["--grid", "train.lrr=1,2"], ["unknown config key", "train.lr"]),
+    (["--range", "train.optimizer=0:1"], ["not a number", "--grid train.optimizer"]),
+    (["--range", "train.lr=1e-3:1e-1"], ["--trials"]),
+    (["--range", "train.lr=0:1:log", "--trials", "2"], ["0 < LO < HI"]),
+    (["--grid", "train.lr=0.1,-1"], ["trial 2", "train.lr"]),
+    ([], ["nothing to sweep"]),
+])
+def test_sweep_refuses_what_it_cannot_do_in_one_line(runner, env, args, words):
+    one_line_error(invoke(runner, "sweep", *options(env), *args), 2, *words)
+
+
+@pytest.mark.parametrize(("command", "setting", "word"), [
+    ("sweep", "cache.enabled=false", "cache.enabled is false"),
+    ("lr-find", "data.augment=light", "data.augment"),
+    ("kfold", "model.unfreeze=[block5]", "model.unfreeze"),
+    ("label-issues", "data.balance=sampler", "data.balance"),
+])
+def test_every_command_refuses_a_config_without_cached_rows(runner, env, command, setting, word):
+    grid = ["--grid", "train.lr=0.1,0.2"] if command == "sweep" else []
+    one_line_error(invoke(runner, command, *options(env, setting), *grid), 2, command, "feature cache", word)
+
+
+def test_the_test_split_is_never_extracted_let_alone_used_to_choose(runner, env, tmp_path):
+    """The test labels here are swapped: scored on test, the head that learns nothing would win."""
+    data = make_folder(tmp_path / "swapped", {"train": {"cat": 8, "dog": 8}})
+    for i in range(3):
+        make_image(data / "test" / "cat" / f"x{i}.jpg", CLASS_COLOURS["dog"], seed=500 + i)
+        make_image(data / "test" / "dog" / f"y{i}.jpg", CLASS_COLOURS["cat"], seed=600 + i)
+    result = invoke(runner, "sweep", *options(env, data=data, cache=False), "--grid", "train.lr=1e-6,0.05")
+    assert result.exit_code == 0, result.output
+    assert "holding out data.val_fraction=0.1" in result.stderr
+    assert "Extracting train features: 14 images" in result.stderr and "Extracting val features: 2 images" in result.stderr
+    assert "test features" not in result.stderr
+    assert load_config("runs/sweep/best.yaml").train.lr == 0.05
+
+
+def test_trials_run_no_backbone_forward_after_the_one_extraction(runner, env, tmp_path, monkeypatch):
+    calls = conv_counter(monkeypatch)
+    cold = options(env, f"cache.dir={tmp_path / 'fresh'}")
+    assert invoke(runner, "sweep", *cold, "--grid", "train.lr=0.05").exit_code == 0
+    one_trial = len(calls)
+    assert one_trial > 0  # the extraction
+    calls.clear()
+    assert invoke(runner, "sweep", *options(env, f"cache.dir={tmp_path / 'fresh2'}"),
+                  "--grid", "train.lr=0.01,0.02,0.05", "--grid", "train.weight_decay=0,1e-4").exit_code == 0
+    assert len(calls) == one_trial  # six trials: the same forwards as one
+    calls.clear()
+    for command in (["kfold", "--folds", "2"], ["lr-find", "--steps", "20"]):
+        assert invoke(runner, *command, *cold).exit_code == 0  # warm: train+val are cached
+    assert calls == []
+
+
+# --- lr-find -----------------------------------------------------------------------------------------
+
+def test_lr_find_suggests_an_lr_within_the_range_and_plots_the_curve(runner, env):
+    result = invoke(runner, "lr-find", *options(env), "--start", "1e-6", "--end", "1", "--steps", "60")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stdout.splitlines() if x.strip().startswith("--set train.lr="))
+    lr = float(line.split("=")[1])
+    assert 1e-6 <= lr <= 1
+    suggested = dict(part.split() for part in result.stdout.split("Suggestions: ")[1].splitlines()[0].split(", "))
+    assert set(suggested) == {"valley", "steepest"} and all(1e-6 <= float(v) <= 1 for v in suggested.values())
+    assert f"{float(suggested['valley']):.2g}" == line.split("=")[1]
+    folder = Path("runs/lr_find")
+    assert (folder / "lr_find.png").read_bytes().startswith(PNG)
+    rows = read_csv(folder / "lr_find.csv")
+    lrs = [float(r["lr"]) for r in rows]
+    assert 10 <= len(rows) <= 60 and lrs == sorted(lrs) and math.isclose(lrs[0], 1e-6, rel_tol=1e-4)
+    assert float(rows[-1]["lr"]) < 1  # the schedule approaches --end without reaching it
+
+
+# --- kfold -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head", ["gap", "classifier6"])
+def test_kfold_writes_out_of_fold_probabilities_of_every_train_and_val_image(runner, env, head):
+    result = invoke(runner, "kfold", *options(env, f"model.head={head}"), "--folds", "3")
+    assert result.exit_code == 0, result.output
+    folds = [line for line in result.stdout.splitlines() if line.startswith("fold ")]
+    assert len(folds) == 3 and sum(int(line.split("/")[1].rstrip(")")) for line in folds) == 39
+    assert "mean acc@1 " in result.stdout and "+-" in result.stdout
+    rows = read_csv(Path("runs/kfold/oof.csv"))
+    expected = sorted(str(p) for split in ("train", "val") for p in (env.data / split).rglob("*.jpg"))
+    assert sorted(r["path"] for r in rows) == expected  # each once; the test split not at all
+    assert all(abs(sum(float(r[c]) for c in ("cat", "dog", "owl")) - 1) < 1e-4 for r in rows)
+    assert {r["fold"] for r in rows} == {"1", "2", "3"}
+    accuracy = sum(max(("cat", "dog", "owl"), key=lambda c: float(r[c])) == r["label"] for r in rows) / len(rows)
+    assert accuracy > 0.6  # chance is 1/3
+
+
+def test_stratified_folds_are_seeded_balanced_and_cover_every_index():
+    labels = [0] * 10 + [1] * 7 + [2] * 3
+    folds = stratified_folds(labels, 3, seed=1)
+    assert sorted(i for fold in folds for i in fold) == list(range(20))
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    assert all(sum(labels[i] == 0 for i in fold) in (3, 4) for fold in folds)
+    assert stratified_folds(labels, 3, seed=1) == folds != stratified_folds(labels, 3, seed=2)
+
+
+# --- label issues ------------------------------------------------------------------------------------
+
+def test_confident_learning_flags_the_confidently_other_and_ranks_by_self_confidence():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7],  # labelled 0; the third looks like 1
+                          [0.1, 0.9], [0.2, 0.8], [0.6, 0.4]])  # labelled 1; the last leans to 0
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    # thresholds: t0 = mean(0.9, 0.8, 0.3) = 0.667, t1 = mean(0.9, 0.8, 0.4) = 0.7
+    suspects = find_label_issues(probs, labels)
+    assert [(s.index, s.given, s.suggested) for s in suspects] == [(2, 0, 1)]
+    assert suspects[0].self_confidence == pytest.approx(0.3) and suspects[0].confidence == pytest.approx(0.7)
+    # index 5: p0 = 0.6 is under t0 = 0.667, so no class is confident: not flagged, however it leans
+
+
+def test_label_issues_finds_planted_flips_and_moves_them_for_review(runner, env, tmp_path):
+    data = make_folder(tmp_path / "noisy", {"train": {"cat": 10, "dog": 10, "owl": 10}}, seed=3)
+    planted = {data / "train" / "cat" / "flip.0.jpg": "dog", data / "train" / "owl" / "flip.1.jpg": "cat",
+               data / "train" / "dog" / "flip.2.jpg": "owl"}
+    for n, (path, looks_like) in enumerate(planted.items()):
+        make_image(path, CLASS_COLOURS[looks_like], seed=700 + n)
+    make_image(data / "test" / "cat" / "t.jpg", CLASS_COLOURS["cat"])
+    review = tmp_path / "review"
+    result = invoke(runner, "label-issues", *options(env, data=data), "--out", tmp_path / "out", "--move", review)
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "out" / "label_issues.csv")
+    flagged = {Path(r["path"]): r for r in rows}
+    found = set(flagged) & set(planted)
+    assert len(found) >= 2 and set(flagged) <= set(planted), rows  # most flips found, nothing else accused
+    assert all(flagged[p]["suggested"] == planted[p] and float(flagged[p]["confidence"]) > 0.5 for p in found)
+    assert (tmp_path / "out" / "label_issues.png").read_bytes().startswith(PNG)
+    assert len(read_csv(tmp_path / "out" / "oof.csv")) == 33
+    for path in flagged:  # moved, relative path kept, nothing deleted
+        assert not path.exists() and (review / path.relative_to(data)).is_file()
+    assert f"Moved {len(flagged)} file(s) to {review}" in result.stdout
+    assert len(list(data.rglob("*.jpg"))) == 34 - len(flagged)
+
+
+def test_label_issues_will_not_move_into_the_data_it_reads(runner, env):
+    one_line_error(invoke(runner, "label-issues", *options(env), "--move", env.data / "review"), 6, "--move")
+
+
+def test_best_yaml_and_results_survive_a_diverging_trial(runner, env):
+    result = invoke(runner, "sweep", *options(env, "train.optimizer=sgd"), "--grid", "train.lr=0.05,1e30")
+    assert result.exit_code == 0, result.output
+    rows = read_csv(Path("runs/sweep/results.csv"))
+    assert [r["status"] for r in rows] == ["ok", "diverged"] and "diverged" in result.stderr
+    assert yaml.safe_load(Path("runs/sweep/best.yaml").read_text())["train"]["lr"] == 0.05
+
+
+# --- the hooks that make many runs cheap ---------------------------------------------------------------
+
+def test_the_prefix_hash_is_remembered_for_an_unchanged_weights_file(env, tmp_path, monkeypatch):
+    import vggft.features
+    from vggft.cached import prepare
+
+    hashed = []
+    real = vggft.features.fingerprint
+    monkeypatch.setattr(vggft.features, "fingerprint", lambda tensors: hashed.append(1) or real(tensors))
+    weights = tmp_path / "he.pth"
+    weights.write_bytes(env.weights.read_bytes())
+
+    def folder(path: Path = weights, head: str = "gap") -> Path:
+        hashed.clear()
+        cfg = load_config(None, [a for a in options(env, f"model.weights={path}", f"cache.dir={tmp_path / 'c'}",
+                                                    f"model.head={head}") if a not in ("--set", "--quiet")])
+        return prepare(cfg, "test").source.cache.folder
+
+    first = folder()
+    assert hashed == [1]
+    assert folder() == first and hashed == []  # remembered
+    weights.write_bytes(weights.read_bytes())  # the same bytes, rewritten: a new ctime, hashed again
+    assert folder() == first and hashed == [1]
+    backbone = {k: v for k, v in torch.load(weights, weights_only=True).items() if k.startswith("features.")}
+    torch.save(backbone, tmp_path / "backbone.pth")  # the classifier's first layer comes from the seed then
+    folder(tmp_path / "backbone.pth", "classifier6")
+    folder(tmp_path / "backbone.pth", "classifier6")
+    assert hashed == [1]  # not remembered: the prefix is not the file's alone
+    folder(weights, "classifier6")
+    folder(weights, "classifier6")
+    assert hashed == []
+
+
+def test_rows_are_views_of_the_cache_gathered_only_per_batch(env):
+    from vggft.cached import extract, prepare
+
+    cfg = load_config(None, [a for a in options(env) if a not in ("--set", "--quiet")])
+    data = prepare(cfg, "test")
+    samples = data.splits["train"]
+    rows, labels = extract(data, {"train": samples})["train"]
+    stored = data.source.cache.rows
+    from vggft.features import file_key
+
+    first = stored[file_key(samples[0][0])]
+    assert rows[0].data_ptr() == first.data_ptr()  # no second copy of a row
+    assert rows.shape == (len(samples), first.shape[0]) and len(labels) == len(samples)
+    picked = rows.take(torch.tensor([2, 0]))
+    assert picked[1].data_ptr() == first.data_ptr()
+    assert torch.equal(rows[torch.tensor([2, 0])], torch.stack([rows[2], rows[0]]))
+    assert torch.equal(rows.tensor()[5], rows[5])
