@@ -4,6 +4,7 @@ isolated caches."""
 from __future__ import annotations
 
 import logging
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -114,11 +115,26 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+class _Exploit:
+    """A pickled object whose unpickling runs ``touch marker``: what a malicious torch file does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def evil_pickle(tmp_path) -> tuple[_Exploit, Path]:
+    """(payload, marker): put ``payload`` anywhere in what torch.save writes; ``marker`` exists only if
+    loading the file ran its code."""
+    marker = tmp_path / "pwned"
+    return _Exploit(marker), marker
+
+
 def tiny_subprocess_env() -> dict[str, str]:
     """The environment for a vggft subprocess that builds the tiny stand-in (see tests/stand_in/)."""
-    import os
-    import sys
-
     stand_in = str(Path(__file__).resolve().parent / "stand_in")
     return {**os.environ, "VGGFT_TEST_TINY": "1", "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join([stand_in, *source_path()])}

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 from conftest import FAST, invoke, make_folder, source_path
 from tiny import tutorial_model
 

@@ -127,3 +127,12 @@ def test_any_override_string_is_a_config_or_a_config_error(key, value):
         load_config(None, [f"{key}={value}"])
     except ConfigError:
         pass
+
+
+def test_a_base_config_is_left_as_it_was():
+    """A checkpoint's or sidecar's config given as ``base`` is read, never written into by --set."""
+    base = Config().to_dict()
+    before = yaml.safe_dump(base)
+    cfg = load_config(None, ["train.epochs=7", "data.root=elsewhere"], base=base)
+    assert cfg.train.epochs == 7 and cfg.data.root == "elsewhere"
+    assert yaml.safe_dump(base) == before

@@ -16,9 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+import vggft.data.decode
 from conftest import FAST, invoke, make_folder, make_image
 from vggft.config import DataConfig, ModelConfig, load_config
-from vggft.data.decode import TensorDecoder, device_batches, jpeg_fallback_reason, resolve_decode
+from vggft.data.decode import FileBytes, Packed, TensorDecoder, device_batches, jpeg_fallback_reason, resolve_decode
 from vggft.data.transforms import eval_transform
 from vggft.demo import _picture
 from vggft.errors import DataError
@@ -111,6 +112,26 @@ def test_a_jpeg_the_decoder_rejects_is_retried_alone_then_one_dataerror(tmp_path
         list(decoder.batches(samples[:2] + [(str(broken), 0)] + samples[2:], batch_size=8, device=CPU,
                              num_workers=0))
     assert decoder.fallbacks == {"rejected by decode_jpeg": 1}  # the batch failed; the good files were retried
+
+
+def test_the_tensor_path_loads_through_make_loader(tmp_path, monkeypatch):
+    """Its loader is capped at the work there is, like every other (one batch: no worker processes)."""
+    made = []
+    make_loader = vggft.data.decode.make_loader
+    monkeypatch.setattr(vggft.data.decode, "make_loader",
+                        lambda *args, **kwargs: made.append(make_loader(*args, **kwargs)) or made[-1])
+    images = list(TensorDecoder(DATA).batches(_jpegs(tmp_path), batch_size=8, device=CPU, num_workers=2))
+    assert len(images) == 1 and [loader.num_workers for loader in made] == [0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_a_packed_batch_is_pinned_for_the_copy_to_the_gpu(tmp_path):
+    files = FileBytes(_jpegs(tmp_path) + [(str(make_image(tmp_path / "p.png", (9, 9, 9))), 0)], eval_transform(DATA))
+    packed = Packed.collate([files[i] for i in range(len(files))])
+    pinned = packed.pin_memory()
+    assert pinned.content.is_pinned() and pinned.images.is_pinned()
+    assert torch.equal(pinned.content, packed.content) and torch.equal(pinned.images, packed.images)
+    assert (pinned.lengths, pinned.reasons) == (packed.lengths, packed.reasons)
 
 
 def test_header_scan_refuses_what_it_cannot_vouch_for():

@@ -93,6 +93,7 @@ def test_a_stopped_rank_is_named_in_one_line_within_seconds(pet):
                            start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in job.stderr], daemon=True).start()
+    ranks: dict[int, int] = {}
     try:
         _read_until(lines, lambda line: line.startswith("Epoch   2/"), 240)  # training, past every setup wait
         ranks = {_rank_of(pid): pid for pid in _children(job.pid)}
@@ -104,6 +105,9 @@ def test_a_stopped_rank_is_named_in_one_line_within_seconds(pet):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)  # only this test's job: its own session
+        for pid in ranks.values():  # the launcher may have put its workers in sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # a stopped process too: it would outlive the test otherwise
         job.wait()
     assert said[-1].strip() == ("error: rank 1 of 2 did not answer for 5s while training (stopped, hung or "
                                 "unreachable); the job stops. If that much time can be normal here, raise "

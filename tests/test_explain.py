@@ -14,6 +14,8 @@ from PIL import Image, ImageDraw
 from torch import nn
 from typer.testing import CliRunner
 
+import vggft.explain
+import vggft.inference
 from conftest import CLASS_COLOURS, invoke, make_folder, make_image
 from descriptor import save_descriptor
 from tiny import tiny_vgg
@@ -208,6 +210,31 @@ def test_explain_another_class_a_broken_file_and_clashing_names(runner, models, 
     assert result.stderr.strip().splitlines() == [
         f"error: --class: 'owl' is not a class of '{weights}' (cat, dog); name one of them, or leave --class out "
         "to explain the predicted class"]
+
+
+def test_explain_out_of_memory_is_one_line_naming_the_batch_size(runner, models, tmp_path, monkeypatch):
+    """Grad-CAM's backward pass running out of memory, as predict's forward pass: one line, exit 7."""
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(vggft.explain, "grad_cam", oom)
+    weights = models["gap"]
+    result = invoke(runner, "explain", _pet(weights) / "test", "--weights", weights, "--batch-size", "4",
+                    "--out", tmp_path, "-q")
+    assert result.exit_code == 7 and result.stderr.strip().splitlines() == [
+        "error: out of memory on cpu with --batch-size 4; lower them (--batch-size 2)"]
+
+
+def test_explain_loads_images_with_the_workers_of_data_num_workers(runner, models, tmp_path, monkeypatch):
+    asked = []
+    make_loader = vggft.inference.make_loader
+    monkeypatch.setattr(vggft.inference, "make_loader",
+                        lambda *args, **kwargs: asked.append(kwargs["num_workers"]) or make_loader(*args, **kwargs))
+    weights = models["gap"]
+    result = invoke(runner, "explain", _pet(weights) / "test", "--weights", weights, "--set", "data.num_workers=2",
+                    "--out", tmp_path, "-q")
+    assert result.exit_code == 0, result.output
+    assert asked == [2]  # it always used 0
 
 
 # --- eval: top losses, confused pairs, heatmaps on the grids -------------------------------------------------

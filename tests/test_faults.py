@@ -175,7 +175,8 @@ def test_killed_between_weights_and_sidecar_is_caught_never_mislabelled(runner, 
     command = _vggft("train", "--set", f"data.root={pet}", *FAST, "--set", "train.epochs=1")
     targets = _renames(command, _env(tmp_path / "c1"), tmp_path / "trace")  # the earlier run: cat, dog
     other = _cat_owl(tmp_path)
-    command = _vggft("train", "--set", f"data.root={other}", *FAST, "--set", "train.epochs=1")
+    # Another seed: other weights for sure (at lr 1e-4 one epoch can leave the tiny head bit-identical).
+    command = _vggft("train", "--set", f"data.root={other}", *FAST, "--set", "train.epochs=1", "--set", "train.seed=1")
     _killed_at(_index(targets, lambda target: target.endswith("models/VGG16.json")), command, _env(tmp_path / "c2"))
     for command in (["eval", "-q"], ["predict", other / "test", "-q"]):
         line = _one_line(invoke(runner, *command), 4)
@@ -340,3 +341,16 @@ def test_exploding_momentum_stops_at_the_first_non_finite_loss_and_keeps_the_las
     last = _load("runs/train/last.pt")
     assert last["epoch"] == 1 and all(torch.isfinite(t).all() for t in last["model"].values())
     assert not Path("models/VGG16.pt").exists()
+
+
+def test_save_torch_returns_the_digest_of_the_very_bytes_it_wrote(tmp_path):
+    """Hashed from the temporary file before the rename; the file itself is what torch.save writes under that name."""
+    import hashlib
+
+    obj = {"weight": torch.arange(12.0).reshape(3, 4)}
+    digest = vggft.files.save_torch(obj, tmp_path / "atomic" / "w.pt", sha256=True)
+    torch.save(obj, tmp_path / "w.pt")  # a direct write under the same file name
+    written = (tmp_path / "atomic" / "w.pt").read_bytes()
+    assert written == (tmp_path / "w.pt").read_bytes()
+    assert digest == hashlib.sha256(written).hexdigest()
+    assert vggft.files.save_torch(obj, tmp_path / "w2.pt") is None

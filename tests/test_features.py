@@ -73,18 +73,13 @@ def test_random_augmentation_or_unfrozen_backbone_turn_it_off_with_a_reason(trai
     assert any(line.startswith("Feature cache off: part of the backbone is unfrozen") for line in lines)
 
 
-def test_damaged_or_malicious_shards_are_never_trusted(train, pet, tmp_path):
+def test_damaged_or_malicious_shards_are_never_trusted(train, pet, evil_pickle):
     train()
     shards = sorted(Path(os.environ["VGGFT_CACHE"]).glob("features/*/*.pt"))
     assert len(shards) == 2
     shards[0].write_bytes(shards[0].read_bytes()[:1000])  # truncated
-    marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    torch.save({"keys": ["x"], "features": Exploit()}, shards[1])
+    payload, marker = evil_pickle
+    torch.save({"keys": ["x"], "features": payload}, shards[1])
     lines, _ = train()
     assert sum("discarding damaged shard" in line for line in lines) == 2
     assert sum("images in" in line for line in lines) == 2  # both rebuilt

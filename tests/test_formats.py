@@ -11,8 +11,11 @@ import pytest
 import torch
 
 import vggft.config
+import vggft.features
 from conftest import FAST, invoke, make_folder
 from tiny import tiny_vgg
+from vggft import artifacts
+from vggft.artifacts import fingerprint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "format1"
 
@@ -130,3 +133,47 @@ def test_a_checkpoint_knows_its_base_weights(runner, pet, tmp_path):
     assert "was trained on other base weights than model.weights" in line and str(backbone) in line
     line = _error(invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=3"), 4)
     assert "was trained on other base weights" in line
+
+
+def test_a_checkpoint_with_an_earlier_frozen_fingerprint_is_still_checked(runner, trained_run):
+    """last.pt files written before FROZEN_SCHEME hold one hash over every frozen tensor: they resume and
+    evaluate as before, and a changed base is still refused."""
+    body = torch.load(trained_run, weights_only=True)
+    assert body["frozen_fingerprint"].startswith(artifacts.FROZEN_SCHEME)
+    model = artifacts.rebuild_from_checkpoint(body, trained_run, "--weights")
+    body["frozen_fingerprint"] = artifacts.legacy_frozen_fingerprint(model, body["model"])
+    torch.save(body, trained_run)
+    assert invoke(runner, "eval", "--weights", trained_run, "-q").exit_code == 0
+    result = invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3", "-q")
+    assert result.exit_code == 0, result.output
+    assert torch.load(trained_run, weights_only=True)["frozen_fingerprint"].startswith(artifacts.FROZEN_SCHEME)
+    body["frozen_fingerprint"] = "0" * 40  # an earlier fingerprint of other weights
+    torch.save(body, trained_run)
+    assert "was trained on other base weights" in _error(invoke(runner, "eval", "--weights", trained_run, "-q"), 4)
+    assert "was trained on other base weights" in _error(invoke(runner, "train", "--resume", trained_run), 4)
+
+
+def test_a_train_start_hashes_each_frozen_weight_once(runner, pet, monkeypatch):
+    """The feature cache's folder name and the checkpoint's frozen fingerprint share the prefix's hash."""
+    hashed = []
+
+    def counting(tensors):
+        hashed.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        return fingerprint(tensors)
+
+    monkeypatch.setattr(artifacts, "fingerprint", counting)
+    monkeypatch.setattr(vggft.features, "fingerprint", counting)
+    assert invoke(runner, "train", "--set", f"data.root={pet}", *FAST).exit_code == 0
+    body = torch.load("runs/train/last.pt", weights_only=True)
+    full = artifacts.rebuild_from_checkpoint(body, Path("runs/train/last.pt"), "--weights").state_dict()
+    frozen = sum(t.numel() * t.element_size() for k, t in full.items() if k not in body["model"])
+    assert sum(hashed) == 2 * frozen  # training once, the rebuild above once: not twice each
+
+
+def test_resume_reads_last_pt_once(runner, trained_run, monkeypatch):
+    reads = []
+    load = artifacts.load_checkpoint
+    monkeypatch.setattr(artifacts, "load_checkpoint", lambda path, *args: reads.append(Path(path)) or load(path, *args))
+    result = invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3", "-q")
+    assert result.exit_code == 0, result.output
+    assert reads == [trained_run]

@@ -106,15 +106,10 @@ def test_describe_state_dict_reads_arch_head_and_classes():
     assert describe_state_dict(vgg11().state_dict()) == ("vgg11", "classifier6", 1000)
 
 
-def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path):
-    marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
+def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, evil_pickle):
+    payload, marker = evil_pickle
     path = tmp_path / "evil.pt"
-    torch.save({"features.0.weight": torch.zeros(1), "x": Exploit()}, path)
+    torch.save({"features.0.weight": torch.zeros(1), "x": payload}, path)
     with pytest.raises(WeightsError, match="pickled code"):
         read_state_dict(path, "--weights")
     assert not marker.exists()

@@ -61,6 +61,16 @@ def test_copies_are_found_and_unrelated_pictures_are_not(runner, folder):
     assert again.stdout == result.stdout and "Extracting" not in again.stderr
 
 
+def test_with_the_cache_off_the_rows_stay_in_memory(runner, folder, tmp_path):
+    _, options = folder
+    cached = invoke(runner, "check-data", *options, "--near-duplicates", "-q")
+    off = invoke(runner, "check-data", *options, "--set", f"cache.dir={tmp_path / 'off'}", "--set", "cache.enabled=false",
+                 "--near-duplicates", "-q")
+    assert off.exit_code == cached.exit_code == 1 and off.stdout == cached.stdout
+    assert "Extracting near-duplicate features: 19 images" in off.stderr
+    assert not (tmp_path / "off").exists()  # nothing written
+
+
 def test_leakage_alone_decides_the_exit_code(runner, folder):
     root, options = folder
     (root / "test" / "a" / "copy.jpg").unlink()
@@ -81,6 +91,15 @@ def test_similarity_out_of_range_or_alone_is_one_line(runner, folder):
         "error: --similarity: expected a cosine similarity above 0 and at most 1, got 1.5"]
     result = invoke(runner, "check-data", *options, "--similarity", "0.9", "-q")
     assert result.exit_code == 2 and "add --near-duplicates" in result.stderr and result.stdout == ""
+
+
+def test_the_default_similarity_given_alone_is_refused_too(runner, folder):
+    """--similarity 0.97 without --near-duplicates does nothing either (it once passed as the default)."""
+    _, options = folder
+    result = invoke(runner, "check-data", *options, "--similarity", str(near.DEFAULT_SIMILARITY), "-q")
+    assert result.exit_code == 2 and "add --near-duplicates" in result.stderr and result.stdout == ""
+    shown = " ".join(invoke(runner, "check-data", "--help").stdout.replace("│", " ").split())
+    assert f"links two images (default {near.DEFAULT_SIMILARITY})" in shown
 
 
 def test_blocks_of_the_similarity_matrix_find_what_the_whole_matrix_finds(monkeypatch):

@@ -127,15 +127,10 @@ def test_a_file_that_is_not_weights(runner, pet, tmp_path, content, message):
     assert f"--weights: '{path}'" in line and message in line
 
 
-def test_a_malicious_pickle_as_weights_runs_nothing(runner, pet, tmp_path):
-    marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
+def test_a_malicious_pickle_as_weights_runs_nothing(runner, pet, tmp_path, evil_pickle):
+    payload, marker = evil_pickle
     path = tmp_path / "evil.pt"
-    torch.save({"classifier.6.weight": Exploit()}, path)
+    torch.save({"classifier.6.weight": payload}, path)
     for command in (["eval", "-q"], ["predict", pet / "test", "-q"], ["export"]):
         line = _one_line(invoke(runner, *command, "--weights", path, "--set", f"data.root={pet}"), 4)
         assert f"--weights: '{path}' contains pickled code or objects (posix.system), which vggft never unpickles" in line

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from conftest import FAST, invoke, make_folder
 
@@ -31,6 +35,9 @@ def test_event_file_holds_the_metrics_csv_scalars_and_images(runner, tmp_path):
     assert set(tags["images"]) == {"curves", "confusion_test"}
     confusion = events.Images("confusion_test")[-1]
     assert confusion.width > 100 and confusion.encoded_image_string.startswith(b"\x89PNG")
+    with Image.open(io.BytesIO(events.Images("curves")[-1].encoded_image_string)) as logged, \
+            Image.open(run / "curves.png") as drawn:  # the run's own curves.png, not drawn a second time
+        assert np.array_equal(np.asarray(logged.convert("RGB")), np.asarray(drawn.convert("RGB")))
 
 
 def test_off_by_default_writes_no_events(runner, pet):

@@ -17,7 +17,7 @@ import vggft.evaluate
 import vggft.features
 import vggft.logs
 import vggft.reports
-from conftest import FAST, invoke, make_folder, make_image
+from conftest import FAST, invoke, make_folder
 from tiny import tutorial_model
 from vggft import __version__, presets
 from vggft.cli import app

@@ -15,7 +15,6 @@ import vggft.engine
 from conftest import FAST, invoke, make_folder
 from vggft.config import ModelConfig, TrainConfig, load_config
 from vggft.inference import load_model
-from vggft.metrics import Metrics
 from vggft.model import build_model, conv_blocks
 from vggft.optim import lr_factor, make_optimizer, make_scheduler
 
@@ -123,14 +122,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(runner, pet_val, monkeypat
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
 
 
-def test_resume_refuses_a_malicious_pickle(runner, tmp_path):
-    marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    torch.save({"format": "vggft-checkpoint/1", "x": Exploit()}, tmp_path / "last.pt")
+def test_resume_refuses_a_malicious_pickle(runner, tmp_path, evil_pickle):
+    payload, marker = evil_pickle
+    torch.save({"format": "vggft-checkpoint/1", "x": payload}, tmp_path / "last.pt")
     result = invoke(runner, "train", "--resume", tmp_path / "last.pt")
     assert result.exit_code == 4 and "pickled code or objects" in result.stderr
     assert not marker.exists()

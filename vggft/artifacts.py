@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import pickletools
+import sys
 import time
 import urllib.error
 import zipfile
@@ -27,10 +28,11 @@ from torch import nn
 from torchvision import models
 
 from . import __version__
-from .config import Config, ModelConfig, config_from_dict, migrate_config
+from .config import Config, ModelConfig, config_from_dict, migrate_config, weights_is_file
 from .errors import OutputError, WeightsError, first_line
-from .files import check_name_length, existing_parent, save_json, save_torch
-from .model import build_model
+from .files import check_name_length, existing_parent, file_digest, save_json, save_torch
+from .logs import progress_enabled
+from .model import build_model, frozen_prefix_layers
 
 WEIGHTS_FORMAT = "vggft-weights/2"
 CHECKPOINT_FORMAT = "vggft-checkpoint/2"
@@ -123,7 +125,7 @@ def pretrained_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
     if cfg.weights is None:
         return None
     path = Path(cfg.weights).expanduser()
-    if path.suffix in (".pth", ".pt", ".bin") or os.sep in cfg.weights or path.exists():
+    if weights_is_file(cfg.weights):
         if not path.is_file():
             raise WeightsError(
                 f"model.weights: file '{path}' not found; point it at a local .pth state_dict, "
@@ -156,8 +158,10 @@ def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
     weights = torchvision_weights(arch, name)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     try:
-        # torchvision's own loader: it looks in $TORCH_HOME/hub/checkpoints/ first, then downloads.
-        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        # torchvision's own loader: it looks in $TORCH_HOME/hub/checkpoints/ first, then downloads. Its tqdm
+        # bar only where vggft's progress goes (not under --quiet; in a terminal, not frames in a log file).
+        bar = progress_enabled() and sys.stderr.isatty()
+        return weights.get_state_dict(progress=bar, check_hash=True, weights_only=True)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
         reason = getattr(err, "reason", err)
         raise WeightsError(
@@ -180,8 +184,28 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def frozen_fingerprint(model: nn.Module, trainable: dict[str, torch.Tensor]) -> str:
-    """The fingerprint of everything a checkpoint does not hold: what is rebuilt from model.weights."""
+# Frozen fingerprints made of the prefix's and the rest's start with this; older ones (vggft-checkpoint/2
+# files written before it) are one hash over every frozen tensor, and are still checked as such.
+FROZEN_SCHEME = "2:"
+
+
+def frozen_fingerprint(model: nn.Module, trainable: dict[str, torch.Tensor], prefix_weights: str | None = None) -> str:
+    """The fingerprint of everything a checkpoint does not hold: what is rebuilt from model.weights.
+
+    It joins the ``fingerprint`` of the frozen prefix's state_dict (``prefix_weights``: the feature cache
+    hashes the same tensors to name its folder, so a run hashes them once) and that of the frozen tensors
+    after it; a tensor of the prefix that a two-stage run trains later is in the prefix's part.
+    """
+    layers = frozen_prefix_layers(model)
+    if prefix_weights is None:
+        prefix_weights = fingerprint(nn.Sequential(*[m for _, m in layers]).state_dict())
+    inside = {f"{name}.{key}" for name, module in layers for key in module.state_dict()}
+    rest = fingerprint({k: v for k, v in model.state_dict().items() if k not in trainable and k not in inside})
+    return FROZEN_SCHEME + hashlib.sha1(f"{prefix_weights}|{rest}".encode()).hexdigest()
+
+
+def legacy_frozen_fingerprint(model: nn.Module, trainable: dict[str, torch.Tensor]) -> str:
+    """A frozen fingerprint as recorded before ``FROZEN_SCHEME``: one hash over every frozen tensor."""
     return fingerprint({k: v for k, v in model.state_dict().items() if k not in trainable})
 
 
@@ -213,23 +237,6 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def preprocessing(cfg: Config) -> dict:
-    """What a user of the weights needs to prepare images as in training."""
-    from .data.transforms import normalization
-
-    mean, std = normalization(cfg.data)
-    return {"image_size": cfg.data.image_size, "resize": cfg.data.resize, "normalize": cfg.data.normalize,
-            "mean": list(mean), "std": list(std)}
-
-
 def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list[str], *,
                  metrics: dict | None = None, split: dict | None = None, temperature: float | None = None) -> Path:
     """Write the weights, then the sidecar that records their digest (and a pool's ``split``, and the softmax
@@ -238,8 +245,10 @@ def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list
     A kill between the two renames leaves new weights beside the old sidecar: its digest no longer
     matches, and loading says so instead of naming the classes wrongly.
     """
+    from .data.transforms import preprocessing
+
     weights = Path(weights)
-    save_torch(plain_state_dict(model), weights)
+    digest = save_torch(plain_state_dict(model), weights, sha256=True)
     config = cfg.to_dict()
     config["data"]["root"] = str(Path(cfg.data.root).resolve())  # usable from any working folder
     sidecar = {
@@ -247,12 +256,12 @@ def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list
         "vggft_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "weights_file": weights.name,
-        "weights_sha256": file_digest(weights),
+        "weights_sha256": digest,
         "arch": cfg.model.arch,
         "head": cfg.model.head,
         "num_classes": cfg.model.num_classes or len(class_names),
         "class_names": class_names,
-        **preprocessing(cfg),
+        **preprocessing(cfg.data),
         "split": split,
         "temperature": temperature,
         "config": config,
@@ -373,6 +382,23 @@ def checked_checkpoint(body, path: Path, what: str) -> dict:
     return body
 
 
+def check_frozen(model: nn.Module, body: dict, path: Path, what: str, fix: str, *, current: str | None = None) -> None:
+    """Refuse checkpoint ``body`` if the frozen part of ``model`` (just rebuilt from its model.weights) is not the
+    one it was trained on. ``current``: the model's ``frozen_fingerprint``, when already computed; ``fix``:
+    what to do instead."""
+    expected = body.get("frozen_fingerprint")
+    if expected is None:  # format 1 recorded none
+        return
+    if str(expected).startswith(FROZEN_SCHEME):
+        got = current or frozen_fingerprint(model, body["model"])
+    else:  # recorded before FROZEN_SCHEME: that hash (one more pass over the frozen weights)
+        got = legacy_frozen_fingerprint(model, body["model"])
+    if got != expected:
+        weights = body["config"]["model"].get("weights")
+        raise WeightsError(f"{what}: '{path}' was trained on other base weights than model.weights '{weights}' "
+                           f"gives now (the file changed since); restore those weights, or {fix}")
+
+
 def rebuild_from_checkpoint(body: dict, path: Path, what: str) -> nn.Module:
     """The full model of a checkpoint: the frozen part rebuilt from its model.weights, checked against
     the fingerprint recorded at training time; the caller's random state is left as it was."""
@@ -382,12 +408,7 @@ def rebuild_from_checkpoint(body: dict, path: Path, what: str) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the draws of training: a random-init backbone comes back identical
         model = build_model(cfg.model, num_outputs, state_dict)
-    expected = body.get("frozen_fingerprint")
-    if expected is not None and frozen_fingerprint(model, body["model"]) != expected:
-        raise WeightsError(
-            f"{what}: '{path}' was trained on other base weights than model.weights '{cfg.model.weights}' gives "
-            "now (the file changed since); restore those weights, or use the weights the run saved (output.weights)"
-        )
+    check_frozen(model, body, path, what, "use the weights the run saved (output.weights)")
     _, unexpected = model.load_state_dict(body["model"], strict=False)  # the frozen rest is already in place
     if unexpected:
         raise WeightsError(f"{what}: '{path}' does not fit {cfg.model.arch} with a {cfg.model.head} head "

@@ -76,9 +76,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, tolerance: float
 
 @dataclass
 class Reliability:
-    """Per confidence bin (lower, upper]: how many images, their accuracy and their mean confidence."""
+    """Per confidence bin k, (k/bins, (k+1)/bins]: how many images, their accuracy and their mean confidence."""
 
-    edges: list[float]
     counts: list[int]
     accuracy: list[float]
     confidence: list[float]
@@ -100,8 +99,7 @@ def reliability(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = E
     hits = torch.bincount(index, weights=correct, minlength=bins)
     sure = torch.bincount(index, weights=confidence, minlength=bins)
     safe = counts.clamp(min=1).double()
-    return Reliability([k / bins for k in range(bins + 1)], counts.tolist(), (hits / safe).tolist(),
-                       (sure / safe).tolist())
+    return Reliability(counts.tolist(), (hits / safe).tolist(), (sure / safe).tolist())
 
 
 def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:

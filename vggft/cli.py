@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -142,11 +141,10 @@ def _require(ok: bool, option: str, expected: str, got) -> None:
 def _check_pretrained(cfg) -> None:
     """A model.weights that is neither null, a file nor a torchvision weights name of model.arch is a config
     mistake: said before any work (torchvision's list of names is read; nothing is loaded)."""
+    from .config import weights_is_file
+
     name = cfg.model.weights
-    if name is None:
-        return
-    path = Path(name).expanduser()
-    if path.suffix in (".pth", ".pt", ".bin") or os.sep in name or path.exists():
+    if name is None or weights_is_file(name):
         return  # a file: read (and judged) when the model is built
     from .artifacts import torchvision_weights
     from .errors import ConfigError, WeightsError
@@ -200,11 +198,11 @@ def train(
         from .config import resume_overrides_refused
 
         resume_overrides_refused(overrides)  # before torch is imported (--name too: the run folder is the run's)
-        from .train import resume_config
+        from .train import read_resume
 
-        cfg = resume_config(resume, overrides)
+        cfg, checkpoint = read_resume(resume, overrides)
     else:
-        cfg = _config(config, overrides)
+        cfg, checkpoint = _config(config, overrides), None
     _check_pretrained(cfg)
     _output(quiet)
     if nproc != 1:
@@ -216,7 +214,7 @@ def train(
         raise typer.Exit(launch_train(nproc, args, debug=_state["debug"]))  # the config is valid
     from .train import RUN_FILES, fit
 
-    result = fit(cfg, resume=resume)
+    result = fit(cfg, resume=resume, checkpoint=checkpoint)
     if _rank() == 0:
         if result.test is not None:
             typer.echo(f"Test: {result.test.summary_line()}")
@@ -226,9 +224,7 @@ def train(
 @app.command("eval")
 @_handle_errors
 def eval_(
-    weights: Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")] = Path(
-        "models/VGG16.pt"
-    ),
+    weights: WeightsOpt = Path("models/VGG16.pt"),
     config: ConfigOpt = None,
     set_: _set_option("data.root=other/images") = None,
     split: Annotated[Split, typer.Option(help="Which split to score.")] = Split.test,
@@ -334,7 +330,8 @@ def check_data(
         help="Largest/smallest class ratio that counts as a problem (greater than 1).")] = 10.0,
     near_duplicates: Annotated[bool, typer.Option("--near-duplicates", help="Also find resized, recompressed or "
                                                   "cropped copies (cosine similarity of pooled backbone features).")] = False,
-    similarity: Annotated[float, typer.Option(help="Cosine similarity at which --near-duplicates links two images.")] = 0.97,
+    similarity: Annotated[Optional[float], typer.Option(
+        help="Cosine similarity at which --near-duplicates links two images (default 0.97).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Scan every image: unreadable files, sizes, class balance, duplicates across and within splits.
@@ -351,15 +348,15 @@ def check_data(
     if quarantine is not None:
         check.check_destination(quarantine)  # before the scan: nothing half-done
 
-    if similarity != 0.97 and not near_duplicates:
+    if similarity is not None and not near_duplicates:
         from .errors import ConfigError
 
         raise ConfigError("--similarity: sets the threshold of --near-duplicates; add --near-duplicates")
     report = check.check_data(cfg, max_imbalance=max_imbalance)
     if near_duplicates:
-        from .near_duplicates import find_near_duplicates
+        from .near_duplicates import DEFAULT_SIMILARITY, find_near_duplicates
 
-        find_near_duplicates(cfg, report, similarity)
+        find_near_duplicates(cfg, report, DEFAULT_SIMILARITY if similarity is None else similarity)
     typer.echo(format_report(report))
     if quarantine is not None and report.bad:
         moved = check.quarantine(report, quarantine)
@@ -393,28 +390,18 @@ def predict(
     rows = run_predict(weights, inputs, config, set_ or [], topk=topk, batch_size=batch_size)
     if csv_path is not None:
         _write_predictions_csv(rows, csv_path)
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-    else:
-        width = max(len("path"), *(len(r["path"]) for r in rows))
-        name_width = max([len("top-1")] + [len(t["class"]) for r in rows for t in r["top"][:1]])
-        calibrated = next((f"  (calibrated probabilities, temperature {r['temperature']:.3f})" for r in rows
-                           if r.get("calibrated")), "")
-        typer.echo(f"{'path':<{width}}  {'top-1':<{name_width}}  {'prob':>6}  others{calibrated}")
-        for r in rows:
-            if "error" in r:
-                typer.echo(f"{r['path']:<{width}}  error: {r['error']}")
-                continue
-            best, *others = r["top"]
-            rest = "  ".join(f"{t['class']} {t['probability']:.4f}" for t in others)
-            line = f"{r['path']:<{width}}  {best['class']:<{name_width}}  {best['probability']:.4f}  {rest}"
-            typer.echo(line.rstrip())
-    say = _err if as_json else typer.echo
-    failed = sum("error" in r for r in rows)
-    if failed:
-        _err(f"{failed} of {len(rows)} file(s) could not be read as images")
+    name_width = max([len("top-1")] + [len(t["class"]) for r in rows for t in r["top"][:1]])
+    calibrated = next((f"  (calibrated probabilities, temperature {r['temperature']:.3f})" for r in rows
+                       if r.get("calibrated")), "")
+
+    def line(r: dict) -> str:
+        best, *others = r["top"]
+        rest = "  ".join(f"{t['class']} {t['probability']:.4f}" for t in others)
+        return f"{best['class']:<{name_width}}  {best['probability']:.4f}  {rest}".rstrip()
+
+    _echo_rows(rows, as_json, f"{'top-1':<{name_width}}  {'prob':>6}  others{calibrated}", line)
     if csv_path is not None:
-        say(f"Wrote {csv_path}")
+        (_err if as_json else typer.echo)(f"Wrote {csv_path}")
 
 
 @app.command()
@@ -437,17 +424,21 @@ def explain(
     from .explain import explain as run_explain
 
     rows = run_explain(weights, inputs, config, set_ or [], class_name=class_name, out=out, batch_size=batch_size)
-    failed = sum("error" in r for r in rows)
+    _echo_rows(rows, as_json, f"{'class':<12}  {'prob':>6}  overlay",
+               lambda r: f"{r['class']:<12}  {r['probability']:.4f}  {r['overlay']}")
+
+
+def _echo_rows(rows: list[dict], as_json: bool, header: str, line) -> None:
+    """One row per file: JSON, or a table (path column, then ``header`` / ``line(row)``; a file that could not
+    be read shows its error); then, on stderr, how many could not be read."""
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
         width = max(len("path"), *(len(r["path"]) for r in rows))
-        typer.echo(f"{'path':<{width}}  {'class':<12}  {'prob':>6}  overlay")
+        typer.echo(f"{'path':<{width}}  {header}")
         for r in rows:
-            if "error" in r:
-                typer.echo(f"{r['path']:<{width}}  error: {r['error']}")
-            else:
-                typer.echo(f"{r['path']:<{width}}  {r['class']:<12}  {r['probability']:.4f}  {r['overlay']}")
+            typer.echo(f"{r['path']:<{width}}  " + (f"error: {r['error']}" if "error" in r else line(r)))
+    failed = sum("error" in r for r in rows)
     if failed:
         _err(f"{failed} of {len(rows)} file(s) could not be read as images")
 
@@ -471,9 +462,7 @@ def _write_predictions_csv(rows: list[dict], path: Path) -> None:
 @app.command()
 @_handle_errors
 def export(
-    weights: Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")] = Path(
-        "models/VGG16.pt"
-    ),
+    weights: WeightsOpt = Path("models/VGG16.pt"),
     fmt: Annotated[Optional[ExportFormat], typer.Option(
         "--format", "-f", help="onnx (needs pip install onnx onnxscript onnxruntime), pt2 (torch.export), or "
         "torchscript (deprecated upstream); default: onnx when those packages are installed, else pt2.")] = None,

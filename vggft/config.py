@@ -8,9 +8,11 @@ value to the field's declared type and checks it. Anything wrong is one
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
+import os
 import re
 import reprlib
 import types
@@ -134,6 +136,13 @@ class ModelConfig:
     """Conv blocks to train too: a list such as [block5], or a count from the top."""
 
 
+def weights_is_file(weights: str) -> bool:
+    """Whether a ``model.weights`` value names a file (a .pth/.pt/.bin name, a path, or anything that exists)
+    rather than a torchvision weights name such as IMAGENET1K_V1."""
+    path = Path(weights).expanduser()
+    return path.suffix in (".pth", ".pt", ".bin") or os.sep in weights or path.exists()
+
+
 @dataclass
 class EarlyStoppingConfig:
     patience: int | None = _check(_positive, default=None)
@@ -248,7 +257,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     """
     raw: dict[str, Any] = {}
     if base:
-        _merge(raw, migrate_config(base))
+        _merge(raw, migrate_config(copy.deepcopy(base)))  # a copy: --set must not write into the caller's dict
     source = "--set" if overrides else "config"  # what the consistency checks name when no file was given
     if path is not None:
         path, source = config_file(path)

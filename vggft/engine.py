@@ -155,6 +155,11 @@ class Loop:
     threads: int | None = None  # torch's intra-op threads while it trains and validates (None: as they are)
 
 
+# What a history row (one epoch) holds for metrics.csv and TensorBoard: also val_correct/val_total, kept
+# in last.pt's history but not written out.
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
 @dataclass
 class EpochEnd:
     row: dict

@@ -103,7 +103,16 @@ def evaluate_weights(
     metrics.extra["calibration"] = calibration_summary(torch.cat(metrics.logits), torch.cat(metrics.labels),
                                                        trained.temperature)
     out = _Plots(Path(plots_dir) if plots_dir else Path(weights).parent, Path(weights).stem, split)
-    title = f"{Path(weights).name} on the {split} split: {metrics.summary_line()}"
+    _write_plots(out, metrics, trained, splits, split, misclassified=misclassified, top_losses=top_losses,
+                 explain=explain, device=device)
+    return metrics, trained, out.written
+
+
+def _write_plots(out: _Plots, metrics: Metrics, trained: TrainedModel, splits: DataSplits, split: str, *,
+                 misclassified: int, top_losses: int, explain: bool, device: torch.device) -> None:
+    """The files beside the scores: confusion matrices, reliability diagram, the mistakes and top-losses grids."""
+    samples = splits[split]
+    title = f"{trained.path.name} on the {split} split: {metrics.summary_line()}"
     out.write("Confusion matrix PNG", save_confusion, metrics.confusion, metrics.class_names,
               out.path("confusion", "png"), title, False)
     out.write("Row-normalised confusion matrix PNG", save_confusion, metrics.confusion, metrics.class_names,
@@ -120,7 +129,6 @@ def evaluate_weights(
         log.info(f"--misclassified: no mistakes on the {split} split, so no grid was written")
     if top_losses:
         _top_losses(metrics, trained, samples, top_losses, explain, out, device)
-    return metrics, trained, out.written
 
 
 class _Plots:

@@ -23,13 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.loaders import make_loader
-from .data.transforms import eval_transform, normalization
-from .device import prepare_backend, resolve_device
+from .data.transforms import normalization
 from .errors import ConfigError, OutputError
 from .files import atomic_path
-from .inference import TrainedModel, _Images, collect_images, load_model
-from .logs import progress
+from .inference import TrainedModel, collect_images, image_batches, load_model
 from .model import layer_sequence
 
 
@@ -123,24 +120,21 @@ def explain(
     trained = load_model(weights, config, list(overrides))
     wanted = class_index(trained, class_name)
     _make_folder(Path(out))
-    device = resolve_device(trained.cfg.train.device)
-    prepare_backend(device)
-    model = trained.model.to(device)
-    dataset = _Images(paths, eval_transform(trained.cfg.data), trained.cfg.data.image_size)
-    loader = make_loader(dataset, batch_size, device=device)
     stems = output_stems(paths)
     rows: list[dict] = []
-    for images, errors in progress(loader, desc="Explaining", unit="batch"):
-        start = len(rows)
-        good = [i for i, error in enumerate(errors) if not error]
-        cams = grad_cam(model, images[good].to(device), None if wanted is None else [wanted] * len(good)) if good else None
-        for i, error in enumerate(errors):
-            path = paths[start + i]
-            if error:
-                rows.append({"path": path, "error": error})
-                continue
-            j = good.index(i)
-            rows.append(_write_one(trained, images[i], cams, j, out, stems[start + i], path))
+    with image_batches(trained, paths, batch_size, "Explaining") as (batches, _):
+        for images, errors in batches:
+            start = len(rows)
+            good = [i for i, error in enumerate(errors) if not error]
+            classes = None if wanted is None else [wanted] * len(good)
+            cams = grad_cam(trained.model, images[good], classes) if good else None
+            for i, error in enumerate(errors):
+                path = paths[start + i]
+                if error:
+                    rows.append({"path": path, "error": error})
+                    continue
+                j = good.index(i)
+                rows.append(_write_one(trained, images[i], cams, j, out, stems[start + i], path))
     return rows
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import sidecar_path
-from .data.transforms import normalization
+from .data.transforms import transform_signature
 from .errors import ConfigError, OutputError, VggftError, WeightsError, first_line
 from .files import atomic_path
 from .inference import TrainedModel, load_model
@@ -104,8 +104,6 @@ def _check_output(out: Path, weights: Path) -> None:
 
 
 def _metadata(trained: TrainedModel) -> dict:
-    data = trained.cfg.data
-    mean, std = normalization(data)
     names = trained.names
     return {
         "format": "vggft-export/1",
@@ -116,10 +114,7 @@ def _metadata(trained: TrainedModel) -> dict:
         "class_names": names,
         "input": "images: float32 (N, 3, image_size, image_size), RGB in [0, 1], then (x - mean) / std",
         "output": "logits: float32 (N, num_classes); softmax for probabilities",
-        "image_size": data.image_size,
-        "resize": data.resize,
-        "mean": list(mean),
-        "std": list(std),
+        **transform_signature(trained.cfg.data),  # image_size, resize, mean, std
     }
 
 

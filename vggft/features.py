@@ -36,7 +36,7 @@ from .data.transforms import eval_transform, train_transform, transform_signatur
 from .device import autocast_factory, resolve_workers
 from .distributed import SINGLE, Group
 from .errors import ConfigError, Interrupted, OutputError, first_line
-from .files import cache_root, save_json, save_text, save_torch
+from .files import cache_root, file_identity, save_json, save_text, save_torch
 from .logs import Counter, log
 from .memo import holds_every_tensor, memoised
 from .model import split_frozen_prefix
@@ -46,23 +46,15 @@ SHARD_ROWS = 1024  # write a shard at least this often, so an interrupted extrac
 
 
 def file_key(path: str) -> str:
-    """Path, size, modification and change times and inode: a file rewritten in place with the same size
-    and a restored mtime (cp -p, rsync -a) still changes its ctime, so its old row is not reused."""
-    st = os.stat(path)
-    identity = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    """A row's key: the file's absolute path and ``files.file_identity`` (size, times, inode), hashed."""
+    identity = "|".join([os.path.abspath(path), *map(str, file_identity(path))])
     return hashlib.sha1(identity.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def module_fingerprint(module: nn.Module, *, loaded_from: Path | None = None, memo: Path | None = None) -> str:
-    """A content hash of a module's layers and weights: identical prefixes share a cache. Memoised in
-    ``memo`` when every weight was loaded unchanged from the file ``loaded_from`` (see ``vggft.memo``)."""
-    def content() -> str:
-        return hashlib.sha1(f"{module!r}|{fingerprint(module.state_dict())}".encode()).hexdigest()
-
-    if loaded_from is None or memo is None:
-        return content()
-    layout = [(k, tuple(v.shape), str(v.dtype)) for k, v in module.state_dict().items()]
-    return memoised(f"{file_key(str(loaded_from))}|{module!r}|{layout}|{torch.__version__}", memo, content)
+def module_fingerprint(module: nn.Module, weights: str | None = None) -> str:
+    """A content hash of a module's layers and weights (``weights``: the ``fingerprint`` of its state_dict,
+    if already known): identical prefixes share a cache."""
+    return hashlib.sha1(f"{module!r}|{weights or fingerprint(module.state_dict())}".encode()).hexdigest()
 
 
 def _all_finite(rows: torch.Tensor, block: int = 64) -> bool:
@@ -291,10 +283,14 @@ def cache_off_reason(cfg: Config, model: nn.Module, cut: str) -> str | None:
 
 class FeatureSource:
     """Where the loop's inputs come from for one model: cached rows of the frozen prefix (``module`` is
-    the suffix), or decoded images (``module`` is the whole network)."""
+    the suffix), or decoded images (``module`` is the whole network).
+
+    ``rows_in_memory``: where the cache is off, ``rows`` still works, its rows kept in memory for this source
+    alone (a one-off pass over the prefix, such as check-data --near-duplicates with cache.enabled false).
+    """
 
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device, precision: torch.dtype | None,
-                 group: Group = SINGLE, *, weights_file: Path | None = None):
+                 group: Group = SINGLE, *, rows_in_memory: bool = False, weights_file: Path | None = None):
         self.cfg, self.device, self.precision, self.group = cfg, device, precision, group
         self.prefix, self.suffix, self.cut = split_frozen_prefix(model)
         self.workers = resolve_workers(cfg.data, device)
@@ -302,11 +298,13 @@ class FeatureSource:
         self.decode = resolve_decode(cfg.data.decode, device)  # for extraction; images for the loop: Pillow
         self.decoder = TensorDecoder(cfg.data) if self.decode != "pil" else None
         self.cache: FeatureCache | None = None
+        self.prefix_weights: str | None = None  # the prefix's weights' fingerprint, when the cache needs it
         if self.off_reason is None:
+            self.prefix_weights = self._prefix_weights(model, weights_file)
             namespace = {
                 "arch": cfg.model.arch,
                 "cut": self.cut,
-                "prefix": self._prefix_fingerprint(model, weights_file),
+                "prefix": module_fingerprint(self.prefix, self.prefix_weights),
                 "transform": transform_signature(cfg.data),
                 "precision": str(precision or "fp32"),
                 "torch": torch.__version__.split("+")[0],
@@ -316,15 +314,23 @@ class FeatureSource:
             self.module = self.suffix
         else:
             self.module = nn.Sequential(self.prefix, self.suffix)
+            if rows_in_memory:
+                self.cache = FeatureCache(None, {}, row_width(self.suffix))
         self.prefix.to(device, memory_format=torch.channels_last)
         self.suffix.to(device)
 
-    def _prefix_fingerprint(self, model: nn.Module, weights_file: Path | None) -> str:
-        """``weights_file``: the file ``model`` was just built from, if it was; its prefix's hash is then
-        memoised when the file holds every prefix weight."""
-        if weights_file is not None and not holds_every_tensor(weights_file, model, self.prefix):
-            weights_file = None
-        return module_fingerprint(self.prefix, loaded_from=weights_file, memo=cache_root(self.cfg.cache.dir))
+    def _prefix_weights(self, model: nn.Module, weights_file: Path | None) -> str:
+        """The fingerprint of the prefix's weights. ``weights_file``: the file ``model`` was just built from, if
+        it was; the fingerprint is then memoised (keyed by the file's identity) when the file holds every
+        prefix weight, so a warm run does not hash ~470 MB again."""
+        def content() -> str:
+            return fingerprint(self.prefix.state_dict())
+
+        if weights_file is None or not holds_every_tensor(weights_file, model, self.prefix):
+            return content()
+        layout = [(k, tuple(v.shape), str(v.dtype)) for k, v in self.prefix.state_dict().items()]
+        key = f"prefix weights|{file_key(str(weights_file))}|{self.prefix!r}|{layout}|{torch.__version__}"
+        return memoised(key, cache_root(self.cfg.cache.dir), content)
 
     @property
     def cached(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -121,9 +122,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def save_torch(obj: Any, path: str | Path) -> None:
+def save_torch(obj: Any, path: str | Path, *, sha256: bool = False) -> str | None:
+    """``torch.save`` atomically; with ``sha256``, return the SHA-256 of the bytes written. It is taken from the
+    temporary file before the rename (still in the page cache): what this process wrote, even if another
+    writer replaces the file right after."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+        digest = file_digest(tmp) if sha256 else None
+    return digest
+
+
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read 4 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_json(obj: Any, path: str | Path) -> None:
@@ -134,6 +149,14 @@ def save_json(obj: Any, path: str | Path) -> None:
 def save_text(text: str, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def file_identity(path: str | Path) -> list[int]:
+    """Size, modification and change times (ns) and inode of ``path`` (OSError if it cannot be stat'ed): what
+    keys a cached result about a file. A file rewritten in place with the same size and a restored mtime
+    (cp -p, rsync -a) still changes its ctime, so it gets a new key."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def check_folder(folder: str | Path, what: str, fix: str) -> None:

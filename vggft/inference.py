@@ -7,9 +7,10 @@ the one the weights were trained with (the sidecar's config: a model trained at 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .errors import ConfigError, DataError, WeightsError
 from .logs import progress
 from .metrics import output_names
 from .model import describe_state_dict, freeze, model_from_weights
+
 
 @dataclass
 class TrainedModel:
@@ -145,6 +147,25 @@ def _empty(path: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def image_batches(trained: TrainedModel, paths: list[str], batch_size: int,
+                  desc: str) -> Iterator[tuple[Iterator[tuple[torch.Tensor, list[str]]], torch.device]]:
+    """(batches, device) for running ``trained.model`` (moved to ``device``) over ``paths``: each batch is the
+    images on the device (preprocessed as in training, zeros for a file that cannot be decoded) and every
+    file's error ('' if none). Loader workers as data.num_workers says; running out of memory inside the
+    block is one line naming --batch-size."""
+    cfg = trained.cfg
+    device = resolve_device(cfg.train.device)
+    prepare_backend(device)
+    trained.model.to(device)
+    dataset = _Images(paths, eval_transform(cfg.data), cfg.data.image_size)
+    loader = make_loader(dataset, batch_size, device=device, num_workers=resolve_workers(cfg.data, device))
+    batches = ((images.to(device, non_blocking=True), errors)
+               for images, errors in progress(loader, desc=desc, unit="batch"))
+    with out_of_memory_hint(device, {"--batch-size": batch_size}):
+        yield batches, device
+
+
 def predict(
     weights: Path,
     inputs: Sequence[Path],
@@ -163,24 +184,15 @@ def predict(
         raise ConfigError(f"batch size: expected 1 or more, got {batch_size}")
     paths = collect_images(inputs)
     trained = load_model(weights, config, list(overrides))
-    cfg = trained.cfg
     names = trained.names
     k = min(topk, trained.num_classes)
-
-    device = resolve_device(cfg.train.device)
-    prepare_backend(device)
-    autocast = autocast_factory(device, autocast_dtype(device, cfg.train.amp))  # as vggft eval scores
-    model = trained.model.to(device)
-    workers = resolve_workers(cfg.data, device)
-    dataset = _Images(paths, eval_transform(cfg.data), cfg.data.image_size)
-    loader = make_loader(dataset, batch_size, device=device, num_workers=workers)
-
     rows: list[dict] = []
     calibration = {"calibrated": trained.temperature is not None, "temperature": trained.temperature}
-    with torch.inference_mode(), out_of_memory_hint(device, {"--batch-size": batch_size}):
-        for images, errors in progress(loader, desc="Predicting", unit="batch"):
+    with image_batches(trained, paths, batch_size, "Predicting") as (batches, device), torch.inference_mode():
+        autocast = autocast_factory(device, autocast_dtype(device, trained.cfg.train.amp))  # as vggft eval scores
+        for images, errors in batches:
             with autocast():
-                logits = model(images.to(device, non_blocking=True))
+                logits = trained.model(images)
             probs, indices = trained.probabilities(logits).topk(k, dim=1)
             for p_row, i_row, error in zip(probs.tolist(), indices.tolist(), errors):
                 path = paths[len(rows)]

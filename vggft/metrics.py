@@ -117,7 +117,7 @@ class Metrics:
 
     def worst_mistakes(self, count: int) -> list[tuple[int, int, int, float]]:
         """(index, true, predicted, confidence) of the most confident wrong predictions (needs keep=True)."""
-        if not self.probabilities:
+        if not self.logits or count <= 0:  # before the softmax of every kept logit
             return []
         probs, labels = torch.cat(self.probabilities), torch.cat(self.labels)
         confidence, predicted = probs.max(dim=1)

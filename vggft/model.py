@@ -183,12 +183,19 @@ def split_frozen_prefix(model: models.VGG) -> tuple[nn.Sequential, nn.Sequential
     the gap head it is the pooled 512-vector.
     """
     layers = layer_sequence(model)
-    cut = 0
-    while cut < len(layers) and _deterministic_frozen(layers[cut][1]):
-        cut += 1
+    cut = len(frozen_prefix_layers(model))
     prefix = nn.Sequential(*[m for _, m in layers[:cut]])
     suffix = nn.Sequential(*[m for _, m in layers[cut:]])
     return prefix.eval(), suffix, layers[cut - 1][0] if cut else "input"
+
+
+def frozen_prefix_layers(model: models.VGG) -> list[tuple[str, nn.Module]]:
+    """The named layers of ``split_frozen_prefix``'s prefix (the model is left as it is)."""
+    layers = layer_sequence(model)
+    cut = 0
+    while cut < len(layers) and _deterministic_frozen(layers[cut][1]):
+        cut += 1
+    return layers[:cut]
 
 
 def set_train_mode(suffix: nn.Module) -> None:

@@ -21,7 +21,7 @@ from .config import Config
 from .data.check import DataReport, NearGroup
 from .device import autocast_dtype, prepare_backend, resolve_device
 from .errors import ConfigError
-from .features import FeatureCache, FeatureSource
+from .features import FeatureSource
 from .logs import log
 from .model import build_model
 
@@ -39,11 +39,10 @@ def pooled_features(cfg: Config, paths: list[str]) -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # a random-init backbone (model.weights: null) is the training run's
         model = build_model(gap.model, 2, pretrained_state_dict(gap.model))
-    source = FeatureSource(model, gap, device, autocast_dtype(device, cfg.train.amp))
+    # cache: off keeps the rows in memory for this check only
+    source = FeatureSource(model, gap, device, autocast_dtype(device, cfg.train.amp), rows_in_memory=True)
     if source.cut != "flatten":
         raise AssertionError(f"the gap head's frozen prefix ends at {source.cut}, not at the pooled features")
-    if source.cache is None:  # cache: off, the rows are kept in memory for this check only
-        source.cache = FeatureCache(None, {})
     return source.rows([(path, 0) for path in paths], desc="near-duplicate").tensor()  # one matrix: all pairs
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import re
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -61,6 +61,8 @@ def _wrap(line: str, width: int) -> list[str]:
             lines.append("")
         lines[-1] += piece
     return [l for l in lines if l.strip()] or [""]
+
+
 CAM_ALPHA = 0.45  # how much of the picture shows through a Grad-CAM heatmap
 
 

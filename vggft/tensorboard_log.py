@@ -12,10 +12,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from .engine import HISTORY_COLUMNS
 from .errors import ConfigError
 from .metrics import Metrics
 
-SCALARS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")  # metrics.csv, less epoch
+SCALARS = HISTORY_COLUMNS[1:]  # metrics.csv's columns, less epoch (the step)
 FOLDER = "tensorboard"
 
 
@@ -43,14 +44,19 @@ class TensorBoardLog:
                 self.writer.add_scalar(key, float(row[key]), row["epoch"])
         self.writer.flush()
 
-    def close(self, history: list[dict], test: Metrics | None = None, best_epoch: int = 0) -> None:
-        """The test scalars and the curves and confusion-matrix images; then the event file is complete."""
+    def close(self, history: list[dict], test: Metrics | None = None, best_epoch: int = 0,
+              curves: Path | None = None) -> None:
+        """The test scalars and the curves and confusion-matrix images; then the event file is complete.
+
+        ``curves``: the run's curves.png, already drawn from this ``history`` (drawn here if missing)."""
         from .reports import save_confusion, save_curves
 
         step = history[-1]["epoch"] if history else 0
         with tempfile.TemporaryDirectory(prefix="vggft-tb-") as folder:
             if history:
-                self._image("curves", save_curves(history, Path(folder) / "curves.png", best_epoch), step)
+                if curves is None or not Path(curves).is_file():
+                    curves = save_curves(history, Path(folder) / "curves.png", best_epoch)
+                self._image("curves", curves, step)
             if test is not None:
                 self.writer.add_scalar("test_acc", test.accuracy, step)
                 self.writer.add_scalar("test_loss", test.loss, step)

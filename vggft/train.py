@@ -28,7 +28,8 @@ from .data.loaders import make_loader
 from .device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
 from .distributed import (Group, is_peer_failure, is_timeout, main_first, process_group, reduce_metrics,
                           stalled)
-from .engine import Loop, Progress, class_weights, epoch_line, evaluate, restore_best, row_threads, run_epochs
+from .engine import (HISTORY_COLUMNS, Loop, Progress, class_weights, epoch_line, evaluate, restore_best,
+                     row_threads, run_epochs)
 from .errors import (ConfigError, DataError, DivergedError, Interrupted, OutputError, VggftError, WeightsError,
                      first_line)
 from .features import FeatureSource
@@ -86,17 +87,24 @@ def new_run_dir(runs_dir: str, name: str | None) -> Path:
 
 def resume_config(checkpoint_path: Path, overrides: list[str] = ()) -> Config:
     """The config a run was started with, under the ``--set`` overrides that can still take effect."""
+    return read_resume(checkpoint_path, overrides)[0]
+
+
+def read_resume(checkpoint_path: Path, overrides: list[str] = ()) -> tuple[Config, dict]:
+    """``resume_config`` and the checkpoint itself, read once: pass it on to ``fit(checkpoint=...)``."""
     resume_overrides_refused(list(overrides))
     body = artifacts.load_checkpoint(checkpoint_path)
     if body.get("kind") == "best":
         raise WeightsError(f"--resume: '{checkpoint_path}' is the run's best epoch ({body['epoch']}), kept for "
                            f"eval, predict and export; go on with {Path(checkpoint_path).with_name('last.pt')}, "
                            "or start a new run")
-    return load_config(None, overrides, base=body["config"])
+    return load_config(None, overrides, base=body["config"]), body
 
 
-def fit(cfg: Config, *, resume: Path | None = None) -> TrainResult:
-    """Train as configured (or go on from a run's last.pt), evaluate on test, save weights and sidecar."""
+def fit(cfg: Config, *, resume: Path | None = None, checkpoint: dict | None = None) -> TrainResult:
+    """Train as configured (or go on from a run's last.pt), evaluate on test, save weights and sidecar.
+
+    ``checkpoint``: the body of ``resume``, when ``read_resume`` has read it already."""
     device = resolve_device(cfg.train.device)
     if cfg.output.tensorboard:
         tensorboard_log.require()  # before any work
@@ -106,7 +114,7 @@ def fit(cfg: Config, *, resume: Path | None = None) -> TrainResult:
         if not group.is_main:
             silence()  # rank 0 speaks for the job
         try:
-            run = _setup(cfg, resume, device, group)
+            run = _setup(cfg, resume, device, group, checkpoint)
             memory = out_of_memory_hint(device, {"data.batch_size": cfg.data.batch_size,
                                                  "data.eval_batch_size": cfg.data.eval_batch_size})
             with memory:
@@ -135,8 +143,9 @@ def _check_distributed(cfg: Config) -> None:
 
 # --- setup ------------------------------------------------------------------------------------------
 
-def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group) -> Run:
-    body = artifacts.load_checkpoint(resume) if resume else None
+def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group, body: dict | None = None) -> Run:
+    if resume and body is None:
+        body = artifacts.load_checkpoint(resume)
     if body and cfg.train.scheduler == "onecycle" and body["config"]["train"]["epochs"] != cfg.train.epochs:
         raise ConfigError(f"train.epochs: a onecycle schedule is laid out for the run's "
                           f"{body['config']['train']['epochs']} epochs at its start; resume with that many, "
@@ -155,7 +164,8 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group)
     _check_disk(cfg, model, source, splits)
     with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
         loop, generator, test_loader = _make_loop(cfg, model, source, splits, device, precision, group)
-    fingerprint = artifacts.frozen_fingerprint(model, artifacts.trainable_state(model, loop.optimizer))
+    fingerprint = artifacts.frozen_fingerprint(model, artifacts.trainable_state(model, loop.optimizer),
+                                               source.prefix_weights)
     run = Run(cfg, splits, model, source, loop, Progress(), generator, None, test_loader, fingerprint)
     if body:
         _restore(run, body, Path(resume))
@@ -256,11 +266,7 @@ def _make_loop(cfg: Config, model: nn.Module, source: FeatureSource, splits: Dat
 def _restore(run: Run, body: dict, resume: Path) -> None:
     """Go on exactly where ``last.pt`` left off: weights, optimizer, schedule, RNG, history, best epoch."""
     loop = run.loop
-    expected = body.get("frozen_fingerprint")
-    if expected is not None and expected != run.fingerprint:
-        raise WeightsError(f"--resume: '{resume}' was trained on other base weights than model.weights "
-                           f"'{run.cfg.model.weights}' gives now (the file changed since); restore those weights, "
-                           "or start a new run")
+    artifacts.check_frozen(run.model, body, resume, "--resume", "start a new run", current=run.fingerprint)
     wanted = set(artifacts.trainable_state(run.model, loop.optimizer))
     if wanted - set(body["model"]) or set(body["model"]) - set(run.model.state_dict()):
         raise WeightsError(f"--resume: '{resume}' does not hold the trainable part of this model "
@@ -347,9 +353,8 @@ def _best_body(run: Run) -> dict:
 
 
 def _write_metrics(history: list[dict], path: Path) -> None:
-    columns = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, HISTORY_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     save_text(buffer.getvalue(), path)
@@ -370,7 +375,7 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
     if not run.loop.group.is_main:
         return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
     if run.board:
-        run.board.close(run.state.history, test, run.state.best["epoch"])
+        run.board.close(run.state.history, test, run.state.best["epoch"], curves=run.run_dir / "curves.png")
     replaced = _way_back(weights, run.run_dir)
     fit = _calibrate(run)
     artifacts.save_trained(

@@ -68,12 +68,10 @@ def check_data(cfg: Config, *, max_imbalance: float = 10.0) -> DataReport:
     verdicts = inspect_all([path for _, (path, _) in splits.all_samples()], cache, fresh=True)
     report = DataReport(splits, verdicts, max_imbalance=max_imbalance)
     for split in SPLITS:
-        per_class: dict[str, tuple[int, int]] = {}
-        for name_index, name in enumerate(splits.class_names):
-            paths = [p for p, label in splits[split] if label == name_index]
-            if paths:
-                ok = sum(verdicts[p].ok for p in paths)
-                per_class[name] = (ok, len(paths) - ok)
+        tally: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # label -> [ok, bad], one pass over the split
+        for path, label in splits[split]:
+            tally[label][0 if verdicts[path].ok else 1] += 1
+        per_class = {splits.class_names[label]: (ok, bad) for label, (ok, bad) in sorted(tally.items())}
         if per_class:
             report.counts[split] = per_class
     report.bad = [(p, verdicts[p]) for _, (p, _) in splits.all_samples() if not verdicts[p].ok]

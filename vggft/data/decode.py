@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from ..logs import log
-from .loaders import ImageList, image_loader
+from .loaders import ImageList, image_loader, make_loader
 from .transforms import eval_transform, normalization
 
 PLAIN_SOF = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded: what nvJPEG's batch decoder takes
@@ -187,6 +187,11 @@ class Packed:
         content = torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8)
         return cls(content, [len(j) for j in jpegs], torch.stack(pils) if pils else None, [r for _, r in batch])
 
+    def pin_memory(self) -> Packed:
+        """The batch in page-locked memory (the loader's pin_memory thread calls this on CUDA)."""
+        images = self.images.pin_memory() if self.images is not None else None
+        return Packed(self.content.pin_memory(), self.lengths, images, self.reasons)
+
     def files(self) -> list[torch.Tensor]:
         return list(torch.split(self.content, self.lengths)) if self.lengths else []
 
@@ -206,8 +211,8 @@ class TensorDecoder:
                 num_workers: int) -> Iterator[torch.Tensor]:
         """Each batch of ``samples`` in order, as a channels-last float tensor on ``device``."""
         decode_on = device if device.type == "cuda" else torch.device("cpu")
-        loader = DataLoader(FileBytes(samples, self.transform), batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=Packed.collate)
+        loader = make_loader(FileBytes(samples, self.transform), batch_size, device=device, num_workers=num_workers,
+                             collate_fn=Packed.collate)
         paths = [path for path, _ in samples]
         before, done = self.fallbacks.copy(), 0
         for packed in loader:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
@@ -54,6 +54,7 @@ def make_loader(
     shuffle: bool = False,
     generator: torch.Generator | None = None,
     sampler: Sampler | None = None,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """Every sample once per pass (no drop_last: the tutorial's drop_last loses test images).
 
@@ -61,7 +62,8 @@ def make_loader(
     all with persistent workers) comes from a private generator, so the order of epoch k is the
     same whether the run started at epoch 1 or resumed there, and the global RNG (dropout) is
     never touched. Workers are capped at the work there is: none for a single batch (the main process
-    would only wait for it), never more than there are batches.
+    would only wait for it), never more than there are batches. ``collate_fn``: how a batch is put
+    together (None: torch's default, stacked tensors).
     """
     if shuffle and sampler is None:
         sampler = RandomSampler(dataset, generator=generator)
@@ -76,4 +78,5 @@ def make_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=device.type == "cuda",
+        collate_fn=collate_fn,
     )

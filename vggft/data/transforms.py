@@ -48,10 +48,17 @@ def train_transform(data: DataConfig) -> T.Compose:
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
 
-def transform_signature(data: DataConfig) -> dict:
-    """Everything about the eval transform that changes its output (a cache key)."""
+def preprocessing(data: DataConfig) -> dict:
+    """How the eval transform prepares an image: what a user of saved weights needs (the sidecar's keys)."""
     mean, std = normalization(data)
-    return {"image_size": data.image_size, "resize": data.resize, "mean": mean, "std": std}
+    return {"image_size": data.image_size, "resize": data.resize, "normalize": data.normalize,
+            "mean": list(mean), "std": list(std)}
+
+
+def transform_signature(data: DataConfig) -> dict:
+    """Everything about the eval transform that changes its output (a cache key): ``preprocessing`` less the
+    normalize preset's name, which mean and std already say."""
+    return {key: value for key, value in preprocessing(data).items() if key != "normalize"}
 
 
 def denormalize(images: torch.Tensor, mean, std) -> torch.Tensor:
