@@ -96,3 +96,56 @@ def test_resume_keeps_its_run_folder_and_names_no_way_back_to_itself(runner, pet
     assert result.exit_code == 2 and "error: --set output.name: cannot change when resuming" in result.stderr
     result = invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=3", "-q")
     assert result.exit_code == 0 and "Replaced" not in result.stderr
+
+
+def _laughs(levels: int = 9) -> str:
+    """A billion-laughs YAML: each anchor ten times the one before, all under data.split."""
+    lines = ["a0: &a0 [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + f"\ndata:\n  split: *a{levels - 1}\n"
+
+
+def test_hostile_yaml_is_one_line_in_bounded_time(tmp_path):
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_laughs())
+    assert len(bomb.read_bytes()) < 1000
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as caught:
+        load_config(bomb)
+    assert time.perf_counter() - started < 5 and len(str(caught.value)) < 300
+    assert str(caught.value).startswith(f"{bomb}: ")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("data:\n  split: " + "[" * 600 + "]" * 600 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(deep)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# padding\n" * 1_100_000)
+    with pytest.raises(ConfigError, match="too large for a config"):
+        load_config(huge)
+
+
+def test_a_same_size_rewrite_with_its_old_mtime_gets_new_rows(pet):
+    """cp -p / rsync -a / fixed-size formats: a file rewritten in place with the same size and its old mtime
+    restored is a new file to the feature cache (its ctime moved), not its old rows."""
+    import os
+
+    import torch
+
+    from conftest import make_image
+    from vggft.features import FeatureSource
+    from vggft.model import build_model
+
+    cfg = load_config(None, [f"data.root={pet}", "data.image_size=32", "data.resize=36", "model.weights=null"])
+    torch.manual_seed(0)
+    source = FeatureSource(build_model(cfg.model, 2, None), cfg, torch.device("cpu"), None)
+    victim = make_image(pet / "train" / "cat" / "fixed.bmp", (200, 60, 40), seed=1)  # BMP: size from pixels alone
+    before = source.rows([(str(victim), 0)]).tensor()
+    stat = victim.stat()
+    make_image(victim, (0, 250, 0), seed=9)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert victim.stat().st_size == stat.st_size and victim.stat().st_mtime_ns == stat.st_mtime_ns
+    after = source.rows([(str(victim), 0)]).tensor()
+    assert not torch.equal(before, after)
