@@ -90,6 +90,20 @@ def test_best_is_the_best_val_epoch_and_early_stopping_stops(runner, pet_val, mo
     assert not all(torch.equal(saved[k], v) for k, v in last["model"].items())
 
 
+def _ctrl_c_in_epoch(monkeypatch, epoch: int):
+    """Ctrl-C as epoch ``epoch`` starts (the epochs before it train for real); returns the real function."""
+    real, calls = vggft.engine.train_one_epoch, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(vggft.engine, "train_one_epoch", interrupted)
+    return real
+
+
 @pytest.mark.parametrize("pipeline", [
     ["--set", "model.head=gap"],  # cached features, no workers
     ["--set", "cache=off", "--set", "data.num_workers=1"],  # images through a persistent worker each epoch
@@ -98,15 +112,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(runner, pet_val, monkeypat
     args = ["--set", f"data.root={pet_val}", *FAST, "--set", "train.epochs=4", "--set", "train.momentum=0.9",
             "--set", "train.scheduler=cosine", *pipeline]
     assert invoke(runner, "train", *args, "--set", "output.weights=full.pt").exit_code == 0
-    real, calls = vggft.engine.train_one_epoch, []
-
-    def ctrl_c_in_epoch_3(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(vggft.engine, "train_one_epoch", ctrl_c_in_epoch_3)
+    real = _ctrl_c_in_epoch(monkeypatch, 3)
     result = invoke(runner, "train", *args, "--set", "output.weights=resumed.pt")
     assert result.exit_code == 130
     assert result.stderr.strip().splitlines()[-1] == ("Interrupted: runs/train2/last.pt holds epoch 2; "
@@ -160,15 +166,7 @@ def test_unfreeze_gets_its_own_learning_rate(runner, pet, monkeypatch):
     assert head["lr"] == 0.01 and block["lr"] == 0.001
     assert {id(p) for p in block["params"]} == {id(p) for m in conv_blocks(model)[4] for p in m.parameters()}
     # Two-stage: epoch 1 trains the head alone; its checkpoint already holds block5 (to restore it exactly).
-    real, calls = vggft.engine.train_one_epoch, []
-
-    def stop_in_epoch_2(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(vggft.engine, "train_one_epoch", stop_in_epoch_2)
+    real = _ctrl_c_in_epoch(monkeypatch, 2)
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "model.unfreeze=[block5]",
                     "--set", "train.head_only_epochs=1", "--set", "train.epochs=2", "--set", "output.weights=u.pt")
     assert result.exit_code == 130, result.output
