@@ -178,3 +178,20 @@ def test_train_and_eval_with_gpu_decode_on_a_dirty_folder(runner, tmp_path):
     # Another decode path is another cache folder: Pillow extracts every image again.
     result = invoke(runner, "train", "--set", f"data.root={root}", "--set", "data.decode=pil", *FAST[:-1])
     assert result.exit_code == 0 and "Extracting train features: 16 images" in result.stderr
+
+
+def test_the_byte_reader_refuses_a_fifo_swapped_in_after_the_check(tmp_path):
+    """The gpu path's workers read file bytes as everything else does: a FIFO is refused, never waited on."""
+    import os
+
+    import pytest
+
+    from vggft.config import Config
+    from vggft.data.decode import FileBytes
+    from vggft.data.transforms import eval_transform
+    from vggft.errors import DataError
+
+    fifo = tmp_path / "swapped.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="swapped.jpg: cannot be read any more .*not a regular file"):
+        FileBytes([(str(fifo), 0)], eval_transform(Config().data))[0]

@@ -17,14 +17,13 @@ import collections
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from ..logs import log
+from .images import ImageRefused, open_regular
 from .loaders import ImageList, image_loader, make_loader
 from .transforms import eval_transform, normalization
 
@@ -142,22 +141,21 @@ def _exif_orientation(tiff: bytes) -> int | None:
     return 1
 
 
-class FileBytes(Dataset):
-    """(uint8 tensor of a JPEG's bytes, '') for the device decoder, or (Pillow-decoded normalised image, why)."""
+class FileBytes(ImageList):
+    """(uint8 tensor of a JPEG's bytes, '') for the device decoder, or (Pillow-decoded normalised image, why).
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform):
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
+    Files are read as check-data and Pillow's path read them (``open_regular``): a file swapped for a FIFO
+    or grown past the size cap since it was checked is refused, never waited on or read whole.
+    """
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         path = self.samples[index][0]
         try:
-            content = Path(path).read_bytes()
-        except OSError as err:
-            raise DataError(f"{path}: cannot be read any more ({err.strerror or err}); run vggft check-data") from None
+            with open_regular(path) as handle:
+                content = handle.read()
+        except (OSError, ImageRefused) as err:
+            detail = getattr(err, "strerror", None) or err
+            raise DataError(f"{path}: cannot be read any more ({detail}); run vggft check-data") from None
         reason = jpeg_fallback_reason(content)
         if reason:
             return pil_image(path, self.transform), reason
