@@ -24,7 +24,7 @@ from . import artifacts, rng, tensorboard_log
 from .calibration import TemperatureFit, fit_temperature
 from .config import Config, load_config, resume_overrides_refused
 from .data import DataSplits, prepare_data, split_record
-from .data.loaders import make_loader
+from .data.loaders import make_loader, stop_workers
 from .device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
 from .distributed import (Group, is_peer_failure, is_timeout, main_first, process_group, reduce_metrics,
                           stalled)
@@ -117,8 +117,11 @@ def fit(cfg: Config, *, resume: Path | None = None, checkpoint: dict | None = No
             run = _setup(cfg, resume, device, group, checkpoint)
             memory = out_of_memory_hint(device, {"data.batch_size": cfg.data.batch_size,
                                                  "data.eval_batch_size": cfg.data.eval_batch_size})
-            with memory:
-                test = _train(run)
+            try:
+                with memory:
+                    test = _train(run)
+            finally:
+                stop_workers(run.loop.train_loader, run.loop.val_loader)
             return _finish(run, test)
         except VggftError as err:  # past the pre-flight that every rank shares, an error is this rank's own
             err.rank_specific = err.rank_specific or "run" in locals()
@@ -241,10 +244,10 @@ def _make_loop(cfg: Config, model: nn.Module, source: FeatureSource, splits: Dat
         sampler = DistributedSampler(datasets["train"], group.world, group.rank, seed=cfg.train.seed)
     workers = source.loader_workers
     train_loader = make_loader(datasets["train"], cfg.data.batch_size, device=device, num_workers=workers,
-                               shuffle=True, generator=generator, sampler=sampler)
+                               shuffle=True, generator=generator, sampler=sampler, repeat=True)
     # Evaluation shards are disjoint and unpadded: every image counted once, then summed over ranks.
     shard = {split: make_loader(Subset(datasets[split], group.shard(range(len(datasets[split])))),
-                                cfg.data.eval_batch_size, device=device, num_workers=workers)
+                                cfg.data.eval_batch_size, device=device, num_workers=workers, repeat=split == "val")
              for split in ("val", "test") if split in datasets}
     module = source.module
     if group.active:

@@ -55,6 +55,7 @@ def make_loader(
     generator: torch.Generator | None = None,
     sampler: Sampler | None = None,
     collate_fn: Callable | None = None,
+    repeat: bool = False,
 ) -> DataLoader:
     """Every sample once per pass (no drop_last: the tutorial's drop_last loses test images).
 
@@ -63,20 +64,55 @@ def make_loader(
     same whether the run started at epoch 1 or resumed there, and the global RNG (dropout) is
     never touched. Workers are capped at the work there is: none for a single batch (the main process
     would only wait for it), never more than there are batches. ``collate_fn``: how a batch is put
-    together (None: torch's default, stacked tensors).
+    together (None: torch's default, stacked tensors). ``repeat``: read pass after pass (a training
+    loop's loaders), so its workers stay between passes until ``stop_workers``; otherwise they stop when
+    a pass ends.
     """
     if shuffle and sampler is None:
         sampler = RandomSampler(dataset, generator=generator)
     batches = -(-len(sampler if sampler is not None else dataset) // batch_size)
     num_workers = 0 if batches <= 1 else min(num_workers, batches)
     private = torch.Generator().manual_seed(generator.initial_seed() if generator is not None else 0)
-    return DataLoader(
+    return (_WorkerLoader if num_workers > 0 else DataLoader)(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         generator=private,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        persistent_workers=repeat and num_workers > 0,
         pin_memory=device.type == "cuda",
         collate_fn=collate_fn,
     )
+
+
+def stop_workers(*loaders: DataLoader | None) -> None:
+    """Stop the workers ``repeat`` loaders keep between passes, now rather than at some later garbage
+    collection (which can wait 5 s for each, see _WorkerLoader)."""
+    for loader in loaders:
+        if isinstance(loader, _WorkerLoader):
+            loader.stop()
+
+
+class _WorkerLoader(DataLoader):
+    """A DataLoader whose workers stop as soon as a pass ends early: an error in a worker (DataError) or
+    in the loop that reads it (Ctrl-C), or a reader that stops. The next pass starts new workers.
+
+    torch stops them only when its iterator is freed. An error's traceback keeps the iterator alive until
+    a later garbage collection, which finds the workers' queues closed and waits 5 s for each worker.
+    """
+
+    def __iter__(self):
+        passing = super().__iter__()
+        try:
+            yield from passing
+        except BaseException:  # GeneratorExit too: the reader stopped (or unwinds an error of its own)
+            self.stop(passing)
+            raise
+
+    def stop(self, passing=None) -> None:
+        if passing is None:
+            passing = getattr(self, "_iterator", None)
+        self._iterator = None
+        shutdown = getattr(passing, "_shutdown_workers", None)  # torch's own, also run when it is freed
+        if shutdown is not None:
+            shutdown()
