@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 import vggft.data.decode
 from conftest import FAST, invoke, make_folder, make_image
 from vggft.config import DataConfig, ModelConfig, load_config
 from vggft.data.decode import FileBytes, Packed, TensorDecoder, device_batches, jpeg_fallback_reason, resolve_decode
 from vggft.data.transforms import eval_transform
-from vggft.demo import _picture
 from vggft.errors import DataError
 from vggft.features import FeatureSource
 from vggft.model import build_model, split_frozen_prefix
@@ -32,12 +31,24 @@ PIXEL_LEVELS = 1.0 + 1e-3  # max |difference| in 8-bit levels, after undoing the
 FEATURE_TOLERANCE = 1e-3  # max |difference| of prefix outputs, relative to their largest magnitude
 
 
+def _picture(rng: random.Random, width: int, height: int) -> Image.Image:
+    """Discs on a background with noise and a blur, every pixel from ``rng`` (Pillow's effect_noise draws
+    from the C library's rand(), which earlier tests in this process have moved on)."""
+    image = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x, y, r = rng.randrange(width), rng.randrange(height), rng.randrange(4, max(width, height) // 3)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randrange(256) for _ in range(3)))
+    noise = Image.frombytes("RGB", (width, height), rng.randbytes(3 * width * height))
+    return Image.blend(image, noise, 0.15).filter(ImageFilter.GaussianBlur(rng.random()))
+
+
 def _jpegs(folder: Path) -> list[tuple[str, int]]:
     """Plain JPEGs of assorted sizes and aspect ratios (one grayscale): all for the tensor path."""
     rng = random.Random(0)
     samples = []
     for i, (w, h) in enumerate([(120, 90), (90, 120), (200, 150), (64, 64), (77, 131), (300, 220)]):
-        picture = _picture(("sun", "sea")[i % 2], rng, max(w, h)).resize((w, h))
+        picture = _picture(rng, w, h)
         path = folder / f"plain{i}.jpg"
         (picture.convert("L") if i == 3 else picture).save(path, quality=90)
         samples.append((str(path), 0))
