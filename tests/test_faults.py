@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,15 @@ from test_safety import _one_line, _train
 
 STRACE = shutil.which("strace")
 # The listing run stops only at the traced renames (seccomp-bpf, which strace applies with -f): plain ptrace
-# stops at every syscall and made it three times slower. The killed run keeps plain ptrace (its KILL
-# injection was not delivered under seccomp-bpf). Every rename comes from the main thread, so the two
-# counts agree.
+# stops at every syscall and made it three times slower. The killed run needs plain ptrace (its KILL
+# injection is not delivered under seccomp-bpf), so strace attaches to it only once it has imported
+# what it needs. Every rename comes from the main thread, so the two counts agree.
 STRACE_FAST = ("-f", "--seccomp-bpf")
 RENAMES = "rename,renameat,renameat2"
+# A vggft process that imports its modules, says so, and waits for a line on stdin before it runs.
+PRIMED = ("import runpy, sys, torch, torchvision, vggft.cli, vggft.train, vggft.evaluate, vggft.reports; "
+          "print('ready', flush=True); sys.stdin.readline(); sys.argv[0] = 'vggft'; "
+          "runpy.run_module('vggft', run_name='__main__')")
 
 
 # --- tools: kill at the Nth rename, mount a small file system ------------------------------------
@@ -43,7 +48,7 @@ def _env(cache: Path) -> dict[str, str]:
 
 def _renames(command: list[str], env: dict[str, str], trace: Path) -> list[str]:
     """Run ``command`` under strace; the targets of the renames its main thread made, in order (the
-    thread that writes every file, and the one ``_killed_at`` counts)."""
+    thread that writes every file, and the one ``_Primed.kill_at`` counts)."""
     done = subprocess.run([STRACE, *STRACE_FAST, "-qq", "-o", str(trace), "-e", f"trace={RENAMES}", *command],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -53,13 +58,30 @@ def _renames(command: list[str], env: dict[str, str], trace: Path) -> list[str]:
     return [re.findall(r'"([^"]*)"', line)[1] for line in lines]
 
 
-def _killed_at(n: int, command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run ``command`` and SIGKILL it at its ``n``-th rename, before the rename happens."""
-    inject = f"inject={RENAMES}:error=EIO:signal=KILL:when={n}"
-    done = subprocess.run([STRACE, "-qq", "-o", "/dev/null", "-e", f"trace={RENAMES}", "-e", inject, *command],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode in (-9, 137), (done.returncode, done.stderr)
-    return done
+class _Primed:
+    """A vggft process started now, its imports done untraced (in parallel with whatever the test does
+    next); ``kill_at`` then traces it and lets it run."""
+
+    def __init__(self, command: list[str], env: dict[str, str]):
+        assert command[:3] == [sys.executable, "-m", "vggft"]
+        self.process = subprocess.Popen([sys.executable, "-c", PRIMED, *command[3:]], env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def kill_at(self, n: int) -> str:
+        """Attach strace, let the process run, SIGKILL it at its ``n``-th rename (before the rename
+        happens); its stderr."""
+        assert self.process.stdout.readline() == "ready\n", self.process.communicate()
+        inject = f"inject={RENAMES}:error=EIO:signal=KILL:when={n}"
+        pid = self.process.pid
+        with subprocess.Popen([STRACE, "-qq", "-o", "/dev/null", "-e", f"trace={RENAMES}", "-e", inject,
+                               "-p", str(pid)]) as tracer:
+            status = Path(f"/proc/{pid}/status")
+            while f"TracerPid:\t{tracer.pid}\n" not in status.read_text():
+                time.sleep(0.01)
+            time.sleep(0.1)  # strace has stopped the process once and now traces its every syscall
+            _, stderr = self.process.communicate("go\n", timeout=120)
+        assert self.process.returncode == -signal.SIGKILL, (self.process.returncode, stderr)
+        return stderr
 
 
 def _index(targets: list[str], wanted, count: int = 1) -> int:
@@ -140,13 +162,14 @@ def test_killed_between_best_pt_and_last_pt_resumes_what_last_pt_says(runner, tm
     pet = make_folder(tmp_path / "pet", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 3, "dog": 1},
                                          "test": {"cat": 2, "dog": 2}})
     train = ["train", "--set", f"data.root={pet}", *SCORED]
+    killed = _Primed(_vggft(*train, "--set", "output.weights=resumed.pt"), _env(tmp_path / "c2"))
     targets = _renames(_vggft(*train, "--set", "output.runs_dir=ref", "--set", "output.weights=ref.pt"),
                        _env(tmp_path / "c1"), tmp_path / "trace")
     reference = _load("ref/train/last.pt")
     assert [row["epoch"] for row in reference["history"]] == [1, 2, 3] and reference["best"]["epoch"] == 2
     checkpoint = re.compile(r"/(last|best)\.pt$")
     n = _index(targets, checkpoint.search, count=4)  # epoch 1: two; epoch 2 (an improvement): two
-    _killed_at(n, _vggft(*train, "--set", "output.weights=resumed.pt"), _env(tmp_path / "c2"))
+    killed.kill_at(n)
     assert not Path("resumed.pt").exists() and len(_temporaries(Path("runs/train"))) == 1
 
     monkeypatch.setenv("VGGFT_CACHE", str(tmp_path / "c2"))
@@ -179,12 +202,13 @@ def _killed_writer(path: Path) -> None:
 def test_killed_between_weights_and_sidecar_is_caught_never_mislabelled(runner, pet, tmp_path, monkeypatch):
     """An earlier run's sidecar beside a killed run's weights: refused. The killed writers' temporaries
     (beside the weights, in the cache) are removed by the next run; a live writer's never."""
-    command = _vggft("train", "--set", f"data.root={pet}", *FAST, "--set", "train.epochs=1")
-    targets = _renames(command, _env(tmp_path / "c1"), tmp_path / "trace")  # the earlier run: cat, dog
     other = _cat_owl(tmp_path)
     # Another seed: other weights for sure (at lr 1e-4 one epoch can leave the tiny head bit-identical).
-    command = _vggft("train", "--set", f"data.root={other}", *FAST, "--set", "train.epochs=1", "--set", "train.seed=1")
-    _killed_at(_index(targets, lambda target: target.endswith("models/VGG16.json")), command, _env(tmp_path / "c2"))
+    killed = _Primed(_vggft("train", "--set", f"data.root={other}", *FAST, "--set", "train.epochs=1",
+                            "--set", "train.seed=1"), _env(tmp_path / "c2"))
+    command = _vggft("train", "--set", f"data.root={pet}", *FAST, "--set", "train.epochs=1")
+    targets = _renames(command, _env(tmp_path / "c1"), tmp_path / "trace")  # the earlier run: cat, dog
+    killed.kill_at(_index(targets, lambda target: target.endswith("models/VGG16.json")))
     for command in (["eval", "-q"], ["predict", other / "test", "-q"]):
         line = _one_line(invoke(runner, *command), 4)
         assert line.startswith("error: models/VGG16.json: belongs to other weights than 'models/VGG16.pt'")
