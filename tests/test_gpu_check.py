@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 
-from conftest import REPO, tiny_subprocess_env
+import pytest
+from conftest import REPO
 
 SCRIPT = REPO / "scripts" / "gpu_check.py"
 CUDA_ONLY = {"train --nproc 2 (nccl)", "nccl in a one-process torchrun job", "out of memory: one line, exit 7"}
@@ -18,12 +18,21 @@ CHECKS = {"train, cached features, data.decode pil (2 workers)", "train, uncache
           "decode: per-file Pillow fallback on dirty files", "decode: gpu vs pil, prefix outputs", *CUDA_ONLY}
 
 
-def test_cpu_tiny_mode_passes_or_says_why_for_every_row(tmp_path):
+@pytest.fixture
+def gpu_check(monkeypatch):
+    """scripts/gpu_check.py imported as a module (in this process: the tiny stand-in, torch imported once)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_tiny_mode_passes_or_says_why_for_every_row(gpu_check, tmp_path, capsys):
     out = tmp_path / "cpu.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--out", str(out),
-                           "--workdir", str(tmp_path / "work")],
-                          capture_output=True, text=True, env=tiny_subprocess_env(), cwd=tmp_path, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    code = gpu_check.main(["--device", "cpu", "--tiny", "--out", str(out), "--workdir", str(tmp_path / "work")])
+    done = capsys.readouterr()
+    assert code == 0, done.err[-4000:]
     body = json.loads(out.read_text())
     assert body["device"] == "cpu" and body["mode"] == "tiny" and body["failed"] == 0
     assert body["device_name"].startswith("CPU: ")
@@ -40,16 +49,12 @@ def test_cpu_tiny_mode_passes_or_says_why_for_every_row(tmp_path):
     for row in body["benchmarks"]:
         assert row["status"] == "skipped" or row["value"] > 0, row
     # The table on stdout: the device in the header, one line per row, the count of failures.
-    lines = done.stdout.strip().splitlines()
+    lines = done.out.strip().splitlines()
     assert lines[0].startswith("vggft gpu_check on CPU: ") and lines[-1].startswith("0 failed")
     assert all(any(line.startswith(name) for line in lines) for name in CHECKS | set(benchmarks))
 
 
-def test_a_failing_row_is_a_row_and_the_exit_status(tmp_path, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    gpu_check = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # dataclasses look their module up there
-    spec.loader.exec_module(gpu_check)
+def test_a_failing_row_is_a_row_and_the_exit_status(gpu_check, tmp_path, capsys):
     out = tmp_path / "cpu.json"
     code = gpu_check.main(["--device", "cpu", "--tiny", "--no-bench", "--out", str(out), "--only", "cached features,eval",
                            "--weights", str(tmp_path / "missing.pth")])
