@@ -8,9 +8,9 @@ import urllib.error
 import pytest
 import torch
 from torch import nn
-from torchvision.models import vgg11
 
 from conftest import invoke
+from tiny import tiny_vgg
 from vggft.config import ModelConfig
 from vggft.errors import ConfigError, WeightsError
 from vggft.artifacts import pretrained_state_dict, read_state_dict
@@ -95,7 +95,7 @@ def test_missing_pretrained_file_without_network_is_one_clear_error(runner, pet,
 
 def test_weights_for_another_architecture_are_refused(tmp_path):
     path = tmp_path / "vgg11.pth"
-    torch.save(vgg11().state_dict(), path)
+    torch.save(tiny_vgg("vgg11").state_dict(), path)
     with pytest.raises(WeightsError, match="does not fit vgg16.*set model.arch"):
         build_model(ModelConfig(weights=str(path)), 2)
 
@@ -103,7 +103,7 @@ def test_weights_for_another_architecture_are_refused(tmp_path):
 def test_describe_state_dict_reads_arch_head_and_classes():
     model = build_model(ModelConfig(head="gap"), 5)
     assert describe_state_dict(model.state_dict()) == ("vgg16", "gap", 5)
-    assert describe_state_dict(vgg11().state_dict()) == ("vgg11", "classifier6", 1000)
+    assert describe_state_dict(tiny_vgg("vgg11").state_dict()) == ("vgg11", "classifier6", 1000)
 
 
 def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, evil_pickle):
