@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import re
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import FAST, invoke, make_folder, tiny_subprocess_env
@@ -83,36 +83,66 @@ def _rank_of(pid: int) -> int | None:
     return next((int(item[5:]) for item in environ if item.startswith(b"RANK=")), None)
 
 
-def test_a_stopped_rank_is_named_in_one_line_within_seconds(pet):
+class _StalledJob:
+    """A two-process training job whose rank 1 is SIGSTOPped as epoch 2 starts (before that: every setup
+    wait is past). It runs in the background from the start of this module, so the seconds it waits for
+    the stopped rank pass while the other tests here run."""
+
+    def __init__(self, folder: Path, torch_home: Path):
+        pet = make_folder(folder / "pet", {"train": {"cat": 6, "dog": 6}, "test": {"cat": 3, "dog": 4}})
+        env = {**tiny_subprocess_env(), "VGGFT_DIST_TIMEOUT": "5", "TORCH_HOME": str(torch_home),
+               "VGGFT_CACHE": str(folder / "cache")}
+        command = [sys.executable, "-m", "vggft", "train", "--nproc", "2", "--set", f"data.root={pet}", *FAST,
+                   "--set", "train.epochs=100000"]
+        self.job = subprocess.Popen(command, env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+        self.said: list[str] = []
+        self.ranks: dict[int, int] = {}
+        self.noticed: float | None = None  # seconds from the stop to the error line
+        self.done = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        stopped_at = None
+        for line in self.job.stderr:
+            self.said.append(line)
+            if stopped_at is None and line.startswith("Epoch   2/"):
+                self.ranks = {_rank_of(pid): pid for pid in _children(self.job.pid)}
+                stopped_at = time.monotonic()
+                os.kill(self.ranks[1], signal.SIGSTOP)
+            elif stopped_at is not None and line.startswith("error"):
+                self.noticed = time.monotonic() - stopped_at
+                break
+        self.done.set()
+
+    def end(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.job.pid, signal.SIGKILL)  # only this job: its own session
+        for pid in self.ranks.values():  # the launcher may have put its workers in sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # a stopped process too: it would outlive the tests otherwise
+        self.job.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stalled_job(tmp_path_factory, fake_hub):
+    job = _StalledJob(tmp_path_factory.mktemp("stalled"), fake_hub)
+    yield job
+    job.end()
+
+
+def test_a_stopped_rank_is_named_in_one_line_within_seconds(stalled_job):
     """SIGSTOP one of two training processes: the other gives up after VGGFT_DIST_TIMEOUT, says which rank
     stopped answering, and exits (torchrun's agent then kills the stopped one, after its 30 s grace)."""
-    env = {**tiny_subprocess_env(), "VGGFT_DIST_TIMEOUT": "5"}
-    command = [sys.executable, "-m", "vggft", "train", "--nproc", "2", "--set", f"data.root={pet}", *FAST,
-               "--set", "train.epochs=100000"]
-    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in job.stderr], daemon=True).start()
-    ranks: dict[int, int] = {}
-    try:
-        _read_until(lines, lambda line: line.startswith("Epoch   2/"), 240)  # training, past every setup wait
-        ranks = {_rank_of(pid): pid for pid in _children(job.pid)}
-        stopped_at = time.monotonic()
-        os.kill(ranks[1], signal.SIGSTOP)
-        said = _read_until(lines, lambda line: line.startswith("error"), 60)
-        noticed = time.monotonic() - stopped_at
-        assert _exits(ranks[0], 20)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGKILL)  # only this test's job: its own session
-        for pid in ranks.values():  # the launcher may have put its workers in sessions of their own
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)  # a stopped process too: it would outlive the test otherwise
-        job.wait()
+    assert stalled_job.done.wait(240), "".join(stalled_job.said)
+    assert stalled_job.noticed is not None, "".join(stalled_job.said)
+    assert _exits(stalled_job.ranks[0], 20)
+    stalled_job.end()
+    said = stalled_job.said
     assert said[-1].strip() == ("error: rank 1 of 2 did not answer for 5s while training (stopped, hung or "
                                 "unreachable); the job stops. If that much time can be normal here, raise "
                                 "VGGFT_DIST_TIMEOUT (now 5s)")
-    assert noticed < 30 and not [line for line in said if "Traceback" in line]
+    assert stalled_job.noticed < 30 and not [line for line in said if "Traceback" in line]
 
 
 def _exits(pid: int, seconds: float) -> bool:
@@ -126,15 +156,3 @@ def _exits(pid: int, seconds: float) -> bool:
             return True
         time.sleep(0.2)
     return False
-
-
-def _read_until(lines: queue.Queue, wanted, seconds: float) -> list[str]:
-    """The lines read until one is ``wanted`` (that one last); fails after ``seconds``."""
-    deadline, seen = time.monotonic() + seconds, []
-    while True:
-        try:
-            seen.append(lines.get(timeout=max(0.0, deadline - time.monotonic())))
-        except queue.Empty:
-            raise AssertionError(f"not seen within {seconds}s; stderr so far:\n{''.join(seen)}") from None
-        if wanted(seen[-1]):
-            return seen
