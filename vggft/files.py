@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .background import Background
 from .errors import OutputError, first_line
 
 
@@ -123,19 +124,30 @@ def _alive(pid: int) -> bool:
 
 
 def save_torch(obj: Any, path: str | Path, *, sha256: bool = False) -> str | None:
-    """``torch.save`` atomically; with ``sha256``, return the SHA-256 of the bytes written. It is taken from the
-    temporary file before the rename (still in the page cache): what this process wrote, even if another
-    writer replaces the file right after."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-        digest = file_digest(tmp) if sha256 else None
-    return digest
+    """``torch.save`` atomically; with ``sha256``, return the SHA-256 of the bytes written. It is read from the
+    temporary file, opened before the rename (still in the page cache): what this process wrote, even if
+    another writer replaces the file right after. The hashing (CPU) runs while the fsync (disk) does."""
+    hashing = None
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+            if sha256:
+                hashing = Background(_digest_of, open(tmp, "rb"))
+    except BaseException:
+        if hashing is not None:
+            hashing.settle()
+        raise
+    return hashing.result() if hashing is not None else None
 
 
 def file_digest(path: str | Path) -> str:
     """The SHA-256 of a file's bytes, read 4 MiB at a time."""
+    return _digest_of(open(path, "rb"))
+
+
+def _digest_of(handle) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with handle:
         while chunk := handle.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
