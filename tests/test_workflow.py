@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import torch
 from PIL import Image
 
 import vggft.engine
+import vggft.reports
 from conftest import FAST, invoke, make_folder
 from vggft.config import ModelConfig, TrainConfig, load_config
+from vggft.errors import OutputError
 from vggft.inference import load_model
 from vggft.model import build_model, conv_blocks
 from vggft.optim import lr_factor, make_optimizer, make_scheduler
@@ -53,6 +56,20 @@ def test_run_folder_holds_everything(runner, pet_val):
     torch.manual_seed(5)
     load_model(Path("runs/mine/best.pt"))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_curves_that_cannot_be_written_are_said_once_the_weights_are_saved(runner, pet, monkeypatch):
+    """curves.png is drawn on a thread while the weights are written; when it cannot be written the run
+    still ends well (its numbers are in metrics.csv), and says so in one line."""
+    def disk_full(history, path, best_epoch=0):
+        raise OutputError(f"{path}: could not be written (No space left on device); the previous file is unchanged")
+
+    monkeypatch.setattr(vggft.reports, "save_curves", disk_full)
+    result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST)
+    assert result.exit_code == 0, result.output
+    assert ("runs/train/curves.png: could not be written (No space left on device); the previous file is unchanged; "
+            "metrics.csv beside it holds the same numbers") in result.stderr.splitlines()
+    assert Path("models/VGG16.pt").is_file() and not Path("runs/train/curves.png").exists()
 
 
 def test_best_is_the_best_val_epoch_and_early_stopping_stops(runner, pet_val, monkeypatch):
@@ -115,6 +132,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(runner, pet_val, monkeypat
     real = _ctrl_c_in_epoch(monkeypatch, 3)
     result = invoke(runner, "train", *args, "--set", "output.weights=resumed.pt")
     assert result.exit_code == 130
+    assert not multiprocessing.active_children()  # the persistent worker stopped with the run, not 5 s later
     assert result.stderr.strip().splitlines()[-1] == ("Interrupted: runs/train2/last.pt holds epoch 2; "
                                                       "go on with: vggft train --resume runs/train2/last.pt")
     monkeypatch.setattr(vggft.engine, "train_one_epoch", real)

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Subset, WeightedRandomSampler
 
 from . import artifacts, rng, tensorboard_log
+from .background import Background
 from .calibration import TemperatureFit, fit_temperature
 from .config import Config, load_config, resume_overrides_refused
 from .data import DataSplits, prepare_data, split_record
@@ -69,6 +70,7 @@ class Run:
     fingerprint: str
     start: int = 1
     board: object = None  # a TensorBoardLog (output.tensorboard, rank 0)
+    curves: _Curves | None = None  # curves.png, drawn on a thread of its own (rank 0)
 
     @property
     def split(self) -> dict | None:
@@ -120,9 +122,11 @@ def fit(cfg: Config, *, resume: Path | None = None, checkpoint: dict | None = No
             try:
                 with memory:
                     test = _train(run)
+                return _finish(run, test)
             finally:
                 stop_workers(run.loop.train_loader, run.loop.val_loader)
-            return _finish(run, test)
+                if run.curves is not None:
+                    run.curves.settle()  # no thread left writing once fit has returned or raised
         except VggftError as err:  # past the pre-flight that every rank shares, an error is this rank's own
             err.rank_specific = err.rank_specific or "run" in locals()
             raise
@@ -302,6 +306,8 @@ def _best_state(body: dict, resume: Path) -> dict[str, torch.Tensor]:
 def _train(run: Run) -> Metrics | None:
     """The epochs, a checkpoint after each; then the best val epoch back and scored on test."""
     loop, main = run.loop, run.loop.group.is_main
+    if main and run.run_dir is not None:
+        run.curves = _Curves()
     try:
         for end in run_epochs(loop, run.state, run.start):
             log.info(epoch_line(end.row, run.cfg.train.epochs))
@@ -326,8 +332,8 @@ def _train(run: Run) -> Metrics | None:
         last = run.run_dir / "last.pt" if run.run_dir else None
         kept = f"; the last good epoch ({run.state.last_epoch}) is kept in {last}" if run.state.history else ""
         raise DivergedError(f"{err}{kept}") from None
-    if main:
-        _plot_curves(run)
+    if run.curves is not None:
+        run.curves.draw(run.state.history, run.run_dir / "curves.png", run.state.best["epoch"])
     best = run.state.best
     if loop.val_loader is not None and restore_best(run.model, run.state):
         log.info(f"Restored the best epoch ({best['epoch']}, val acc {100 * best['val_acc']:.2f}%) "
@@ -369,6 +375,34 @@ def _plot_curves(run: Run) -> None:
     save_curves(run.state.history, run.run_dir / "curves.png", best_epoch=run.state.best["epoch"])
 
 
+class _Curves:
+    """curves.png drawn on a thread of its own while the test split is scored and the weights are written
+    (hashing, fsync and the rename leave the GIL free for matplotlib's import and drawing). ``wait`` returns
+    once the file is in place; a file that could not be written is a warning (the weights are saved by then,
+    and metrics.csv holds the same numbers), any other error is raised."""
+
+    def __init__(self):
+        self._drawn: Background | None = None
+
+    def draw(self, history: list[dict], path: Path, best_epoch: int) -> None:
+        from .reports import save_curves
+
+        self._drawn = Background(save_curves, list(history), path, best_epoch)
+
+    def wait(self) -> None:
+        if self._drawn is None:
+            return
+        try:
+            self._drawn.result()
+        except OutputError as err:
+            log.warning(f"{err}; metrics.csv beside it holds the same numbers")
+        self._drawn = None
+
+    def settle(self) -> None:
+        if self._drawn is not None:
+            self._drawn.settle()
+
+
 # --- finish -----------------------------------------------------------------------------------------
 
 def _finish(run: Run, test: Metrics | None) -> TrainResult:
@@ -378,6 +412,8 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
     if not run.loop.group.is_main:
         return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
     if run.board:
+        if run.curves is not None:
+            run.curves.wait()
         run.board.close(run.state.history, test, run.state.best["epoch"], curves=run.run_dir / "curves.png")
     replaced = _way_back(weights, run.run_dir)
     fit = _calibrate(run)
@@ -388,6 +424,8 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
     )
     if replaced is not None:
         log.info(f"Replaced the earlier {weights}{replaced}")
+    if run.curves is not None:
+        run.curves.wait()
     return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
 
 
