@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import invoke
+from conftest import FAST, invoke
 from tiny import tiny_vgg
 from vggft.config import ModelConfig
 from vggft.errors import ConfigError, WeightsError
 from vggft.artifacts import pretrained_state_dict, read_state_dict
+from vggft.files import file_digest
 from vggft.model import build_model as _build_model
 from vggft.model import conv_blocks, describe_state_dict, parameter_counts, split_frozen_prefix
 
@@ -34,6 +36,44 @@ def test_imagenet_weights_come_from_the_torch_hub_folder():
         assert torch.equal(model.state_dict()[key], pretrained[key])
     assert model.classifier[6].out_features == 3
     assert parameter_counts(model) == (134_272_835, 12_291)
+
+
+def _own_hub(tmp_path, monkeypatch, legacy: bool = False) -> Path:
+    """A copy of the session's fake hub as $TORCH_HOME (in torch.save's legacy format if asked)."""
+    home = tmp_path / "torch_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    state = torch.load(_hub_file(), weights_only=True)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    torch.save(state, _hub_file(), _use_new_zipfile_serialization=not legacy)
+    return Path(_hub_file())
+
+
+def _mapped(path: Path) -> bool:
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc")
+def test_the_hub_file_is_mapped_and_a_run_that_trains_its_layers_leaves_it_as_it_was(runner, pet, tmp_path,
+                                                                                       monkeypatch):
+    """The frozen layers' tensors are pages of the hub file (mapped, not read: 0.2 s a run on the real
+    528 MB file), private to the process: training block5 in place writes none of it back."""
+    hub = _own_hub(tmp_path, monkeypatch)
+    before = file_digest(hub)
+    model = build_model(ModelConfig(), 2)
+    assert _mapped(hub) and torch.equal(model.features[0].weight, torch.load(hub, weights_only=True)["features.0.weight"])
+    del model
+    result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "model.unfreeze=[block5]",
+                    "--set", "train.lr=0.5")
+    assert result.exit_code == 0, result.output
+    trained = torch.load("models/VGG16.pt", weights_only=True)["features.28.weight"]
+    assert not torch.equal(trained, torch.load(hub, weights_only=True)["features.28.weight"])  # it did train
+    assert file_digest(hub) == before
+
+
+def test_a_hub_file_in_the_legacy_format_is_read(tmp_path, monkeypatch):
+    hub = _own_hub(tmp_path, monkeypatch, legacy=True)
+    model = build_model(ModelConfig(), 2)
+    assert torch.equal(model.classifier[3].weight, torch.load(hub, weights_only=True)["classifier.3.weight"])
 
 
 def test_a_local_pth_file_works_like_the_name(tmp_path):
