@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import sys
 from enum import Enum
@@ -688,7 +689,12 @@ def configs(
 
 def run() -> None:
     """Console-script entry point."""
-    app(prog_name="vggft")
+    try:
+        app(prog_name="vggft")
+    finally:
+        # Whatever is alive now is freed by the OS when the process ends: the collector need not walk the
+        # millions of objects torch's modules hold once more on the way out (0.5 s of a 3 s command here).
+        gc.freeze()
 
 
 if __name__ == "__main__":  # pragma: no cover
