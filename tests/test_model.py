@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import urllib.error
 from pathlib import Path
@@ -60,7 +61,8 @@ def test_the_hub_file_is_mapped_and_a_run_that_trains_its_layers_leaves_it_as_it
     hub = _own_hub(tmp_path, monkeypatch)
     before = file_digest(hub)
     model = build_model(ModelConfig(), 2)
-    assert _mapped(hub) and torch.equal(model.features[0].weight, torch.load(hub, weights_only=True)["features.0.weight"])
+    assert torch.equal(model.features[0].weight, torch.load(hub, weights_only=True)["features.0.weight"])
+    assert _mapped(hub) or importlib.util.find_spec("torch.utils.serialization") is None  # torch < 2.5 reads it
     del model
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "model.unfreeze=[block5]",
                     "--set", "train.lr=0.5")
