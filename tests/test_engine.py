@@ -22,6 +22,7 @@ from vggft.errors import DataError
 from vggft.features import FeatureSource
 from vggft.metrics import output_names
 from vggft.model import build_model, set_train_mode, split_frozen_prefix
+from vggft.stepcache import StepCache
 
 
 @pytest.fixture
@@ -57,6 +58,40 @@ def test_fit_head_many_times_on_the_same_rows(rows, monkeypatch):
     torch.manual_seed(7)
     fit_head(suffix, train, None, cfg, names=names, batch_size=4, device=torch.device("cpu"))
     assert torch.equal(torch.rand(2), expected)  # the caller's random state is untouched
+
+
+def test_heads_that_share_training_steps_are_bit_identical_to_heads_fitted_alone(rows):
+    """A sweep's trials share the frozen layers' output step by step (StepCache): each trial's head, history
+    and the caller's random state are exactly what a fit on its own gives. Another seed or batch size meets
+    other rows or another random state at every step, and computes."""
+    suffix, train, test = rows
+    cpu, names = torch.device("cpu"), ["cat", "dog"]
+    configs = [TrainConfig(epochs=2, lr=lr, weight_decay=wd, momentum=0.9) for lr, wd in ((0.5, 0), (0.1, 1e-4), (0.5, 1e-4))]
+    alone = [fit_head(suffix, train, test, c, names=names, batch_size=4, device=cpu) for c in configs]
+    steps = StepCache(suffix)
+    torch.manual_seed(3)
+    shared = [fit_head(suffix, train, test, c, names=names, batch_size=4, device=cpu, steps=steps) for c in configs]
+    assert torch.equal(torch.rand(2), torch.manual_seed(3) and torch.rand(2))
+    assert steps.computed == 2 * 3 and steps.taken == 2 * steps.computed  # 12 rows in batches of 4, 2 epochs
+    timeless = lambda fit: [{k: v for k, v in row.items() if k != "seconds"} for row in fit.history]  # noqa: E731
+    for a, b in zip(alone, shared):
+        assert timeless(a) == timeless(b)
+        assert all(torch.equal(x, y) for x, y in zip(a.module.state_dict().values(), b.module.state_dict().values()))
+        assert list(a.module.state_dict()) == list(b.module.state_dict())
+    for options in ({"seed": 1, "batch_size": 4}, {"batch_size": 3}):
+        taken = steps.taken
+        fit_head(suffix, train, test, configs[0], names=names, device=cpu, steps=steps, **options)
+        assert steps.taken == taken
+    # The same rows under another random state are computed; under the same one, taken.
+    layers, batch = list(fresh_head(suffix, 0).train())[:4], train[0][:4]  # dropout on
+    cache = StepCache(suffix)
+    torch.manual_seed(0)
+    first = cache.run(0, batch, layers)
+    torch.manual_seed(1)
+    other = cache.run(0, batch, layers)
+    torch.manual_seed(0)
+    again = cache.run(0, batch, layers)
+    assert (cache.computed, cache.taken) == (2, 1) and torch.equal(first, again) and not torch.equal(first, other)
 
 
 def test_evaluate_takes_plain_arguments(rows):

@@ -29,6 +29,7 @@ from .logs import log, progress
 from .metrics import Metrics
 from .model import set_train_mode
 from .optim import make_optimizer, make_scheduler
+from .stepcache import StepCache
 
 
 def to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -293,15 +294,21 @@ def fit_head(
     seed: int | None = None,
     balance: str = "none",
     eval_batch_size: int = 256,
+    steps: StepCache | None = None,
 ) -> HeadFit:
     """Train a fresh copy of ``suffix`` on rows and labels already in memory; return it with its history.
 
     Callable many times in one process: no image is read, no weight re-hashed. The shuffle and the
-    dropout draw from ``seed`` (default ``cfg.seed``), so the same call gives the same head.
+    dropout draw from ``seed`` (default ``cfg.seed``), so the same call gives the same head. ``steps``: a
+    ``StepCache`` of ``suffix`` shared by the calls (a sweep's trials): the head's frozen leading layers
+    run once per step for all of them.
     """
     seed = cfg.seed if seed is None else seed
     started = time.perf_counter()
     module = fresh_head(suffix, seed).to(device)
+    if steps is not None:
+        assert steps.suffix is suffix, "a StepCache serves the heads of the suffix it was made for"
+        module = steps.share(module)
     rows, labels = train
     generator = torch.Generator().manual_seed(seed)
     train_loader = make_loader(TensorDataset(rows, labels), batch_size, device=device, shuffle=True,

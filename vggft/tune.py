@@ -22,6 +22,7 @@ from .cached import CachedData, extract, prepare, run_folder, with_val_split, wr
 from .config import Config
 from .data import split_record
 from .engine import HeadFit, fit_head
+from .stepcache import StepCache
 from .errors import DivergedError, Interrupted
 from .files import save_text
 from .logs import log
@@ -90,10 +91,12 @@ def _run_trials(data: CachedData, pairs: dict, result: SweepResult) -> dict[str,
     best_state: dict[str, torch.Tensor] = {}
     best: Trial | None = None
     total = len(result.trials)
+    steps = StepCache(data.suffix)
     for trial in result.trials:
         values = ", ".join(f"{k}={_show(v)}" for k, v in trial.values.items())
         try:
-            fit = fit_head(data.suffix, pairs["train"], pairs["val"], trial.cfg.train, **data.fit_options(trial.cfg))
+            fit = fit_head(data.suffix, pairs["train"], pairs["val"], trial.cfg.train, **data.fit_options(trial.cfg),
+                           steps=steps)
         except DivergedError as err:
             trial.status = "diverged"
             log.warning(f"Trial {trial.number}/{total} ({values}): diverged ({str(err).split(';')[0]})")
@@ -108,6 +111,9 @@ def _run_trials(data: CachedData, pairs: dict, result: SweepResult) -> dict[str,
             if best is None or trial.rank_key < best.rank_key:
                 best, best_state = trial, _trainable_state(fit)
         _write_results(result, ranked=False)
+    if steps.taken:
+        log.info(f"The head's frozen layers ran {steps.computed} training steps for the trials and lent "
+                 f"{steps.taken} more from them ({steps.bytes / 2**20:.0f} MiB kept)")
     return best_state
 
 
