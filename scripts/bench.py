@@ -9,7 +9,7 @@ Generates N JPEGs of about 500x375 (two classes), then times, each in its own pr
 4. warm      -- `vggft train` again, cache warm (no backbone forward at all).
 
 It prints images/s, wall seconds, peak memory, accuracies and the ratios to the reference. Then, each
-timed as the median of --repeat runs in the same session:
+timed as the median of --repeat rounds in the same session (each round runs every command once):
 
 5. floor    -- `python -c "import torch, torchvision"`, what any run pays before it starts;
 6. warm     -- `vggft train` on a warm cache again, against the floor (target: 1.6x at most);
@@ -185,16 +185,6 @@ def run_child(argv: list[str], env: dict) -> tuple[dict | str, float, float]:
         return stdout + stderr, wall, peak  # vggft's result on stdout, its notes on stderr
 
 
-def median_run(argv: list[str], env: dict, repeat: int) -> tuple[str, float, float]:
-    """(the last run's output, the median wall seconds, the largest peak RSS) over ``repeat`` runs."""
-    walls, peaks, out = [], [], ""
-    for _ in range(repeat):
-        out, wall, peak = run_child(argv, env)
-        walls.append(wall)
-        peaks.append(peak)
-    return out, statistics.median(walls), max(peaks)
-
-
 def main() -> None:
     args = parse_args()
     if args.child:
@@ -302,10 +292,19 @@ def tune_phase(args, env: dict, vggft: list[str], sets: list[str]) -> None:
                                               "--grid", "train.weight_decay=0,1e-4"],
         "vggft kfold --folds 5, warm cache": [*vggft, "kfold", "-q", "--folds", "5", *sets],
     }
-    walls = {}
-    for name, argv in runs.items():
-        _, walls[name], peak = median_run(argv, env, args.repeat)
-        print(f"{name}: {walls[name]:.1f}s wall (median of {args.repeat}), peak RSS {peak:.0f} MiB")
+    # Round after round, each command once per round: a drift of the machine (another job, the disk still
+    # writing back the previous run's 537 MB) reaches every command alike, not the ones timed last.
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    peaks: dict[str, float] = dict.fromkeys(runs, 0.0)
+    for _ in range(args.repeat):
+        for name, argv in runs.items():
+            _, wall, peak = run_child(argv, env)
+            times[name].append(wall)
+            peaks[name] = max(peaks[name], peak)
+    walls = {name: statistics.median(values) for name, values in times.items()}
+    for name, values in times.items():
+        print(f"{name}: {walls[name]:.1f}s wall (median of {args.repeat}: {', '.join(f'{v:.1f}' for v in values)}), "
+              f"peak RSS {peaks[name]:.0f} MiB")
     floor, warm, sweep, kfold = walls.values()
     print()
     print(f"| run | wall s (median of {args.repeat}) | ratio | against | target |")
