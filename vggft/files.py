@@ -44,8 +44,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = folder / path.name
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(tmp_path)
         os.replace(tmp_path, path)
     except OSError as err:
         if err.errno in DISK_FULL:
@@ -123,21 +122,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
 def save_torch(obj: Any, path: str | Path, *, sha256: bool = False) -> str | None:
     """``torch.save`` atomically; with ``sha256``, return the SHA-256 of the bytes written. It is read from the
-    temporary file, opened before the rename (still in the page cache): what this process wrote, even if
-    another writer replaces the file right after. The hashing (CPU) runs while the fsync (disk) does."""
-    hashing = None
-    try:
-        with atomic_path(path) as tmp:
-            torch.save(obj, tmp)
-            if sha256:
-                hashing = Background(_digest_of, open(tmp, "rb"))
-    except BaseException:
-        if hashing is not None:
-            hashing.settle()
-        raise
-    return hashing.result() if hashing is not None else None
+    temporary file before the rename (still in the page cache): what this process wrote, even if another
+    writer replaces the file right after. The hashing (CPU) runs on a thread while the fsync (disk) does;
+    both end before the rename, so a failure of either leaves the previous file as it was."""
+    digest = None
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+        if sha256:
+            hashing = Background(_digest_of, open(tmp, "rb"))
+            try:
+                fsync_file(tmp)  # atomic_path's own fsync then finds nothing left to write
+            finally:
+                hashing.settle()
+            digest = hashing.result()
+    return digest
 
 
 def file_digest(path: str | Path) -> str:
