@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import pickletools
 import sys
@@ -182,19 +183,32 @@ def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
 def _mapped_loads(cached: Path) -> Iterator[None]:
     """torch.load maps ``cached`` instead of reading it, when it is in torch.save's zip format (the legacy
     format cannot be mapped): the tensors are pages of the file, read when touched (0.2 s saved per run on
-    the 528 MB vgg16 file), and ``build_model`` assigns them to the frozen layers without a copy."""
+    the 528 MB vgg16 file), and ``build_model`` assigns them to the frozen layers without a copy. The
+    mapping is private (MAP_PRIVATE, whatever the process's default): a layer that trains changes its own
+    copy of a page, never the file. The file must not be rewritten in place while a run holds it (torchvision
+    writes it by rename)."""
     try:
         from torch.utils.serialization import config
     except ImportError:  # before torch 2.5: read as before
         config = None
-    if config is None or not (cached.is_file() and zipfile.is_zipfile(cached)):
+    if config is None or not _zip_format(cached):
         yield
         return
-    before, config.load.mmap = config.load.mmap, True
+    before = config.load.mmap, config.load.mmap_flags
+    config.load.mmap, config.load.mmap_flags = True, getattr(mmap, "MAP_PRIVATE", before[1])  # Windows: no flags
     try:
         yield
     finally:
-        config.load.mmap = before
+        config.load.mmap, config.load.mmap_flags = before
+
+
+def _zip_format(path: Path) -> bool:
+    """torch.save's zip format, tested as torch.load tests it (the local file header at the start)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
