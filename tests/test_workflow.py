@@ -58,17 +58,25 @@ def test_run_folder_holds_everything(runner, pet_val):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_curves_that_cannot_be_written_are_said_once_the_weights_are_saved(runner, pet, monkeypatch):
-    """curves.png is drawn on a thread while the weights are written; when it cannot be written the run
-    still ends well (its numbers are in metrics.csv), and says so in one line."""
-    def disk_full(history, path, best_epoch=0):
-        raise OutputError(f"{path}: could not be written (No space left on device); the previous file is unchanged")
+@pytest.mark.parametrize("failure, said", [
+    (OutputError("runs/train/curves.png: could not be written (No space left on device); the previous file is "
+                 "unchanged"), "runs/train/curves.png: could not be written (No space left on device); the previous "
+                               "file is unchanged"),
+    (ValueError("no font"), "runs/train/curves.png: not drawn (ValueError: no font)"),
+])
+@pytest.mark.parametrize("pipeline", [[], ["--set", "cache=off", "--set", "data.num_workers=1"]])
+def test_curves_that_cannot_be_drawn_are_said_once_the_weights_are_saved(runner, pet, monkeypatch, failure, said,
+                                                                         pipeline):
+    """curves.png is drawn on a thread while the weights are written (on the main thread when loader workers
+    are forked after it); when it cannot be drawn or written the run still ends well (its numbers are in
+    metrics.csv), and says so in one line."""
+    def fails(history, path, best_epoch=0):
+        raise failure
 
-    monkeypatch.setattr(vggft.reports, "save_curves", disk_full)
-    result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST)
+    monkeypatch.setattr(vggft.reports, "save_curves", fails)
+    result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, *pipeline)
     assert result.exit_code == 0, result.output
-    assert ("runs/train/curves.png: could not be written (No space left on device); the previous file is unchanged; "
-            "metrics.csv beside it holds the same numbers") in result.stderr.splitlines()
+    assert f"{said}; metrics.csv beside it holds the same numbers" in result.stderr.splitlines()
     assert Path("models/VGG16.pt").is_file() and not Path("runs/train/curves.png").exists()
 
 

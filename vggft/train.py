@@ -307,7 +307,7 @@ def _train(run: Run) -> Metrics | None:
     """The epochs, a checkpoint after each; then the best val epoch back and scored on test."""
     loop, main = run.loop, run.loop.group.is_main
     if main and run.run_dir is not None:
-        run.curves = _Curves()
+        run.curves = _Curves(on_thread=run.source.loader_workers == 0)
     try:
         for end in run_epochs(loop, run.state, run.start):
             log.info(epoch_line(end.row, run.cfg.train.epochs))
@@ -377,30 +377,46 @@ def _plot_curves(run: Run) -> None:
 
 class _Curves:
     """curves.png drawn on a thread of its own while the test split is scored and the weights are written
-    (hashing, fsync and the rename leave the GIL free for matplotlib's import and drawing). ``wait`` returns
-    once the file is in place; a file that could not be written is a warning (the weights are saved by then,
-    and metrics.csv holds the same numbers), any other error is raised."""
+    (hashing, fsync and the rename leave the GIL free for matplotlib's import and drawing). Not when loader
+    workers are forked after it (the test split's, calibration's): a fork while the thread holds an import
+    lock would leave the worker waiting for it forever. ``wait`` returns once the file is in place; a
+    picture that could not be drawn or written is a warning (the weights are saved by then, and metrics.csv
+    holds the same numbers)."""
 
-    def __init__(self):
+    def __init__(self, on_thread: bool):
+        self.on_thread = on_thread
         self._drawn: Background | None = None
+        self._path: Path | None = None
 
     def draw(self, history: list[dict], path: Path, best_epoch: int) -> None:
         from .reports import save_curves
 
-        self._drawn = Background(save_curves, list(history), path, best_epoch)
+        self._path = path
+        if self.on_thread:
+            self._drawn = Background(save_curves, list(history), path, best_epoch)
+            return
+        try:
+            save_curves(history, path, best_epoch=best_epoch)
+        except Exception as err:  # noqa: BLE001 (a picture is not worth the run)
+            self._warn(err)
 
     def wait(self) -> None:
         if self._drawn is None:
             return
         try:
             self._drawn.result()
-        except OutputError as err:
-            log.warning(f"{err}; metrics.csv beside it holds the same numbers")
+        except Exception as err:  # noqa: BLE001
+            self._warn(err)
         self._drawn = None
 
     def settle(self) -> None:
         if self._drawn is not None:
             self._drawn.settle()
+
+    def _warn(self, err: Exception) -> None:
+        if not isinstance(err, OutputError):
+            err = f"{self._path}: not drawn ({type(err).__name__}: {first_line(err)})"
+        log.warning(f"{err}; metrics.csv beside it holds the same numbers")
 
 
 # --- finish -----------------------------------------------------------------------------------------
