@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-BUDGET = 1 << 30  # bytes of kept steps (the input rows and the output, each batch x 4096 floats)
+BUDGET = 1 << 30  # bytes of kept steps (input rows, output, random states), on the device the head trains on
+DEVICES = ("cpu", "cuda")  # whose random state is saved and restored (an MPS head fits on its own)
 
 
 @dataclass
@@ -44,7 +45,8 @@ class StepCache:
         this cache in training mode; the same modules under the same names, so its state_dict is head's."""
         front = _front_length(head)
         signature = tuple(repr(module) for module in list(head)[:front])
-        if front == 0 or (self.signature is not None and signature != self.signature):
+        device = next(head.parameters()).device
+        if front == 0 or device.type not in DEVICES or (self.signature is not None and signature != self.signature):
             return head
         self.signature = signature
         return _SharingHead(head, front, self)
@@ -59,10 +61,12 @@ class StepCache:
                 return kept.output.clone()  # the layers after may work in place (ReLU(inplace=True))
         output = _through(layers, rows)
         self.computed += 1
-        size = 2 * rows.numel() * rows.element_size()
-        if step == len(self.kept) and self.bytes + size <= self.budget:
-            self.kept.append(_Step(rows.detach().clone(), before, _random_state(rows.device), output.detach().clone()))
-            self.bytes += size
+        if step == len(self.kept):
+            kept = _Step(rows.detach().clone(), before, _random_state(rows.device), output.detach().clone())
+            size = sum(t.numel() * t.element_size() for t in (kept.rows, kept.output, *kept.state_before, *kept.state_after))
+            if self.bytes + size <= self.budget:
+                self.kept.append(kept)
+                self.bytes += size
         return output
 
 
