@@ -104,18 +104,22 @@ class _StalledJob:
 
     def _watch(self) -> None:
         stopped_at = None
-        for line in self.job.stderr:
-            self.said.append(line)
-            if stopped_at is None and line.startswith("Epoch   2/"):
-                self.ranks = {_rank_of(pid): pid for pid in _children(self.job.pid)}
-                stopped_at = time.monotonic()
-                os.kill(self.ranks[1], signal.SIGSTOP)
-            elif stopped_at is not None and line.startswith("error"):
-                self.noticed = time.monotonic() - stopped_at
-                break
-        self.done.set()
+        try:
+            for line in self.job.stderr:
+                self.said.append(line)
+                if stopped_at is None and line.startswith("Epoch   2/"):
+                    self.ranks = {_rank_of(pid): pid for pid in _children(self.job.pid)}
+                    stopped_at = time.monotonic()
+                    os.kill(self.ranks[1], signal.SIGSTOP)
+                elif stopped_at is not None and line.startswith("error"):
+                    self.noticed = time.monotonic() - stopped_at
+                    break
+        finally:  # a failure here (no rank 1 found) ends the wait too; the test then shows what was said
+            self.done.set()
 
     def end(self) -> None:
+        if self.job.returncode is not None:
+            return  # ended already (the test, then the module's teardown): its pids may be another's now
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.job.pid, signal.SIGKILL)  # only this job: its own session
         for pid in self.ranks.values():  # the launcher may have put its workers in sessions of their own

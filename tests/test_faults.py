@@ -24,15 +24,17 @@ from conftest import FAST, invoke, make_folder, tiny_subprocess_env
 from test_safety import _one_line, _train
 
 STRACE = shutil.which("strace")
-# The listing run stops only at the traced renames (seccomp-bpf, which strace applies with -f): plain ptrace
+# The listing run stops only at the traced calls (seccomp-bpf, which strace applies with -f): plain ptrace
 # stops at every syscall and made it three times slower. The killed run needs plain ptrace (its KILL
 # injection is not delivered under seccomp-bpf), so strace attaches to it only once it has imported
-# what it needs. Every rename comes from the main thread, so the two counts agree.
+# what it needs, and traces its main thread, which writes every file of a unit (curves.png comes from a
+# thread of its own): the listing counts the main thread's renames too.
 STRACE_FAST = ("-f", "--seccomp-bpf")
 RENAMES = "rename,renameat,renameat2"
-# A vggft process that imports its modules, says so, and waits for a line on stdin before it runs.
+# A vggft process that imports its modules, says so, and runs once it reads "go" (nothing else: a test that
+# failed before and left it behind makes it exit).
 PRIMED = ("import runpy, sys, torch, torchvision, vggft.cli, vggft.train, vggft.evaluate, vggft.reports; "
-          "print('ready', flush=True); sys.stdin.readline(); sys.argv[0] = 'vggft'; "
+          "print('ready', flush=True); sys.stdin.readline() == 'go\\n' or sys.exit(3); sys.argv[0] = 'vggft'; "
           "runpy.run_module('vggft', run_name='__main__')")
 
 
@@ -49,13 +51,13 @@ def _env(cache: Path) -> dict[str, str]:
 def _renames(command: list[str], env: dict[str, str], trace: Path) -> list[str]:
     """Run ``command`` under strace; the targets of the renames its main thread made, in order (the
     thread that writes every file, and the one ``_Primed.kill_at`` counts)."""
-    done = subprocess.run([STRACE, *STRACE_FAST, "-qq", "-o", str(trace), "-e", f"trace={RENAMES}", *command],
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([STRACE, *STRACE_FAST, "-qq", "-o", str(trace), "-e", f"trace=execve,{RENAMES}",
+                           *command], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    lines = [line.split(None, 1)[1] if line[:1].isdigit() else line  # -f puts the pid first
-             for line in trace.read_text().splitlines()]
-    lines = [line for line in lines if line.startswith("rename") and line.endswith("= 0")]
-    return [re.findall(r'"([^"]*)"', line)[1] for line in lines]
+    calls = [line.split(None, 1) for line in trace.read_text().splitlines()]  # -f puts the thread id first
+    main = next(tid for tid, call in calls if call.startswith("execve("))
+    return [re.findall(r'"([^"]*)"', call)[1] for tid, call in calls
+            if tid == main and call.startswith("rename") and call.endswith("= 0")]
 
 
 class _Primed:
@@ -74,14 +76,36 @@ class _Primed:
         inject = f"inject={RENAMES}:error=EIO:signal=KILL:when={n}"
         pid = self.process.pid
         with subprocess.Popen([STRACE, "-qq", "-o", "/dev/null", "-e", f"trace={RENAMES}", "-e", inject,
-                               "-p", str(pid)]) as tracer:
-            status = Path(f"/proc/{pid}/status")
+                               "-p", str(pid)], stderr=subprocess.PIPE, text=True) as tracer:
+            status, deadline = Path(f"/proc/{pid}/status"), time.monotonic() + 30
             while f"TracerPid:\t{tracer.pid}\n" not in status.read_text():
+                if tracer.poll() is not None:  # ptrace refused (kernel.yama.ptrace_scope, not root)
+                    pytest.skip(f"strace cannot attach to a running process here: {tracer.stderr.read().strip()}")
+                assert time.monotonic() < deadline, "strace did not attach within 30 s"
                 time.sleep(0.01)
             time.sleep(0.1)  # strace has stopped the process once and now traces its every syscall
             _, stderr = self.process.communicate("go\n", timeout=120)
         assert self.process.returncode == -signal.SIGKILL, (self.process.returncode, stderr)
         return stderr
+
+    def end(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate()
+
+
+@pytest.fixture
+def primed():
+    """primed(command, env) -> a _Primed process; whatever is left of it is killed after the test."""
+    made: list[_Primed] = []
+
+    def make(command: list[str], env: dict[str, str]) -> _Primed:
+        made.append(_Primed(command, env))
+        return made[-1]
+
+    yield make
+    for process in made:
+        process.end()
 
 
 def _index(targets: list[str], wanted, count: int = 1) -> int:
@@ -156,13 +180,13 @@ SCORED = ["--set", "data.image_size=32", "--set", "data.resize=36", "--set", "tr
 
 
 @needs_strace
-def test_killed_between_best_pt_and_last_pt_resumes_what_last_pt_says(runner, tmp_path, monkeypatch):
+def test_killed_between_best_pt_and_last_pt_resumes_what_last_pt_says(runner, tmp_path, monkeypatch, primed):
     """Killed at the second checkpoint rename of epoch 2 (whichever order they come in): the resumed run
     ends exactly as the run that was never killed, and best.pt agrees with last.pt."""
     pet = make_folder(tmp_path / "pet", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 3, "dog": 1},
                                          "test": {"cat": 2, "dog": 2}})
     train = ["train", "--set", f"data.root={pet}", *SCORED]
-    killed = _Primed(_vggft(*train, "--set", "output.weights=resumed.pt"), _env(tmp_path / "c2"))
+    killed = primed(_vggft(*train, "--set", "output.weights=resumed.pt"), _env(tmp_path / "c2"))
     targets = _renames(_vggft(*train, "--set", "output.runs_dir=ref", "--set", "output.weights=ref.pt"),
                        _env(tmp_path / "c1"), tmp_path / "trace")
     reference = _load("ref/train/last.pt")
@@ -199,13 +223,14 @@ def _killed_writer(path: Path) -> None:
 
 
 @needs_strace
-def test_killed_between_weights_and_sidecar_is_caught_never_mislabelled(runner, pet, tmp_path, monkeypatch):
+def test_killed_between_weights_and_sidecar_is_caught_never_mislabelled(runner, pet, tmp_path, monkeypatch,
+                                                                       primed):
     """An earlier run's sidecar beside a killed run's weights: refused. The killed writers' temporaries
     (beside the weights, in the cache) are removed by the next run; a live writer's never."""
     other = _cat_owl(tmp_path)
     # Another seed: other weights for sure (at lr 1e-4 one epoch can leave the tiny head bit-identical).
-    killed = _Primed(_vggft("train", "--set", f"data.root={other}", *FAST, "--set", "train.epochs=1",
-                            "--set", "train.seed=1"), _env(tmp_path / "c2"))
+    killed = primed(_vggft("train", "--set", f"data.root={other}", *FAST, "--set", "train.epochs=1",
+                           "--set", "train.seed=1"), _env(tmp_path / "c2"))
     command = _vggft("train", "--set", f"data.root={pet}", *FAST, "--set", "train.epochs=1")
     targets = _renames(command, _env(tmp_path / "c1"), tmp_path / "trace")  # the earlier run: cat, dog
     killed.kill_at(_index(targets, lambda target: target.endswith("models/VGG16.json")))
