@@ -327,13 +327,14 @@ def _train(run: Run) -> Metrics | None:
         raise Interrupted(f"Interrupted: {last} holds epoch {run.state.last_epoch}; "
                           f"go on with: vggft train --resume {last}") from None
     except DivergedError as err:
-        if main and run.state.history:
-            _plot_curves(run)
+        if run.curves is not None and run.state.history:
+            _draw_curves(run)
+            run.curves.wait()
         last = run.run_dir / "last.pt" if run.run_dir else None
         kept = f"; the last good epoch ({run.state.last_epoch}) is kept in {last}" if run.state.history else ""
         raise DivergedError(f"{err}{kept}") from None
     if run.curves is not None:
-        run.curves.draw(run.state.history, run.run_dir / "curves.png", run.state.best["epoch"])
+        _draw_curves(run)
     best = run.state.best
     if loop.val_loader is not None and restore_best(run.model, run.state):
         log.info(f"Restored the best epoch ({best['epoch']}, val acc {100 * best['val_acc']:.2f}%) "
@@ -369,10 +370,8 @@ def _write_metrics(history: list[dict], path: Path) -> None:
     save_text(buffer.getvalue(), path)
 
 
-def _plot_curves(run: Run) -> None:
-    from .reports import save_curves
-
-    save_curves(run.state.history, run.run_dir / "curves.png", best_epoch=run.state.best["epoch"])
+def _draw_curves(run: Run) -> None:
+    run.curves.draw(run.state.history, run.run_dir / "curves.png", run.state.best["epoch"])
 
 
 class _Curves:
