@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from vggft import artifacts  # noqa: E402
-from vggft.config import load_config  # noqa: E402
-from vggft.features import FeatureSource, module_fingerprint  # noqa: E402
-from vggft.model import build_model  # noqa: E402
+from vggft.model import artifacts  # noqa: E402
+from vggft.config.schema import load_config  # noqa: E402
+from vggft.features.cache import FeatureSource, module_fingerprint  # noqa: E402
+from vggft.model.build import build_model  # noqa: E402
 
 
 def main() -> None:

@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's vggft
-    from vggft.config import DataConfig, ModelConfig
-    from vggft.model import build_model, split_frozen_prefix
+    from vggft.config.schema import DataConfig, ModelConfig
+    from vggft.model.build import build_model, split_frozen_prefix
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=args.arch, weights=None), 2, None)

@@ -187,8 +187,8 @@ class GpuCheck:
                 f"output.name={name}", *extra]
 
     def fit(self, name: str, *extra: str, expect: str):
-        from vggft.config import load_config
-        from vggft.train import fit
+        from vggft.config.schema import load_config
+        from vggft.training.train import fit
 
         self.notes.lines.clear()
         result = fit(load_config(None, self.overrides(name, *extra)))
@@ -245,7 +245,7 @@ class GpuCheck:
         return self.fit("bf16", "model.unfreeze=1", "train.amp=bf16", expect="Feature cache off")
 
     def check_fp16(self) -> str:
-        from vggft.artifacts import load_checkpoint
+        from vggft.model.artifacts import load_checkpoint
 
         detail = self.fit("fp16", "model.unfreeze=1", "train.amp=fp16", expect="Feature cache off")
         scaler = load_checkpoint(self.results["fp16"].run_dir / "last.pt").get("scaler")
@@ -254,7 +254,7 @@ class GpuCheck:
         return f"{detail}; GradScaler scale {scaler['scale']:g} saved in last.pt"
 
     def check_resume(self) -> str:
-        from vggft.train import fit, resume_config
+        from vggft.training.train import fit, resume_config
 
         name = next((n for n in ("fp16", "bf16", "cached") if n in self.results), None)
         if name is None:
@@ -269,7 +269,7 @@ class GpuCheck:
         return f"run '{name}' went on to epoch {self.mode.epochs + 1}; test acc {100 * result.test.accuracy:.1f}%"
 
     def check_eval(self) -> str:
-        from vggft.evaluate import evaluate_weights
+        from vggft.diagnostics.evaluation import evaluate_weights
 
         trained = self.needs("cached", "the cached run's weights")
         metrics, _, written = evaluate_weights(trained.weights, plots_dir=self.work / "plots")
@@ -278,7 +278,7 @@ class GpuCheck:
         return metrics.summary_line()
 
     def check_predict(self) -> str:
-        from vggft.inference import predict
+        from vggft.model.inference import predict
 
         trained = self.needs("cached", "the cached run's weights")
         rows = predict(trained.weights, [self.data / "test"], batch_size=self.mode.eval_batch_size)
@@ -290,7 +290,7 @@ class GpuCheck:
     def check_export(self, fmt: str) -> str:
         import importlib.util
 
-        from vggft.export import ONNX_PACKAGES, export
+        from vggft.model.export import ONNX_PACKAGES, export
 
         trained = self.needs("cached", "the cached run's weights")
         if fmt == "onnx" and any(importlib.util.find_spec(name) is None for name in ONNX_PACKAGES):
@@ -304,7 +304,7 @@ class GpuCheck:
     def onnx_on_device(self, path: Path, weights: Path) -> str:
         import onnxruntime
 
-        from vggft.inference import load_model
+        from vggft.model.inference import load_model
 
         torch = self.torch
         provider = "CUDAExecutionProvider" if self.cuda else "CPUExecutionProvider"
@@ -328,7 +328,7 @@ class GpuCheck:
         from PIL import Image
 
         from decode_tolerance import make_jpegs
-        from vggft.config import DataConfig
+        from vggft.config.schema import DataConfig
         from vggft.data.decode import TensorDecoder, device_batches
         from vggft.data.transforms import eval_transform
 
@@ -357,8 +357,8 @@ class GpuCheck:
 
     def check_tolerance(self) -> str:
         from decode_tolerance import compare, make_jpegs
-        from vggft.config import DataConfig, ModelConfig
-        from vggft.model import build_model, split_frozen_prefix
+        from vggft.config.schema import DataConfig, ModelConfig
+        from vggft.model.build import build_model, split_frozen_prefix
 
         torch = self.torch
         torch.manual_seed(0)
@@ -407,7 +407,7 @@ class GpuCheck:
 
     def check_oom(self) -> str:
         """`vggft eval` of 256 images at 224 px in one batch under a 2 GiB CUDA cap: one line, exit 7."""
-        from vggft.demo import make_demo_data
+        from vggft.data.demo import make_demo_data
 
         self.needs_cuda()
         trained = self.needs("cached", "the cached run's weights")
@@ -473,7 +473,7 @@ class GpuCheck:
         import contextlib
         import copy
 
-        from vggft.model import vgg
+        from vggft.model.build import vgg
 
         torch = self.torch
         if dtype == torch.bfloat16 and self.cuda and not torch.cuda.is_bf16_supported():
@@ -524,7 +524,7 @@ class GpuCheck:
         return sorted((str(p), ("even", "odd").index(p.parent.name)) for p in (folder / "train").rglob("*.jpg"))
 
     def bench_pil_decode(self, samples):
-        from vggft.config import DataConfig
+        from vggft.config.schema import DataConfig
         from vggft.data.loaders import image_loader
         from vggft.data.transforms import eval_transform
 
@@ -536,7 +536,7 @@ class GpuCheck:
         return count / (time.perf_counter() - started), f"{count} JPEGs to {data.image_size} px tensors"
 
     def bench_tensor_decode(self, samples):
-        from vggft.config import DataConfig
+        from vggft.config.schema import DataConfig
         from vggft.data.decode import Packed, TensorDecoder
 
         torch = self.torch
@@ -557,7 +557,7 @@ class GpuCheck:
         return rate, f"batches of {len(chunks[0])}, decode + resize + crop + normalise, {steps} batches"
 
     def bench_decode_loader(self, samples):
-        from vggft.config import DataConfig
+        from vggft.config.schema import DataConfig
         from vggft.data.decode import TensorDecoder
 
         decoder = TensorDecoder(DataConfig(image_size=self.mode.image_size, resize=self.mode.resize))
@@ -569,10 +569,10 @@ class GpuCheck:
         return count / (time.perf_counter() - started), f"{count} files, fallbacks {dict(decoder.fallbacks) or 'none'}"
 
     def source(self, decode: str, cache_dir: Path):
-        from vggft.config import load_config
-        from vggft.device import autocast_dtype
-        from vggft.features import FeatureSource
-        from vggft.model import build_model
+        from vggft.config.schema import load_config
+        from vggft.utils.device import autocast_dtype
+        from vggft.features.cache import FeatureSource
+        from vggft.model.build import build_model
 
         cfg = load_config(None, self.overrides("bench", f"data.decode={decode}", f"cache.dir={cache_dir}",
                                                 f"data.root={self.work / 'bench'}"))
@@ -605,8 +605,8 @@ class GpuCheck:
         from torch.utils.data import TensorDataset
 
         from vggft.data.loaders import make_loader
-        from vggft.engine import train_one_epoch
-        from vggft.optim import make_optimizer
+        from vggft.training.loop import train_one_epoch
+        from vggft.training.optim import make_optimizer
 
         torch = self.torch
         source, cfg = self.source("pil", self.work / "bench_cache_pil")
@@ -638,8 +638,8 @@ class GpuCheck:
 
 
 def _state_dict(path: str):
-    from vggft.artifacts import pretrained_state_dict
-    from vggft.config import ModelConfig
+    from vggft.model.artifacts import pretrained_state_dict
+    from vggft.config.schema import ModelConfig
 
     return pretrained_state_dict(ModelConfig(weights=path))
 
@@ -679,9 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torchvision
 
-    from vggft.device import auto_workers, resolve_device
-    from vggft.errors import VggftError
-    from vggft.logs import log, set_progress
+    from vggft.utils.device import auto_workers, resolve_device
+    from vggft.utils.errors import VggftError
+    from vggft.utils.logs import log, set_progress
 
     try:
         device = resolve_device(args.device)
@@ -712,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vggft gpu_check: {header['device_name']} ({device}), {header['mode']} mode", file=sys.stderr, flush=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vggft-gpu-check-"))
     try:
-        from vggft.demo import make_demo_data
+        from vggft.data.demo import make_demo_data
 
         make_demo_data(work / "data", mode.train_per_class, mode.test_per_class, size=mode.picture_px)
         check = GpuCheck(args, mode, device, work, report, notes)

@@ -15,10 +15,10 @@ from PIL import Image
 from torchvision.models import vgg16
 from typer.testing import CliRunner
 
-import vggft.model
+import vggft.model.build
 from tiny import tiny_vgg
 from vggft.cli import app
-from vggft.logs import log
+from vggft.utils.logs import log
 
 # Colours a frozen random network can tell apart: each class a hue, with per-image jitter.
 CLASS_COLOURS = {"cat": (200, 60, 40), "dog": (40, 80, 200), "owl": (60, 180, 60)}
@@ -78,14 +78,14 @@ def real_hub():
         yield _hub(Path(folder), vgg16().state_dict())
 
 
-REAL_VGG = vggft.model.vgg
+REAL_VGG = vggft.model.build.vgg
 
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_network():
     """The whole session builds the tiny stand-in, module-scoped fixtures too."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vggft.model, "vgg", tiny_vgg)
+        patch.setattr(vggft.model.build, "vgg", tiny_vgg)
         yield
 
 
@@ -97,7 +97,7 @@ def isolated(request, monkeypatch, tmp_path, fake_hub):
     monkeypatch.chdir(tmp_path)
     if request.node.get_closest_marker("real_vgg"):
         monkeypatch.setenv("TORCH_HOME", str(request.getfixturevalue("real_hub")))
-        monkeypatch.setattr(vggft.model, "vgg", REAL_VGG)
+        monkeypatch.setattr(vggft.model.build, "vgg", REAL_VGG)
     else:
         monkeypatch.setenv("TORCH_HOME", str(fake_hub))
     yield

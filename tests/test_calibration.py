@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from conftest import invoke, make_folder
 from descriptor import save_descriptor
-from vggft.calibration import (LOG_T_RANGE, calibration_summary, expected_calibration_error, fit_temperature, nll,
+from vggft.training.calibration import (LOG_T_RANGE, calibration_summary, expected_calibration_error, fit_temperature, nll,
                                reliability)
 from vggft.data.images import open_rgb
 from vggft.data.transforms import eval_transform
-from vggft.inference import load_model
+from vggft.model.inference import load_model
 
 # Learns in a few epochs: a gap head on the colour-describing stand-in backbone, 32 px.
 LEARNS = ["--set", "data.image_size=32", "--set", "data.resize=36", "--set", "model.head=gap",

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import invoke
-from vggft import presets
-from vggft.config import Config, all_keys, load_config
-from vggft.errors import ConfigError
+from vggft.config import presets
+from vggft.config.schema import Config, all_keys, load_config
+from vggft.utils.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 README = Path(__file__).resolve().parent.parent / "README.md"

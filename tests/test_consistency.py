@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from conftest import FAST, invoke, make_folder, source_path
-from vggft.config import load_config
-from vggft.errors import ConfigError
+from vggft.config.schema import load_config
+from vggft.utils.errors import ConfigError
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -47,7 +47,7 @@ def test_a_config_typo_is_answered_before_torch_is_imported(tmp_path):
 
 def test_distributed_refusals(runner, pet, monkeypatch):
     """Under torchrun (WORLD_SIZE > 1) what cannot shard is refused before the process group is joined."""
-    from vggft.train import _check_distributed
+    from vggft.training.train import _check_distributed
 
     with pytest.raises(ConfigError, match="data.balance: 'sampler' cannot shard across processes"):
         _check_distributed(load_config(None, ["data.balance=sampler"]))
@@ -135,8 +135,8 @@ def test_a_same_size_rewrite_with_its_old_mtime_gets_new_rows(pet):
     import torch
 
     from conftest import make_image
-    from vggft.features import FeatureSource
-    from vggft.model import build_model
+    from vggft.features.cache import FeatureSource
+    from vggft.model.build import build_model
 
     cfg = load_config(None, [f"data.root={pet}", "data.image_size=32", "data.resize=36", "model.weights=null"])
     torch.manual_seed(0)

@@ -18,12 +18,12 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import vggft.data.decode
 from conftest import FAST, invoke, make_folder, make_image
-from vggft.config import DataConfig, ModelConfig, load_config
+from vggft.config.schema import DataConfig, ModelConfig, load_config
 from vggft.data.decode import FileBytes, Packed, TensorDecoder, device_batches, jpeg_fallback_reason, resolve_decode
 from vggft.data.transforms import eval_transform
-from vggft.errors import DataError
-from vggft.features import FeatureSource
-from vggft.model import build_model, split_frozen_prefix
+from vggft.utils.errors import DataError
+from vggft.features.cache import FeatureSource
+from vggft.model.build import build_model, split_frozen_prefix
 
 CPU = torch.device("cpu")
 DATA = DataConfig(image_size=64, resize=72)
@@ -197,10 +197,10 @@ def test_the_byte_reader_refuses_a_fifo_swapped_in_after_the_check(tmp_path):
 
     import pytest
 
-    from vggft.config import Config
+    from vggft.config.schema import Config
     from vggft.data.decode import FileBytes
     from vggft.data.transforms import eval_transform
-    from vggft.errors import DataError
+    from vggft.utils.errors import DataError
 
     fifo = tmp_path / "swapped.jpg"
     os.mkfifo(fifo)

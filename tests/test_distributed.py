@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import FAST, invoke, make_folder, tiny_subprocess_env
-from vggft.distributed import SINGLE, Group, reduce_metrics
-from vggft.metrics import Metrics
+from vggft.utils.distributed import SINGLE, Group, reduce_metrics
+from vggft.reporting.metrics import Metrics
 
 
 def test_shards_hold_every_item_once():

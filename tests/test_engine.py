@@ -13,16 +13,16 @@ from PIL import Image
 from torch import nn
 
 from conftest import FAST, invoke, make_folder
-from vggft.config import Config, ModelConfig, TrainConfig, load_config
+from vggft.config.schema import Config, ModelConfig, TrainConfig, load_config
 from vggft.data import prepare_data
 from vggft.data.loaders import ImageList, make_loader
 from vggft.data.transforms import eval_transform
-from vggft.engine import evaluate, fit_head, fresh_head
-from vggft.errors import DataError
-from vggft.features import FeatureSource
-from vggft.metrics import output_names
-from vggft.model import build_model, set_train_mode, split_frozen_prefix
-from vggft.stepcache import StepCache
+from vggft.training.loop import evaluate, fit_head, fresh_head
+from vggft.utils.errors import DataError
+from vggft.features.cache import FeatureSource
+from vggft.reporting.metrics import output_names
+from vggft.model.build import build_model, set_train_mode, split_frozen_prefix
+from vggft.training.shared_steps import StepCache
 
 
 @pytest.fixture
@@ -184,8 +184,8 @@ def test_val_fraction_and_eval_on_the_val_split(runner, tmp_path):
 
 def test_balance_weights_and_sampler_even_out_the_classes(pet):
     """8 cats and 2 dogs: the weighted loss gives each dog 4x a cat's weight; the sampler draws both about equally."""
-    from vggft.engine import class_weights
-    from vggft.train import _make_loop
+    from vggft.training.loop import class_weights
+    from vggft.training.train import _make_loop
 
     labels = torch.tensor([0] * 8 + [1] * 2)
     assert class_weights(labels, 3).tolist() == [0.625, 2.5, 0.0]  # an absent class weighs nothing
@@ -195,7 +195,7 @@ def test_balance_weights_and_sampler_even_out_the_classes(pet):
     model = build_model(cfg.model, 2, None)
     splits, _ = prepare_data(cfg)
     source = FeatureSource(model, cfg, torch.device("cpu"), None)
-    from vggft.distributed import SINGLE
+    from vggft.utils.distributed import SINGLE
 
     loop, _, _ = _make_loop(cfg, model, source, splits, torch.device("cpu"), None, SINGLE)
     drawn = torch.cat([labels for _ in range(20) for _, labels in loop.train_loader])

@@ -14,16 +14,16 @@ from PIL import Image, ImageDraw
 from torch import nn
 from typer.testing import CliRunner
 
-import vggft.explain
-import vggft.inference
+import vggft.diagnostics.explain
+import vggft.model.inference
 from conftest import CLASS_COLOURS, invoke, make_folder, make_image
 from descriptor import save_descriptor
 from tiny import tiny_vgg
-from vggft.config import ARCHS
+from vggft.config.schema import ARCHS
 from vggft.data.images import open_rgb
 from vggft.data.transforms import eval_transform
-from vggft.explain import grad_cam, last_relu, output_stems
-from vggft.inference import load_model
+from vggft.diagnostics.explain import grad_cam, last_relu, output_stems
+from vggft.model.inference import load_model
 
 SIZE = 64  # the last ReLU of features is 4x4 at 64 px
 
@@ -217,7 +217,7 @@ def test_explain_out_of_memory_is_one_line_naming_the_batch_size(runner, models,
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(vggft.explain, "grad_cam", oom)
+    monkeypatch.setattr(vggft.diagnostics.explain, "grad_cam", oom)
     weights = models["gap"]
     result = invoke(runner, "explain", _pet(weights) / "test", "--weights", weights, "--batch-size", "4",
                     "--out", tmp_path, "-q")
@@ -227,8 +227,8 @@ def test_explain_out_of_memory_is_one_line_naming_the_batch_size(runner, models,
 
 def test_explain_loads_images_with_the_workers_of_data_num_workers(runner, models, tmp_path, monkeypatch):
     asked = []
-    make_loader = vggft.inference.make_loader
-    monkeypatch.setattr(vggft.inference, "make_loader",
+    make_loader = vggft.model.inference.make_loader
+    monkeypatch.setattr(vggft.model.inference, "make_loader",
                         lambda *args, **kwargs: asked.append(kwargs["num_workers"]) or make_loader(*args, **kwargs))
     weights = models["gap"]
     result = invoke(runner, "explain", _pet(weights) / "test", "--weights", weights, "--set", "data.num_workers=2",

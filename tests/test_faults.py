@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import vggft.files
-import vggft.train
+import vggft.utils.files
+import vggft.training.train
 from conftest import FAST, invoke, make_folder, tiny_subprocess_env
 from test_safety import _one_line, _train
 
@@ -33,7 +33,7 @@ STRACE_FAST = ("-f", "--seccomp-bpf")
 RENAMES = "rename,renameat,renameat2"
 # A vggft process that imports its modules, says so, and runs once it reads "go" (nothing else: a test that
 # failed before and left it behind makes it exit).
-PRIMED = ("import runpy, sys, torch, torchvision, vggft.cli, vggft.train, vggft.evaluate, vggft.reports; "
+PRIMED = ("import runpy, sys, torch, torchvision, vggft.cli, vggft.training.train, vggft.diagnostics.evaluation, vggft.reporting.plots; "
           "print('ready', flush=True); sys.stdin.readline() == 'go\\n' or sys.exit(3); sys.argv[0] = 'vggft'; "
           "runpy.run_module('vggft', run_name='__main__')")
 
@@ -148,7 +148,7 @@ def _fill(folder: Path, leave: int) -> None:
     assert shutil.disk_usage(folder).free == leave
 
 
-CHECK_DISK = vggft.train._check_disk
+CHECK_DISK = vggft.training.train._check_disk
 
 
 def _fill_after_the_check(monkeypatch, folder: Path, leave: int) -> None:
@@ -158,11 +158,11 @@ def _fill_after_the_check(monkeypatch, folder: Path, leave: int) -> None:
         CHECK_DISK(*args)
         _fill(folder, leave)
 
-    monkeypatch.setattr(vggft.train, "_check_disk", check_then_fill)
+    monkeypatch.setattr(vggft.training.train, "_check_disk", check_then_fill)
 
 
 def _temporaries(*folders: Path) -> list[str]:
-    return sorted(p.name for folder in folders for p in folder.rglob(f"*{vggft.files.TEMP_SUFFIX}"))
+    return sorted(p.name for folder in folders for p in folder.rglob(f"*{vggft.utils.files.TEMP_SUFFIX}"))
 
 
 def _same_tensors(a: dict, b: dict) -> bool:
@@ -215,7 +215,7 @@ def _killed_writer(path: Path) -> None:
     """A real process killed while it writes ``path`` through vggft's atomic writer."""
     pid = os.fork()
     if pid == 0:  # the child: half a file in its temporary folder, then SIGKILL
-        with vggft.files.atomic_path(path) as tmp:
+        with vggft.utils.files.atomic_path(path) as tmp:
             tmp.write_bytes(b"half a shard")
             os.kill(os.getpid(), signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
@@ -242,7 +242,7 @@ def test_killed_between_weights_and_sidecar_is_caught_never_mislabelled(runner, 
     _killed_writer(shards / "123-456.pt")
     assert len(_temporaries(shards)) == 1 and len(_temporaries(Path("models"))) == 1
     with subprocess.Popen(["sleep", "60"]) as alive:
-        live = Path("models") / f".VGG16.pt.{vggft.files._HOST}-{alive.pid}.abcd1234.tmp"
+        live = Path("models") / f".VGG16.pt.{vggft.utils.files._HOST}-{alive.pid}.abcd1234.tmp"
         live.mkdir()
         (live / "VGG16.pt").write_bytes(b"a save in progress")
         monkeypatch.setenv("VGGFT_CACHE", str(tmp_path / "c1"))
@@ -288,7 +288,7 @@ def test_disk_full_at_the_cache_is_one_note_and_the_run_goes_on(runner, pet, mou
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     (unsaved,) = _said(result, "rows not saved")
     assert "disk full" in unsaved and result.stdout.startswith("Test: acc@1")
-    monkeypatch.setattr(vggft.train, "_check_disk", CHECK_DISK)
+    monkeypatch.setattr(vggft.training.train, "_check_disk", CHECK_DISK)
     (disk / "ballast").unlink()
     result = _train(runner, pet, "--set", f"cache.dir={disk}")  # nothing was kept: extracted again, and saved
     assert result.exit_code == 0 and _said(result, "Extracting train features: 12 images")
@@ -404,9 +404,9 @@ def test_save_torch_returns_the_digest_of_the_very_bytes_it_wrote(tmp_path):
     import hashlib
 
     obj = {"weight": torch.arange(12.0).reshape(3, 4)}
-    digest = vggft.files.save_torch(obj, tmp_path / "atomic" / "w.pt", sha256=True)
+    digest = vggft.utils.files.save_torch(obj, tmp_path / "atomic" / "w.pt", sha256=True)
     torch.save(obj, tmp_path / "w.pt")  # a direct write under the same file name
     written = (tmp_path / "atomic" / "w.pt").read_bytes()
     assert written == (tmp_path / "w.pt").read_bytes()
     assert digest == hashlib.sha256(written).hexdigest()
-    assert vggft.files.save_torch(obj, tmp_path / "w2.pt") is None
+    assert vggft.utils.files.save_torch(obj, tmp_path / "w2.pt") is None

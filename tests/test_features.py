@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import make_image
-from vggft.config import load_config
-from vggft.train import fit
+from vggft.config.schema import load_config
+from vggft.training.train import fit
 
 SMALL = ["data.image_size=32", "data.resize=36", "train.epochs=2"]
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import vggft.config
-import vggft.features
+import vggft.config.schema
+import vggft.features.cache
 from conftest import FAST, invoke, make_folder
 from tiny import tiny_vgg
-from vggft import artifacts
-from vggft.artifacts import fingerprint
+from vggft.model import artifacts
+from vggft.model.artifacts import fingerprint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "format1"
 
@@ -62,7 +62,7 @@ def test_format1_checkpoint_resumes_and_is_rewritten_in_the_new_format(runner, f
 
 def test_renamed_keys_migrate_in_saved_files_and_configs(runner, format1, monkeypatch):
     """A key renamed after a file was saved: RENAMED_KEYS maps it; the saved file and a user's YAML still load."""
-    monkeypatch.setitem(vggft.config.RENAMED_KEYS, "train.learning_rate", "train.lr")
+    monkeypatch.setitem(vggft.config.schema.RENAMED_KEYS, "train.learning_rate", "train.lr")
     sidecar = format1 / "models" / "tiny.json"
     body = json.loads(sidecar.read_text())
     body["config"]["train"]["learning_rate"] = body["config"]["train"].pop("lr")
@@ -71,9 +71,9 @@ def test_renamed_keys_migrate_in_saved_files_and_configs(runner, format1, monkey
     assert result.exit_code == 0, result.output
     old = format1 / "old.yaml"
     old.write_text("train:\n  learning_rate: 0.02\n")
-    cfg = vggft.config.load_config(old)
+    cfg = vggft.config.schema.load_config(old)
     assert cfg.train.lr == 0.02
-    assert vggft.config.load_config(None, ["train.learning_rate=0.03"]).train.lr == 0.03
+    assert vggft.config.schema.load_config(None, ["train.learning_rate=0.03"]).train.lr == 0.03
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_a_train_start_hashes_each_frozen_weight_once(runner, pet, monkeypatch):
         return fingerprint(tensors)
 
     monkeypatch.setattr(artifacts, "fingerprint", counting)
-    monkeypatch.setattr(vggft.features, "fingerprint", counting)
+    monkeypatch.setattr(vggft.features.cache, "fingerprint", counting)
     assert invoke(runner, "train", "--set", f"data.root={pet}", *FAST).exit_code == 0
     body = torch.load("runs/train/last.pt", weights_only=True)
     full = artifacts.rebuild_from_checkpoint(body, Path("runs/train/last.pt"), "--weights").state_dict()

@@ -20,11 +20,11 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from conftest import FAST, invoke, make_folder, make_image, tiny_subprocess_env
-from vggft.config import DataConfig
+from vggft.config.schema import DataConfig
 from vggft.data.folders import find_splits, images_in
 from vggft.data.images import DECODE_ERRORS, Verdict, VerdictCache, drop_bad_images, inspect_image, open_rgb
 from vggft.data.loaders import make_loader
-from vggft.inference import collect_images
+from vggft.model.inference import collect_images
 
 
 class Overdue(Exception):

@@ -14,12 +14,12 @@ from torch import nn
 
 from conftest import FAST, invoke
 from tiny import tiny_vgg
-from vggft.config import ModelConfig
-from vggft.errors import ConfigError, WeightsError
-from vggft.artifacts import pretrained_state_dict, read_state_dict
-from vggft.files import file_digest
-from vggft.model import build_model as _build_model
-from vggft.model import conv_blocks, describe_state_dict, parameter_counts, split_frozen_prefix
+from vggft.config.schema import ModelConfig
+from vggft.utils.errors import ConfigError, WeightsError
+from vggft.model.artifacts import pretrained_state_dict, read_state_dict
+from vggft.utils.files import file_digest
+from vggft.model.build import build_model as _build_model
+from vggft.model.build import conv_blocks, describe_state_dict, parameter_counts, split_frozen_prefix
 
 
 def build_model(cfg: ModelConfig, num_classes: int):

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import vggft.near_duplicates as near
+import vggft.diagnostics.near_duplicates as near
 from conftest import invoke
 from descriptor import save_descriptor, scene
-from vggft.errors import ConfigError
+from vggft.utils.errors import ConfigError
 
 
 def _copy(source: Path, target: Path) -> Path:

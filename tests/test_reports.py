@@ -8,8 +8,8 @@ import time
 import torch
 from PIL import Image
 
-from vggft.metrics import Metrics
-from vggft.reports import CONFUSION_DRAWN, save_confusion
+from vggft.reporting.metrics import Metrics
+from vggft.reporting.plots import CONFUSION_DRAWN, save_confusion
 
 
 def test_a_thousand_classes_draw_the_most_confused_and_write_the_rest_as_csv(tmp_path):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import vggft.engine
-import vggft.files
+import vggft.training.loop
+import vggft.utils.files
 from conftest import FAST, invoke
 from tiny import tiny_vgg, tutorial_model
 
@@ -44,7 +44,7 @@ def test_a_save_that_fails_midway_leaves_the_old_weights(runner, pet, monkeypatc
         Path(path).write_bytes(b"PK\x03\x04 half a zip")  # some bytes reach the disk, then it fills up
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(vggft.files.torch, "save", disk_full)
+    monkeypatch.setattr(vggft.utils.files.torch, "save", disk_full)
     line = _one_line(_train(runner, pet, "--set", "train.lr=0.5"), 6)
     assert line.startswith("error: runs/train2/best.pt: could not be written (No space left on device: disk full")
     assert weights.read_bytes() == before
@@ -86,7 +86,7 @@ def test_output_folder_not_writable(runner, pet):
 
 def test_not_enough_free_disk_stops_before_any_work(runner, pet, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(vggft.files.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 20 * 2**10, 20 * 2**10))
+    monkeypatch.setattr(vggft.utils.files.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 20 * 2**10, 20 * 2**10))
     line = _one_line(_train(runner, pet), 6)
     assert "KiB will be written under" in line and "only 20 KiB is free" in line and "output.weights" in line
     assert not Path("runs").exists() and not Path("models").exists()
@@ -96,7 +96,7 @@ def test_out_of_memory_names_the_batch_size(runner, pet, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(vggft.engine, "train_one_epoch", oom)
+    monkeypatch.setattr(vggft.training.loop, "train_one_epoch", oom)
     line = _one_line(_train(runner, pet, "--set", "data.batch_size=8"), 7)
     assert line == ("error: out of memory on cpu with data.batch_size 8 and data.eval_batch_size 32; "
                     "lower them (--set data.batch_size=4)")
@@ -106,7 +106,7 @@ def test_cpu_allocator_failure_is_out_of_memory_too(runner, pet, monkeypatch):
     def oom(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
-    monkeypatch.setattr(vggft.engine, "train_one_epoch", oom)
+    monkeypatch.setattr(vggft.training.loop, "train_one_epoch", oom)
     assert "out of memory on cpu" in _one_line(_train(runner, pet), 7)
 
 

@@ -14,9 +14,9 @@ from torch import nn
 
 from conftest import CLASS_COLOURS, invoke, make_folder, make_image
 from tiny import tiny_vgg
-from vggft.config import load_config
-from vggft.folds import stratified_folds
-from vggft.labelissues import find_label_issues
+from vggft.config.schema import load_config
+from vggft.tuning.kfold import stratified_folds
+from vggft.tuning.label_issues import find_label_issues
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -285,12 +285,12 @@ def test_best_yaml_and_results_survive_a_diverging_trial(runner, env):
 # --- the hooks that make many runs cheap ---------------------------------------------------------------
 
 def test_the_prefix_hash_is_remembered_for_an_unchanged_weights_file(env, tmp_path, monkeypatch):
-    import vggft.features
-    from vggft.cached import prepare
+    import vggft.features.cache
+    from vggft.tuning.prepare import prepare
 
     hashed = []
-    real = vggft.features.fingerprint
-    monkeypatch.setattr(vggft.features, "fingerprint", lambda tensors: hashed.append(1) or real(tensors))
+    real = vggft.features.cache.fingerprint
+    monkeypatch.setattr(vggft.features.cache, "fingerprint", lambda tensors: hashed.append(1) or real(tensors))
     weights = tmp_path / "he.pth"
     weights.write_bytes(env.weights.read_bytes())
 
@@ -316,14 +316,14 @@ def test_the_prefix_hash_is_remembered_for_an_unchanged_weights_file(env, tmp_pa
 
 
 def test_rows_are_views_of_the_cache_gathered_only_per_batch(env):
-    from vggft.cached import extract, prepare
+    from vggft.tuning.prepare import extract, prepare
 
     cfg = load_config(None, [a for a in options(env) if a not in ("--set", "--quiet")])
     data = prepare(cfg, "test")
     samples = data.splits["train"]
     rows, labels = extract(data, {"train": samples})["train"]
     stored = data.source.cache.rows
-    from vggft.features import file_key
+    from vggft.features.cache import file_key
 
     first = stored[file_key(samples[0][0])]
     assert rows[0].data_ptr() == first.data_ptr()  # no second copy of a row

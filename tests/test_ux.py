@@ -13,18 +13,19 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-import vggft.evaluate
-import vggft.features
-import vggft.logs
-import vggft.reports
+import vggft.diagnostics.evaluation
+import vggft.features.cache
+import vggft.utils.logs
+import vggft.reporting.plots
 from conftest import FAST, invoke, make_folder
 from tiny import tutorial_model
-from vggft import __version__, presets
+from vggft import __version__
+from vggft.config import presets
 from vggft.cli import app
-from vggft.config import Config, all_keys, load_config
+from vggft.config.schema import Config, all_keys, load_config
 from vggft.data import check
-from vggft.metrics import Metrics
-from vggft.reports import CELL_CHARS, fit_title, format_report
+from vggft.reporting.metrics import Metrics
+from vggft.reporting.plots import CELL_CHARS, fit_title, format_report
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +106,12 @@ def test_sidecar_root_is_absolute_and_a_replaced_model_is_said(runner, tmp_path)
 
 
 def test_ctrl_c_during_extraction_is_one_line_that_says_what_is_kept(runner, pet, monkeypatch):
-    class CtrlC(vggft.features.Counter):
+    class CtrlC(vggft.features.cache.Counter):
         def update(self, count: int) -> None:
             super().update(count)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(vggft.features, "Counter", CtrlC)
+    monkeypatch.setattr(vggft.features.cache, "Counter", CtrlC)
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "data.eval_batch_size=4")
     assert result.exit_code == 130
     said = [line for line in result.stderr.splitlines() if "nterrupted" in line]
@@ -119,7 +120,7 @@ def test_ctrl_c_during_extraction_is_one_line_that_says_what_is_kept(runner, pet
 
 
 def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(runner, pet, monkeypatch):
-    monkeypatch.setattr(vggft.logs, "PLAIN_INTERVAL", 0.0)
+    monkeypatch.setattr(vggft.utils.logs, "PLAIN_INTERVAL", 0.0)
     result = invoke(runner, "check-data", "--set", f"data.root={pet}")  # CliRunner's stderr is no terminal
     assert result.exit_code == 0, result.output
     assert "\r" not in result.stderr
@@ -129,11 +130,11 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(runner, pet, monk
 
 def test_curves_have_whole_epoch_ticks_and_the_best_epoch(monkeypatch, tmp_path):
     figures = []
-    monkeypatch.setattr(vggft.reports, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(vggft.reporting.plots, "_save", lambda fig, path: figures.append(fig) or path)
     history = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "val_loss": 1 / e, "val_acc": a}
                for e, a in ((1, 0.5), (2, 0.9), (3, 0.7))]
-    vggft.reports.save_curves(history[:1], tmp_path / "one.png", best_epoch=1)
-    vggft.reports.save_curves(history, tmp_path / "three.png", best_epoch=2)
+    vggft.reporting.plots.save_curves(history[:1], tmp_path / "one.png", best_epoch=1)
+    vggft.reporting.plots.save_curves(history, tmp_path / "three.png", best_epoch=2)
     for fig in figures:
         for ax in fig.axes:
             low, high = ax.get_xlim()
@@ -270,10 +271,10 @@ def test_precision_of_a_never_predicted_class_is_n_a(runner, pet, tmp_path):
 
 def test_eval_pictures_name_the_model_split_and_files(runner, trained, monkeypatch, tmp_path):
     confusions, grids = [], []
-    real_confusion, real_grid = vggft.evaluate.save_confusion, vggft.evaluate.save_image_grid
-    monkeypatch.setattr(vggft.evaluate, "save_confusion",
+    real_confusion, real_grid = vggft.diagnostics.evaluation.save_confusion, vggft.diagnostics.evaluation.save_image_grid
+    monkeypatch.setattr(vggft.diagnostics.evaluation, "save_confusion",
                         lambda *a, **k: confusions.append(a) or real_confusion(*a, **k))
-    monkeypatch.setattr(vggft.evaluate, "save_image_grid",
+    monkeypatch.setattr(vggft.diagnostics.evaluation, "save_image_grid",
                         lambda images, titles, *a, **k: grids.append(titles) or real_grid(images, titles, *a, **k))
     result = invoke(runner, "eval", "--weights", trained, "--misclassified", "7", "--plots", tmp_path, "-q")
     assert result.exit_code == 0, result.output

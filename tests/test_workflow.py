@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-import vggft.engine
-import vggft.reports
+import vggft.training.loop
+import vggft.reporting.plots
 from conftest import FAST, invoke, make_folder
-from vggft.config import ModelConfig, TrainConfig, load_config
-from vggft.errors import OutputError
-from vggft.inference import load_model
-from vggft.model import build_model, conv_blocks
-from vggft.optim import lr_factor, make_optimizer, make_scheduler
+from vggft.config.schema import ModelConfig, TrainConfig, load_config
+from vggft.utils.errors import OutputError
+from vggft.model.inference import load_model
+from vggft.model.build import build_model, conv_blocks
+from vggft.training.optim import lr_factor, make_optimizer, make_scheduler
 
 @pytest.fixture
 def pet_val(tmp_path):
@@ -73,7 +73,7 @@ def test_curves_that_cannot_be_drawn_are_said_once_the_weights_are_saved(runner,
     def fails(history, path, best_epoch=0):
         raise failure
 
-    monkeypatch.setattr(vggft.reports, "save_curves", fails)
+    monkeypatch.setattr(vggft.reporting.plots, "save_curves", fails)
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, *pipeline)
     assert result.exit_code == 0, result.output
     assert f"{said}; metrics.csv beside it holds the same numbers" in result.stderr.splitlines()
@@ -84,7 +84,7 @@ def test_best_is_the_best_val_epoch_and_early_stopping_stops(runner, pet_val, mo
     """Val accuracy from a script (real Metrics objects: k of the 4 val images right), so the epochs that
     improve are known in advance."""
     correct = iter([1, 3, 2, 2, 3, 4])
-    real = vggft.engine.evaluate
+    real = vggft.training.loop.evaluate
 
     def scripted(module, loader, device, precision=None, *, names, desc="", **kw):
         metrics = real(module, loader, device, precision, names=names, desc=desc, **kw)
@@ -96,7 +96,7 @@ def test_best_is_the_best_val_epoch_and_early_stopping_stops(runner, pet_val, mo
             metrics.confusion[1, 0] = 2 - metrics.confusion[1, 1]
         return metrics
 
-    monkeypatch.setattr(vggft.engine, "evaluate", scripted)
+    monkeypatch.setattr(vggft.training.loop, "evaluate", scripted)
     result = invoke(runner, "train", "--set", f"data.root={pet_val}", *FAST, "--set", "train.epochs=6",
                     "--set", "train.early_stopping.patience=2")
     assert result.exit_code == 0, result.output
@@ -117,7 +117,7 @@ def test_best_is_the_best_val_epoch_and_early_stopping_stops(runner, pet_val, mo
 
 def _ctrl_c_in_epoch(monkeypatch, epoch: int):
     """Ctrl-C as epoch ``epoch`` starts (the epochs before it train for real); returns the real function."""
-    real, calls = vggft.engine.train_one_epoch, []
+    real, calls = vggft.training.loop.train_one_epoch, []
 
     def interrupted(*a, **kw):
         calls.append(1)
@@ -125,7 +125,7 @@ def _ctrl_c_in_epoch(monkeypatch, epoch: int):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(vggft.engine, "train_one_epoch", interrupted)
+    monkeypatch.setattr(vggft.training.loop, "train_one_epoch", interrupted)
     return real
 
 
@@ -143,7 +143,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(runner, pet_val, monkeypat
     assert not multiprocessing.active_children()  # the persistent worker stopped with the run, not 5 s later
     assert result.stderr.strip().splitlines()[-1] == ("Interrupted: runs/train2/last.pt holds epoch 2; "
                                                       "go on with: vggft train --resume runs/train2/last.pt")
-    monkeypatch.setattr(vggft.engine, "train_one_epoch", real)
+    monkeypatch.setattr(vggft.training.loop, "train_one_epoch", real)
     result = invoke(runner, "train", "--resume", "runs/train2/last.pt", "-q")
     assert result.exit_code == 0, result.output
     assert "Resuming runs/train2 after epoch 2" in result.stderr
@@ -196,7 +196,7 @@ def test_unfreeze_gets_its_own_learning_rate(runner, pet, monkeypatch):
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "model.unfreeze=[block5]",
                     "--set", "train.head_only_epochs=1", "--set", "train.epochs=2", "--set", "output.weights=u.pt")
     assert result.exit_code == 130, result.output
-    monkeypatch.setattr(vggft.engine, "train_one_epoch", real)
+    monkeypatch.setattr(vggft.training.loop, "train_one_epoch", real)
     pretrained = torch.load(os.environ["TORCH_HOME"] + "/hub/checkpoints/vgg16-397923af.pth", weights_only=True)
     first = torch.load("runs/train/last.pt", weights_only=True)["model"]
     assert "features.21.weight" not in first

@@ -1,6 +1,6 @@
 """A narrow stand-in for torchvision's VGG: the same class, layer layout and state_dict names (13 convs in
 five blocks for vgg16, ``features[29]`` the last ReLU, ``classifier[6]`` the last Linear), about 20k
-parameters instead of 138M. The tests put it behind ``vggft.model.vgg`` so the real freeze, swap, cache and
+parameters instead of 138M. The tests put it behind ``vggft.model.build.vgg`` so the real freeze, swap, cache and
 save code runs on it; a few tests marked ``real_vgg`` use torchvision's full network instead.
 """
 

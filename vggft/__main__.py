@@ -1,3 +1,3 @@
-from .cli import run
+from vggft.cli import run
 
 run()

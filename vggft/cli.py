@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import Interrupted, VggftError
+from vggft.utils.errors import Interrupted, VggftError
 
 app = typer.Typer(
     help="Fine-tune ImageNet-pretrained VGG networks on a folder of labelled images.",
@@ -108,21 +108,21 @@ def _handle_errors(command):
 
 
 def _rank() -> int:
-    from .env import environment_rank
+    from vggft.utils.torchrun import environment_rank
 
     return environment_rank()
 
 
 def _config(config: Path | None, overrides: list[str] | None):
     """The config, checked before torch is imported: a typo costs milliseconds, not seconds."""
-    from .config import load_config
+    from vggft.config.schema import load_config
 
     return load_config(config, overrides or [])
 
 
 def _output(quiet: bool) -> None:
     """Notes and progress go to stderr; stdout carries the command's result alone."""
-    from .logs import configure
+    from vggft.utils.logs import configure
 
     configure(progress=not quiet)
 
@@ -134,7 +134,7 @@ def _err(message: str) -> None:
 def _require(ok: bool, option: str, expected: str, got) -> None:
     """A senseless option value is one line and exit 2, like a config mistake."""
     if not ok:
-        from .errors import ConfigError
+        from vggft.utils.errors import ConfigError
 
         raise ConfigError(f"{option}: expected {expected}, got {got}")
 
@@ -142,13 +142,13 @@ def _require(ok: bool, option: str, expected: str, got) -> None:
 def _check_pretrained(cfg) -> None:
     """A model.weights that is neither null, a file nor a torchvision weights name of model.arch is a config
     mistake: said before any work (torchvision's list of names is read; nothing is loaded)."""
-    from .config import weights_is_file
+    from vggft.config.schema import weights_is_file
 
     name = cfg.model.weights
     if name is None or weights_is_file(name):
         return  # a file: read (and judged) when the model is built
-    from .artifacts import torchvision_weights
-    from .errors import ConfigError, WeightsError
+    from vggft.model.artifacts import torchvision_weights
+    from vggft.utils.errors import ConfigError, WeightsError
 
     try:
         torchvision_weights(cfg.model.arch, name)
@@ -160,7 +160,7 @@ def _check_pretrained(cfg) -> None:
 
 def _print_version(value: bool) -> None:
     if value:
-        from . import __version__
+        from vggft import __version__
 
         typer.echo(f"vggft {__version__}")
         raise typer.Exit()
@@ -192,14 +192,14 @@ def train(
     overrides = [*(set_ or []), *([f"output.name={name}"] if name else [])]
     if resume:
         if config is not None:
-            from .errors import ConfigError
+            from vggft.utils.errors import ConfigError
 
             raise ConfigError(f"--config {config}: a resumed run goes on with its own config (in its last.pt); "
                               "drop --config, or start a new run with it")
-        from .config import resume_overrides_refused
+        from vggft.config.schema import resume_overrides_refused
 
         resume_overrides_refused(overrides)  # before torch is imported (--name too: the run folder is the run's)
-        from .train import read_resume
+        from vggft.training.train import read_resume
 
         cfg, checkpoint = read_resume(resume, overrides)
     else:
@@ -207,13 +207,13 @@ def train(
     _check_pretrained(cfg)
     _output(quiet)
     if nproc != 1:
-        from .launch import launch_train
+        from vggft.utils.launch import launch_train
 
         args = [*(["--config", str(config)] if config else []), *[a for v in set_ or [] for a in ("--set", v)],
                 *(["--name", name] if name else []), *(["--resume", str(resume)] if resume else []),
                 *(["--quiet"] if quiet else [])]
         raise typer.Exit(launch_train(nproc, args, debug=_state["debug"]))  # the config is valid
-    from .train import RUN_FILES, fit
+    from vggft.training.train import RUN_FILES, fit
 
     result = fit(cfg, resume=resume, checkpoint=checkpoint)
     if _rank() == 0:
@@ -241,7 +241,7 @@ def eval_(
     _require(topk >= 1, "--topk", "1 or more", topk)
     _require(misclassified >= 0, "--misclassified", "0 (no grid) or more", misclassified)
     _output(quiet)
-    from .evaluate import evaluate_weights
+    from vggft.diagnostics.evaluation import evaluate_weights
 
     metrics, _, written = evaluate_weights(weights, config, set_ or [], split=split.value, topk=topk,
                                            misclassified=misclassified, plots_dir=plots, top_losses=top_losses,
@@ -295,8 +295,8 @@ def summary(
     """The torchinfo table of the model as configured; needs no data and no weights file."""
     _require(num_classes is None or num_classes >= 1, "--num-classes", "1 or more", num_classes)
     cfg = _config(config, set_)
-    from .preview import summary as model_summary
-    from .preview import summary_text
+    from vggft.diagnostics.preview import summary as model_summary
+    from vggft.diagnostics.preview import summary_text
 
     typer.echo(summary_text(model_summary(cfg, num_classes)))
 
@@ -315,7 +315,7 @@ def show_batch(
     _require(count is None or count >= 1, "--count", "1 or more images", count)
     cfg = _config(config, set_)
     _output(quiet)
-    from .preview import show_batch as save_batch
+    from vggft.diagnostics.preview import show_batch as save_batch
 
     path = save_batch(cfg, split=split.value, out=out, count=count)
     typer.echo(str(path))
@@ -343,19 +343,19 @@ def check_data(
              max_imbalance)
     cfg = _config(config, set_)
     _output(quiet)
-    from .data import check
-    from .reports import format_report
+    from vggft.data import check
+    from vggft.reporting.plots import format_report
 
     if quarantine is not None:
         check.check_destination(quarantine)  # before the scan: nothing half-done
 
     if similarity is not None and not near_duplicates:
-        from .errors import ConfigError
+        from vggft.utils.errors import ConfigError
 
         raise ConfigError("--similarity: sets the threshold of --near-duplicates; add --near-duplicates")
     report = check.check_data(cfg, max_imbalance=max_imbalance)
     if near_duplicates:
-        from .near_duplicates import DEFAULT_SIMILARITY, find_near_duplicates
+        from vggft.diagnostics.near_duplicates import DEFAULT_SIMILARITY, find_near_duplicates
 
         find_near_duplicates(cfg, report, DEFAULT_SIMILARITY if similarity is None else similarity)
     typer.echo(format_report(report))
@@ -386,7 +386,7 @@ def predict(
     _require(topk >= 1, "--topk", "1 or more", topk)
     _require(batch_size >= 1, "--batch-size", "1 or more images", batch_size)
     _output(quiet)
-    from .inference import predict as run_predict
+    from vggft.model.inference import predict as run_predict
 
     rows = run_predict(weights, inputs, config, set_ or [], topk=topk, batch_size=batch_size)
     if csv_path is not None:
@@ -422,7 +422,7 @@ def explain(
 ) -> None:
     """Grad-CAM: where in each image the network found the evidence for a class (heatmap PNG and .npy map)."""
     _output(quiet)
-    from .explain import explain as run_explain
+    from vggft.diagnostics.explain import explain as run_explain
 
     rows = run_explain(weights, inputs, config, set_ or [], class_name=class_name, out=out, batch_size=batch_size)
     _echo_rows(rows, as_json, f"{'class':<12}  {'prob':>6}  overlay",
@@ -447,7 +447,7 @@ def _echo_rows(rows: list[dict], as_json: bool, header: str, line) -> None:
 def _write_predictions_csv(rows: list[dict], path: Path) -> None:
     import csv
 
-    from .files import atomic_path
+    from vggft.utils.files import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8",
                                            errors="surrogateescape") as handle:  # a path's own bytes
@@ -473,8 +473,8 @@ def export(
     set_: _set_option("data.image_size=160") = None,
 ) -> None:
     """Export to ONNX, torch.export (.pt2) or TorchScript (normalised images in, logits out), checked against PyTorch."""
-    from .export import TOLERANCE
-    from .export import export as run_export
+    from vggft.model.export import TOLERANCE
+    from vggft.model.export import export as run_export
 
     path, diff = run_export(weights, fmt.value if fmt else None, out, config, set_ or [])
     typer.echo(f"Exported {path} (max |diff| vs PyTorch: {diff:.1e}, tolerance {TOLERANCE:.0e})")
@@ -522,12 +522,12 @@ def sweep(
     """Train one head per setting on the cached rows (one extraction), rank them on val, write best.yaml."""
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
-    from .sweepplan import parse_grid, parse_range, plan_trials, trial_configs
+    from vggft.tuning.sweep_plan import parse_grid, parse_range, plan_trials, trial_configs
 
     plans = plan_trials([parse_grid(g) for g in grid or []], [parse_range(r) for r in range_ or []], trials, seed)
     trial_configs(cfg, plans)  # a bad value is refused before torch is imported
     _output(quiet)
-    from .tune import sweep as run_sweep
+    from vggft.tuning.sweep import sweep as run_sweep
 
     result = run_sweep(cfg, plans, save_best=save_best)
     show = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -542,7 +542,7 @@ def sweep(
     _wrote(result.run_dir, result.files)
     typer.echo(f"Train it: vggft train --config {result.run_dir / 'best.yaml'}")
     if result.weights is not None:
-        from .artifacts import sidecar_path
+        from vggft.model.artifacts import sidecar_path
 
         typer.echo(f"Saved {result.weights} (sidecar {sidecar_path(result.weights)})")
 
@@ -568,7 +568,7 @@ def lr_find(
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
-    from .lrfind import lr_find as run_lr_find
+    from vggft.tuning.lr_find import lr_find as run_lr_find
 
     found = run_lr_find(cfg, start=start, end=end, steps=None if one_pass else steps, suggestion=suggest.value)
     test = found.test
@@ -595,7 +595,7 @@ def kfold(
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
-    from .folds import kfold as run_kfold
+    from vggft.tuning.kfold import kfold as run_kfold
 
     run, folder, files = run_kfold(cfg, folds, seed)
     for f in run.figures:
@@ -624,7 +624,7 @@ def label_issues(
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
-    from .labelissues import label_issues as find
+    from vggft.tuning.label_issues import label_issues as find
 
     found = find(cfg, folds=folds, seed=seed, out=out, show=show, move=move)
     names = found.run.data.names
@@ -653,7 +653,7 @@ def make_demo(
     """Write a small two-class image folder (train/ and test/, 64 px JPEGs) to try vggft offline."""
     _require(train_per_class >= 1, "--train-per-class", "1 or more images", train_per_class)
     _require(test_per_class >= 1, "--test-per-class", "1 or more images", test_per_class)
-    from .demo import make_demo_data
+    from vggft.data.demo import make_demo_data
 
     typer.echo(str(make_demo_data(root, train_per_class, test_per_class)))
 
@@ -667,8 +667,8 @@ def configs(
                                            "means (a config file to start from).")] = False,
 ) -> None:
     """The shipped presets (use one with --config NAME), one of them in full, or every key's default."""
-    from . import presets
-    from .errors import ConfigError
+    from vggft.config import presets
+    from vggft.utils.errors import ConfigError
 
     if show is not None and defaults:
         raise ConfigError("--show and --defaults: give one of them")

@@ -8,7 +8,7 @@ import sys
 
 if os.environ.get("VGGFT_TEST_TINY"):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for tiny.py
-    import vggft.model
+    import vggft.model.build
     from tiny import tiny_vgg
 
-    vggft.model.vgg = tiny_vgg
+    vggft.model.build.vgg = tiny_vgg

@@ -6,10 +6,10 @@ every image (its verdict cached), the unreadable ones left out or an error per `
 
 from __future__ import annotations
 
-from ..config import Config
-from ..files import cache_root
-from .folders import SPLITS, DataSplits, Sample, find_splits, split_record
-from .images import BadImages, drop_bad_images
+from vggft.config.schema import Config
+from vggft.utils.files import cache_root
+from vggft.data.folders import SPLITS, DataSplits, Sample, find_splits, split_record
+from vggft.data.images import BadImages, drop_bad_images
 
 __all__ = ["SPLITS", "BadImages", "DataSplits", "Sample", "find_splits", "prepare_data", "split_record"]
 

@@ -14,11 +14,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config
-from ..errors import OutputError
-from ..files import cache_root, check_folder
-from .folders import SPLITS, DataSplits, find_splits
-from .images import Verdict, VerdictCache, inspect_all
+from vggft.config.schema import Config
+from vggft.utils.errors import OutputError
+from vggft.utils.files import cache_root, check_folder
+from vggft.data.folders import SPLITS, DataSplits, find_splits
+from vggft.data.images import Verdict, VerdictCache, inspect_all
 
 
 @dataclass

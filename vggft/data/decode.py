@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DataConfig
-from ..errors import ConfigError, DataError
-from ..logs import log
-from .images import ImageRefused, open_regular
-from .loaders import ImageList, image_loader, make_loader
-from .transforms import eval_transform, normalization
+from vggft.config.schema import DataConfig
+from vggft.utils.errors import ConfigError, DataError
+from vggft.utils.logs import log
+from vggft.data.images import ImageRefused, open_regular
+from vggft.data.loaders import ImageList, image_loader, make_loader
+from vggft.data.transforms import eval_transform, normalization
 
 PLAIN_SOF = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded: what nvJPEG's batch decoder takes
 NOT_SOF = (0xC4, 0xC8, 0xCC)  # DHT, JPG extension, DAC share the 0xC_ range

@@ -16,9 +16,9 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DataConfig
-from ..errors import DataError
-from ..logs import log
+from vggft.config.schema import DataConfig
+from vggft.utils.errors import DataError
+from vggft.utils.logs import log
 
 # torchvision's ImageFolder extensions; anything else (Thumbs.db, notes, .DS_Store) is not an image.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..config import DataConfig
-from ..errors import DataError
-from ..files import atomic_path, file_identity, human_size, save_json
-from ..logs import log, progress
-from .folders import SPLITS, DataSplits, not_regular
+from vggft.config.schema import DataConfig
+from vggft.utils.errors import DataError
+from vggft.utils.files import atomic_path, file_identity, human_size, save_json
+from vggft.utils.logs import log, progress
+from vggft.data.folders import SPLITS, DataSplits, not_regular
 
 WHITE = (255, 255, 255)
 MAX_ASPECT = 50  # longer side over shorter: Resize(256) of an 80000x1 strip would be 256 x 20,480,000 pixels

@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from ..errors import DataError
-from .images import DECODE_ERRORS, open_rgb
+from vggft.utils.errors import DataError
+from vggft.data.images import DECODE_ERRORS, open_rgb
 
 
 class ImageList(Dataset):

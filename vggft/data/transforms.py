@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision import transforms as T
 
-from ..config import DataConfig
+from vggft.config.schema import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,0 +1,1 @@
+"""Looking at a trained model: eval, Grad-CAM, near-duplicates, summary and show-batch."""

@@ -1,0 +1,184 @@
+"""``vggft eval``: scoring saved weights on a split, every image once, with exact counts and per-class figures.
+
+Takes vggft's own weights (with their JSON sidecar), a run's best.pt/last.pt, and plain state_dicts
+saved by the tutorial's script (class count read from the weights, class names from the data).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import torch
+
+from vggft.training.calibration import calibration_summary
+from vggft.config.schema import Config
+from vggft.data import DataSplits, find_splits
+from vggft.data.images import drop_bad_images, open_rgb
+from vggft.data.loaders import make_loader
+from vggft.data.transforms import eval_transform, normalization
+from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
+from vggft.training.loop import evaluate
+from vggft.utils.errors import ConfigError, DataError, OutputError, WeightsError
+from vggft.features.cache import FeatureSource
+from vggft.utils.files import atomic_path, cache_root
+from vggft.model.inference import TrainedModel, load_model
+from vggft.utils.logs import log
+from vggft.reporting.metrics import Metrics
+from vggft.reporting.plots import save_confusion, save_image_grid, save_reliability
+
+
+def align_labels(trained: TrainedModel, splits: DataSplits) -> DataSplits:
+    """Relabel the data to the order the weights were trained with; refuse a class-count mismatch."""
+    data_names = splits.class_names
+    if trained.class_names is None:
+        if trained.num_classes != len(data_names):
+            raise WeightsError(
+                f"--weights: '{trained.path}' has a {trained.num_classes}-class head but {splits.root} has "
+                f"{len(data_names)} classes ({', '.join(data_names)}); evaluate on the data it was trained on "
+                "(--set data.root=PATH)"
+            )
+        trained.class_names = list(data_names)
+        return splits
+    unknown = [name for name in data_names if name not in trained.class_names]
+    if unknown:
+        raise DataError(
+            f"{splits.root}: class(es) {', '.join(unknown)} unknown to '{trained.path}' "
+            f"(trained on {', '.join(trained.class_names)}); evaluate on data with those classes"
+        )
+    index = [trained.class_names.index(name) for name in data_names]
+    relabelled = {split: [(path, index[label]) for path, label in samples]
+                  for split, samples in splits.splits.items()}
+    return DataSplits(splits.root, splits.layout, list(trained.class_names), relabelled)
+
+
+def one_split(cfg: Config, record: dict | None, source: str, split: str) -> DataSplits:
+    """The ``split`` alone, its images decoded (verdicts cached) and the unreadable ones skipped or an error:
+    the other splits' files are not read, and not counted in the "Skipping N unreadable image(s)" note."""
+    found = find_splits(cfg.data, record, source)
+    if not found[split]:
+        raise DataError(f"{found.root}: the {split} split has no images; choose another with --split")
+    only = DataSplits(found.root, found.layout, found.class_names, {split: found[split]})
+    splits, _ = drop_bad_images(only, cfg.data, cache_root(cfg.cache.dir) if cfg.cache.enabled else None)
+    return splits
+
+
+def evaluate_weights(
+    weights: Path,
+    config: Path | None = None,
+    overrides: list[str] = (),
+    *,
+    split: str = "test",
+    topk: int = 5,
+    misclassified: int = 0,
+    plots_dir: Path | None = None,
+    top_losses: int = 0,
+    explain: bool = False,
+) -> tuple[Metrics, TrainedModel, list[Path]]:
+    """acc@1 (and per-class figures, confused pairs, calibration) of saved weights on every image of ``split``.
+
+    ``misclassified``/``top_losses``: grids of the N most confident mistakes / N highest-loss images (the
+    latter with a CSV); ``explain`` draws Grad-CAM heatmaps of the predicted class on those grids.
+    """
+    if misclassified < 0 or top_losses < 0:
+        raise ConfigError("--misclassified, --top-losses: expected a count of 0 or more")
+    if explain and not (misclassified or top_losses):
+        raise ConfigError("--explain draws heatmaps on the --misclassified or --top-losses grid; add "
+                          "--misclassified N (or --top-losses N)")
+    trained = load_model(weights, config, overrides)
+    cfg = trained.cfg
+    device = resolve_device(cfg.train.device)
+    prepare_backend(device)
+    record = trained.sidecar.get("split") if trained.sidecar else None
+    splits = align_labels(trained, one_split(cfg, record, str(weights), split))
+    samples = splits[split]
+    precision = autocast_dtype(device, cfg.train.amp)
+    source = FeatureSource(trained.model, cfg, device, precision)
+    with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
+        loader = make_loader(source.dataset(samples, desc=split), cfg.data.eval_batch_size, device=device,
+                             num_workers=source.loader_workers)
+        metrics = evaluate(source.module, loader, device, precision, names=trained.names,
+                           ks=sorted({1, topk}), keep=True, desc=f"Evaluating {split}")
+    metrics.extra["calibration"] = calibration_summary(torch.cat(metrics.logits), torch.cat(metrics.labels),
+                                                       trained.temperature)
+    out = _Plots(Path(plots_dir) if plots_dir else Path(weights).parent, Path(weights).stem, split)
+    _write_plots(out, metrics, trained, splits, split, misclassified=misclassified, top_losses=top_losses,
+                 explain=explain, device=device)
+    return metrics, trained, out.written
+
+
+def _write_plots(out: _Plots, metrics: Metrics, trained: TrainedModel, splits: DataSplits, split: str, *,
+                 misclassified: int, top_losses: int, explain: bool, device: torch.device) -> None:
+    """The files beside the scores: confusion matrices, reliability diagram, the mistakes and top-losses grids."""
+    samples = splits[split]
+    title = f"{trained.path.name} on the {split} split: {metrics.summary_line()}"
+    out.write("Confusion matrix PNG", save_confusion, metrics.confusion, metrics.class_names,
+              out.path("confusion", "png"), title, False)
+    out.write("Row-normalised confusion matrix PNG", save_confusion, metrics.confusion, metrics.class_names,
+              out.path("confusion", "png", "_normalized"), title, True)
+    out.write("Reliability diagram PNG", save_reliability, metrics.extra["calibration"], out.path("reliability", "png"))
+    mistakes = metrics.worst_mistakes(misclassified)
+    if mistakes:
+        names = metrics.class_names
+        titles = [f"true {names[t]}\npred {names[p]} ({c:.2f})\n{os.path.relpath(samples[i][0], splits.root)}"
+                  for i, t, p, c in mistakes]
+        out.write("Mistakes grid", _grid, trained, samples, mistakes, titles, ["red"] * len(mistakes), explain,
+                  out.path("misclassified", "png"), device)
+    elif misclassified > 0:
+        log.info(f"--misclassified: no mistakes on the {split} split, so no grid was written")
+    if top_losses:
+        _top_losses(metrics, trained, samples, top_losses, explain, out, device)
+
+
+class _Plots:
+    """Where eval's files go (``<folder>/<stem>.<kind>_<split>.<ext>``) and which were written."""
+
+    def __init__(self, folder: Path, stem: str, split: str):
+        self.folder, self.stem, self.split, self.written = folder, stem, split, []
+
+    def path(self, kind: str, ext: str, suffix: str = "") -> Path:
+        return self.folder / f"{self.stem}.{kind}_{self.split}{suffix}.{ext}"
+
+    def write(self, what: str, save, *args) -> None:
+        try:  # the scores are the result; a file that cannot be written is a note, not a failure
+            self.written.append(save(*args))
+        except OutputError as err:
+            log.warning(f"{what} not written ({err}); choose a folder with --plots DIR")
+
+
+def _grid(trained: TrainedModel, samples, picked: list[tuple], titles: list[str], colors: list[str],
+          explain: bool, path: Path, device: torch.device) -> Path:
+    """The picked samples (index, true, predicted, ...) as a titled grid, with Grad-CAM of the prediction if asked."""
+    cfg = trained.cfg
+    images = torch.stack([eval_transform(cfg.data)(open_rgb(samples[i][0])) for i, *_ in picked])
+    heatmaps = None
+    if explain:
+        from vggft.diagnostics.explain import grad_cam
+
+        heatmaps = grad_cam(trained.model.to(device), images.to(device), [p for _, _, p, *_ in picked]).maps
+    mean, std = normalization(cfg.data)
+    return save_image_grid(images, titles, mean, std, path, title_colors=colors, heatmaps=heatmaps)
+
+
+def _top_losses(metrics: Metrics, trained: TrainedModel, samples, count: int, explain: bool, out: _Plots,
+                device: torch.device) -> None:
+    """The ``count`` highest-loss images: a CSV (path, true, predicted, probability, loss) and a grid."""
+    worst = metrics.top_losses(count)
+    names = metrics.class_names
+    rows = [{"path": samples[i][0], "true": names[t], "predicted": names[p], "probability": c, "loss": loss}
+            for i, t, p, c, loss in worst]
+    metrics.extra["top_losses"] = rows
+    out.write("Top-losses CSV", _write_csv, rows, out.path("top_losses", "csv"))
+    titles = [f"true {r['true']}\npred {r['predicted']} {r['probability']:.2f}\nloss {r['loss']:.2f}" for r in rows]
+    colors = ["green" if r["true"] == r["predicted"] else "red" for r in rows]
+    out.write("Top-losses grid", _grid, trained, samples, worst, titles, colors, explain, out.path("top_losses", "png"),
+              device)
+
+
+def _write_csv(rows: list[dict], path: Path) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, ["path", "true", "predicted", "probability", "loss"])
+        writer.writeheader()
+        writer.writerows({**r, "probability": f"{r['probability']:.6f}", "loss": f"{r['loss']:.6f}"} for r in rows)
+    return path

@@ -1,0 +1,58 @@
+"""Looking at the model and the data without training: the torchinfo summary and a batch grid."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torchinfo
+
+from vggft.config.schema import Config
+from vggft.data import prepare_data
+from vggft.data.loaders import image_loader
+from vggft.data.transforms import eval_transform, normalization, train_transform
+from vggft.utils.errors import DataError
+from vggft.model import build as networks
+from vggft.model.build import freeze, replace_head
+from vggft.reporting.plots import save_image_grid
+
+
+def summary(cfg: Config, num_classes: int | None = None) -> torchinfo.ModelStatistics:
+    """The torchinfo table of the model as configured: architecture only, no data, no weights file."""
+    classes = num_classes or cfg.model.num_classes or 2
+    model = networks.vgg(cfg.model.arch, init_weights=False)  # looked up when called: tests swap the factory
+    with torch.no_grad():
+        for param in model.parameters():  # defined values for the shape-only forward pass
+            param.zero_()
+    replace_head(model, cfg.model.head, classes)
+    freeze(model, cfg.model)
+    size = cfg.data.image_size
+    return torchinfo.summary(model, input_size=(1, 3, size, size), device="cpu", verbose=0, depth=2,
+                             col_names=("output_size", "num_params", "trainable"))
+
+
+UNIT_PREFIX = {"MEGABYTES": "millions", "GIGABYTES": "billions", "TERABYTES": "trillions"}
+
+
+def summary_text(stats: torchinfo.ModelStatistics) -> str:
+    """torchinfo's table as text, its mult-adds in plain units: torchinfo 1.8 on Python 3.11+ writes
+    'Total mult-adds (Units.GIGABYTES)' (an enum's name) where it means a count in billions (G)."""
+    return re.sub(r"\(Units\.(\w+)\)", lambda m: f"({UNIT_PREFIX.get(m[1], m[1])})", str(stats))
+
+
+def show_batch(cfg: Config, split: str = "train", out: Path | None = None, count: int | None = None) -> Path:
+    """A PNG grid of one batch as the model sees it, de-normalised, each titled with its class."""
+    splits, _ = prepare_data(cfg)
+    samples = splits[split]
+    if not samples:
+        raise DataError(f"{splits.root}: the {split} split has no images; choose another with --split")
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    transform = train_transform(cfg.data) if split == "train" else eval_transform(cfg.data)
+    loader = image_loader(samples, transform, count or cfg.data.batch_size, device=torch.device("cpu"),
+                          num_workers=0, shuffle=True, generator=generator)
+    images, labels = next(iter(loader))
+    mean, std = normalization(cfg.data)
+    out = Path(out) if out else Path(cfg.output.weights).parent / f"batch_{split}.png"
+    return save_image_grid(images, [splits.class_names[i] for i in labels.tolist()], mean, std, out)
+

@@ -1,0 +1,204 @@
+"""Using trained weights: loading them into a model, and predicting classes for image files and folders.
+
+Nothing here imports training, optimisers, distributed code or the feature cache. Preprocessing is
+the one the weights were trained with (the sidecar's config: a model trained at 160 px is served at
+160 px). An image that cannot be decoded gets a row with an ``error`` instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from vggft.model.artifacts import read_weights, sidecar_path
+from vggft.config.schema import Config, load_config
+from vggft.data.folders import IMG_EXTENSIONS, display_name, images_in, note_skipped
+from vggft.data.images import DECODE_ERRORS, decode_failure, open_rgb
+from vggft.data.loaders import make_loader
+from vggft.data.transforms import eval_transform
+from vggft.utils.device import (autocast_dtype, autocast_factory, out_of_memory_hint, prepare_backend, resolve_device,
+                     resolve_workers)
+from vggft.utils.errors import ConfigError, DataError, WeightsError
+from vggft.utils.logs import progress
+from vggft.reporting.metrics import output_names
+from vggft.model.build import describe_state_dict, freeze, model_from_weights
+
+
+@dataclass
+class TrainedModel:
+    """Saved weights with what is needed to use them: architecture, head, class names, config."""
+
+    model: torch.nn.Module
+    cfg: Config
+    class_names: list[str] | None  # None: a bare state_dict; names come from the data
+    num_classes: int
+    sidecar: dict | None
+    path: Path
+
+    @property
+    def names(self) -> list[str]:
+        """A name per output: the class names (class_0, class_1, ... for a bare state_dict), then unused_K."""
+        return output_names(self.class_names or [f"class_{i}" for i in range(self.num_classes)], self.num_classes)
+
+    @property
+    def temperature(self) -> float | None:
+        """The temperature fitted on the val split at training time (None: none was fitted)."""
+        return self.sidecar.get("temperature") if self.sidecar else None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities, softmax(logits / T), when the sidecar holds a temperature; else softmax."""
+        return torch.softmax(logits.float() / (self.temperature or 1.0), dim=1)
+
+
+def load_model(weights: Path, config: Path | None = None, overrides: list[str] = ()) -> TrainedModel:
+    """Weights plus their sidecar (if any), the sidecar's config under ``--config``/``--set``."""
+    saved = read_weights(weights)
+    state_dict, sidecar, weights = saved.state_dict, saved.sidecar, saved.path
+    try:
+        arch, head, num_classes = describe_state_dict(state_dict)
+    except WeightsError as err:
+        raise WeightsError(f"--weights: '{weights}' is not VGG weights vggft can use: {err}") from None
+    except (KeyError, IndexError):
+        raise WeightsError(f"--weights: '{weights}' is not a VGG state_dict") from None
+    if sidecar and sidecar.get("num_classes", num_classes) != num_classes:
+        raise WeightsError(
+            f"{sidecar_path(weights)}: describes a {sidecar['num_classes']}-class model but '{weights}' "
+            f"has a {num_classes}-class head (the files come from different runs, or a save was cut short); "
+            "train again, or delete the sidecar to evaluate the weights alone"
+        )
+    base = sidecar["config"] if sidecar else {"model": {"arch": arch, "head": head}}
+    cfg = load_config(config, overrides, base=base)
+    # What the file holds wins over what a config says about it.
+    cfg.model = dataclasses.replace(cfg.model, arch=arch, head=head, num_classes=num_classes, unfreeze=0)
+    cfg.data = dataclasses.replace(cfg.data, augment="none")
+    try:
+        model = model_from_weights(state_dict, arch, head, num_classes)
+    except RuntimeError as err:
+        raise WeightsError(f"--weights: '{weights}' does not load into {arch} ({str(err).splitlines()[0]})") from None
+    freeze(model, cfg.model)  # the same frozen prefix as in training, so cached features are shared
+    class_names = [display_name(name) for name in sidecar["class_names"]] if sidecar else None
+    _check_temperature(sidecar, weights)
+    return TrainedModel(model, cfg, class_names, num_classes, sidecar, Path(weights))
+
+
+def _check_temperature(sidecar: dict | None, weights: Path) -> None:
+    value = sidecar.get("temperature") if sidecar else None
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and 0 < value < float("inf")):
+        raise WeightsError(f"{sidecar_path(weights)}: temperature {value!r} is not a positive number; "
+                           "train again, or remove the temperature key to use uncalibrated probabilities")
+
+
+def collect_images(inputs: Sequence[Path]) -> list[str]:
+    """The files named, and every image below the folders named (hidden ones skipped), sorted, once each.
+
+    A file named that is not a regular file (a FIFO) is listed: it gets an error row, never a read.
+    """
+    if not inputs:
+        raise DataError("IMAGE_OR_DIR: no input given; name image files or folders of images")
+    found: dict[str, str] = {}
+    skipped: list[tuple[str, str]] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            paths = images_in(item, skipped=skipped)
+        elif item.exists():
+            paths = [str(item)]
+        else:
+            raise DataError(f"IMAGE_OR_DIR: '{item}' not found; name existing image files or folders")
+        for path in paths:
+            found.setdefault(os.path.realpath(path), path)
+    note_skipped(skipped, ", ".join(str(item) for item in inputs))
+    if not found:
+        named = ", ".join(f"'{item}'" for item in inputs)
+        raise DataError(f"IMAGE_OR_DIR: no image files ({', '.join(IMG_EXTENSIONS)}) in {named}")
+    return sorted(found.values())
+
+
+class _Images(Dataset):
+    """(tensor, error message): a zero tensor and the reason for a file that cannot be decoded."""
+
+    def __init__(self, paths: list[str], transform, size: int):
+        self.paths, self.transform, self.size = paths, transform, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.transform(open_rgb(self.paths[index])), ""
+        except DECODE_ERRORS as err:  # a 0-byte file is "empty", as vggft check-data says
+            reason, detail = ("empty", "0 bytes") if _empty(self.paths[index]) else decode_failure(err)
+            lines = detail.strip().splitlines()
+            return torch.zeros(3, self.size, self.size), f"{reason} ({lines[0]})" if lines else reason
+
+
+def _empty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def image_batches(trained: TrainedModel, paths: list[str], batch_size: int,
+                  desc: str) -> Iterator[tuple[Iterator[tuple[torch.Tensor, list[str]]], torch.device]]:
+    """(batches, device) for running ``trained.model`` (moved to ``device``) over ``paths``: each batch is the
+    images on the device (preprocessed as in training, zeros for a file that cannot be decoded) and every
+    file's error ('' if none). Loader workers as data.num_workers says; running out of memory inside the
+    block is one line naming --batch-size."""
+    cfg = trained.cfg
+    device = resolve_device(cfg.train.device)
+    prepare_backend(device)
+    trained.model.to(device)
+    dataset = _Images(paths, eval_transform(cfg.data), cfg.data.image_size)
+    loader = make_loader(dataset, batch_size, device=device, num_workers=resolve_workers(cfg.data, device))
+    batches = ((images.to(device, non_blocking=True), errors)
+               for images, errors in progress(loader, desc=desc, unit="batch"))
+    with out_of_memory_hint(device, {"--batch-size": batch_size}):
+        yield batches, device
+
+
+def predict(
+    weights: Path,
+    inputs: Sequence[Path],
+    config: Path | None = None,
+    overrides: Sequence[str] = (),
+    topk: int = 5,
+    batch_size: int = 32,
+) -> list[dict]:
+    """One row per image, sorted by path: {"path", "top": [{"class", "probability"}, ...], "calibrated",
+    "temperature"}, or {"path", "top": [], "error", ...} for a file that cannot be decoded.
+
+    With a temperature in the sidecar the probabilities are calibrated: softmax(logits / T)."""
+    if topk < 1:
+        raise ConfigError(f"--topk: expected 1 or more, got {topk}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size: expected 1 or more, got {batch_size}")
+    paths = collect_images(inputs)
+    trained = load_model(weights, config, list(overrides))
+    names = trained.names
+    k = min(topk, trained.num_classes)
+    rows: list[dict] = []
+    calibration = {"calibrated": trained.temperature is not None, "temperature": trained.temperature}
+    with image_batches(trained, paths, batch_size, "Predicting") as (batches, device), torch.inference_mode():
+        autocast = autocast_factory(device, autocast_dtype(device, trained.cfg.train.amp))  # as vggft eval scores
+        for images, errors in batches:
+            with autocast():
+                logits = trained.model(images)
+            probs, indices = trained.probabilities(logits).topk(k, dim=1)
+            for p_row, i_row, error in zip(probs.tolist(), indices.tolist(), errors):
+                path = paths[len(rows)]
+                if error:
+                    rows.append({"path": path, "top": [], "error": error, **calibration})
+                else:
+                    rows.append({"path": path, "top": [{"class": names[i], "probability": p}
+                                                       for p, i in zip(p_row, i_row)], **calibration})
+    return rows

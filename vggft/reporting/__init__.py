@@ -1,0 +1,1 @@
+"""Numbers and pictures: metrics, text tables and every plot."""

@@ -1,0 +1,1 @@
+"""Training: the loop, optimisers, ``fit``, calibration, shared steps and TensorBoard."""

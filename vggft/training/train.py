@@ -1,0 +1,494 @@
+"""``vggft train``: from a config to saved weights, as setup → epochs → finish.
+
+Setup finds the data, builds the model, decides between cached rows and images, and extracts what the
+cache lacks; the epochs are ``vggft.engine.run_epochs`` with a checkpoint after each; finishing puts
+the best val epoch back, tests it and saves weights and sidecar. Under torchrun every process calls
+``fit``; they share the work and only rank 0 prints or writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler, Subset, WeightedRandomSampler
+
+from vggft.model import artifacts
+from vggft.utils import rng
+from vggft.training import tensorboard as tensorboard_log
+from vggft.utils.background import Background
+from vggft.training.calibration import TemperatureFit, fit_temperature
+from vggft.config.schema import Config, load_config, resume_overrides_refused
+from vggft.data import DataSplits, prepare_data, split_record
+from vggft.data.loaders import make_loader, stop_workers
+from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
+from vggft.utils.distributed import (Group, is_peer_failure, is_timeout, main_first, process_group, reduce_metrics,
+                          stalled)
+from vggft.training.loop import (HISTORY_COLUMNS, Loop, Progress, class_weights, epoch_line, evaluate, restore_best,
+                     row_threads, run_epochs)
+from vggft.utils.errors import (ConfigError, DataError, DivergedError, Interrupted, OutputError, VggftError, WeightsError,
+                     first_line)
+from vggft.features.cache import FeatureSource
+from vggft.utils.files import check_folder, check_free_space, check_name_length, save_text
+from vggft.utils.logs import log, silence
+from vggft.features.fingerprints import pretrained_file
+from vggft.reporting.metrics import Metrics, output_names
+from vggft.model.build import build_model, parameter_counts
+from vggft.training.optim import make_optimizer, make_scheduler
+
+RUN_FILES = "config.yaml, metrics.csv, last.pt, best.pt, curves.png"
+
+
+@dataclass
+class TrainResult:
+    weights: Path
+    sidecar: Path
+    run_dir: Path
+    class_names: list[str]
+    history: list[dict] = field(default_factory=list)
+    test: Metrics | None = None
+
+
+@dataclass
+class Run:
+    """One training run as set up: what the epochs and the finish need."""
+
+    cfg: Config
+    splits: DataSplits
+    model: nn.Module
+    source: FeatureSource
+    loop: Loop
+    state: Progress
+    generator: torch.Generator
+    run_dir: Path | None
+    test_loader: object
+    fingerprint: str
+    start: int = 1
+    board: object = None  # a TensorBoardLog (output.tensorboard, rank 0)
+    curves: _Curves | None = None  # curves.png, drawn on a thread of its own (rank 0)
+
+    @property
+    def split(self) -> dict | None:
+        return split_record(self.splits, self.cfg.data) if self.splits.layout == "pool" else None
+
+
+def new_run_dir(runs_dir: str, name: str | None) -> Path:
+    """runs/train, runs/train2, ...: an existing run folder is never written into."""
+    base = name or "train"
+    candidate, n = Path(runs_dir) / base, 1
+    while candidate.exists():
+        n += 1
+        candidate = Path(runs_dir) / f"{base}{n}"
+    return candidate
+
+
+def resume_config(checkpoint_path: Path, overrides: list[str] = ()) -> Config:
+    """The config a run was started with, under the ``--set`` overrides that can still take effect."""
+    return read_resume(checkpoint_path, overrides)[0]
+
+
+def read_resume(checkpoint_path: Path, overrides: list[str] = ()) -> tuple[Config, dict]:
+    """``resume_config`` and the checkpoint itself, read once: pass it on to ``fit(checkpoint=...)``."""
+    resume_overrides_refused(list(overrides))
+    body = artifacts.load_checkpoint(checkpoint_path)
+    if body.get("kind") == "best":
+        raise WeightsError(f"--resume: '{checkpoint_path}' is the run's best epoch ({body['epoch']}), kept for "
+                           f"eval, predict and export; go on with {Path(checkpoint_path).with_name('last.pt')}, "
+                           "or start a new run")
+    return load_config(None, overrides, base=body["config"]), body
+
+
+def fit(cfg: Config, *, resume: Path | None = None, checkpoint: dict | None = None) -> TrainResult:
+    """Train as configured (or go on from a run's last.pt), evaluate on test, save weights and sidecar.
+
+    ``checkpoint``: the body of ``resume``, when ``read_resume`` has read it already."""
+    device = resolve_device(cfg.train.device)
+    if cfg.output.tensorboard:
+        tensorboard_log.require()  # before any work
+    with process_group(device) as (group, device):
+        if group.active:
+            _check_distributed(cfg)
+        if not group.is_main:
+            silence()  # rank 0 speaks for the job
+        try:
+            run = _setup(cfg, resume, device, group, checkpoint)
+            memory = out_of_memory_hint(device, {"data.batch_size": cfg.data.batch_size,
+                                                 "data.eval_batch_size": cfg.data.eval_batch_size})
+            try:
+                with memory:
+                    test = _train(run)
+                return _finish(run, test)
+            finally:
+                stop_workers(run.loop.train_loader, run.loop.val_loader)
+                if run.curves is not None:
+                    run.curves.settle()  # no thread left writing once fit has returned or raised
+        except VggftError as err:  # past the pre-flight that every rank shares, an error is this rank's own
+            err.rank_specific = err.rank_specific or "run" in locals()
+            raise
+        except RuntimeError as err:
+            if group.active and is_timeout(err):
+                raise stalled(group, err) from None
+            if not (group.active and is_peer_failure(err)):
+                raise
+            error = VggftError(f"another process of this job stopped ({first_line(err)}); its error is above")
+            error.rank_specific = True
+            raise error from None
+
+
+def _check_distributed(cfg: Config) -> None:
+    if cfg.data.balance == "sampler":
+        raise ConfigError("data.balance: 'sampler' cannot shard across processes; use weights (a weighted loss)")
+    if cfg.train.head_only_epochs and cfg.model.unfreeze:
+        raise ConfigError("train.head_only_epochs: two-stage training is not supported under torchrun yet; "
+                          "set it to 0, or run it as one process")
+
+
+# --- setup ------------------------------------------------------------------------------------------
+
+def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group, body: dict | None = None) -> Run:
+    if resume and body is None:
+        body = artifacts.load_checkpoint(resume)
+    if body and cfg.train.scheduler == "onecycle" and body["config"]["train"]["epochs"] != cfg.train.epochs:
+        raise ConfigError(f"train.epochs: a onecycle schedule is laid out for the run's "
+                          f"{body['config']['train']['epochs']} epochs at its start; resume with that many, "
+                          "or start a new run")
+    artifacts.check_writable(Path(cfg.output.weights))
+    check_folder(cfg.output.runs_dir, "output.runs_dir", "choose another folder with --set output.runs_dir=PATH")
+    if not resume:
+        check_name_length(Path(cfg.output.runs_dir) / (cfg.output.name or "train"), "output.name (--name)", spare=4)
+    prepare_backend(device)
+    splits = _find_data(cfg, body, resume, group)
+    num_outputs = cfg.model.num_classes or len(splits.class_names)
+    model = _build(cfg, num_outputs, group, device)
+    precision = autocast_dtype(device, cfg.train.amp)
+    source = FeatureSource(model, cfg, device, precision, group, weights_file=pretrained_file(cfg.model))
+    log.info(source.describe())
+    _check_disk(cfg, model, source, splits)
+    with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
+        loop, generator, test_loader = _make_loop(cfg, model, source, splits, device, precision, group)
+    fingerprint = artifacts.frozen_fingerprint(model, artifacts.trainable_state(model, loop.optimizer),
+                                               source.prefix_weights)
+    run = Run(cfg, splits, model, source, loop, Progress(), generator, None, test_loader, fingerprint)
+    if body:
+        _restore(run, body, Path(resume))
+    elif group.is_main:
+        run.run_dir = new_run_dir(cfg.output.runs_dir, cfg.output.name)
+        try:
+            run.run_dir.mkdir(parents=True)
+        except OSError as err:
+            raise OutputError(f"output.runs_dir: cannot make the run folder '{run.run_dir}' ({err.strerror}); "
+                              "choose another folder with --set output.runs_dir=PATH") from None
+    if group.is_main:
+        save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run.run_dir / "config.yaml")
+        run.board = tensorboard_log.TensorBoardLog(run.run_dir) if cfg.output.tensorboard else None
+    return run
+
+
+def _find_data(cfg: Config, body: dict | None, resume: Path | None, group: Group) -> DataSplits:
+    with main_first(group):  # rank 0 decodes every image first; the others then read its verdict cache
+        splits, _ = prepare_data(cfg, body.get("split") if body else None, f"--resume {resume}")
+    if not splits["train"]:
+        raise DataError(f"{splits.root}: no train/ folder; training needs train/<class>/ images "
+                        "(a folder with test/ alone can only be evaluated: vggft eval)")
+    if body and body["class_names"] != splits.class_names:
+        raise DataError(f"--resume: the run was trained on classes {body['class_names']}, "
+                        f"but {splits.root} has {splits.class_names}; resume on the same data")
+    if cfg.model.num_classes and cfg.model.num_classes < len(splits.class_names):
+        raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(splits.class_names)} "
+                          "class folders; set it to null or at least the number of classes")
+    if cfg.train.early_stopping.patience and not splits["val"]:
+        raise ConfigError("train.early_stopping.patience: needs a val split to watch, and there is none; add a "
+                          "val/ folder, set data.val_fraction (e.g. 0.1), or remove early_stopping.patience")
+    sizes = ", ".join(f"{split} {len(splits[split])}" for split in ("train", "val", "test") if splits[split])
+    log.info(f"Data: {splits.root} ({splits.layout}), {len(splits.class_names)} classes, {sizes} images")
+    return splits
+
+
+def _build(cfg: Config, num_outputs: int, group: Group, device: torch.device) -> nn.Module:
+    rng.seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, num_outputs, artifacts.pretrained_state_dict(cfg.model))
+    if group.active:
+        torch.manual_seed(cfg.train.seed + group.rank)  # the same head everywhere, each rank its own dropout
+    total, trainable = parameter_counts(model)
+    log.info(f"Model: {cfg.model.arch} ({cfg.model.weights or 'random init'}), head {cfg.model.head}, "
+             f"{total:,} parameters, {trainable:,} trainable; device {device}"
+             + (f" x {group.world} processes" if group.active else ""))
+    return model
+
+
+def _check_disk(cfg: Config, model: nn.Module, source: FeatureSource, splits: DataSplits) -> None:
+    """Before any work: the weights, two checkpoints and the rows not cached yet must fit."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    needs = [(Path(cfg.output.weights).parent, state, "output.weights"),
+             (Path(cfg.output.runs_dir), 8 * trainable, "output.runs_dir")]  # last (with best and optimizer), best
+    rows = source.bytes_to_write([s for split in ("train", "val", "test") for s in splits[split]])
+    if rows is not None:
+        needs.append((rows[0], rows[1], "cache.dir"))
+    check_free_space(needs)
+
+
+def _make_loop(cfg: Config, model: nn.Module, source: FeatureSource, splits: DataSplits, device: torch.device,
+               precision, group: Group) -> tuple[Loop, torch.Generator, object]:
+    datasets = {split: source.dataset(splits[split], train=split == "train", desc=split)
+                for split in ("train", "val", "test") if splits[split]}
+    num_outputs = cfg.model.num_classes or len(splits.class_names)
+    labels = torch.tensor([label for _, label in splits["train"]])
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    sampler = None
+    if cfg.data.balance == "sampler":
+        weights = class_weights(labels, num_outputs)[labels].double()
+        sampler = WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
+    if group.active:  # each rank a different part of every epoch (padded to equal lengths)
+        sampler = DistributedSampler(datasets["train"], group.world, group.rank, seed=cfg.train.seed)
+    workers = source.loader_workers
+    train_loader = make_loader(datasets["train"], cfg.data.batch_size, device=device, num_workers=workers,
+                               shuffle=True, generator=generator, sampler=sampler, repeat=True)
+    # Evaluation shards are disjoint and unpadded: every image counted once, then summed over ranks.
+    shard = {split: make_loader(Subset(datasets[split], group.shard(range(len(datasets[split])))),
+                                cfg.data.eval_batch_size, device=device, num_workers=workers, repeat=split == "val")
+             for split in ("val", "test") if split in datasets}
+    module = source.module
+    if group.active:
+        module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_weights = class_weights(labels, num_outputs).to(device) if cfg.data.balance == "weights" else None
+    backbone = [p for p in model.features.parameters() if p.requires_grad]
+    features = {id(p) for p in model.features.parameters()}
+    head = [p for p in model.parameters() if id(p) not in features and p.requires_grad]
+    optimizer = make_optimizer(cfg.train, head, backbone)
+    scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
+    loop = Loop(module, model, train_loader, shard.get("val"),
+                nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.train.label_smoothing), optimizer,
+                make_scheduler(cfg.train, optimizer, len(train_loader)), device, precision,
+                output_names(splits.class_names, num_outputs), cfg.train, scaler, backbone, group,
+                sampler if group.active else None, threads=row_threads(device) if source.cached else None)
+    return loop, generator, shard.get("test")
+
+
+def _restore(run: Run, body: dict, resume: Path) -> None:
+    """Go on exactly where ``last.pt`` left off: weights, optimizer, schedule, RNG, history, best epoch."""
+    loop = run.loop
+    artifacts.check_frozen(run.model, body, resume, "--resume", "start a new run", current=run.fingerprint)
+    wanted = set(artifacts.trainable_state(run.model, loop.optimizer))
+    if wanted - set(body["model"]) or set(body["model"]) - set(run.model.state_dict()):
+        raise WeightsError(f"--resume: '{resume}' does not hold the trainable part of this model "
+                           f"({run.cfg.model.arch}, head {run.cfg.model.head}); resume with the run's own last.pt")
+    run.model.load_state_dict(body["model"], strict=False)
+    loop.optimizer.load_state_dict(body["optimizer"])
+    loop.scheduler.load_state_dict(body["scheduler"])
+    run.state = Progress(body["history"], body["best"], _best_state(body, resume))
+    run.start = body["epoch"] + 1
+    rng.restore(body["rng"], run.generator)
+    if loop.group.active:  # the checkpoint holds rank 0's RNG; each rank its own dropout again
+        torch.manual_seed(run.cfg.train.seed + loop.group.rank + 1000 * run.start)
+    if loop.scaler is not None and body.get("scaler"):
+        loop.scaler.load_state_dict(body["scaler"])
+    run.run_dir = resume.parent
+    if loop.group.is_main and run.state.best_state:  # best.pt is what last.pt says is best, whatever a kill left
+        artifacts.save_checkpoint(run.run_dir / "best.pt", _best_body(run))
+    log.info(f"Resuming {run.run_dir} after epoch {body['epoch']}")
+
+
+def _best_state(body: dict, resume: Path) -> dict[str, torch.Tensor]:
+    if body.get("best_model"):
+        return body["best_model"]
+    best = resume.with_name("best.pt")  # format 1 kept the best epoch in best.pt alone
+    return artifacts.load_checkpoint(best)["model"] if best.is_file() else {}
+
+
+# --- the epochs -------------------------------------------------------------------------------------
+
+def _train(run: Run) -> Metrics | None:
+    """The epochs, a checkpoint after each; then the best val epoch back and scored on test."""
+    loop, main = run.loop, run.loop.group.is_main
+    if main and run.run_dir is not None:
+        run.curves = _Curves(on_thread=run.source.loader_workers == 0)
+    try:
+        for end in run_epochs(loop, run.state, run.start):
+            log.info(epoch_line(end.row, run.cfg.train.epochs))
+            if main:
+                if end.improved:  # best.pt first: last.pt, written second, is the unit's authority
+                    artifacts.save_checkpoint(run.run_dir / "best.pt", _best_body(run))
+                artifacts.save_checkpoint(run.run_dir / "last.pt", _last_body(run))
+                _write_metrics(run.state.history, run.run_dir / "metrics.csv")
+                if run.board:
+                    run.board.add_epoch(end.row)
+            if end.stop:
+                log.info(end.stop)
+    except KeyboardInterrupt:
+        last = run.run_dir / "last.pt" if run.run_dir is not None else None
+        if last is None or not last.exists():
+            raise Interrupted("Interrupted before the first epoch ended; nothing to resume from") from None
+        raise Interrupted(f"Interrupted: {last} holds epoch {run.state.last_epoch}; "
+                          f"go on with: vggft train --resume {last}") from None
+    except DivergedError as err:
+        if run.curves is not None and run.state.history:
+            _draw_curves(run)
+            run.curves.wait()
+        last = run.run_dir / "last.pt" if run.run_dir else None
+        kept = f"; the last good epoch ({run.state.last_epoch}) is kept in {last}" if run.state.history else ""
+        raise DivergedError(f"{err}{kept}") from None
+    if run.curves is not None:
+        _draw_curves(run)
+    best = run.state.best
+    if loop.val_loader is not None and restore_best(run.model, run.state):
+        log.info(f"Restored the best epoch ({best['epoch']}, val acc {100 * best['val_acc']:.2f}%) "
+                 "for testing and saving")
+    if run.test_loader is None:
+        return None
+    return reduce_metrics(evaluate(loop.module, run.test_loader, loop.device, loop.precision,
+                                   names=loop.names, desc="Testing"), loop.group)
+
+
+def _common_body(run: Run) -> dict:
+    return {"config": run.cfg.to_dict(), "class_names": run.splits.class_names, "split": run.split,
+            "frozen_fingerprint": run.fingerprint, "history": run.state.history, "best": run.state.best}
+
+
+def _last_body(run: Run) -> dict:
+    loop = run.loop
+    return {**_common_body(run), "kind": "last", "epoch": run.state.last_epoch,
+            "model": artifacts.trainable_state(run.model, loop.optimizer), "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict(), "best_model": run.state.best_state,
+            "rng": rng.capture(run.generator), "scaler": loop.scaler.state_dict() if loop.scaler else None}
+
+
+def _best_body(run: Run) -> dict:
+    return {**_common_body(run), "kind": "best", "epoch": run.state.best["epoch"], "model": run.state.best_state}
+
+
+def _write_metrics(history: list[dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, HISTORY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    save_text(buffer.getvalue(), path)
+
+
+def _draw_curves(run: Run) -> None:
+    run.curves.draw(run.state.history, run.run_dir / "curves.png", run.state.best["epoch"])
+
+
+class _Curves:
+    """curves.png drawn on a thread of its own while the test split is scored and the weights are written
+    (hashing, fsync and the rename leave the GIL free for matplotlib's import and drawing). Not when loader
+    workers are forked after it (the test split's, calibration's): a fork while the thread holds an import
+    lock would leave the worker waiting for it forever. ``wait`` returns once the file is in place; a
+    picture that could not be drawn or written is a warning (the weights are saved by then, and metrics.csv
+    holds the same numbers)."""
+
+    def __init__(self, on_thread: bool):
+        self.on_thread = on_thread
+        self._drawn: Background | None = None
+        self._path: Path | None = None
+
+    def draw(self, history: list[dict], path: Path, best_epoch: int) -> None:
+        from vggft.reporting.plots import save_curves
+
+        self._path = path
+        if self.on_thread:
+            self._drawn = Background(save_curves, list(history), path, best_epoch)
+            return
+        try:
+            save_curves(history, path, best_epoch=best_epoch)
+        except Exception as err:  # noqa: BLE001 (a picture is not worth the run)
+            self._warn(err)
+
+    def wait(self) -> None:
+        if self._drawn is None:
+            return
+        try:
+            self._drawn.result()
+        except Exception as err:  # noqa: BLE001
+            self._warn(err)
+        self._drawn = None
+
+    def settle(self) -> None:
+        if self._drawn is not None:
+            self._drawn.settle()
+
+    def _warn(self, err: Exception) -> None:
+        if not isinstance(err, OutputError):
+            err = f"{self._path}: not drawn ({type(err).__name__}: {first_line(err)})"
+        log.warning(f"{err}; metrics.csv beside it holds the same numbers")
+
+
+# --- finish -----------------------------------------------------------------------------------------
+
+def _finish(run: Run, test: Metrics | None) -> TrainResult:
+    weights = Path(run.cfg.output.weights)
+    sidecar = artifacts.sidecar_path(weights)
+    names = run.splits.class_names
+    if not run.loop.group.is_main:
+        return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
+    if run.board:
+        if run.curves is not None:
+            run.curves.wait()
+        run.board.close(run.state.history, test, run.state.best["epoch"], curves=run.run_dir / "curves.png")
+    replaced = _way_back(weights, run.run_dir)
+    fit = _calibrate(run)
+    artifacts.save_trained(
+        run.model, weights, run.cfg, names, split=run.split, temperature=fit.temperature if fit else None,
+        metrics={"test": _sidecar_metrics(test), "history": run.state.history, "run": str(run.run_dir),
+                 "calibration": asdict(fit) if fit else None},
+    )
+    if replaced is not None:
+        log.info(f"Replaced the earlier {weights}{replaced}")
+    if run.curves is not None:
+        run.curves.wait()
+    return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
+
+
+SIDECAR_CONFUSION_MAX = 100  # classes whose confusion matrix the sidecar keeps (1,000 would be megabytes)
+
+
+def _sidecar_metrics(test: Metrics | None) -> dict | None:
+    if test is None:
+        return None
+    scores = test.to_dict()
+    if len(test.class_names) > SIDECAR_CONFUSION_MAX:
+        scores["confusion"] = None  # vggft eval --json gives it whole
+    return scores
+
+
+def _way_back(weights: Path, this_run: Path) -> str | None:
+    """None if nothing is at ``weights`` (or this very run made it); else how to get the model about to be
+    replaced back (its run's best.pt)."""
+    if not weights.exists():
+        return None
+    try:
+        run = json.loads(artifacts.sidecar_path(weights).read_text(encoding="utf-8"))["metrics"]["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return " (it had no vggft sidecar naming its run)"
+    if Path(run).resolve() == this_run.resolve():  # a resumed run replaces its own earlier save
+        return None
+    best = Path(run) / "best.pt"
+    return f"; the run that made it, {run}, still holds it: vggft eval/predict/export --weights {best}" \
+        if best.is_file() else f" (its run folder {run} is gone)"
+
+
+def _calibrate(run: Run) -> TemperatureFit | None:
+    """The softmax temperature that minimises the NLL on the whole val split (rank 0 alone, not its shard)."""
+    loop = run.loop
+    if not run.cfg.train.calibrate or loop.val_loader is None:
+        return None
+    val = loop.val_loader.dataset
+    loader = make_loader(val.dataset if isinstance(val, Subset) else val, run.cfg.data.eval_batch_size,
+                         device=loop.device, num_workers=run.source.loader_workers)
+    kept = evaluate(run.source.module, loader, loop.device, loop.precision, names=loop.names, keep=True,
+                    desc="Calibrating")
+    fit = fit_temperature(torch.cat(kept.logits), torch.cat(kept.labels))
+    log.info(f"Calibration: temperature {fit.temperature:.3f} fitted on {fit.count} val images "
+             f"(val NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f})")
+    if fit.at_bound:  # T -> 0 (val separable) or T -> infinity (no signal): no temperature beats that one
+        log.warning(f"Calibration: temperature not stored: it ran to the edge of its range ({fit.temperature:.3g}) "
+                    f"because {fit.at_bound}; predict reports uncalibrated probabilities")
+        return None
+    return fit

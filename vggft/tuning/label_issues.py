@@ -1,0 +1,112 @@
+"""``vggft label-issues``: images whose given label is doubtful, by confident learning on out-of-fold
+probabilities (Northcutt, Jiang and Chuang, "Confident Learning", JAIR 2021; cleanlab's
+``find_label_issues(filter_by='confident_learning')`` is the reference implementation).
+
+Per class j the threshold t_j is the mean out-of-fold probability of j over the images labelled j. An
+image is counted confidently as class k when p_k >= t_k (the largest p among several such classes); it
+is a suspect when that class is not its given label, unless its given label is still the most probable
+one. Suspects are ranked by self-confidence (the probability of the given label), lowest first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vggft.config.schema import Config
+from vggft.data.check import DataReport, quarantine
+from vggft.data.images import open_rgb
+from vggft.data.transforms import eval_transform, normalization
+from vggft.utils.errors import OutputError
+from vggft.tuning.kfold import FoldRun, run_folds, write_oof
+from vggft.tuning.prepare import run_folder, write_csv
+
+TOLERANCE = 1e-6  # cleanlab's slack on the threshold comparison, and on the given label's argmax
+
+
+@dataclass
+class Suspect:
+    index: int  # into the samples
+    given: int
+    suggested: int
+    self_confidence: float  # out-of-fold probability of the given label
+    confidence: float  # out-of-fold probability of the suggested label
+    margin: float  # p(given) - max p(other): negative when another class is more probable
+
+
+def confident_thresholds(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """t_j: mean p_j over the examples labelled j (+inf for a class no example carries: never confident)."""
+    thresholds = torch.full((probs.shape[1],), float("inf"), dtype=probs.dtype)
+    for j in labels.unique().tolist():
+        thresholds[j] = probs[labels == j, j].mean()
+    return thresholds
+
+
+def find_label_issues(probs: torch.Tensor, labels: torch.Tensor) -> list[Suspect]:
+    """The suspects among ``labels`` given out-of-fold ``probs`` [n, classes], most doubtful first."""
+    probs = probs.double()
+    confident = probs >= confident_thresholds(probs, labels) - TOLERANCE
+    count = confident.sum(dim=1)
+    guess = torch.where(count > 1, probs.argmax(dim=1), confident.double().argmax(dim=1))
+    flagged = (count > 0) & (guess != labels)
+    nudged = probs.clone()
+    nudged[torch.arange(len(labels)), labels] += TOLERANCE
+    flagged &= nudged.argmax(dim=1) != labels  # the given label still wins: not an issue
+    suspects = []
+    for i in flagged.nonzero().flatten().tolist():
+        given, suggested = int(labels[i]), int(guess[i])
+        others = torch.cat([probs[i, :given], probs[i, given + 1 :]])
+        suspects.append(Suspect(i, given, suggested, float(probs[i, given]), float(probs[i, suggested]),
+                                float(probs[i, given] - others.max())))
+    return sorted(suspects, key=lambda s: (s.self_confidence, s.margin, s.index))
+
+
+@dataclass
+class LabelIssues:
+    run: FoldRun
+    suspects: list[Suspect]
+    out: Path
+    files: list[Path]
+    moved: list[tuple[Path, Path]]
+
+
+def label_issues(cfg: Config, *, folds: int = 5, seed: int = 0, out: Path | None = None, show: int = 16,
+                 move: Path | None = None) -> LabelIssues:
+    """Out-of-fold probabilities, confident learning, then the ranked CSV, a grid PNG and the OOF CSV in
+    ``out`` (default a new run folder); ``move`` moves the suspects there for review, deleting nothing."""
+    if move is not None and Path(move).resolve().is_relative_to(Path(cfg.data.root).resolve()):
+        raise OutputError(f"--move {move}: is inside data.root, where the moved images would be found again; "
+                          "choose a folder outside it")
+    run = run_folds(cfg, folds, seed, "label-issues")
+    suspects = find_label_issues(run.probs, run.labels)
+    if out is None:
+        out = run_folder(cfg, "label_issues")
+    names = run.data.names
+    csv_path = write_csv(Path(out) / "label_issues.csv",
+                         ["rank", "path", "given", "suggested", "confidence", "given_probability", "margin"],
+                         ([rank, run.samples[s.index][0], names[s.given], names[s.suggested], f"{s.confidence:.4f}",
+                           f"{s.self_confidence:.4f}", f"{s.margin:.4f}"] for rank, s in enumerate(suspects, 1)))
+    files = [csv_path, write_oof(run, Path(out) / "oof.csv")]
+    if suspects and show > 0:
+        files.append(_grid(run, suspects[:show], cfg, Path(out) / "label_issues.png"))
+    moved = []
+    if move is not None and suspects:
+        report = DataReport(run.data.splits, {}, bad=[(run.samples[s.index][0], None) for s in suspects])
+        moved = quarantine(report, Path(move))
+    return LabelIssues(run, suspects, Path(out), files, moved)
+
+
+def _grid(run: FoldRun, suspects: list[Suspect], cfg: Config, path: Path) -> Path:
+    """The top suspects as the model saw them, titled with the given and the suggested class."""
+    from vggft.reporting.plots import save_image_grid
+
+    transform = eval_transform(cfg.data)
+    names = run.data.names
+    images = torch.stack([transform(open_rgb(run.samples[s.index][0])) for s in suspects])
+    titles = [f"{os.path.basename(run.samples[s.index][0])[:24]}\n"
+              f"given {names[s.given]} -> {names[s.suggested]}? {s.confidence:.2f}" for s in suspects]
+    mean, std = normalization(cfg.data)
+    return save_image_grid(images, titles, mean, std, path, title_colors=["darkred"] * len(suspects))

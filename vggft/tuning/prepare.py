@@ -1,0 +1,139 @@
+"""The setup that sweep, lr-find, kfold and label-issues share: data, model and feature cache as ``train``
+sets them up, the frozen prefix run once over the images it lacks, then the rows in memory.
+
+After ``prepare`` no image is decoded again: every head those commands train (``engine.fit_head``) reads
+the cached rows. A config under which the rows cannot be cached (cache off, augmentation, an unfrozen
+backbone) is refused in one line: these commands exist because the prefix runs once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from vggft.config.schema import Config
+from vggft.data import DataSplits, Sample, find_splits
+from vggft.utils.device import autocast_dtype, prepare_backend, resolve_device
+from vggft.utils.distributed import SINGLE
+from vggft.utils.errors import ConfigError
+from vggft.features.cache import FeatureSource
+from vggft.utils.files import check_free_space, save_text
+from vggft.utils.logs import log
+from vggft.features.fingerprints import pretrained_file
+from vggft.reporting.metrics import output_names
+from vggft.training.train import _build, _find_data, new_run_dir
+
+SWEEP_VAL_FRACTION = 0.1  # held out of train to score trials when the data has no val split
+
+
+@dataclass
+class CachedData:
+    """The data, the model and its feature source, ready to hand rows to ``engine.fit_head``."""
+
+    cfg: Config
+    splits: DataSplits
+    model: nn.Module
+    source: FeatureSource
+    device: torch.device
+
+    @property
+    def names(self) -> list[str]:
+        """One name per model output (``unused_K`` beyond the class folders)."""
+        return output_names(self.splits.class_names, self.cfg.model.num_classes or len(self.splits.class_names))
+
+    @property
+    def suffix(self) -> nn.Module:
+        return self.source.suffix
+
+    def rows(self, samples: Sequence[Sample], desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, labels) of ``samples``: the cached prefix outputs, extracting the ones the cache lacks."""
+        labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        return self.source.rows(samples, desc), labels
+
+    def fit_options(self, cfg: Config | None = None) -> dict:
+        """The keyword arguments of ``engine.fit_head`` that come from a (trial's) config."""
+        cfg = cfg or self.cfg
+        return {"names": self.names, "batch_size": cfg.data.batch_size, "device": self.device,
+                "seed": cfg.train.seed, "balance": cfg.data.balance, "eval_batch_size": cfg.data.eval_batch_size}
+
+
+def uncached_reason(cfg: Config) -> tuple[str, str] | None:
+    """(why, fix) when the rows of ``cfg`` cannot be cached; None when they can. Checked before any work."""
+    if not cfg.cache.enabled:
+        return "cache.enabled is false", "remove cache: off (or set cache.enabled: true)"
+    if cfg.data.augment != "none":
+        return f"data.augment is '{cfg.data.augment}' (random inputs every epoch)", "set data.augment: none"
+    if cfg.model.unfreeze:
+        return "model.unfreeze trains part of the backbone (its features change every step)", "set model.unfreeze: 0"
+    if cfg.data.balance == "sampler":
+        return ("data.balance is 'sampler', which these heads do not use",
+                "set data.balance: weights (a weighted loss) or none")
+    return None
+
+
+def refuse_uncached(cfg: Config, command: str) -> None:
+    reason = uncached_reason(cfg)
+    if reason is not None:
+        why, fix = reason
+        raise ConfigError(f"{command}: trains every head on the feature cache's rows, but {why}; {fix}")
+
+
+def with_val_split(cfg: Config, command: str) -> Config:
+    """``cfg``, holding out ``SWEEP_VAL_FRACTION`` of train when the data has no val split to score on."""
+    found = find_splits(cfg.data)
+    if found["val"] or not found["train"]:
+        return cfg
+    log.info(f"{command}: no val split; holding out data.val_fraction={SWEEP_VAL_FRACTION} of train "
+             "(stratified) to score on; the test split is never used to choose")
+    return replace(cfg, data=replace(cfg.data, val_fraction=SWEEP_VAL_FRACTION))
+
+
+def prepare(cfg: Config, command: str) -> CachedData:
+    """Data, model and feature source as ``vggft train`` sets them up; nothing extracted yet."""
+    refuse_uncached(cfg, command)
+    device = resolve_device(cfg.train.device)
+    prepare_backend(device)
+    splits = _find_data(cfg, None, None, SINGLE)
+    model = _build(cfg, cfg.model.num_classes or len(splits.class_names), SINGLE, device)
+    source = FeatureSource(model, cfg, device, autocast_dtype(device, cfg.train.amp),
+                           weights_file=pretrained_file(cfg.model))
+    if not source.cached:
+        raise ConfigError(f"{command}: trains every head on the feature cache's rows, but {source.off_reason}; "
+                          "freeze the backbone (model.unfreeze: 0)")
+    log.info(source.describe())
+    return CachedData(cfg, splits, model, source, device)
+
+
+def extract(data: CachedData, groups: dict[str, Sequence[Sample]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(rows, labels) for each named group of samples, after checking the new rows fit on disk."""
+    wanted = [sample for samples in groups.values() for sample in samples]
+    needs = data.source.bytes_to_write(wanted)
+    if needs is not None:
+        check_free_space([(needs[0], needs[1], "cache.dir")])
+    return {name: data.rows(samples, name) for name, samples in groups.items()}
+
+
+def run_folder(cfg: Config, default_name: str) -> Path:
+    """A new run folder (runs/<name>, runs/<name>2, ...) holding the config it ran with."""
+    folder = new_run_dir(cfg.output.runs_dir, cfg.output.name or default_name)
+    folder.mkdir(parents=True)
+    save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), folder / "config.yaml")
+    return folder
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """A CSV written whole or not at all."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    save_text(buffer.getvalue(), path)
+    return path
+

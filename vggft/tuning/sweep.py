@@ -1,0 +1,172 @@
+"""``vggft sweep``: many heads for the price of one extraction.
+
+The frozen prefix runs once over train and val (``cached.prepare``); every trial then trains a fresh
+head on the cached rows in this process (``engine.fit_head``) and is scored on the val split. The test
+split is never extracted, let alone used to choose. The run folder gets ``results.csv`` (one row per
+trial), ``best.yaml`` (the winner's full config, for ``vggft train --config``) and ``sweep.png``; only
+with ``save_best`` is a model written, the winning head inside the full network (a state_dict of the
+whole VGG is hundreds of megabytes, so one per trial would be absurd).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from vggft.model import artifacts
+from vggft.tuning.prepare import CachedData, extract, prepare, run_folder, with_val_split, write_csv
+from vggft.config.schema import Config
+from vggft.data import split_record
+from vggft.training.loop import HeadFit, fit_head
+from vggft.training.shared_steps import StepCache
+from vggft.utils.errors import DivergedError, Interrupted
+from vggft.utils.files import save_text
+from vggft.utils.logs import log
+from vggft.tuning.sweep_plan import dotted, trial_configs
+
+RESULT_FILES = ("results.csv", "best.yaml", "sweep.png", "config.yaml")
+
+
+@dataclass
+class Trial:
+    number: int
+    values: dict[str, object]  # swept key -> the value it ran with
+    cfg: Config
+    val_acc: float = math.nan
+    val_loss: float = math.nan
+    epoch: int = 0
+    seconds: float = 0.0
+    status: str = "pending"  # ok, diverged
+
+    @property
+    def rank_key(self) -> tuple:
+        """Best val accuracy first, then lower val loss, then the earlier trial; diverged ones last."""
+        ok = self.status == "ok"
+        return (not ok, -self.val_acc if ok else 0.0, self.val_loss if ok else 0.0, self.number)
+
+
+@dataclass
+class SweepResult:
+    run_dir: Path
+    trials: list[Trial]  # ranked, best first
+    keys: list[str]
+    files: list[Path] = field(default_factory=list)
+    weights: Path | None = None
+
+    @property
+    def best(self) -> Trial:
+        return self.trials[0]
+
+
+def sweep(cfg: Config, plans: list[dict[str, str]], *, save_best: bool = False) -> SweepResult:
+    """Train one head per planned trial on the cached rows; rank them on val; write the run folder."""
+    cfg = with_val_split(cfg, "sweep")
+    configs = trial_configs(cfg, plans)  # every trial checked before any work
+    keys = list(plans[0])
+    trials = [Trial(n, {k: dotted(c, k) for k in keys}, c) for n, c in enumerate(configs, start=1)]
+    if save_best:
+        for trial in trials:
+            artifacts.check_writable(Path(trial.cfg.output.weights))
+    data = prepare(cfg, "sweep")
+    pairs = extract(data, {"train": data.splits["train"], "val": data.splits["val"]})
+    run_dir = run_folder(cfg, "sweep")
+    result = SweepResult(run_dir, trials, keys)
+    best_state = _run_trials(data, pairs, result)
+    result.trials = sorted(trials, key=lambda t: t.rank_key)
+    result.files = [_write_results(result, ranked=True)]
+    if result.best.status != "ok":
+        raise DivergedError(f"sweep: every trial diverged (see {result.files[0]}); lower train.lr (or its range)")
+    result.files += [_write_best_yaml(result), _plot(result), run_dir / "config.yaml"]
+    if save_best:
+        result.weights = _save_best(data, result, best_state)
+    return result
+
+
+def _run_trials(data: CachedData, pairs: dict, result: SweepResult) -> dict[str, torch.Tensor]:
+    """Every trial in turn, results.csv rewritten after each; returns the best trial's trainable state."""
+    best_state: dict[str, torch.Tensor] = {}
+    best: Trial | None = None
+    total = len(result.trials)
+    steps = StepCache(data.suffix)
+    for trial in result.trials:
+        values = ", ".join(f"{k}={_show(v)}" for k, v in trial.values.items())
+        try:
+            fit = fit_head(data.suffix, pairs["train"], pairs["val"], trial.cfg.train, **data.fit_options(trial.cfg),
+                           steps=steps)
+        except DivergedError as err:
+            trial.status = "diverged"
+            log.warning(f"Trial {trial.number}/{total} ({values}): diverged ({str(err).split(';')[0]})")
+        except KeyboardInterrupt:
+            done = trial.number - 1
+            raise Interrupted(f"Interrupted after {done} of {total} trials; their results are in "
+                              f"{result.run_dir / 'results.csv'}") from None
+        else:
+            _record(trial, fit)
+            log.info(f"Trial {trial.number}/{total} ({values}): val acc {100 * trial.val_acc:.2f}%, "
+                     f"val loss {trial.val_loss:.4f} (epoch {trial.epoch}, {trial.seconds:.1f}s)")
+            if best is None or trial.rank_key < best.rank_key:
+                best, best_state = trial, _trainable_state(fit)
+        _write_results(result, ranked=False)
+    if steps.taken:
+        log.info(f"The head's frozen layers ran {steps.computed} training steps for the trials and lent "
+                 f"{steps.taken} more from them ({steps.bytes / 2**20:.0f} MiB kept)")
+    return best_state
+
+
+def _record(trial: Trial, fit: HeadFit) -> None:
+    row = next(r for r in fit.history if r["epoch"] == fit.best["epoch"])
+    trial.val_acc, trial.val_loss, trial.epoch = row["val_acc"], row["val_loss"], row["epoch"]
+    trial.seconds, trial.status = fit.seconds, "ok"
+
+
+def _trainable_state(fit: HeadFit) -> dict[str, torch.Tensor]:
+    trainable = {name for name, p in fit.module.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in fit.module.state_dict().items() if k in trainable}
+
+
+def _show(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _write_results(result: SweepResult, *, ranked: bool) -> Path:
+    done = [t for t in result.trials if t.status != "pending"]
+    order = sorted(done, key=lambda t: t.rank_key) if ranked else done
+    header = ["rank", "trial", *result.keys, "val_acc", "val_loss", "epoch", "seconds", "status"]
+    rows = [[rank if ranked else "", t.number, *t.values.values(), f"{t.val_acc:.6f}", f"{t.val_loss:.6f}",
+             t.epoch, f"{t.seconds:.2f}", t.status] for rank, t in enumerate(order, start=1)]
+    return write_csv(result.run_dir / "results.csv", header, rows)
+
+
+def _write_best_yaml(result: SweepResult) -> Path:
+    best = result.best
+    config = replace(best.cfg, output=replace(best.cfg.output, name=None)).to_dict()
+    path = result.run_dir / "best.yaml"
+    values = ", ".join(f"{k}={_show(v)}" for k, v in best.values.items())
+    header = (f"# vggft sweep {result.run_dir}: trial {best.number} of {len(result.trials)} ({values}),\n"
+              f"# val acc {100 * best.val_acc:.2f}% at epoch {best.epoch}. Train it: vggft train --config {path}\n")
+    save_text(header + yaml.safe_dump(config, sort_keys=False), path)
+    return path
+
+
+def _plot(result: SweepResult) -> Path:
+    from vggft.reporting.sweep_plots import save_sweep_plot
+
+    trials = sorted(result.trials, key=lambda t: t.number)
+    return save_sweep_plot(trials, result.keys, result.best.number, result.run_dir / "sweep.png")
+
+
+def _save_best(data: CachedData, result: SweepResult, state: dict[str, torch.Tensor]) -> Path:
+    """The winning head put into the network (the suffix shares its layers) and saved with its sidecar."""
+    best = result.best
+    data.suffix.load_state_dict(state, strict=False)
+    weights = Path(best.cfg.output.weights)
+    split = split_record(data.splits, best.cfg.data) if data.splits.layout == "pool" else None
+    metrics = {"val": {"accuracy": best.val_acc, "loss": best.val_loss, "epoch": best.epoch},
+               "sweep": {"run": str(result.run_dir), "trial": best.number}}
+    artifacts.save_trained(data.model, weights, best.cfg, data.splits.class_names, split=split, metrics=metrics)
+    log.info(f"Saved the best trial's head ({best.number}) in {weights} (sidecar {artifacts.sidecar_path(weights)})")
+    return weights
