@@ -667,7 +667,7 @@ def configs(
                                            "means (a config file to start from).")] = False,
 ) -> None:
     """The shipped presets (use one with --config NAME), one of them in full, or every key's default."""
-    from vggft.config import presets
+    from vggft.config import presets, reference
     from vggft.utils.errors import ConfigError
 
     if show is not None and defaults:
@@ -679,7 +679,7 @@ def configs(
         typer.echo(path.read_text(encoding="utf-8"), nl=False)
         return
     if defaults:
-        typer.echo(presets.defaults_yaml(), nl=False)
+        typer.echo(reference.defaults_yaml(), nl=False)
         return
     width = max(len(name) for name in presets.names())
     for name in presets.names():

@@ -477,7 +477,7 @@ _NO = object()
 def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
     result = _try_convert(value, hint)
     if result is _NO:
-        raise ConfigError(f"{source}: {key}: expected {_describe(hint)}, got {_show(value)}")
+        raise ConfigError(f"{source}: {key}: expected {describe_type(hint)}, got {_show(value)}")
     return result
 
 
@@ -543,16 +543,16 @@ def _convert_scalar(value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported config type {hint!r}")
 
 
-def _describe(hint: Any) -> str:
+def describe_type(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
-        return " or ".join(_describe(option) for option in typing.get_args(hint))
+        return " or ".join(describe_type(option) for option in typing.get_args(hint))
     if hint is type(None):
         return "null"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin is list:
-        item = _describe(typing.get_args(hint)[0])
+        item = describe_type(typing.get_args(hint)[0])
         return f"a list of {item.removeprefix('a ')}s"
     return {bool: "true/false", int: "a whole number", float: "a number", str: "a non-empty string"}[hint]
 
