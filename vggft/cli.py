@@ -131,14 +131,6 @@ def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _require(ok: bool, option: str, expected: str, got) -> None:
-    """A senseless option value is one line and exit 2, like a config mistake."""
-    if not ok:
-        from vggft.utils.errors import ConfigError
-
-        raise ConfigError(f"{option}: expected {expected}, got {got}")
-
-
 def _check_pretrained(cfg) -> None:
     """A model.weights that is neither null, a file nor a torchvision weights name of model.arch is a config
     mistake: said before any work (torchvision's list of names is read; nothing is loaded)."""
@@ -188,7 +180,6 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune: frozen backbone, new head; evaluate on test; save weights, sidecar and a run folder."""
-    _require(nproc >= 1, "--nproc", "1 or more processes", nproc)
     overrides = [*(set_ or []), *([f"output.name={name}"] if name else [])]
     if resume:
         if config is not None:
@@ -207,7 +198,7 @@ def train(
     _check_pretrained(cfg)
     _output(quiet)
     if nproc != 1:
-        from vggft.utils.launch import launch_train
+        from vggft.utils.torchrun import launch_train
 
         args = [*(["--config", str(config)] if config else []), *[a for v in set_ or [] for a in ("--set", v)],
                 *(["--name", name] if name else []), *(["--resume", str(resume)] if resume else []),
@@ -238,8 +229,6 @@ def eval_(
     quiet: QuietOpt = False,
 ) -> None:
     """acc@1 and acc@k over every image of the test split, per-class precision/recall/F1, confusion matrix."""
-    _require(topk >= 1, "--topk", "1 or more", topk)
-    _require(misclassified >= 0, "--misclassified", "0 (no grid) or more", misclassified)
     _output(quiet)
     from vggft.diagnostics.evaluation import evaluate_weights
 
@@ -293,7 +282,6 @@ def summary(
     num_classes: Annotated[Optional[int], typer.Option(help="Classes of the new head (default: model.num_classes or 2).")] = None,
 ) -> None:
     """The torchinfo table of the model as configured; needs no data and no weights file."""
-    _require(num_classes is None or num_classes >= 1, "--num-classes", "1 or more", num_classes)
     cfg = _config(config, set_)
     from vggft.diagnostics.preview import summary as model_summary
     from vggft.diagnostics.preview import summary_text
@@ -312,7 +300,6 @@ def show_batch(
     quiet: QuietOpt = False,
 ) -> None:
     """Save a PNG grid of one batch, de-normalised to real colours, titled with class names."""
-    _require(count is None or count >= 1, "--count", "1 or more images", count)
     cfg = _config(config, set_)
     _output(quiet)
     from vggft.diagnostics.preview import show_batch as save_batch
@@ -339,8 +326,6 @@ def check_data(
 
     Exits 1 when it finds something that would break or bias training.
     """
-    _require(max_imbalance > 1, "--max-imbalance", "a ratio greater than 1 (largest / smallest class), e.g. 10",
-             max_imbalance)
     cfg = _config(config, set_)
     _output(quiet)
     from vggft.data import check
@@ -383,8 +368,6 @@ def predict(
     quiet: QuietOpt = False,
 ) -> None:
     """Classify images with saved weights, preprocessed exactly as in training; unreadable files are reported."""
-    _require(topk >= 1, "--topk", "1 or more", topk)
-    _require(batch_size >= 1, "--batch-size", "1 or more images", batch_size)
     _output(quiet)
     from vggft.model.inference import predict as run_predict
 
@@ -562,9 +545,6 @@ def lr_find(
     quiet: QuietOpt = False,
 ) -> None:
     """The learning-rate range test on cached rows: a loss-vs-lr plot and a suggested train.lr."""
-    _require(0 < start < end, "--start and --end", "0 < --start < --end", f"--start {start:g} --end {end:g}")
-    _require(one_pass or steps >= 10, "--steps", "10 or more (the first tenth and the last five are not used)",
-             steps)
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
@@ -591,7 +571,6 @@ def kfold(
     quiet: QuietOpt = False,
 ) -> None:
     """Stratified k-fold cross-validation on the cached rows: accuracy per fold, mean and std, out-of-fold CSV."""
-    _require(folds >= 2, "--folds", "2 or more", folds)
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
@@ -619,8 +598,6 @@ def label_issues(
     quiet: QuietOpt = False,
 ) -> None:
     """Images whose label looks wrong: confident learning on k-fold out-of-fold probabilities."""
-    _require(folds >= 2, "--folds", "2 or more", folds)
-    _require(show >= 0, "--show", "0 (no grid) or more", show)
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
@@ -651,8 +628,6 @@ def make_demo(
     test_per_class: Annotated[int, typer.Option(help="Test images per class (sea, sun).")] = 10,
 ) -> None:
     """Write a small two-class image folder (train/ and test/, 64 px JPEGs) to try vggft offline."""
-    _require(train_per_class >= 1, "--train-per-class", "1 or more images", train_per_class)
-    _require(test_per_class >= 1, "--test-per-class", "1 or more images", test_per_class)
     from vggft.data.demo import make_demo_data
 
     typer.echo(str(make_demo_data(root, train_per_class, test_per_class)))

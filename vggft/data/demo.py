@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from vggft.utils.errors import OutputError
+from vggft.utils.errors import OutputError, check_option
 from vggft.utils.files import atomic_path
 
 CLASSES = ("sea", "sun")
@@ -41,6 +41,8 @@ def make_demo_data(root: str | Path, train_per_class: int = 24, test_per_class: 
 
     A root that is a file, lies under a file, or cannot be written is an OutputError naming it.
     """
+    check_option(train_per_class >= 1, "--train-per-class", "1 or more images", train_per_class)
+    check_option(test_per_class >= 1, "--test-per-class", "1 or more images", test_per_class)
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise OutputError(f"make-demo: '{root}' is a file, not a folder; give a folder path such as data/demo")

@@ -20,7 +20,7 @@ from vggft.data.loaders import make_loader
 from vggft.data.transforms import eval_transform, normalization
 from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
 from vggft.training.loop import evaluate
-from vggft.utils.errors import ConfigError, DataError, OutputError, WeightsError
+from vggft.utils.errors import ConfigError, DataError, OutputError, WeightsError, check_option
 from vggft.features.cache import FeatureSource
 from vggft.utils.files import atomic_path, cache_root
 from vggft.model.inference import TrainedModel, load_model
@@ -81,8 +81,9 @@ def evaluate_weights(
     ``misclassified``/``top_losses``: grids of the N most confident mistakes / N highest-loss images (the
     latter with a CSV); ``explain`` draws Grad-CAM heatmaps of the predicted class on those grids.
     """
-    if misclassified < 0 or top_losses < 0:
-        raise ConfigError("--misclassified, --top-losses: expected a count of 0 or more")
+    check_option(topk >= 1, "--topk", "1 or more", topk)
+    check_option(misclassified >= 0, "--misclassified", "0 (no grid) or more", misclassified)
+    check_option(top_losses >= 0, "--top-losses", "0 (no grid) or more", top_losses)
     if explain and not (misclassified or top_losses):
         raise ConfigError("--explain draws heatmaps on the --misclassified or --top-losses grid; add "
                           "--misclassified N (or --top-losses N)")

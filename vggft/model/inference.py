@@ -25,7 +25,7 @@ from vggft.data.loaders import make_loader
 from vggft.data.transforms import eval_transform
 from vggft.utils.device import (autocast_dtype, autocast_factory, out_of_memory_hint, prepare_backend, resolve_device,
                      resolve_workers)
-from vggft.utils.errors import ConfigError, DataError, WeightsError
+from vggft.utils.errors import DataError, WeightsError, check_option
 from vggft.utils.logs import progress
 from vggft.reporting.metrics import output_names
 from vggft.model.build import describe_state_dict, freeze, model_from_weights
@@ -178,10 +178,8 @@ def predict(
     "temperature"}, or {"path", "top": [], "error", ...} for a file that cannot be decoded.
 
     With a temperature in the sidecar the probabilities are calibrated: softmax(logits / T)."""
-    if topk < 1:
-        raise ConfigError(f"--topk: expected 1 or more, got {topk}")
-    if batch_size < 1:
-        raise ConfigError(f"batch size: expected 1 or more, got {batch_size}")
+    check_option(topk >= 1, "--topk", "1 or more", topk)
+    check_option(batch_size >= 1, "--batch-size", "1 or more images", batch_size)
     paths = collect_images(inputs)
     trained = load_model(weights, config, list(overrides))
     names = trained.names

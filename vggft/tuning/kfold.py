@@ -23,7 +23,7 @@ from vggft.config.schema import Config, TrainConfig
 from vggft.data import Sample
 from vggft.data.loaders import make_loader
 from vggft.training.loop import evaluate, fit_head
-from vggft.utils.errors import ConfigError, DataError
+from vggft.utils.errors import DataError, check_option
 from vggft.utils.logs import log
 
 
@@ -85,8 +85,6 @@ def out_of_fold(suffix: nn.Module, rows, labels: torch.Tensor, folds: list[list[
 
 
 def check_folds(folds: int, samples: Sequence[Sample], class_names: list[str]) -> None:
-    if folds < 2:
-        raise ConfigError(f"--folds: expected 2 or more, got {folds}")
     if folds > len(samples):
         raise DataError(f"--folds {folds}: only {len(samples)} images in train+val; use at most {len(samples)} folds")
     counts = {name: 0 for name in class_names}
@@ -126,6 +124,7 @@ class FoldRun:
 
 def run_folds(cfg: Config, folds: int, seed: int, command: str) -> FoldRun:
     """Extract train+val once, then out-of-fold probabilities of every image."""
+    check_option(folds >= 2, "--folds", "2 or more", folds)  # before the extraction
     data = prepare(cfg, command)
     samples = data.splits["train"] + data.splits["val"]
     check_folds(folds, samples, data.splits.class_names)

@@ -20,7 +20,7 @@ from vggft.config.schema import Config
 from vggft.data.check import DataReport, quarantine
 from vggft.data.images import open_rgb
 from vggft.data.transforms import eval_transform, normalization
-from vggft.utils.errors import OutputError
+from vggft.utils.errors import OutputError, check_option
 from vggft.tuning.kfold import FoldRun, run_folds, write_oof
 from vggft.tuning.prepare import run_folder, write_csv
 
@@ -77,6 +77,7 @@ def label_issues(cfg: Config, *, folds: int = 5, seed: int = 0, out: Path | None
                  move: Path | None = None) -> LabelIssues:
     """Out-of-fold probabilities, confident learning, then the ranked CSV, a grid PNG and the OOF CSV in
     ``out`` (default a new run folder); ``move`` moves the suspects there for review, deleting nothing."""
+    check_option(show >= 0, "--show", "0 (no grid) or more", show)
     if move is not None and Path(move).resolve().is_relative_to(Path(cfg.data.root).resolve()):
         raise OutputError(f"--move {move}: is inside data.root, where the moved images would be found again; "
                           "choose a folder outside it")

@@ -25,7 +25,7 @@ from vggft.tuning.prepare import extract, prepare, run_folder, write_csv
 from vggft.config.schema import Config
 from vggft.data.loaders import make_loader
 from vggft.training.loop import class_weights, cpu_threads, fresh_head, row_threads, to_device
-from vggft.utils.errors import ConfigError
+from vggft.utils.errors import ConfigError, check_option
 from vggft.utils.logs import log, progress
 from vggft.model.build import set_train_mode
 from vggft.training.optim import make_optimizer
@@ -151,10 +151,9 @@ class LrFind:
 def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int | None = 100,
             suggestion: str = "valley") -> LrFind:
     """``vggft lr-find``: the range test on the train split's cached rows, its CSV and PNG in a run folder."""
-    if not 0 < start < end:
-        raise ConfigError(f"lr-find: needs 0 < --start < --end, got --start {start:g} --end {end:g}")
-    if steps is not None and steps < 10:
-        raise ConfigError(f"--steps: expected at least 10 (the first tenth and last five are not used), got {steps}")
+    check_option(0 < start < end, "--start and --end", "0 < --start < --end", f"--start {start:g} --end {end:g}")
+    check_option(steps is None or steps >= 10, "--steps", "10 or more (the first tenth and the last five are not used)",
+                 steps)
     if suggestion not in SUGGESTIONS:
         raise ConfigError(f"--suggest: expected one of {', '.join(SUGGESTIONS)}, got {suggestion!r}")
     data = prepare(cfg, "lr-find")

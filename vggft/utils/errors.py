@@ -58,6 +58,14 @@ class OutOfMemoryError(VggftError):
     exit_code = 7
 
 
+def check_option(ok: bool, option: str, expected: str, got: object) -> None:
+    """A senseless option value is one line naming the option, what it takes and what it got (exit 2).
+
+    The library checks its own arguments with it, so the CLI and Python callers get the same words."""
+    if not ok:
+        raise ConfigError(f"{option}: expected {expected}, got {got}")
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none): for one-line errors."""
     text = str(err).strip().splitlines()
