@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,6 +50,8 @@ def make_folder(root: Path, counts: dict[str, dict[str, int]], seed: int = 0) ->
                 make_image(folder / name / f"{name}.{i}.jpg", CLASS_COLOURS[name], seed=seed * 1000 + n)
     return root
 
+
+PET = {"train": {"cat": 6, "dog": 6}, "test": {"cat": 3, "dog": 4}}  # what the ``pet`` fixture holds
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_FILE = "vgg16-397923af.pth"  # torchvision's file name of vgg16 IMAGENET1K_V1
@@ -107,7 +112,7 @@ def isolated(request, monkeypatch, tmp_path, fake_hub):
 
 @pytest.fixture
 def pet(tmp_path) -> Path:
-    return make_folder(tmp_path / "pet", {"train": {"cat": 6, "dog": 6}, "test": {"cat": 3, "dog": 4}})
+    return make_folder(tmp_path / "pet", PET)
 
 
 @pytest.fixture
@@ -164,6 +169,96 @@ def notes(caplog):
 def invoke(runner: CliRunner, *args: str):
     """Run the real CLI in-process; return the result (stdout and stderr kept apart)."""
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, *, code: int, names: Sequence[str] = (), fix: str = "",
+                          after_notes: bool = False) -> str:
+    """A refusal as vggft promises one: exit status ``code``, no traceback, nothing on stdout, and on stderr
+    one line that starts with 'error: ', names each of ``names`` (the config key, option or file at fault, the
+    value given) and says ``fix`` (the actionable part). With ``after_notes`` the notes of the work done before
+    the refusal may come first: the error is then the last line of stderr and the only one that starts with
+    'error'. It checks what the message must say, not its wording; returns the line for further checks."""
+    assert result.exit_code == code, f"exit {result.exit_code}, expected {code}:\n{result.output}"
+    assert "Traceback" not in result.output, result.output
+    assert not result.stdout, f"stdout of a refusal: {result.stdout!r}"
+    lines = result.stderr.strip().splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("error")]
+    assert errors == [len(lines) - 1] and (after_notes or len(lines) == 1), f"not one error line:\n{result.stderr}"
+    return assert_error_says(lines[-1], names=names, fix=fix)
+
+
+def assert_error_says(line: str, *, names: Sequence[str] = (), fix: str = "") -> str:
+    """``line`` is an error line ('error: ...') naming each of ``names`` and saying ``fix``."""
+    assert names or fix, "a check of an error line needs what it must name or advise"
+    assert isinstance(names, (list, tuple)), "names: a list of strings (a lone string would be checked per letter)"
+    assert line.startswith("error: "), line
+    missing = [name for name in names if name not in line]
+    assert not missing, f"{line!r} does not name {missing}"
+    assert fix in line, f"{line!r} does not say the fix {fix!r}"
+    return line
+
+
+class Overdue(Exception):
+    """Not an OSError (os.walk swallows those), so that nothing on the way out can hide it."""
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail, instead of hanging the suite, when the block takes longer than ``seconds`` (a blocked open() of a
+    FIFO is interrupted too). A guard against hangs, not a measure of speed: give it room to spare."""
+
+    def expired(*_):
+        raise Overdue(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class ModuleFolder:
+    """A folder of a test module's own, ``root``, holding the image folder ``root/pet``, and training in it
+    through the real CLI with the module's own cache and the fake hub, ``root`` the working folder."""
+
+    def __init__(self, root: Path, hub: Path):
+        self.root, self.hub, self.pet = root, hub, root / "pet"
+
+    def train(self, *args: str, weights: str = "models/VGG16.pt") -> Path:
+        """``vggft train --set data.root=<pet> --set output.weights=<root/weights> *args``, which must succeed;
+        returns the weights."""
+        path = self.root / weights
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("VGGFT_CACHE", str(self.root / "cache"))
+            patch.setenv("TORCH_HOME", str(self.hub))
+            patch.chdir(self.root)
+            result = invoke(CliRunner(), "train", "--set", f"data.root={self.pet}", "--set", f"output.weights={path}",
+                            *args)
+        assert result.exit_code == 0, result.output
+        return path
+
+
+@pytest.fixture(scope="module")
+def train_once(tmp_path_factory, fake_hub):
+    """For a module-scoped fixture that trains once for the whole module: ``train_once(name, folders=PET)``
+    makes ``<tmp>/<name>/pet`` from ``folders`` (as make_folder) and returns its ModuleFolder, whose
+    ``train(*args)`` runs the real CLI there. A module's tests share what it trained: they read it."""
+
+    def make(name: str, folders: dict[str, dict[str, int]] = PET) -> ModuleFolder:
+        root = tmp_path_factory.mktemp(name)
+        make_folder(root / "pet", folders)
+        return ModuleFolder(root, fake_hub)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def trained(train_once) -> Path:
+    """models/VGG16.pt (+ sidecar) trained once for the module at 32 px (FAST) on a pet folder of its own
+    (``trained.parent.parent / 'pet'``); returns the weights."""
+    return train_once("trained").train(*FAST)
 
 
 # Small and fast, with the tutorial's model and head: vgg16 at 32 px (its adaptive pool accepts it).

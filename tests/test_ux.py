@@ -17,7 +17,7 @@ import vggft.diagnostics.evaluation
 import vggft.features.cache
 import vggft.utils.logs
 import vggft.reporting.plots
-from conftest import FAST, invoke, make_folder
+from conftest import FAST, assert_one_line_error, invoke, make_folder
 from tiny import tutorial_model
 from vggft import __version__
 from vggft.config import presets
@@ -26,28 +26,6 @@ from vggft.config.schema import Config, all_keys, load_config
 from vggft.data import check
 from vggft.reporting.metrics import Metrics
 from vggft.reporting.plots import CELL_CHARS, fit_title, format_report
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, fake_hub) -> Path:
-    """models/VGG16.pt trained at 32 px on a two-class folder (train/ and test/) once for the module."""
-    root = tmp_path_factory.mktemp("ux")
-    pet = make_folder(root / "pet", {"train": {"cat": 6, "dog": 6}, "test": {"cat": 3, "dog": 4}})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VGGFT_CACHE", str(root / "cache"))
-        mp.setenv("TORCH_HOME", str(fake_hub))
-        mp.chdir(root)
-        result = invoke(CliRunner(), "train", "--set", f"data.root={pet}", *FAST)
-    assert result.exit_code == 0, result.output
-    return root / "models" / "VGG16.pt"
-
-
-def _error_line(result, code: int) -> str:
-    """The one line a refusal prints: exit ``code``, no traceback, nothing on stdout."""
-    assert result.exit_code == code, result.output
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: ") and "Traceback" not in result.output and not result.stdout
-    return line
 
 
 def _help(*command: str) -> str:
@@ -73,18 +51,19 @@ def test_yaml_off_is_accepted_where_off_is_documented(runner, tmp_path):
 
 
 def test_a_set_mistake_names_set_and_epochs_zero_is_refused(runner):
-    line = _error_line(invoke(runner, "summary", "--config", "demo", "--set", "train.lr=fast"), 2)
-    assert line == "error: --set: train.lr: expected a number, got 'fast'"
-    line = _error_line(invoke(runner, "train", "--set", "train.epochs=0"), 2)
-    assert line == "error: --set: train.epochs: expected a number greater than 0, got 0"
+    assert_one_line_error(invoke(runner, "summary", "--config", "demo", "--set", "train.lr=fast"), code=2,
+                          names=["--set", "train.lr", "'fast'"], fix="expected a number")
+    assert_one_line_error(invoke(runner, "train", "--set", "train.epochs=0"), code=2,
+                          names=["--set", "train.epochs", "got 0"], fix="greater than 0")
 
 
 def test_a_whole_pickled_model_is_named_and_explained(runner, pet, tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(tutorial_model(2), path)  # the other tutorial habit: the module, not its state_dict
-    line = _error_line(invoke(runner, "eval", "--weights", path, "--set", f"data.root={pet}", "-q"), 4)
-    assert f"'{path}' is a whole pickled model (torchvision.models.vgg.VGG" in line
-    assert "turn it into a state_dict with: import torch" in line and "Weights only load failed" not in line
+    line = assert_one_line_error(invoke(runner, "eval", "--weights", path, "--set", f"data.root={pet}", "-q"), code=4,
+                                 names=[f"'{path}'", "whole pickled model", "torchvision.models.vgg.VGG"],
+                                 fix="torch.save(m.state_dict(), ")
+    assert "Weights only load failed" not in line
 
 
 def test_sidecar_root_is_absolute_and_a_replaced_model_is_said(runner, tmp_path):
@@ -147,10 +126,10 @@ def test_curves_have_whole_epoch_ticks_and_the_best_epoch(monkeypatch, tmp_path)
 
 def test_make_demo_into_a_file_is_one_line(runner, tmp_path):
     Path("afile").write_text("x")
-    assert _error_line(invoke(runner, "make-demo", "afile"), 6) == (
-        "error: make-demo: 'afile' is a file, not a folder; give a folder path such as data/demo")
-    line = _error_line(invoke(runner, "make-demo", "afile/demo"), 6)
-    assert line.startswith("error: make-demo: cannot write 'afile/demo") and "(Not a directory)" in line
+    assert_one_line_error(invoke(runner, "make-demo", "afile"), code=6, names=["make-demo", "'afile'", "is a file"],
+                          fix="give a folder path")
+    assert_one_line_error(invoke(runner, "make-demo", "afile/demo"), code=6,
+                          names=["make-demo", "'afile/demo", "Not a directory"], fix="choose a writable folder")
     result = invoke(runner, "make-demo", "small", "--train-per-class", "2", "--test-per-class", "1")
     assert result.exit_code == 0 and len(list(Path("small").rglob("*.jpg"))) == 6
     assert "Training images per class (sea, sun)" in _help("make-demo")
@@ -158,23 +137,25 @@ def test_make_demo_into_a_file_is_one_line(runner, tmp_path):
 
 # --- senseless values -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["eval", "--topk", "0"], "--topk: expected 1 or more, got 0"),
-    (["eval", "--topk", "-1"], "--topk: expected 1 or more, got -1"),
-    (["eval", "--misclassified", "-1"], "--misclassified: expected 0 (no grid) or more, got -1"),
-    (["show-batch", "--count", "0"], "--count: expected 1 or more images, got 0"),
-    (["show-batch", "--count", "-1"], "--count: expected 1 or more images, got -1"),
-    (["summary", "--num-classes", "0"], "--num-classes: expected 1 or more, got 0"),
-    (["summary", "--num-classes", "-3"], "--num-classes: expected 1 or more, got -3"),
-    (["predict", "x.jpg", "--batch-size", "0"], "--batch-size: expected 1 or more images, got 0"),
-    (["predict", "x.jpg", "--topk", "0"], "--topk: expected 1 or more, got 0"),
-    (["train", "--nproc", "0"], "--nproc: expected 1 or more processes, got 0"),
-    (["check-data", "--max-imbalance", "0"], "--max-imbalance: expected a ratio greater than 1"),
-    (["check-data", "--max-imbalance", "1"], "--max-imbalance: expected a ratio greater than 1"),
-    (["make-demo", "--train-per-class", "0"], "--train-per-class: expected 1 or more images, got 0"),
+@pytest.mark.parametrize(("args", "expected"), [
+    (["eval", "--topk", "0"], "1 or more"),
+    (["eval", "--topk", "-1"], "1 or more"),
+    (["eval", "--misclassified", "-1"], "0 (no grid) or more"),
+    (["show-batch", "--count", "0"], "1 or more images"),
+    (["show-batch", "--count", "-1"], "1 or more images"),
+    (["summary", "--num-classes", "0"], "1 or more"),
+    (["summary", "--num-classes", "-3"], "1 or more"),
+    (["predict", "x.jpg", "--batch-size", "0"], "1 or more images"),
+    (["predict", "x.jpg", "--topk", "0"], "1 or more"),
+    (["train", "--nproc", "0"], "1 or more processes"),
+    (["check-data", "--max-imbalance", "0"], "a ratio greater than 1"),
+    (["check-data", "--max-imbalance", "1"], "a ratio greater than 1"),
+    (["make-demo", "--train-per-class", "0"], "1 or more images"),
 ])
-def test_senseless_values_are_one_line_exit_2(runner, args, message):
-    assert _error_line(invoke(runner, *args), 2).startswith(f"error: {message}")
+def test_senseless_values_are_one_line_exit_2(runner, args, expected):
+    """The line names the option and the value given, and says what the option takes."""
+    option, value = args[-2:]
+    assert_one_line_error(invoke(runner, *args), code=2, names=[option, f"got {value}"], fix=expected)
 
 
 def test_balanced_data_is_never_imbalanced(runner, pet, tmp_path):
@@ -189,15 +170,15 @@ def test_balanced_data_is_never_imbalanced(runner, pet, tmp_path):
     assert "largest" not in format_report(report)
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("model.weights=IMAGENET1K_V2", "model.weights: 'IMAGENET1K_V2' is not a torchvision weights name for vgg16"),
-    ("model.weights=None", "for random init write null, not None"),
-    ("train.device=gpu", "--set: train.device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+@pytest.mark.parametrize(("override", "names", "fix"), [
+    ("model.weights=IMAGENET1K_V2", ["model.weights", "'IMAGENET1K_V2'", "vgg16"], "use one of those names"),
+    ("model.weights=None", ["model.weights", "'None'"], "write null"),
+    ("train.device=gpu", ["--set", "train.device", "'gpu'"], "auto, cpu, cuda, cuda:N or mps"),
 ])
-def test_config_mistakes_are_found_before_any_work(runner, override, message):
+def test_config_mistakes_are_found_before_any_work(runner, override, names, fix):
     # data.root does not exist: a check that came after the data scan would say so (exit 3) instead.
     result = invoke(runner, "train", "--set", "data.root=no/such/folder", "--set", override)
-    assert message in _error_line(result, 2)
+    assert_one_line_error(result, code=2, names=names, fix=fix)
 
 
 # --- presets --------------------------------------------------------------------------------------
@@ -212,10 +193,10 @@ def test_presets_work_from_any_folder_and_are_listed(runner):
     assert "The PyTorch tutorial" in listed["pet"] and "The Keras tutorial" in listed["keras_gap"]
     shown = invoke(runner, "configs", "--show", "pet").stdout
     assert shown == presets.find("pet").read_text() and yaml.safe_load(shown)["model"]["head"] == "classifier6"
-    assert _error_line(invoke(runner, "configs", "--show", "nope"), 2) == (
-        "error: --show: no preset 'nope'; the presets are demo, keras_gap, pet")
-    line = _error_line(invoke(runner, "summary", "--config", "configs/pet.yaml"), 2)
-    assert "config file not found; the preset of that name is --config pet" in line
+    assert_one_line_error(invoke(runner, "configs", "--show", "nope"), code=2, names=["--show", "'nope'"],
+                          fix="demo, keras_gap, pet")
+    assert_one_line_error(invoke(runner, "summary", "--config", "configs/pet.yaml"), code=2,
+                          names=["configs/pet.yaml", "not found"], fix="--config pet")
 
 
 def test_a_file_beats_a_preset_of_the_same_name(tmp_path):
@@ -284,9 +265,12 @@ def test_eval_pictures_name_the_model_split_and_files(runner, trained, monkeypat
     (_, _, _, title, normalize), (*_, title2, normalize2) = confusions
     assert title == title2 == f"VGG16.pt on the test split: {result.stdout.splitlines()[0]}"
     assert (normalize, normalize2) == (False, True)
-    if grids:  # the tiny model makes mistakes on most seeds; each title ends with the file's path
-        assert all(re.fullmatch(r"true (cat|dog)\npred (cat|dog) \(\d\.\d\d\)\ntest/(cat|dog)/\1\.\d\.jpg", t)
-                   for t in grids[0])
+    correct = int(result.stdout.splitlines()[0].split("(")[1].split("/")[0])
+    assert correct < 7  # the seeded tiny model gets some test images wrong: the grid of them is drawn
+    (titles,) = grids  # each title ends with the file's path
+    assert len(titles) == 7 - correct
+    assert all(re.fullmatch(r"true (cat|dog)\npred (cat|dog) \(\d\.\d\d\)\ntest/(cat|dog)/\1\.\d\.jpg", t)
+               for t in titles)
 
 
 def test_grid_titles_fit_their_cell():
@@ -326,8 +310,8 @@ def test_help_shows_choices_and_fitting_examples():
 # --- message nits ---------------------------------------------------------------------------------
 
 def test_a_list_key_says_what_it_takes(runner):
-    line = _error_line(invoke(runner, "summary", "--set", "data.split=[a, b, c]"), 2)
-    assert line == "error: --set: data.split: expected a list of numbers, got ['a', 'b', 'c']"
+    assert_one_line_error(invoke(runner, "summary", "--set", "data.split=[a, b, c]"), code=2,
+                          names=["--set", "data.split", "['a', 'b', 'c']"], fix="expected a list of numbers")
 
 
 def test_eval_counts_unreadable_files_of_its_split_only(runner, trained, tmp_path):
