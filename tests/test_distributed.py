@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import FAST, invoke, make_folder, tiny_subprocess_env
-from vggft.utils.distributed import SINGLE, Group, reduce_metrics
+from vggft.training.loop import reduce_metrics
+from vggft.utils.distributed import SINGLE, Group
 from vggft.reporting.metrics import Metrics
 
 

@@ -428,19 +428,14 @@ def _echo_rows(rows: list[dict], as_json: bool, header: str, line) -> None:
 
 
 def _write_predictions_csv(rows: list[dict], path: Path) -> None:
-    import csv
+    from vggft.utils.files import save_csv
 
-    from vggft.utils.files import atomic_path
+    def lines(r: dict) -> list[list]:
+        errors = [[r["path"], "", "", "", r["error"]]] if "error" in r else []
+        return errors + [[r["path"], rank, t["class"], f"{t['probability']:.6f}", ""]
+                         for rank, t in enumerate(r["top"], start=1)]
 
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8",
-                                           errors="surrogateescape") as handle:  # a path's own bytes
-        writer = csv.writer(handle)
-        writer.writerow(["path", "rank", "class", "probability", "error"])
-        for r in rows:
-            if "error" in r:
-                writer.writerow([r["path"], "", "", "", r["error"]])
-            for rank, t in enumerate(r["top"], start=1):
-                writer.writerow([r["path"], rank, t["class"], f"{t['probability']:.6f}", ""])
+    save_csv(path, ["path", "rank", "class", "probability", "error"], (line for r in rows for line in lines(r)))
 
 
 @app.command()

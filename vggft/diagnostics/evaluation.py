@@ -6,7 +6,6 @@ saved by the tutorial's script (class count read from the weights, class names f
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backe
 from vggft.training.loop import evaluate
 from vggft.utils.errors import ConfigError, DataError, OutputError, WeightsError, check_option
 from vggft.features.cache import FeatureSource
-from vggft.utils.files import atomic_path, cache_root
+from vggft.utils.files import cache_root, save_csv
 from vggft.model.inference import TrainedModel, load_model
 from vggft.utils.logs import log
 from vggft.reporting.metrics import Metrics
@@ -178,8 +177,5 @@ def _top_losses(metrics: Metrics, trained: TrainedModel, samples, count: int, ex
 
 
 def _write_csv(rows: list[dict], path: Path) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, ["path", "true", "predicted", "probability", "loss"])
-        writer.writeheader()
-        writer.writerows({**r, "probability": f"{r['probability']:.6f}", "loss": f"{r['loss']:.6f}"} for r in rows)
-    return path
+    return save_csv(path, ["path", "true", "predicted", "probability", "loss"],
+                    ([r["path"], r["true"], r["predicted"], f"{r['probability']:.6f}", f"{r['loss']:.6f}"] for r in rows))

@@ -23,7 +23,7 @@ from vggft.model.artifacts import trainable_state
 from vggft.config.schema import TrainConfig
 from vggft.data.loaders import make_loader
 from vggft.utils.device import autocast_factory
-from vggft.utils.distributed import SINGLE, Group, reduce_metrics
+from vggft.utils.distributed import SINGLE, Group
 from vggft.utils.errors import DivergedError
 from vggft.utils.logs import log, progress
 from vggft.reporting.metrics import Metrics
@@ -328,3 +328,18 @@ def fit_head(
             log.debug(epoch_line(end.row, cfg.epochs))
     restore_best(module, state)
     return HeadFit(module.eval(), state.history, state.best, time.perf_counter() - started)
+
+
+def reduce_metrics(metrics: Metrics, group: Group) -> Metrics:
+    """Sum each rank's counts: the result is the metrics of the whole split, as one process would get."""
+    if not group.active:
+        return metrics
+    ks = sorted(metrics.topk_correct)
+    counts = torch.cat([metrics.confusion.flatten(), torch.tensor([metrics.topk_correct[k] for k in ks])])
+    group.sum_(counts)
+    loss = group.sum_(torch.tensor([metrics.loss_sum], dtype=torch.float64))
+    n = metrics.confusion.numel()
+    metrics.confusion = counts[:n].view_as(metrics.confusion).clone()
+    metrics.topk_correct = {k: int(v) for k, v in zip(ks, counts[n:])}
+    metrics.loss_sum = float(loss)
+    return metrics

@@ -8,9 +8,9 @@ the best val epoch back, tests it and saves weights and sidecar. Under torchrun 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,20 +23,20 @@ from torch.utils.data import DistributedSampler, Subset, WeightedRandomSampler
 from vggft.model import artifacts
 from vggft.utils import rng
 from vggft.training import tensorboard as tensorboard_log
-from vggft.utils.background import Background
 from vggft.training.calibration import TemperatureFit, fit_temperature
 from vggft.config.schema import Config, load_config, resume_overrides_refused
 from vggft.data import DataSplits, prepare_data, split_record
 from vggft.data.loaders import make_loader, stop_workers
 from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
-from vggft.utils.distributed import (Group, is_peer_failure, is_timeout, main_first, process_group, reduce_metrics,
+from vggft.utils.distributed import (Group, is_peer_failure, is_timeout, main_first, process_group,
                           stalled)
-from vggft.training.loop import (HISTORY_COLUMNS, Loop, Progress, class_weights, epoch_line, evaluate, restore_best,
+from vggft.training.loop import (HISTORY_COLUMNS, Loop, Progress, class_weights, epoch_line, evaluate, reduce_metrics,
+                                 restore_best,
                      row_threads, run_epochs)
 from vggft.utils.errors import (ConfigError, DataError, DivergedError, Interrupted, OutputError, VggftError, WeightsError,
                      first_line)
 from vggft.features.cache import FeatureSource
-from vggft.utils.files import check_folder, check_free_space, check_name_length, save_text
+from vggft.utils.files import check_folder, check_free_space, check_name_length, save_csv, save_text
 from vggft.utils.logs import log, silence
 from vggft.features.fingerprints import pretrained_file
 from vggft.reporting.metrics import Metrics, output_names
@@ -365,11 +365,7 @@ def _best_body(run: Run) -> dict:
 
 
 def _write_metrics(history: list[dict], path: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, HISTORY_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    save_text(buffer.getvalue(), path)
+    save_csv(path, HISTORY_COLUMNS, ([row.get(column, "") for column in HISTORY_COLUMNS] for row in history))
 
 
 def _draw_curves(run: Run) -> None:
@@ -386,7 +382,7 @@ class _Curves:
 
     def __init__(self, on_thread: bool):
         self.on_thread = on_thread
-        self._drawn: Background | None = None
+        self._drawn: Future | None = None
         self._path: Path | None = None
 
     def draw(self, history: list[dict], path: Path, best_epoch: int) -> None:
@@ -394,7 +390,9 @@ class _Curves:
 
         self._path = path
         if self.on_thread:
-            self._drawn = Background(save_curves, list(history), path, best_epoch)
+            pool = ThreadPoolExecutor(1, thread_name_prefix="vggft-curves")
+            self._drawn = pool.submit(save_curves, list(history), path, best_epoch)
+            pool.shutdown(wait=False)  # the run goes on; wait() and settle() join the drawing
             return
         try:
             save_curves(history, path, best_epoch=best_epoch)
@@ -412,7 +410,7 @@ class _Curves:
 
     def settle(self) -> None:
         if self._drawn is not None:
-            self._drawn.settle()
+            futures_wait([self._drawn])
 
     def _warn(self, err: Exception) -> None:
         if not isinstance(err, OutputError):

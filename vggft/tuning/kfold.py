@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from vggft.tuning.prepare import CachedData, extract, prepare, run_folder, write_csv
+from vggft.tuning.prepare import CachedData, extract, prepare, run_folder
+from vggft.utils.files import save_csv
 from vggft.config.schema import Config, TrainConfig
 from vggft.data import Sample
 from vggft.data.loaders import make_loader
@@ -143,14 +144,14 @@ def write_oof(run: FoldRun, path: Path) -> Path:
     names = run.data.names
     rows = ([p, names[label], fold, *(f"{v:.6f}" for v in probs.tolist())]
             for (p, label), fold, probs in zip(run.samples, run.fold_of, run.probs))
-    return write_csv(path, ["path", "label", "fold", *names], rows)
+    return save_csv(path, ["path", "label", "fold", *names], rows)
 
 
 def kfold(cfg: Config, folds: int, seed: int = 0) -> tuple[FoldRun, Path, list[Path]]:
     """``vggft kfold``: per-fold accuracy and out-of-fold probabilities, written to a run folder."""
     run = run_folds(cfg, folds, seed, "kfold")
     folder = run_folder(cfg, "kfold")
-    fold_csv = write_csv(folder / "folds.csv", ["fold", "images", "correct", "accuracy", "seconds"],
+    fold_csv = save_csv(folder / "folds.csv", ["fold", "images", "correct", "accuracy", "seconds"],
                          ([f["fold"], f["images"], f["correct"], f"{f['accuracy']:.6f}", f"{f['seconds']:.2f}"]
                           for f in run.figures))
     return run, folder, [write_oof(run, folder / "oof.csv"), fold_csv, folder / "config.yaml"]

@@ -22,7 +22,8 @@ from vggft.data.images import open_rgb
 from vggft.data.transforms import eval_transform, normalization
 from vggft.utils.errors import OutputError, check_option
 from vggft.tuning.kfold import FoldRun, run_folds, write_oof
-from vggft.tuning.prepare import run_folder, write_csv
+from vggft.tuning.prepare import run_folder
+from vggft.utils.files import save_csv
 
 TOLERANCE = 1e-6  # cleanlab's slack on the threshold comparison, and on the given label's argmax
 
@@ -86,7 +87,7 @@ def label_issues(cfg: Config, *, folds: int = 5, seed: int = 0, out: Path | None
     if out is None:
         out = run_folder(cfg, "label_issues")
     names = run.data.names
-    csv_path = write_csv(Path(out) / "label_issues.csv",
+    csv_path = save_csv(Path(out) / "label_issues.csv",
                          ["rank", "path", "given", "suggested", "confidence", "given_probability", "margin"],
                          ([rank, run.samples[s.index][0], names[s.given], names[s.suggested], f"{s.confidence:.4f}",
                            f"{s.self_confidence:.4f}", f"{s.margin:.4f}"] for rank, s in enumerate(suspects, 1)))

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from vggft.tuning.prepare import extract, prepare, run_folder, write_csv
+from vggft.tuning.prepare import extract, prepare, run_folder
+from vggft.utils.files import save_csv
 from vggft.config.schema import Config
 from vggft.data.loaders import make_loader
 from vggft.training.loop import class_weights, cpu_threads, fresh_head, row_threads, to_device
@@ -164,10 +165,10 @@ def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int |
         log.info(f"lr-find: {test.stopped}")
     suggestions = suggest(test)
     run_dir = run_folder(cfg, "lr_find")
-    csv_path = write_csv(run_dir / "lr_find.csv", ["step", "lr", "loss", "smoothed_loss"],
+    csv_path = save_csv(run_dir / "lr_find.csv", ["step", "lr", "loss", "smoothed_loss"],
                          ([i + 1, f"{lr:.6e}", f"{loss:.6f}", f"{smooth:.6f}"]
                           for i, (lr, loss, smooth) in enumerate(zip(test.lrs, test.losses, test.smoothed))))
-    from vggft.reporting.sweep_plots import save_lr_plot
+    from vggft.reporting.plots import save_lr_plot
 
     shown = slice(0, max(len(test.lrs) - 5, 2))  # fastai's plot leaves out the last five steps too
     png = save_lr_plot(test.lrs[shown], test.losses[shown], test.smoothed[shown], suggestions, suggestion,

@@ -8,9 +8,7 @@ backbone) is refused in one line: these commands exist because the prefix runs o
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -128,12 +126,4 @@ def run_folder(cfg: Config, default_name: str) -> Path:
     return folder
 
 
-def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
-    """A CSV written whole or not at all."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
-    save_text(buffer.getvalue(), path)
-    return path
 

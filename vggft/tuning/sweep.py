@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from vggft.model import artifacts
-from vggft.tuning.prepare import CachedData, extract, prepare, run_folder, with_val_split, write_csv
+from vggft.tuning.prepare import CachedData, extract, prepare, run_folder, with_val_split
+from vggft.utils.files import save_csv
 from vggft.config.schema import Config
 from vggft.data import split_record
 from vggft.training.loop import HeadFit, fit_head
@@ -138,7 +139,7 @@ def _write_results(result: SweepResult, *, ranked: bool) -> Path:
     header = ["rank", "trial", *result.keys, "val_acc", "val_loss", "epoch", "seconds", "status"]
     rows = [[rank if ranked else "", t.number, *t.values.values(), f"{t.val_acc:.6f}", f"{t.val_loss:.6f}",
              t.epoch, f"{t.seconds:.2f}", t.status] for rank, t in enumerate(order, start=1)]
-    return write_csv(result.run_dir / "results.csv", header, rows)
+    return save_csv(result.run_dir / "results.csv", header, rows)
 
 
 def _write_best_yaml(result: SweepResult) -> Path:
@@ -153,7 +154,7 @@ def _write_best_yaml(result: SweepResult) -> Path:
 
 
 def _plot(result: SweepResult) -> Path:
-    from vggft.reporting.sweep_plots import save_sweep_plot
+    from vggft.reporting.plots import save_sweep_plot
 
     trials = sorted(result.trials, key=lambda t: t.number)
     return save_sweep_plot(trials, result.keys, result.best.number, result.run_dir / "sweep.png")

@@ -1,1 +1,1 @@
-"""Plumbing every stage uses: errors, logs, files written whole, background work, seeds, devices, torchrun."""
+"""Plumbing every stage uses: errors, logs, files written whole, seeds, devices, torch.distributed and torchrun."""

@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from vggft.utils.torchrun import environment_rank, environment_world
 from vggft.utils.errors import ConfigError, DeviceError, VggftError, first_line
-from vggft.reporting.metrics import Metrics
 
 TIMEOUT_ENV = "VGGFT_DIST_TIMEOUT"  # seconds a process waits for the others before the job fails
 DEFAULT_TIMEOUT = 300.0  # a stopped or hung process is named within minutes, not an hour
@@ -180,18 +179,3 @@ def process_group(device: torch.device) -> Iterator[tuple[Group, torch.device]]:
 def is_peer_failure(err: BaseException) -> bool:
     """A collective broke because another process of the job died (its own error is reported there)."""
     return isinstance(err, dist.DistBackendError) or any(marker in str(err) for marker in PEER_GONE)
-
-
-def reduce_metrics(metrics: Metrics, group: Group) -> Metrics:
-    """Sum each rank's counts: the result is the metrics of the whole split, as one process would get."""
-    if not group.active:
-        return metrics
-    ks = sorted(metrics.topk_correct)
-    counts = torch.cat([metrics.confusion.flatten(), torch.tensor([metrics.topk_correct[k] for k in ks])])
-    group.sum_(counts)
-    loss = group.sum_(torch.tensor([metrics.loss_sum], dtype=torch.float64))
-    n = metrics.confusion.numel()
-    metrics.confusion = counts[:n].view_as(metrics.confusion).clone()
-    metrics.topk_correct = {k: int(v) for k, v in zip(ks, counts[n:])}
-    metrics.loss_sum = float(loss)
-    return metrics

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vggft.utils.background import Background
 from vggft.utils.errors import OutputError, first_line
 
 
@@ -136,11 +138,9 @@ def save_torch(obj: Any, path: str | Path, *, sha256: bool = False) -> str | Non
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
         if sha256:
-            hashing = Background(_digest_of, open(tmp, "rb"))
-            try:
+            with ThreadPoolExecutor(1, thread_name_prefix="vggft-hash") as pool:  # leaving it waits for the hash
+                hashing = pool.submit(_digest_of, open(tmp, "rb"))
                 fsync_file(tmp)  # atomic_path's own fsync then finds nothing left to write
-            finally:
-                hashing.settle()
             digest = hashing.result()
     return digest
 
@@ -166,6 +166,17 @@ def save_json(obj: Any, path: str | Path) -> None:
 def save_text(text: str, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def save_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """A CSV written whole or not at all. A file name that is not UTF-8 keeps its own bytes."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8", errors="surrogateescape")
+    return Path(path)
 
 
 def file_identity(path: str | Path) -> list[int]:
