@@ -12,27 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import FAST, invoke, make_folder, make_image, tiny_subprocess_env
+from conftest import FAST, assert_one_line_error, invoke, make_image, tiny_subprocess_env
 from vggft.model.inference import load_model
 from vggft.data.images import open_rgb
 from vggft.data.transforms import eval_transform
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, fake_hub) -> Path:
-    """models/VGG16.pt (+ sidecar) trained at 32 px on the two-class pet folder; returns the weights."""
-    root = tmp_path_factory.mktemp("trained")
-    pet = make_folder(root / "pet", {"train": {"cat": 6, "dog": 6}, "test": {"cat": 3, "dog": 4}})
-    weights = root / "models" / "VGG16.pt"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VGGFT_CACHE", str(root / "cache"))
-        mp.setenv("TORCH_HOME", str(fake_hub))
-        mp.chdir(root)
-        result = invoke(CliRunner(), "train", "--set", f"data.root={pet}", "--set", f"output.weights={weights}", *FAST)
-    assert result.exit_code == 0, result.output
-    return weights
 
 
 def _pet(weights: Path) -> Path:
@@ -127,11 +111,8 @@ def test_predict_bare_state_dict_names_classes_by_index(runner, trained, tmp_pat
 
 def test_predict_missing_path_is_one_line(runner, trained):
     result = invoke(runner, "predict", _pet(trained) / "test", "no/such.jpg", "--weights", trained, "-q")
-    assert result.exit_code == 3
-    assert result.stderr.strip().splitlines() == [
-        "error: IMAGE_OR_DIR: 'no/such.jpg' not found; name existing image files or folders"
-    ]
-    assert result.stdout == ""
+    assert_one_line_error(result, code=3, names=["IMAGE_OR_DIR", "'no/such.jpg'", "not found"],
+                          fix="existing image files or folders")
 
 
 def _real_batch(weights: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,15 +153,15 @@ def test_export_torch_formats(runner, trained, tmp_path, fmt, load):
         assert torch.allclose(model(batch), expected, atol=1e-4, rtol=0)
     # Refuses to overwrite the weights it reads.
     result = invoke(runner, "export", "--weights", trained, "--format", fmt, "--out", trained)
-    assert result.exit_code == 6 and "would overwrite the weights" in result.stderr
+    assert_one_line_error(result, code=6, names=["--out", f"'{trained}'", "would overwrite the weights"],
+                          fix="choose another path")
 
 
 def test_export_onnx_without_the_extra_says_what_to_install(runner, trained, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # find_spec then reports it absent
     result = invoke(runner, "export", "--weights", trained, "--format", "onnx")
-    assert result.exit_code == 1
-    (line,) = result.stderr.strip().splitlines()
-    assert "onnxruntime not installed" in line and line.endswith("pip install onnx onnxscript onnxruntime")
+    assert_one_line_error(result, code=1, names=["--format onnx", "onnxruntime not installed"],
+                          fix="pip install onnx onnxscript onnxruntime")
     assert not trained.with_name("VGG16.onnx").exists()
     # Without --format, export picks the format torch alone can write.
     out = trained.with_name("VGG16.pt2")
