@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from conftest import invoke, make_folder
+from conftest import assert_one_line_error, invoke
 from descriptor import save_descriptor
 from vggft.training.calibration import (LOG_T_RANGE, calibration_summary, expected_calibration_error, fit_temperature, nll,
                                reliability)
@@ -75,23 +74,14 @@ def test_temperature_fit_on_a_separable_split_runs_to_its_bound():
 
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory, fake_hub) -> Path:
+def calibrated(train_once) -> Path:
     """Weights trained with a val split that holds the same picture under both classes (so no temperature
     makes val perfect and the fit is a real minimum); returns the weights."""
-    root = tmp_path_factory.mktemp("calibrated")
-    pet = make_folder(root / "pet", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 3, "dog": 3},
-                                     "test": {"cat": 3, "dog": 4}})
-    shutil.copy(pet / "val" / "cat" / "cat.0.jpg", pet / "val" / "dog" / "twin.jpg")
-    weights = root / "models" / "cal.pt"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VGGFT_CACHE", str(root / "cache"))
-        mp.setenv("TORCH_HOME", str(fake_hub))
-        mp.chdir(root)
-        backbone = save_descriptor(root / "descriptor.pth")
-        result = invoke(CliRunner(), "train", "--set", f"data.root={pet}", "--set", f"output.weights={weights}",
-                        "--set", f"model.weights={backbone}", *LEARNS)
-    assert result.exit_code == 0, result.output
-    return weights
+    folder = train_once("calibrated", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 3, "dog": 3},
+                                       "test": {"cat": 3, "dog": 4}})
+    shutil.copy(folder.pet / "val" / "cat" / "cat.0.jpg", folder.pet / "val" / "dog" / "twin.jpg")
+    backbone = save_descriptor(folder.root / "descriptor.pth")
+    return folder.train("--set", f"model.weights={backbone}", *LEARNS, weights="models/cal.pt")
 
 
 def test_train_stores_the_temperature_in_the_sidecar(calibrated):
@@ -170,10 +160,8 @@ def test_a_temperature_that_is_not_a_positive_number_is_one_line(runner, calibra
     sidecar["temperature"] = -1
     weights.with_suffix(".json").write_text(json.dumps(sidecar))
     result = invoke(runner, "predict", calibrated.parent.parent / "pet" / "test", "--weights", weights, "-q")
-    assert result.exit_code == 4
-    assert result.stderr.strip().splitlines() == [
-        f"error: {weights.with_suffix('.json')}: temperature -1 is not a positive number; train again, or remove "
-        "the temperature key to use uncalibrated probabilities"]
+    assert_one_line_error(result, code=4, names=[str(weights.with_suffix(".json")), "temperature -1"],
+                          fix="remove the temperature key")
 
 
 def test_calibration_summary_without_a_temperature_has_no_calibrated_figures():

@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
-from typer.testing import CliRunner
 
 import vggft.diagnostics.explain
 import vggft.model.inference
-from conftest import CLASS_COLOURS, invoke, make_folder, make_image
+from conftest import CLASS_COLOURS, assert_one_line_error, invoke, make_image
 from descriptor import save_descriptor
 from tiny import tiny_vgg
 from vggft.config.schema import ARCHS
@@ -112,28 +111,17 @@ def test_output_stems_are_unique():
 # --- the command, on weights that learnt the colours -------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, fake_hub) -> dict[str, Path]:
+def models(train_once) -> dict[str, Path]:
     """Red cats and blue dogs; a test split with one red picture filed under dog (a sure mistake). A model per
     head on the colour-describing backbone, 64 px."""
-    root = tmp_path_factory.mktemp("explain")
-    pet = make_folder(root / "pet", {"train": {"cat": 6, "dog": 6}, "test": {"cat": 3, "dog": 4}})
-    make_image(pet / "test" / "dog" / "reddish.jpg", CLASS_COLOURS["cat"], seed=99)
-    found = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VGGFT_CACHE", str(root / "cache"))
-        mp.setenv("TORCH_HOME", str(fake_hub))
-        mp.chdir(root)
-        backbone = save_descriptor(root / "descriptor.pth")
-        for head, lr in (("classifier6", 0.1), ("gap", 0.05)):
-            weights = root / "models" / f"{head}.pt"
-            result = invoke(CliRunner(), "train", "--set", f"data.root={pet}", "--set", f"output.weights={weights}",
-                            "--set", f"model.weights={backbone}", "--set", f"model.head={head}",
-                            "--set", f"data.image_size={SIZE}", "--set", f"data.resize={SIZE}",
-                            "--set", f"train.lr={lr}", "--set", "train.momentum=0.9", "--set", "train.epochs=8",
-                            "--quiet")
-            assert result.exit_code == 0, result.output
-            found[head] = weights
-    return found
+    folder = train_once("explain")
+    make_image(folder.pet / "test" / "dog" / "reddish.jpg", CLASS_COLOURS["cat"], seed=99)
+    backbone = save_descriptor(folder.root / "descriptor.pth")
+    return {head: folder.train("--set", f"model.weights={backbone}", "--set", f"model.head={head}",
+                               "--set", f"data.image_size={SIZE}", "--set", f"data.resize={SIZE}",
+                               "--set", f"train.lr={lr}", "--set", "train.momentum=0.9", "--set", "train.epochs=8",
+                               "--quiet", weights=f"models/{head}.pt")
+            for head, lr in (("classifier6", 0.1), ("gap", 0.05))}
 
 
 def _pet(weights: Path) -> Path:
@@ -203,13 +191,11 @@ def test_explain_another_class_a_broken_file_and_clashing_names(runner, models, 
     assert all(" dog " in line for line in lines[1:3])
     assert len(list(out.glob("*.cam.png"))) == len(list(out.glob("*.cam.npy"))) == 2
     result = invoke(runner, "explain", folder, "--weights", weights, "--out", folder / "broken.jpg", "-q")
-    assert result.exit_code == 6 and result.stderr.strip().splitlines() == [
-        f"error: --out: '{folder / 'broken.jpg'}' is a file; give a folder for the heatmaps"]
+    assert_one_line_error(result, code=6, names=["--out", f"'{folder / 'broken.jpg'}'", "is a file"],
+                          fix="give a folder")
     result = invoke(runner, "explain", folder, "--weights", weights, "--class", "owl", "-q")
-    assert result.exit_code == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == [
-        f"error: --class: 'owl' is not a class of '{weights}' (cat, dog); name one of them, or leave --class out "
-        "to explain the predicted class"]
+    assert_one_line_error(result, code=2, names=["--class", "'owl'", f"'{weights}'", "(cat, dog)"],
+                          fix="leave --class out")
 
 
 def test_explain_out_of_memory_is_one_line_naming_the_batch_size(runner, models, tmp_path, monkeypatch):
@@ -221,8 +207,7 @@ def test_explain_out_of_memory_is_one_line_naming_the_batch_size(runner, models,
     weights = models["gap"]
     result = invoke(runner, "explain", _pet(weights) / "test", "--weights", weights, "--batch-size", "4",
                     "--out", tmp_path, "-q")
-    assert result.exit_code == 7 and result.stderr.strip().splitlines() == [
-        "error: out of memory on cpu with --batch-size 4; lower them (--batch-size 2)"]
+    assert_one_line_error(result, code=7, names=["out of memory", "--batch-size 4"], fix="--batch-size 2")
 
 
 def test_explain_loads_images_with_the_workers_of_data_num_workers(runner, models, tmp_path, monkeypatch):
@@ -271,4 +256,4 @@ def test_eval_top_losses_confused_pairs_and_heatmaps(runner, models, tmp_path):
             assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).mean() > 5  # the heatmaps show
         assert f"Wrote {explained / name}" in result.stdout
     result = invoke(runner, "eval", "--weights", weights, "--explain", "-q")
-    assert result.exit_code == 2 and "add --misclassified N" in result.stderr
+    assert_one_line_error(result, code=2, names=["--explain"], fix="add --misclassified N")
