@@ -84,3 +84,69 @@ def _hint(key: str):
 
 def _yaml_value(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def markdown() -> str:
+    """docs/configuration.md: how configs layer, the presets, and every key (default, values, meaning) per
+    section, from the same source as ``defaults_yaml``. Regenerate the file with
+    ``python -c "from vggft.config import reference; print(reference.markdown(), end='')" > docs/configuration.md``."""
+    from vggft.config import presets
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+    docs, defaults = key_docs(), Config().to_dict()
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated from vggft/config/reference.py (the source of `vggft configs --defaults`); do not edit. "
+        "Regenerate: python -c \"from vggft.config import reference; print(reference.markdown(), end='')\" "
+        "> docs/configuration.md -->",
+        "",
+        "Every command takes `--config FILE.yaml` (or a preset name) and any number of `--set KEY=VALUE` "
+        "overrides, e.g. `--set train.epochs=1 --set data.root=/x`. `vggft configs --defaults` prints every key "
+        "below as a YAML file that loads back: `vggft configs --defaults > my.yaml`, keep the keys you change, "
+        "then `--config my.yaml`.",
+        "",
+        "## How the layers combine",
+        "",
+        "1. The defaults below (the PyTorch tutorial's recipe).",
+        "2. `--config`: a YAML file, or a shipped preset by name (`--config pet`). A file of that name, when "
+        "there is one, wins over a preset; a file sets only the keys it names.",
+        "3. `--set KEY=VALUE`, in the order given; the value is read as YAML (`--set data.split=[0.7,0.2,0.1]`, "
+        "`--set model.weights=null`).",
+        "",
+        "`eval`, `predict`, `explain` and `export` put the saved weights' own config (from their sidecar) under "
+        "step 2, so a model is read as it was trained; what the weights file holds (architecture, head, class "
+        "count) wins over any config.",
+        "",
+        "`vggft train --resume runs/NAME/last.pt` starts from the run's own saved config instead, and takes "
+        "`--set` only for the keys that can still take effect: "
+        + ", ".join(f"`{key}`" for key in schema.RESUMABLE_KEYS)
+        + "; `--config` is refused.",
+        "",
+        "YAML's `off`/`on`/`no`/`yes` are booleans; every key documented with `off` takes them (`train.amp: off`, "
+        "`data.augment: off` for `none`), and `cache: off` is short for `cache.enabled: false`. A renamed key "
+        "keeps working through `vggft.config.schema.RENAMED_KEYS`. A mistake (an unknown key, a "
+        "wrong type or value, settings that would do nothing) is one line naming where the value came from "
+        "(the file, or `--set`), the key, what was expected and what was given, before any work: exit code 2 "
+        "(see [errors](errors.md#2--config)).",
+        "",
+        "## Presets",
+        "",
+        "Shipped inside the package, so `--config NAME` works from any folder; `configs/` in the source tree holds "
+        "the same files to copy. `vggft configs` lists them, `vggft configs --show NAME` prints one.",
+        "",
+        "| preset | recipe |",
+        "|---|---|",
+    ]
+    lines += [f"| `{name}` | {cell(presets.description(name))} |" for name in presets.names()]
+    section = None
+    for key, doc in docs.items():
+        parent = key.split(".")[0]
+        if parent != section:
+            section = parent
+            lines += ["", f"## `{section}`", "", "| key | default | values | meaning |", "|---|---|---|---|"]
+        default, meaning = _yaml_value(_lookup(defaults, key)), cell(doc) or "-"
+        lines.append(f"| `{key}` | `{cell(default)}` | {cell(describe_type(_hint(key)))} | {meaning} |")
+    return "\n".join(lines) + "\n"
