@@ -268,16 +268,19 @@ def _extract_missing(prefix, missing, transform, cache: FeatureCache, *, device,
         cache.add(pending_keys, torch.cat(pending))
 
 
-def cache_off_reason(cfg: Config, model: nn.Module, cut: str) -> str | None:
-    """Why training cannot use cached rows (None: it can)."""
+def cache_off_reason(cfg: Config, model: nn.Module | None = None, cut: str | None = None) -> tuple[str, str] | None:
+    """(why, fix) when training cannot read cached rows; None when it can. From the config alone before a model
+    is built; with the model (and where its frozen prefix ends), from what is really frozen."""
     if not cfg.cache.enabled:
-        return "cache.enabled is false"
+        return "cache.enabled is false", "remove cache: off (or set cache.enabled: true)"
     if cfg.data.augment != "none":
-        return f"data.augment is '{cfg.data.augment}': random augmentation changes the input every epoch"
-    if any(p.requires_grad for p in model.features.parameters()):
-        return "part of the backbone is unfrozen (model.unfreeze): its features change every step"
+        return (f"data.augment is '{cfg.data.augment}': random augmentation changes the input every epoch",
+                "set data.augment: none")
+    if cfg.model.unfreeze or (model is not None and any(p.requires_grad for p in model.features.parameters())):
+        return ("part of the backbone is unfrozen (model.unfreeze): its features change every step",
+                "set model.unfreeze: 0")
     if cut == "input":
-        return "nothing at the input is frozen"
+        return "nothing at the input is frozen", "freeze the backbone (model.unfreeze: 0)"
     return None
 
 
@@ -294,7 +297,8 @@ class FeatureSource:
         self.cfg, self.device, self.precision, self.group = cfg, device, precision, group
         self.prefix, self.suffix, self.cut = split_frozen_prefix(model)
         self.workers = resolve_workers(cfg.data, device)
-        self.off_reason = cache_off_reason(cfg, model, self.cut)
+        off = cache_off_reason(cfg, model, self.cut)
+        self.off_reason, self.off_fix = off if off is not None else (None, None)
         self.decode = resolve_decode(cfg.data.decode, device)  # for extraction; images for the loop: Pillow
         self.decoder = TensorDecoder(cfg.data) if self.decode != "pil" else None
         self.cache: FeatureCache | None = None

@@ -79,14 +79,25 @@ class Run:
         return split_record(self.splits, self.cfg.data) if self.splits.layout == "pool" else None
 
 
-def new_run_dir(runs_dir: str, name: str | None) -> Path:
-    """runs/train, runs/train2, ...: an existing run folder is never written into."""
-    base = name or "train"
-    candidate, n = Path(runs_dir) / base, 1
-    while candidate.exists():
+def make_run_folder(cfg: Config, default_name: str = "train") -> Path:
+    """A new run folder, runs/<name>, runs/<name>2, ... (an existing one is never written into), holding the
+    config it ran with."""
+    base = cfg.output.name or default_name
+    folder, n = Path(cfg.output.runs_dir) / base, 1
+    while folder.exists():
         n += 1
-        candidate = Path(runs_dir) / f"{base}{n}"
-    return candidate
+        folder = Path(cfg.output.runs_dir) / f"{base}{n}"
+    try:
+        folder.mkdir(parents=True)
+    except OSError as err:
+        raise OutputError(f"output.runs_dir: cannot make the run folder '{folder}' ({err.strerror}); "
+                          "choose another folder with --set output.runs_dir=PATH") from None
+    write_run_config(cfg, folder)
+    return folder
+
+
+def write_run_config(cfg: Config, folder: Path) -> None:
+    save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), folder / "config.yaml")
 
 
 def resume_config(checkpoint_path: Path, overrides: list[str] = ()) -> Config:
@@ -164,9 +175,9 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group,
     if not resume:
         check_name_length(Path(cfg.output.runs_dir) / (cfg.output.name or "train"), "output.name (--name)", spare=4)
     prepare_backend(device)
-    splits = _find_data(cfg, body, resume, group)
+    splits = find_training_data(cfg, body, resume, group)
     num_outputs = cfg.model.num_classes or len(splits.class_names)
-    model = _build(cfg, num_outputs, group, device)
+    model = build_network(cfg, num_outputs, group, device)
     precision = autocast_dtype(device, cfg.train.amp)
     source = FeatureSource(model, cfg, device, precision, group, weights_file=pretrained_file(cfg.model))
     log.info(source.describe())
@@ -178,20 +189,17 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group,
     run = Run(cfg, splits, model, source, loop, Progress(), generator, None, test_loader, fingerprint)
     if body:
         _restore(run, body, Path(resume))
+        if group.is_main:
+            write_run_config(cfg, run.run_dir)  # the resumed config: its --set overrides included
     elif group.is_main:
-        run.run_dir = new_run_dir(cfg.output.runs_dir, cfg.output.name)
-        try:
-            run.run_dir.mkdir(parents=True)
-        except OSError as err:
-            raise OutputError(f"output.runs_dir: cannot make the run folder '{run.run_dir}' ({err.strerror}); "
-                              "choose another folder with --set output.runs_dir=PATH") from None
+        run.run_dir = make_run_folder(cfg)
     if group.is_main:
-        save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run.run_dir / "config.yaml")
         run.board = tensorboard_log.TensorBoardLog(run.run_dir) if cfg.output.tensorboard else None
     return run
 
 
-def _find_data(cfg: Config, body: dict | None, resume: Path | None, group: Group) -> DataSplits:
+def find_training_data(cfg: Config, body: dict | None, resume: Path | None, group: Group) -> DataSplits:
+    """The splits a run trains on (a resumed run's own pool split from its checkpoint ``body``), checked."""
     with main_first(group):  # rank 0 decodes every image first; the others then read its verdict cache
         splits, _ = prepare_data(cfg, body.get("split") if body else None, f"--resume {resume}")
     if not splits["train"]:
@@ -211,7 +219,8 @@ def _find_data(cfg: Config, body: dict | None, resume: Path | None, group: Group
     return splits
 
 
-def _build(cfg: Config, num_outputs: int, group: Group, device: torch.device) -> nn.Module:
+def build_network(cfg: Config, num_outputs: int, group: Group, device: torch.device) -> nn.Module:
+    """The seeded network with its pretrained weights and new head, as every training command starts it."""
     rng.seed_everything(cfg.train.seed)
     model = build_model(cfg.model, num_outputs, artifacts.pretrained_state_dict(cfg.model))
     if group.active:

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from vggft.tuning.prepare import CachedData, extract, prepare, run_folder
+from vggft.tuning.prepare import CachedData, extract, prepare
+from vggft.training.train import make_run_folder
 from vggft.utils.files import save_csv
 from vggft.config.schema import Config, TrainConfig
 from vggft.data import Sample
@@ -150,7 +151,7 @@ def write_oof(run: FoldRun, path: Path) -> Path:
 def kfold(cfg: Config, folds: int, seed: int = 0) -> tuple[FoldRun, Path, list[Path]]:
     """``vggft kfold``: per-fold accuracy and out-of-fold probabilities, written to a run folder."""
     run = run_folds(cfg, folds, seed, "kfold")
-    folder = run_folder(cfg, "kfold")
+    folder = make_run_folder(cfg, "kfold")
     fold_csv = save_csv(folder / "folds.csv", ["fold", "images", "correct", "accuracy", "seconds"],
                          ([f["fold"], f["images"], f["correct"], f"{f['accuracy']:.6f}", f"{f['seconds']:.2f}"]
                           for f in run.figures))

@@ -22,7 +22,7 @@ from vggft.data.images import open_rgb
 from vggft.data.transforms import eval_transform, normalization
 from vggft.utils.errors import OutputError, check_option
 from vggft.tuning.kfold import FoldRun, run_folds, write_oof
-from vggft.tuning.prepare import run_folder
+from vggft.training.train import make_run_folder
 from vggft.utils.files import save_csv
 
 TOLERANCE = 1e-6  # cleanlab's slack on the threshold comparison, and on the given label's argmax
@@ -85,7 +85,7 @@ def label_issues(cfg: Config, *, folds: int = 5, seed: int = 0, out: Path | None
     run = run_folds(cfg, folds, seed, "label-issues")
     suspects = find_label_issues(run.probs, run.labels)
     if out is None:
-        out = run_folder(cfg, "label_issues")
+        out = make_run_folder(cfg, "label_issues")
     names = run.data.names
     csv_path = save_csv(Path(out) / "label_issues.csv",
                          ["rank", "path", "given", "suggested", "confidence", "given_probability", "margin"],

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from vggft.tuning.prepare import extract, prepare, run_folder
+from vggft.tuning.prepare import extract, prepare
+from vggft.training.train import make_run_folder
 from vggft.utils.files import save_csv
 from vggft.config.schema import Config
 from vggft.data.loaders import make_loader
@@ -164,7 +165,7 @@ def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int |
     if test.stopped:
         log.info(f"lr-find: {test.stopped}")
     suggestions = suggest(test)
-    run_dir = run_folder(cfg, "lr_find")
+    run_dir = make_run_folder(cfg, "lr_find")
     csv_path = save_csv(run_dir / "lr_find.csv", ["step", "lr", "loss", "smoothed_loss"],
                          ([i + 1, f"{lr:.6e}", f"{loss:.6f}", f"{smooth:.6f}"]
                           for i, (lr, loss, smooth) in enumerate(zip(test.lrs, test.losses, test.smoothed))))

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from vggft.config.schema import Config
@@ -21,12 +19,12 @@ from vggft.data import DataSplits, Sample, find_splits
 from vggft.utils.device import autocast_dtype, prepare_backend, resolve_device
 from vggft.utils.distributed import SINGLE
 from vggft.utils.errors import ConfigError
-from vggft.features.cache import FeatureSource
-from vggft.utils.files import check_free_space, save_text
+from vggft.features.cache import FeatureSource, cache_off_reason
+from vggft.utils.files import check_free_space
 from vggft.utils.logs import log
 from vggft.features.fingerprints import pretrained_file
 from vggft.reporting.metrics import output_names
-from vggft.training.train import _build, _find_data, new_run_dir
+from vggft.training.train import build_network, find_training_data
 
 SWEEP_VAL_FRACTION = 0.1  # held out of train to score trials when the data has no val split
 
@@ -62,22 +60,7 @@ class CachedData:
                 "seed": cfg.train.seed, "balance": cfg.data.balance, "eval_batch_size": cfg.data.eval_batch_size}
 
 
-def uncached_reason(cfg: Config) -> tuple[str, str] | None:
-    """(why, fix) when the rows of ``cfg`` cannot be cached; None when they can. Checked before any work."""
-    if not cfg.cache.enabled:
-        return "cache.enabled is false", "remove cache: off (or set cache.enabled: true)"
-    if cfg.data.augment != "none":
-        return f"data.augment is '{cfg.data.augment}' (random inputs every epoch)", "set data.augment: none"
-    if cfg.model.unfreeze:
-        return "model.unfreeze trains part of the backbone (its features change every step)", "set model.unfreeze: 0"
-    if cfg.data.balance == "sampler":
-        return ("data.balance is 'sampler', which these heads do not use",
-                "set data.balance: weights (a weighted loss) or none")
-    return None
-
-
-def refuse_uncached(cfg: Config, command: str) -> None:
-    reason = uncached_reason(cfg)
+def refuse_uncached(cfg: Config, command: str, reason: tuple[str, str] | None) -> None:
     if reason is not None:
         why, fix = reason
         raise ConfigError(f"{command}: trains every head on the feature cache's rows, but {why}; {fix}")
@@ -95,16 +78,18 @@ def with_val_split(cfg: Config, command: str) -> Config:
 
 def prepare(cfg: Config, command: str) -> CachedData:
     """Data, model and feature source as ``vggft train`` sets them up; nothing extracted yet."""
-    refuse_uncached(cfg, command)
+    refuse_uncached(cfg, command, cache_off_reason(cfg))  # before any work
+    if cfg.data.balance == "sampler":
+        refuse_uncached(cfg, command, ("data.balance is 'sampler', which these heads do not use",
+                                       "set data.balance: weights (a weighted loss) or none"))
     device = resolve_device(cfg.train.device)
     prepare_backend(device)
-    splits = _find_data(cfg, None, None, SINGLE)
-    model = _build(cfg, cfg.model.num_classes or len(splits.class_names), SINGLE, device)
+    splits = find_training_data(cfg, None, None, SINGLE)
+    model = build_network(cfg, cfg.model.num_classes or len(splits.class_names), SINGLE, device)
     source = FeatureSource(model, cfg, device, autocast_dtype(device, cfg.train.amp),
                            weights_file=pretrained_file(cfg.model))
     if not source.cached:
-        raise ConfigError(f"{command}: trains every head on the feature cache's rows, but {source.off_reason}; "
-                          "freeze the backbone (model.unfreeze: 0)")
+        refuse_uncached(cfg, command, (source.off_reason, source.off_fix))
     log.info(source.describe())
     return CachedData(cfg, splits, model, source, device)
 
@@ -118,12 +103,6 @@ def extract(data: CachedData, groups: dict[str, Sequence[Sample]]) -> dict[str, 
     return {name: data.rows(samples, name) for name, samples in groups.items()}
 
 
-def run_folder(cfg: Config, default_name: str) -> Path:
-    """A new run folder (runs/<name>, runs/<name>2, ...) holding the config it ran with."""
-    folder = new_run_dir(cfg.output.runs_dir, cfg.output.name or default_name)
-    folder.mkdir(parents=True)
-    save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), folder / "config.yaml")
-    return folder
 
 
 

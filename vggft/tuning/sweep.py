@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from vggft.model import artifacts
-from vggft.tuning.prepare import CachedData, extract, prepare, run_folder, with_val_split
+from vggft.tuning.prepare import CachedData, extract, prepare, with_val_split
+from vggft.training.train import make_run_folder
 from vggft.utils.files import save_csv
 from vggft.config.schema import Config
 from vggft.data import split_record
@@ -74,7 +75,7 @@ def sweep(cfg: Config, plans: list[dict[str, str]], *, save_best: bool = False) 
             artifacts.check_writable(Path(trial.cfg.output.weights))
     data = prepare(cfg, "sweep")
     pairs = extract(data, {"train": data.splits["train"], "val": data.splits["val"]})
-    run_dir = run_folder(cfg, "sweep")
+    run_dir = make_run_folder(cfg, "sweep")
     result = SweepResult(run_dir, trials, keys)
     best_state = _run_trials(data, pairs, result)
     result.trials = sorted(trials, key=lambda t: t.rank_key)
