@@ -20,8 +20,8 @@ import torch
 
 import vggft.utils.files
 import vggft.training.train
-from conftest import FAST, invoke, make_folder, tiny_subprocess_env
-from test_safety import _one_line, _train
+from conftest import FAST, assert_one_line_error, invoke, make_folder, tiny_subprocess_env
+from test_safety import _train
 
 STRACE = shutil.which("strace")
 # The listing run stops only at the traced calls (seccomp-bpf, which strace applies with -f): plain ptrace
@@ -235,8 +235,9 @@ def test_killed_between_weights_and_sidecar_is_caught_never_mislabelled(runner, 
     targets = _renames(command, _env(tmp_path / "c1"), tmp_path / "trace")  # the earlier run: cat, dog
     killed.kill_at(_index(targets, lambda target: target.endswith("models/VGG16.json")))
     for command in (["eval", "-q"], ["predict", other / "test", "-q"]):
-        line = _one_line(invoke(runner, *command), 4)
-        assert line.startswith("error: models/VGG16.json: belongs to other weights than 'models/VGG16.pt'")
+        assert_one_line_error(invoke(runner, *command), code=4, after_notes=True,
+                              names=["models/VGG16.json", "other weights", "'models/VGG16.pt'"],
+                              fix="delete the sidecar")
 
     shards = next((tmp_path / "c1").glob("features/*"))
     _killed_writer(shards / "123-456.pt")
@@ -261,9 +262,8 @@ def test_disk_full_at_the_weights_is_one_line_and_keeps_the_earlier_pair(runner,
     assert _train(runner, pet, "--set", f"output.weights={weights}").exit_code == 0
     before = {path: path.read_bytes() for path in (weights, weights.with_suffix(".json"))}
     _fill_after_the_check(monkeypatch, disk, leave=0)
-    line = _one_line(_train(runner, pet, "--set", f"output.weights={weights}", "--set", "train.lr=0.5"), 6)
-    assert line.startswith(f"error: {weights}: could not be written (No space left on device: disk full")
-    assert line.endswith("free some space or write it elsewhere; the previous file is unchanged")
+    assert_one_line_error(_train(runner, pet, "--set", f"output.weights={weights}", "--set", "train.lr=0.5"), code=6,
+                          after_notes=True, names=[str(weights), "disk full"], fix="free some space")
     assert {path: path.read_bytes() for path in before} == before and _temporaries(disk) == []
 
 
@@ -271,8 +271,8 @@ def test_disk_full_at_a_checkpoint_is_one_line(runner, pet, mount, monkeypatch):
     """torch.save's own writer meets the full disk: '[enforce fail at inline_container.cc] unexpected pos'."""
     disk = mount("runs", "1m")
     _fill_after_the_check(monkeypatch, disk, leave=12 << 10)  # config.yaml and best.pt fit, last.pt does not
-    line = _one_line(_train(runner, pet, "--set", f"output.runs_dir={disk}"), 6)
-    assert line.startswith(f"error: {disk}/train/last.pt: could not be written (No space left on device: disk full")
+    assert_one_line_error(_train(runner, pet, "--set", f"output.runs_dir={disk}"), code=6, after_notes=True,
+                          names=[f"{disk}/train/last.pt", "disk full"], fix="free some space")
     assert (disk / "train" / "best.pt").is_file() and _temporaries(disk) == []
     assert not Path("models").exists()
 
@@ -357,43 +357,39 @@ def test_resume_from_best_pt_is_refused_and_touches_nothing(runner, pet):
     assert _train(runner, pet).exit_code == 0
     run = Path("runs/train")
     before = {name: (run / name).read_bytes() for name in ("last.pt", "metrics.csv", "best.pt")}
-    line = _one_line(invoke(runner, "train", "--resume", run / "best.pt", "-q"), 4)
-    assert line == ("error: --resume: 'runs/train/best.pt' is the run's best epoch (2), kept for eval, predict "
-                    "and export; go on with runs/train/last.pt, or start a new run")
+    assert_one_line_error(invoke(runner, "train", "--resume", run / "best.pt", "-q"), code=4, after_notes=True,
+                          names=["--resume", "'runs/train/best.pt'", "best epoch"], fix="runs/train/last.pt")
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
 def test_resume_with_another_head_is_refused(runner, pet):
     assert _train(runner, pet).exit_code == 0
-    line = _one_line(invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "model.head=gap"), 2)
-    assert line.startswith("error: --set model.head: cannot change when resuming")
+    assert_one_line_error(invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "model.head=gap"), code=2,
+                          after_notes=True, names=["--set model.head", "when resuming"], fix="start a new run")
 
 
 def test_weights_named_like_their_sidecar_are_refused_before_any_work(runner, pet):
-    line = _one_line(_train(runner, pet, "--set", "output.weights=models/net.json"), 6)
-    assert line == ("error: output.weights: 'models/net.json' ends in .json, the name of its own sidecar; give the "
-                    "weights a .pt name such as models/VGG16.pt")
+    assert_one_line_error(_train(runner, pet, "--set", "output.weights=models/net.json"), code=6, after_notes=True,
+                          names=["output.weights", "'models/net.json'", "sidecar"], fix="a .pt name")
     assert not Path("models").exists() and not Path("runs").exists()
 
 
 def test_a_run_name_too_long_for_the_file_system_is_refused_before_any_work(runner, pet):
-    line = _one_line(_train(runner, pet, "--name", "n" * 300), 6)
-    assert line.startswith("error: output.name (--name): the name 'nnnn") and "is 300 bytes, longer than" in line
+    assert_one_line_error(_train(runner, pet, "--name", "n" * 300), code=6, after_notes=True,
+                          names=["output.name", "--name", "'nnnn", "300 bytes"], fix="choose a shorter one")
     assert not Path("runs").exists() and not Path(os.environ["VGGFT_CACHE"]).exists()
 
 
 @pytest.mark.parametrize("seed", ["1.0e+20", "100000000000000000000", "-1"])
 def test_a_seed_out_of_range_is_refused(runner, pet, seed):
-    line = _one_line(_train(runner, pet, "--set", f"train.seed={seed}"), 2)
-    assert line.startswith("error: --set: train.seed: expected a whole number from 0 to 9223372036854775807")
+    assert_one_line_error(_train(runner, pet, "--set", f"train.seed={seed}"), code=2, after_notes=True,
+                          names=["--set", "train.seed"], fix="a whole number from 0 to 9223372036854775807")
 
 
 def test_exploding_momentum_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_epoch(runner, pet):
     """Momentum 1e10: epoch 1 ends with huge but finite numbers, epoch 2 reaches NaN."""
-    line = _one_line(_train(runner, pet, "--set", "train.momentum=1e10", "--set", "train.epochs=3"), 8)
-    assert re.fullmatch(r"error: the training loss became nan at batch \d of epoch 2/3; the settings make training "
-                        r"diverge: lower train.lr \(or train.momentum\), or set train.grad_clip; the last good epoch "
-                        r"\(1\) is kept in runs/train/last.pt", line), line
+    assert_one_line_error(_train(runner, pet, "--set", "train.momentum=1e10", "--set", "train.epochs=3"), code=8,
+                          after_notes=True, names=["nan", "epoch 2/3", "runs/train/last.pt"], fix="lower train.lr")
     last = _load("runs/train/last.pt")
     assert last["epoch"] == 1 and all(torch.isfinite(t).all() for t in last["model"].values())
     assert not Path("models/VGG16.pt").exists() and Path("runs/train/curves.png").is_file()  # the good epochs drawn
