@@ -12,19 +12,14 @@ import torch
 
 import vggft.config.schema
 import vggft.features.cache
-from conftest import FAST, invoke, make_folder
+import vggft.model.fingerprint
+import vggft.training.train
+from conftest import FAST, assert_one_line_error, invoke, make_folder
 from tiny import tiny_vgg
-from vggft.model import artifacts
-from vggft.model.artifacts import fingerprint
+from vggft.model.checkpoints import load_checkpoint, rebuild_from_checkpoint
+from vggft.model.fingerprint import FROZEN_SCHEME, fingerprint, legacy_frozen_fingerprint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "format1"
-
-
-def _error(result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and "Traceback" not in result.output
-    return lines[-1]
 
 
 @pytest.fixture
@@ -90,19 +85,21 @@ def trained_run(runner, pet):
 ])
 def test_resume_refuses_keys_that_cannot_take_effect(runner, trained_run, override, key):
     before = trained_run.read_bytes()
-    line = _error(invoke(runner, "train", "--resume", trained_run, "--set", override), 2)
-    assert line.startswith(f"error: --set {key}: cannot change when resuming") and "train.epochs" in line
+    assert_one_line_error(invoke(runner, "train", "--resume", trained_run, "--set", override), code=2,
+                          after_notes=True, names=[f"--set {key}", "when resuming", "train.epochs"],
+                          fix="start a new run")
     assert trained_run.read_bytes() == before
 
 
 def test_resume_with_a_config_file_or_other_classes_is_refused(runner, trained_run, pet, tmp_path):
     config = tmp_path / "other.yaml"
     config.write_text("train:\n  lr: 0.5\n")
-    line = _error(invoke(runner, "train", "--resume", trained_run, "--config", config), 2)
-    assert "a resumed run goes on with its own config" in line
+    assert_one_line_error(invoke(runner, "train", "--resume", trained_run, "--config", config), code=2,
+                          after_notes=True, names=["--config", str(config), "its own config"], fix="drop --config")
     make_folder(pet, {"train": {"owl": 2}, "test": {"owl": 1}})
-    line = _error(invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3"), 3)
-    assert "--resume: the run was trained on classes ['cat', 'dog']" in line
+    assert_one_line_error(invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3"), code=3,
+                          after_notes=True, names=["--resume", "classes ['cat', 'dog']", "['cat', 'dog', 'owl']"],
+                          fix="resume on the same data")
 
 
 def test_resume_accepts_what_takes_effect(runner, trained_run):
@@ -116,8 +113,9 @@ def test_a_checkpoint_missing_its_trainable_part_is_refused(runner, trained_run)
     body = torch.load(trained_run, weights_only=True)
     del body["model"]["classifier.6.weight"]
     torch.save(body, trained_run)
-    line = _error(invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3"), 4)
-    assert "does not hold the trainable part of this model" in line
+    assert_one_line_error(invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3"), code=4,
+                          after_notes=True, names=["--resume", f"'{trained_run}'", "trainable part"],
+                          fix="the run's own last.pt")
 
 
 def test_a_checkpoint_knows_its_base_weights(runner, pet, tmp_path):
@@ -129,28 +127,31 @@ def test_a_checkpoint_knows_its_base_weights(runner, pet, tmp_path):
     assert invoke(runner, "eval", "--weights", "runs/train/best.pt", "-q").exit_code == 0
     torch.manual_seed(2)
     torch.save(tiny_vgg().state_dict(), backbone)  # another file under the same name
-    line = _error(invoke(runner, "eval", "--weights", "runs/train/best.pt", "-q"), 4)
-    assert "was trained on other base weights than model.weights" in line and str(backbone) in line
-    line = _error(invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=3"), 4)
-    assert "was trained on other base weights" in line
+    assert_one_line_error(invoke(runner, "eval", "--weights", "runs/train/best.pt", "-q"), code=4, after_notes=True,
+                          names=["'runs/train/best.pt'", "other base weights", "model.weights", str(backbone)],
+                          fix="restore those weights")
+    assert_one_line_error(invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=3"), code=4,
+                          after_notes=True, names=["'runs/train/last.pt'", "other base weights"],
+                          fix="restore those weights")
 
 
 def test_a_checkpoint_with_an_earlier_frozen_fingerprint_is_still_checked(runner, trained_run):
     """last.pt files written before FROZEN_SCHEME hold one hash over every frozen tensor: they resume and
     evaluate as before, and a changed base is still refused."""
     body = torch.load(trained_run, weights_only=True)
-    assert body["frozen_fingerprint"].startswith(artifacts.FROZEN_SCHEME)
-    model = artifacts.rebuild_from_checkpoint(body, trained_run, "--weights")
-    body["frozen_fingerprint"] = artifacts.legacy_frozen_fingerprint(model, body["model"])
+    assert body["frozen_fingerprint"].startswith(FROZEN_SCHEME)
+    model = rebuild_from_checkpoint(body, trained_run, "--weights")
+    body["frozen_fingerprint"] = legacy_frozen_fingerprint(model, body["model"])
     torch.save(body, trained_run)
     assert invoke(runner, "eval", "--weights", trained_run, "-q").exit_code == 0
     result = invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3", "-q")
     assert result.exit_code == 0, result.output
-    assert torch.load(trained_run, weights_only=True)["frozen_fingerprint"].startswith(artifacts.FROZEN_SCHEME)
+    assert torch.load(trained_run, weights_only=True)["frozen_fingerprint"].startswith(FROZEN_SCHEME)
     body["frozen_fingerprint"] = "0" * 40  # an earlier fingerprint of other weights
     torch.save(body, trained_run)
-    assert "was trained on other base weights" in _error(invoke(runner, "eval", "--weights", trained_run, "-q"), 4)
-    assert "was trained on other base weights" in _error(invoke(runner, "train", "--resume", trained_run), 4)
+    for command in (["eval", "--weights", trained_run, "-q"], ["train", "--resume", trained_run]):
+        assert_one_line_error(invoke(runner, *command), code=4, after_notes=True,
+                              names=[f"'{trained_run}'", "other base weights"], fix="restore those weights")
 
 
 def test_a_train_start_hashes_each_frozen_weight_once(runner, pet, monkeypatch):
@@ -161,19 +162,19 @@ def test_a_train_start_hashes_each_frozen_weight_once(runner, pet, monkeypatch):
         hashed.append(sum(t.numel() * t.element_size() for t in tensors.values()))
         return fingerprint(tensors)
 
-    monkeypatch.setattr(artifacts, "fingerprint", counting)
+    monkeypatch.setattr(vggft.model.fingerprint, "fingerprint", counting)
     monkeypatch.setattr(vggft.features.cache, "fingerprint", counting)
     assert invoke(runner, "train", "--set", f"data.root={pet}", *FAST).exit_code == 0
     body = torch.load("runs/train/last.pt", weights_only=True)
-    full = artifacts.rebuild_from_checkpoint(body, Path("runs/train/last.pt"), "--weights").state_dict()
+    full = rebuild_from_checkpoint(body, Path("runs/train/last.pt"), "--weights").state_dict()
     frozen = sum(t.numel() * t.element_size() for k, t in full.items() if k not in body["model"])
     assert sum(hashed) == 2 * frozen  # training once, the rebuild above once: not twice each
 
 
 def test_resume_reads_last_pt_once(runner, trained_run, monkeypatch):
     reads = []
-    load = artifacts.load_checkpoint
-    monkeypatch.setattr(artifacts, "load_checkpoint", lambda path, *args: reads.append(Path(path)) or load(path, *args))
+    load = load_checkpoint
+    monkeypatch.setattr(vggft.training.train, "load_checkpoint", lambda path, *args: reads.append(Path(path)) or load(path, *args))
     result = invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3", "-q")
     assert result.exit_code == 0, result.output
     assert reads == [trained_run]
