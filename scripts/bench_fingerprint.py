@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from vggft.model import artifacts  # noqa: E402
+from vggft.model.checkpoints import trainable_state  # noqa: E402
+
+from vggft.model.fingerprint import frozen_fingerprint, legacy_frozen_fingerprint  # noqa: E402
 from vggft.config.schema import load_config  # noqa: E402
 from vggft.features.cache import FeatureSource, module_fingerprint  # noqa: E402
 from vggft.model.build import build_model  # noqa: E402
@@ -36,17 +38,17 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = load_config(None, ["model.weights=null", f"model.head={args.head}", f"cache.dir={tempfile.mkdtemp()}"])
     model = build_model(cfg.model, 2, None)
-    trainable = artifacts.trainable_state(model)
+    trainable = trainable_state(model)
     frozen = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k not in trainable)
     now, before = [], []
     for _ in range(args.repeats):
         started = time.perf_counter()
         source = FeatureSource(model, cfg, torch.device("cpu"), None)
-        artifacts.frozen_fingerprint(model, trainable, source.prefix_weights)
+        frozen_fingerprint(model, trainable, source.prefix_weights)
         now.append(time.perf_counter() - started)
         started = time.perf_counter()
         module_fingerprint(source.prefix)  # what FeatureSource hashed
-        artifacts.legacy_frozen_fingerprint(model, trainable)
+        legacy_frozen_fingerprint(model, trainable)
         before.append(time.perf_counter() - started)
     now_s, before_s = statistics.median(now), statistics.median(before)
     print(f"vgg16, {args.head} head: {frozen / 2**20:.0f} MiB of frozen weights")

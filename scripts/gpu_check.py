@@ -245,7 +245,7 @@ class GpuCheck:
         return self.fit("bf16", "model.unfreeze=1", "train.amp=bf16", expect="Feature cache off")
 
     def check_fp16(self) -> str:
-        from vggft.model.artifacts import load_checkpoint
+        from vggft.model.checkpoints import load_checkpoint
 
         detail = self.fit("fp16", "model.unfreeze=1", "train.amp=fp16", expect="Feature cache off")
         scaler = load_checkpoint(self.results["fp16"].run_dir / "last.pt").get("scaler")
@@ -638,7 +638,7 @@ class GpuCheck:
 
 
 def _state_dict(path: str):
-    from vggft.model.artifacts import pretrained_state_dict
+    from vggft.model.pretrained import pretrained_state_dict
     from vggft.config.schema import ModelConfig
 
     return pretrained_state_dict(ModelConfig(weights=path))

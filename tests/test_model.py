@@ -16,7 +16,8 @@ from conftest import FAST, invoke
 from tiny import tiny_vgg
 from vggft.config.schema import ModelConfig
 from vggft.utils.errors import ConfigError, WeightsError
-from vggft.model.artifacts import pretrained_state_dict, read_state_dict
+from vggft.model.pretrained import pretrained_state_dict
+from vggft.model.safe_load import read_state_dict
 from vggft.utils.files import file_digest
 from vggft.model.build import build_model as _build_model
 from vggft.model.build import conv_blocks, describe_state_dict, parameter_counts, split_frozen_prefix

@@ -200,7 +200,7 @@ def test_inference_imports_nothing_of_training(trained):
             "print(' '.join(sorted(m for m in sys.modules if m.startswith(('vggft', 'matplotlib')))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=tiny_subprocess_env()).stdout.split()
-    assert "vggft.model.inference" in out and "vggft.model.artifacts" in out and "vggft.model.build" in out
+    assert "vggft.model.inference" in out and "vggft.model.weights" in out and "vggft.model.build" in out
     heavy = ("vggft.training", "vggft.tuning", "vggft.features", "vggft.utils.distributed", "vggft.utils.rng",
              "vggft.reporting.plots", "matplotlib")
     assert [m for m in out if any(m == h or m.startswith(h + ".") for h in heavy)] == []

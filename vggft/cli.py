@@ -139,7 +139,7 @@ def _check_pretrained(cfg) -> None:
     name = cfg.model.weights
     if name is None or weights_is_file(name):
         return  # a file: read (and judged) when the model is built
-    from vggft.model.artifacts import torchvision_weights
+    from vggft.model.pretrained import torchvision_weights
     from vggft.utils.errors import ConfigError, WeightsError
 
     try:
@@ -520,7 +520,7 @@ def sweep(
     _wrote(result.run_dir, result.files)
     typer.echo(f"Train it: vggft train --config {result.run_dir / 'best.yaml'}")
     if result.weights is not None:
-        from vggft.model.artifacts import sidecar_path
+        from vggft.model.weights import sidecar_path
 
         typer.echo(f"Saved {result.weights} (sidecar {sidecar_path(result.weights)})")
 

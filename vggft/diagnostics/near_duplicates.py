@@ -16,7 +16,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from vggft.model.artifacts import pretrained_state_dict
+from vggft.model.pretrained import pretrained_state_dict
 from vggft.config.schema import Config
 from vggft.data.check import DataReport, NearGroup
 from vggft.utils.device import autocast_dtype, prepare_backend, resolve_device

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from vggft.model.artifacts import fingerprint
+from vggft.model.fingerprint import fingerprint
 from vggft.config.schema import Config
 from vggft.data.decode import TensorDecoder, device_batches, resolve_decode
 from vggft.data.loaders import ImageList

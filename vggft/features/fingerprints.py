@@ -9,15 +9,12 @@ modification and change times, inode: a file rewritten in place is a new key) an
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vggft.model.artifacts import torchvision_weights
-from vggft.config.schema import ModelConfig
 from vggft.utils.errors import VggftError
 from vggft.utils.files import save_text
 from vggft.utils.logs import log
@@ -38,21 +35,6 @@ def memoised(key: str, folder: Path, compute: Callable[[], str]) -> str:
     except VggftError as err:  # a read-only cache still works: it hashes every time
         log.debug(f"Fingerprint not memoised ({err})")
     return value
-
-
-def pretrained_file(cfg: ModelConfig) -> Path | None:
-    """The file ``model.weights`` is read from (a local file, or a torchvision name's file in the hub
-    folder); None for random init, or a name torchvision does not know."""
-    if cfg.weights is None:
-        return None
-    path = Path(cfg.weights).expanduser()
-    if path.is_file():
-        return path
-    try:
-        url = torchvision_weights(cfg.arch, cfg.weights).url
-    except VggftError:
-        return None
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
 def holds_every_tensor(path: Path, model: nn.Module, part: nn.Module) -> bool:

@@ -60,7 +60,7 @@ def feature_width(model: models.VGG) -> int:
 
 
 def build_model(cfg: ModelConfig, num_classes: int, state_dict: dict | None) -> models.VGG:
-    """VGG with the backbone weights ``state_dict`` (``vggft.artifacts.pretrained_state_dict``; None for
+    """VGG with the backbone weights ``state_dict`` (``vggft.model.pretrained.pretrained_state_dict``; None for
     random init), a fresh head for ``num_classes`` and frozen layers.
 
     Random parts (the head; the whole net with weights null) use torch's global RNG: seed first.

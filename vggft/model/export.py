@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from vggft.model.artifacts import sidecar_path
 from vggft.data.transforms import transform_signature
+from vggft.model.weights import sidecar_path
+from vggft.model.inference import TrainedModel, load_model
 from vggft.utils.errors import ConfigError, OutputError, VggftError, WeightsError, first_line
 from vggft.utils.files import atomic_path
-from vggft.model.inference import TrainedModel, load_model
 
 FORMATS = ("onnx", "pt2", "torchscript")
 SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".torchscript.pt"}

@@ -17,18 +17,24 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from vggft.model.artifacts import read_weights, sidecar_path
 from vggft.config.schema import Config, load_config
 from vggft.data.folders import IMG_EXTENSIONS, display_name, images_in, note_skipped
 from vggft.data.images import DECODE_ERRORS, decode_failure, open_rgb
 from vggft.data.loaders import make_loader
 from vggft.data.transforms import eval_transform
-from vggft.utils.device import (autocast_dtype, autocast_factory, out_of_memory_hint, prepare_backend, resolve_device,
-                     resolve_workers)
+from vggft.model.weights import read_weights, sidecar_path
+from vggft.model.build import describe_state_dict, freeze, model_from_weights
+from vggft.reporting.metrics import output_names
+from vggft.utils.device import (
+    autocast_dtype,
+    autocast_factory,
+    out_of_memory_hint,
+    prepare_backend,
+    resolve_device,
+    resolve_workers,
+)
 from vggft.utils.errors import DataError, WeightsError, check_option
 from vggft.utils.logs import progress
-from vggft.reporting.metrics import output_names
-from vggft.model.build import describe_state_dict, freeze, model_from_weights
 
 
 @dataclass

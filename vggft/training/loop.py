@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from vggft.model.artifacts import trainable_state
+from vggft.model.checkpoints import trainable_state
 from vggft.config.schema import TrainConfig
 from vggft.data.loaders import make_loader
 from vggft.utils.device import autocast_factory

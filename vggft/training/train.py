@@ -20,7 +20,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Subset, WeightedRandomSampler
 
-from vggft.model import artifacts
+from vggft.model.checkpoints import check_frozen, load_checkpoint, save_checkpoint, trainable_state
+
+from vggft.model.fingerprint import frozen_fingerprint
+
+from vggft.model.pretrained import pretrained_state_dict
+
+from vggft.model.weights import check_writable, save_trained, sidecar_path
 from vggft.utils import rng
 from vggft.training import tensorboard as tensorboard_log
 from vggft.training.calibration import TemperatureFit, fit_temperature
@@ -38,7 +44,7 @@ from vggft.utils.errors import (ConfigError, DataError, DivergedError, Interrupt
 from vggft.features.cache import FeatureSource
 from vggft.utils.files import check_folder, check_free_space, check_name_length, save_csv, save_text
 from vggft.utils.logs import log, silence
-from vggft.features.fingerprints import pretrained_file
+from vggft.model.pretrained import pretrained_file
 from vggft.reporting.metrics import Metrics, output_names
 from vggft.model.build import build_model, parameter_counts
 from vggft.training.optim import make_optimizer, make_scheduler
@@ -108,7 +114,7 @@ def resume_config(checkpoint_path: Path, overrides: list[str] = ()) -> Config:
 def read_resume(checkpoint_path: Path, overrides: list[str] = ()) -> tuple[Config, dict]:
     """``resume_config`` and the checkpoint itself, read once: pass it on to ``fit(checkpoint=...)``."""
     resume_overrides_refused(list(overrides))
-    body = artifacts.load_checkpoint(checkpoint_path)
+    body = load_checkpoint(checkpoint_path)
     if body.get("kind") == "best":
         raise WeightsError(f"--resume: '{checkpoint_path}' is the run's best epoch ({body['epoch']}), kept for "
                            f"eval, predict and export; go on with {Path(checkpoint_path).with_name('last.pt')}, "
@@ -165,12 +171,12 @@ def _check_distributed(cfg: Config) -> None:
 
 def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group, body: dict | None = None) -> Run:
     if resume and body is None:
-        body = artifacts.load_checkpoint(resume)
+        body = load_checkpoint(resume)
     if body and cfg.train.scheduler == "onecycle" and body["config"]["train"]["epochs"] != cfg.train.epochs:
         raise ConfigError(f"train.epochs: a onecycle schedule is laid out for the run's "
                           f"{body['config']['train']['epochs']} epochs at its start; resume with that many, "
                           "or start a new run")
-    artifacts.check_writable(Path(cfg.output.weights))
+    check_writable(Path(cfg.output.weights))
     check_folder(cfg.output.runs_dir, "output.runs_dir", "choose another folder with --set output.runs_dir=PATH")
     if not resume:
         check_name_length(Path(cfg.output.runs_dir) / (cfg.output.name or "train"), "output.name (--name)", spare=4)
@@ -184,7 +190,7 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group,
     _check_disk(cfg, model, source, splits)
     with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
         loop, generator, test_loader = _make_loop(cfg, model, source, splits, device, precision, group)
-    fingerprint = artifacts.frozen_fingerprint(model, artifacts.trainable_state(model, loop.optimizer),
+    fingerprint = frozen_fingerprint(model, trainable_state(model, loop.optimizer),
                                                source.prefix_weights)
     run = Run(cfg, splits, model, source, loop, Progress(), generator, None, test_loader, fingerprint)
     if body:
@@ -222,7 +228,7 @@ def find_training_data(cfg: Config, body: dict | None, resume: Path | None, grou
 def build_network(cfg: Config, num_outputs: int, group: Group, device: torch.device) -> nn.Module:
     """The seeded network with its pretrained weights and new head, as every training command starts it."""
     rng.seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, num_outputs, artifacts.pretrained_state_dict(cfg.model))
+    model = build_model(cfg.model, num_outputs, pretrained_state_dict(cfg.model))
     if group.active:
         torch.manual_seed(cfg.train.seed + group.rank)  # the same head everywhere, each rank its own dropout
     total, trainable = parameter_counts(model)
@@ -284,8 +290,8 @@ def _make_loop(cfg: Config, model: nn.Module, source: FeatureSource, splits: Dat
 def _restore(run: Run, body: dict, resume: Path) -> None:
     """Go on exactly where ``last.pt`` left off: weights, optimizer, schedule, RNG, history, best epoch."""
     loop = run.loop
-    artifacts.check_frozen(run.model, body, resume, "--resume", "start a new run", current=run.fingerprint)
-    wanted = set(artifacts.trainable_state(run.model, loop.optimizer))
+    check_frozen(run.model, body, resume, "--resume", "start a new run", current=run.fingerprint)
+    wanted = set(trainable_state(run.model, loop.optimizer))
     if wanted - set(body["model"]) or set(body["model"]) - set(run.model.state_dict()):
         raise WeightsError(f"--resume: '{resume}' does not hold the trainable part of this model "
                            f"({run.cfg.model.arch}, head {run.cfg.model.head}); resume with the run's own last.pt")
@@ -301,7 +307,7 @@ def _restore(run: Run, body: dict, resume: Path) -> None:
         loop.scaler.load_state_dict(body["scaler"])
     run.run_dir = resume.parent
     if loop.group.is_main and run.state.best_state:  # best.pt is what last.pt says is best, whatever a kill left
-        artifacts.save_checkpoint(run.run_dir / "best.pt", _best_body(run))
+        save_checkpoint(run.run_dir / "best.pt", _best_body(run))
     log.info(f"Resuming {run.run_dir} after epoch {body['epoch']}")
 
 
@@ -309,7 +315,7 @@ def _best_state(body: dict, resume: Path) -> dict[str, torch.Tensor]:
     if body.get("best_model"):
         return body["best_model"]
     best = resume.with_name("best.pt")  # format 1 kept the best epoch in best.pt alone
-    return artifacts.load_checkpoint(best)["model"] if best.is_file() else {}
+    return load_checkpoint(best)["model"] if best.is_file() else {}
 
 
 # --- the epochs -------------------------------------------------------------------------------------
@@ -324,8 +330,8 @@ def _train(run: Run) -> Metrics | None:
             log.info(epoch_line(end.row, run.cfg.train.epochs))
             if main:
                 if end.improved:  # best.pt first: last.pt, written second, is the unit's authority
-                    artifacts.save_checkpoint(run.run_dir / "best.pt", _best_body(run))
-                artifacts.save_checkpoint(run.run_dir / "last.pt", _last_body(run))
+                    save_checkpoint(run.run_dir / "best.pt", _best_body(run))
+                save_checkpoint(run.run_dir / "last.pt", _last_body(run))
                 _write_metrics(run.state.history, run.run_dir / "metrics.csv")
                 if run.board:
                     run.board.add_epoch(end.row)
@@ -364,7 +370,7 @@ def _common_body(run: Run) -> dict:
 def _last_body(run: Run) -> dict:
     loop = run.loop
     return {**_common_body(run), "kind": "last", "epoch": run.state.last_epoch,
-            "model": artifacts.trainable_state(run.model, loop.optimizer), "optimizer": loop.optimizer.state_dict(),
+            "model": trainable_state(run.model, loop.optimizer), "optimizer": loop.optimizer.state_dict(),
             "scheduler": loop.scheduler.state_dict(), "best_model": run.state.best_state,
             "rng": rng.capture(run.generator), "scaler": loop.scaler.state_dict() if loop.scaler else None}
 
@@ -431,7 +437,7 @@ class _Curves:
 
 def _finish(run: Run, test: Metrics | None) -> TrainResult:
     weights = Path(run.cfg.output.weights)
-    sidecar = artifacts.sidecar_path(weights)
+    sidecar = sidecar_path(weights)
     names = run.splits.class_names
     if not run.loop.group.is_main:
         return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
@@ -441,7 +447,7 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
         run.board.close(run.state.history, test, run.state.best["epoch"], curves=run.run_dir / "curves.png")
     replaced = _way_back(weights, run.run_dir)
     fit = _calibrate(run)
-    artifacts.save_trained(
+    save_trained(
         run.model, weights, run.cfg, names, split=run.split, temperature=fit.temperature if fit else None,
         metrics={"test": _sidecar_metrics(test), "history": run.state.history, "run": str(run.run_dir),
                  "calibration": asdict(fit) if fit else None},
@@ -471,7 +477,7 @@ def _way_back(weights: Path, this_run: Path) -> str | None:
     if not weights.exists():
         return None
     try:
-        run = json.loads(artifacts.sidecar_path(weights).read_text(encoding="utf-8"))["metrics"]["run"]
+        run = json.loads(sidecar_path(weights).read_text(encoding="utf-8"))["metrics"]["run"]
     except (OSError, ValueError, KeyError, TypeError):
         return " (it had no vggft sidecar naming its run)"
     if Path(run).resolve() == this_run.resolve():  # a resumed run replaces its own earlier save

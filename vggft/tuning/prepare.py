@@ -22,7 +22,7 @@ from vggft.utils.errors import ConfigError
 from vggft.features.cache import FeatureSource, cache_off_reason
 from vggft.utils.files import check_free_space
 from vggft.utils.logs import log
-from vggft.features.fingerprints import pretrained_file
+from vggft.model.pretrained import pretrained_file
 from vggft.reporting.metrics import output_names
 from vggft.training.train import build_network, find_training_data
 

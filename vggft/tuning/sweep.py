@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from vggft.model import artifacts
+from vggft.model.weights import check_writable, save_trained, sidecar_path
 from vggft.tuning.prepare import CachedData, extract, prepare, with_val_split
 from vggft.training.train import make_run_folder
 from vggft.utils.files import save_csv
@@ -72,7 +72,7 @@ def sweep(cfg: Config, plans: list[dict[str, str]], *, save_best: bool = False) 
     trials = [Trial(n, {k: dotted(c, k) for k in keys}, c) for n, c in enumerate(configs, start=1)]
     if save_best:
         for trial in trials:
-            artifacts.check_writable(Path(trial.cfg.output.weights))
+            check_writable(Path(trial.cfg.output.weights))
     data = prepare(cfg, "sweep")
     pairs = extract(data, {"train": data.splits["train"], "val": data.splits["val"]})
     run_dir = make_run_folder(cfg, "sweep")
@@ -169,6 +169,6 @@ def _save_best(data: CachedData, result: SweepResult, state: dict[str, torch.Ten
     split = split_record(data.splits, best.cfg.data) if data.splits.layout == "pool" else None
     metrics = {"val": {"accuracy": best.val_acc, "loss": best.val_loss, "epoch": best.epoch},
                "sweep": {"run": str(result.run_dir), "trial": best.number}}
-    artifacts.save_trained(data.model, weights, best.cfg, data.splits.class_names, split=split, metrics=metrics)
-    log.info(f"Saved the best trial's head ({best.number}) in {weights} (sidecar {artifacts.sidecar_path(weights)})")
+    save_trained(data.model, weights, best.cfg, data.splits.class_names, split=split, metrics=metrics)
+    log.info(f"Saved the best trial's head ({best.number}) in {weights} (sidecar {sidecar_path(weights)})")
     return weights
