@@ -22,7 +22,7 @@ from vggft.utils.errors import DataError
 from vggft.features.cache import FeatureSource
 from vggft.reporting.metrics import output_names
 from vggft.model.build import build_model, set_train_mode, split_frozen_prefix
-from vggft.training.shared_steps import StepCache
+from vggft.training.shared_steps import SharedSteps
 
 
 @pytest.fixture
@@ -61,14 +61,14 @@ def test_fit_head_many_times_on_the_same_rows(rows, monkeypatch):
 
 
 def test_heads_that_share_training_steps_are_bit_identical_to_heads_fitted_alone(rows):
-    """A sweep's trials share the frozen layers' output step by step (StepCache): each trial's head, history
+    """A sweep's trials share the frozen layers' output step by step (SharedSteps): each trial's head, history
     and the caller's random state are exactly what a fit on its own gives. Another seed or batch size meets
     other rows or another random state at every step, and computes."""
     suffix, train, test = rows
     cpu, names = torch.device("cpu"), ["cat", "dog"]
     configs = [TrainConfig(epochs=2, lr=lr, weight_decay=wd, momentum=0.9) for lr, wd in ((0.5, 0), (0.1, 1e-4), (0.5, 1e-4))]
     alone = [fit_head(suffix, train, test, c, names=names, batch_size=4, device=cpu) for c in configs]
-    steps = StepCache(suffix)
+    steps = SharedSteps(suffix)
     torch.manual_seed(3)
     shared = [fit_head(suffix, train, test, c, names=names, batch_size=4, device=cpu, steps=steps) for c in configs]
     assert torch.equal(torch.rand(2), torch.manual_seed(3) and torch.rand(2))
@@ -84,7 +84,7 @@ def test_heads_that_share_training_steps_are_bit_identical_to_heads_fitted_alone
         assert steps.taken == taken
     # The same rows under another random state are computed; under the same one, taken.
     layers, batch = list(fresh_head(suffix, 0).train())[:4], train[0][:4]  # dropout on
-    cache = StepCache(suffix)
+    cache = SharedSteps(suffix)
     torch.manual_seed(0)
     first = cache.run(0, batch, layers)
     torch.manual_seed(1)

@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 from conftest import FAST, invoke, make_folder, make_image, tiny_subprocess_env
 from vggft.config.schema import DataConfig
 from vggft.data.folders import find_splits, images_in
-from vggft.data.images import DECODE_ERRORS, Verdict, VerdictCache, drop_bad_images, inspect_image, open_rgb
+from vggft.data.images import DECODE_ERRORS, Verdict, VerdictLedger, drop_bad_images, inspect_image, open_rgb
 from vggft.data.loaders import make_loader
 from vggft.model.inference import collect_images
 
@@ -86,7 +86,7 @@ def test_a_cached_readable_verdict_of_a_strip_is_not_trusted(tmp_path):
     root = make_folder(tmp_path / "pet", {"train": {"cat": 2, "dog": 2}, "test": {"cat": 1, "dog": 1}})
     strip = strip_png(root / "train" / "cat" / "strip.png")
     cache_dir = tmp_path / "cache"
-    old = VerdictCache(cache_dir, root)
+    old = VerdictLedger(cache_dir, root)
     old.put(str(strip), _stat(strip), Verdict(True, width=1, height=400_000, sha1="x"))
     old.save()
     data = DataConfig(root=str(root))

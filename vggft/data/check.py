@@ -18,7 +18,7 @@ from vggft.config.schema import Config
 from vggft.utils.errors import OutputError, check_option
 from vggft.utils.files import cache_root, check_folder
 from vggft.data.folders import SPLITS, DataSplits, find_splits
-from vggft.data.images import Verdict, VerdictCache, inspect_all
+from vggft.data.images import Verdict, VerdictLedger, inspect_all
 
 
 @dataclass
@@ -65,7 +65,7 @@ def check_data(cfg: Config, *, max_imbalance: float = 10.0) -> DataReport:
     check_option(max_imbalance > 1, "--max-imbalance", "a ratio greater than 1 (largest / smallest class), e.g. 10",
                  max_imbalance)
     splits = find_splits(cfg.data)
-    cache = VerdictCache(cache_root(cfg.cache.dir) if cfg.cache.enabled else None, splits.root)
+    cache = VerdictLedger(cache_root(cfg.cache.dir) if cfg.cache.enabled else None, splits.root)
     # What check-data is asked to check it decodes afresh (a cached verdict could be of older bytes).
     verdicts = inspect_all([path for _, (path, _) in splits.all_samples()], cache, fresh=True)
     report = DataReport(splits, verdicts, max_imbalance=max_imbalance)

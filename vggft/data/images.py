@@ -194,8 +194,9 @@ def _stat_key(path: str) -> list[int] | None:
         return None
 
 
-class VerdictCache:
-    """A JSON file of {absolute path: [size, mtime_ns, ctime_ns, inode, verdict]} for one data root."""
+class VerdictLedger:
+    """The image-verdict ledger: a JSON file of {absolute path: [size, mtime_ns, ctime_ns, inode, verdict]} for one
+    data root, so an image already decoded is not decoded again while its file is unchanged."""
 
     def __init__(self, cache_dir: Path | None, root: Path):
         self.path = None
@@ -239,7 +240,7 @@ class VerdictCache:
         return None if self.path is None else self.path.with_suffix(".bad.txt")
 
 
-def inspect_all(paths: list[str], cache: VerdictCache, *, fresh: bool = False) -> dict[str, Verdict]:
+def inspect_all(paths: list[str], cache: VerdictLedger, *, fresh: bool = False) -> dict[str, Verdict]:
     """A verdict for every path, decoding only those the cache does not know (all of them if ``fresh``)."""
     verdicts: dict[str, Verdict] = {}
     todo: list[tuple[str, list[int] | None]] = []
@@ -278,7 +279,7 @@ def drop_bad_images(
     splits: DataSplits, data: DataConfig, cache_dir: Path | None
 ) -> tuple[DataSplits, BadImages]:
     """Decode every image once (cached); leave the unreadable out, or stop, per ``data.bad_images``."""
-    cache = VerdictCache(cache_dir, splits.root)
+    cache = VerdictLedger(cache_dir, splits.root)
     paths = [path for _, (path, _) in splits.all_samples()]
     verdicts = inspect_all(paths, cache)
     bad = BadImages([(path, verdicts[path]) for path in paths if not verdicts[path].ok])

@@ -1,4 +1,4 @@
-"""Remembering the prefix's fingerprint between runs.
+"""The fingerprint memo: the frozen prefix's fingerprint remembered between runs.
 
 The feature cache's folder is named by a hash of the frozen prefix's weights: about 470 MB to read for
 VGG-16 on every run. A prefix whose every weight came unchanged from one file has the hash of that file's

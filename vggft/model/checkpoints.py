@@ -41,7 +41,7 @@ def trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
 
 
 def save_checkpoint(path: Path, body: dict) -> None:
-    """``body`` (epoch, model, optimizer, ... as ``vggft.train`` builds it) under the current format."""
+    """``body`` (epoch, model, optimizer, ... as ``training.train`` builds it) under the current format."""
     save_torch({"format": CHECKPOINT_FORMAT, "vggft_version": __version__, **body}, path)
 
 

@@ -29,7 +29,7 @@ from vggft.utils.logs import log, progress
 from vggft.reporting.metrics import Metrics
 from vggft.model.build import set_train_mode
 from vggft.training.optim import make_optimizer, make_scheduler
-from vggft.training.shared_steps import StepCache
+from vggft.training.shared_steps import SharedSteps
 
 
 def to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -294,20 +294,20 @@ def fit_head(
     seed: int | None = None,
     balance: str = "none",
     eval_batch_size: int = 256,
-    steps: StepCache | None = None,
+    steps: SharedSteps | None = None,
 ) -> HeadFit:
     """Train a fresh copy of ``suffix`` on rows and labels already in memory; return it with its history.
 
     Callable many times in one process: no image is read, no weight re-hashed. The shuffle and the
     dropout draw from ``seed`` (default ``cfg.seed``), so the same call gives the same head. ``steps``: a
-    ``StepCache`` of ``suffix`` shared by the calls (a sweep's trials): the head's frozen leading layers
+    ``SharedSteps`` of ``suffix`` shared by the calls (a sweep's trials): the head's frozen leading layers
     run once per step for all of them.
     """
     seed = cfg.seed if seed is None else seed
     started = time.perf_counter()
     module = fresh_head(suffix, seed).to(device)
     if steps is not None:
-        assert steps.suffix is suffix, "a StepCache serves the heads of the suffix it was made for"
+        assert steps.suffix is suffix, "a SharedSteps serves the heads of the suffix it was made for"
         module = steps.share(module)
     rows, labels = train
     generator = torch.Generator().manual_seed(seed)

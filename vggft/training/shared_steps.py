@@ -3,7 +3,7 @@
 A classifier6 head's leading layers train nothing: dropout, the frozen ``Linear(4096, 4096)`` and its ReLU,
 dropout again. Each step they stream 64 MB of frozen weights for a batch of 4 rows, most of a step's time.
 Trials that share the seed and the batch size meet, step by step, the same rows and the same random state,
-so those layers compute the same output in every trial. ``StepCache`` keeps each step's output from the
+so those layers compute the same output in every trial. ``SharedSteps`` keeps each step's output from the
 first trial; a later step that finds the same input rows and the same random state takes it, and the random
 state the layers left, instead of running them again. What it hands out is what the layers would have
 computed, bit for bit (a trial whose steps differ simply misses and computes). At most ``budget`` bytes are
@@ -29,7 +29,7 @@ class _Step:
     output: torch.Tensor
 
 
-class StepCache:
+class SharedSteps:
     """The kept steps of one head's leading layers (``front`` of ``share``), for heads copied from ``suffix``."""
 
     def __init__(self, suffix: nn.Sequential, budget: int = BUDGET):
@@ -41,7 +41,7 @@ class StepCache:
         self.taken = self.computed = 0
 
     def share(self, head: nn.Sequential) -> nn.Sequential:
-        """``head`` (a copy of ``suffix``, as ``engine.fresh_head`` makes) running its leading layers through
+        """``head`` (a copy of ``suffix``, as ``loop.fresh_head`` makes) running its leading layers through
         this cache in training mode; the same modules under the same names, so its state_dict is head's."""
         front = _front_length(head)
         signature = tuple(repr(module) for module in list(head)[:front])
@@ -71,7 +71,7 @@ class StepCache:
 
 
 class _SharingHead(nn.Sequential):
-    def __init__(self, head: nn.Sequential, front: int, cache: StepCache):
+    def __init__(self, head: nn.Sequential, front: int, cache: SharedSteps):
         super().__init__(*head)
         self.front, self.cache, self.steps = front, cache, 0
 

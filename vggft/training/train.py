@@ -1,7 +1,7 @@
 """``vggft train``: from a config to saved weights, as setup → epochs → finish.
 
 Setup finds the data, builds the model, decides between cached rows and images, and extracts what the
-cache lacks; the epochs are ``vggft.engine.run_epochs`` with a checkpoint after each; finishing puts
+cache lacks; the epochs are ``loop.run_epochs`` with a checkpoint after each; finishing puts
 the best val epoch back, tests it and saves weights and sidecar. Under torchrun every process calls
 ``fit``; they share the work and only rank 0 prints or writes.
 """

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from vggft.tuning.prepare import CachedData, extract, prepare
+from vggft.tuning.prepare import PreparedData, extract, prepare
 from vggft.training.train import make_run_folder
 from vggft.utils.files import save_csv
 from vggft.config.schema import Config, TrainConfig
@@ -103,7 +103,7 @@ def check_folds(folds: int, samples: Sequence[Sample], class_names: list[str]) -
 class FoldRun:
     """Out-of-fold results over train+val, as kfold and label-issues use them."""
 
-    data: CachedData
+    data: PreparedData
     samples: list[Sample]
     labels: torch.Tensor
     probs: torch.Tensor

@@ -1,7 +1,7 @@
 """The setup that sweep, lr-find, kfold and label-issues share: data, model and feature cache as ``train``
 sets them up, the frozen prefix run once over the images it lacks, then the rows in memory.
 
-After ``prepare`` no image is decoded again: every head those commands train (``engine.fit_head``) reads
+After ``prepare`` no image is decoded again: every head those commands train (``training.loop.fit_head``) reads
 the cached rows. A config under which the rows cannot be cached (cache off, augmentation, an unfrozen
 backbone) is refused in one line: these commands exist because the prefix runs once.
 """
@@ -30,8 +30,8 @@ SWEEP_VAL_FRACTION = 0.1  # held out of train to score trials when the data has 
 
 
 @dataclass
-class CachedData:
-    """The data, the model and its feature source, ready to hand rows to ``engine.fit_head``."""
+class PreparedData:
+    """The data, the model and its feature source, ready to hand rows to ``training.loop.fit_head``."""
 
     cfg: Config
     splits: DataSplits
@@ -54,7 +54,7 @@ class CachedData:
         return self.source.rows(samples, desc), labels
 
     def fit_options(self, cfg: Config | None = None) -> dict:
-        """The keyword arguments of ``engine.fit_head`` that come from a (trial's) config."""
+        """The keyword arguments of ``training.loop.fit_head`` that come from a (trial's) config."""
         cfg = cfg or self.cfg
         return {"names": self.names, "batch_size": cfg.data.batch_size, "device": self.device,
                 "seed": cfg.train.seed, "balance": cfg.data.balance, "eval_batch_size": cfg.data.eval_batch_size}
@@ -76,7 +76,7 @@ def with_val_split(cfg: Config, command: str) -> Config:
     return replace(cfg, data=replace(cfg.data, val_fraction=SWEEP_VAL_FRACTION))
 
 
-def prepare(cfg: Config, command: str) -> CachedData:
+def prepare(cfg: Config, command: str) -> PreparedData:
     """Data, model and feature source as ``vggft train`` sets them up; nothing extracted yet."""
     refuse_uncached(cfg, command, cache_off_reason(cfg))  # before any work
     if cfg.data.balance == "sampler":
@@ -91,10 +91,10 @@ def prepare(cfg: Config, command: str) -> CachedData:
     if not source.cached:
         refuse_uncached(cfg, command, (source.off_reason, source.off_fix))
     log.info(source.describe())
-    return CachedData(cfg, splits, model, source, device)
+    return PreparedData(cfg, splits, model, source, device)
 
 
-def extract(data: CachedData, groups: dict[str, Sequence[Sample]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def extract(data: PreparedData, groups: dict[str, Sequence[Sample]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(rows, labels) for each named group of samples, after checking the new rows fit on disk."""
     wanted = [sample for samples in groups.values() for sample in samples]
     needs = data.source.bytes_to_write(wanted)

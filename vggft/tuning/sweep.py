@@ -1,7 +1,7 @@
 """``vggft sweep``: many heads for the price of one extraction.
 
-The frozen prefix runs once over train and val (``cached.prepare``); every trial then trains a fresh
-head on the cached rows in this process (``engine.fit_head``) and is scored on the val split. The test
+The frozen prefix runs once over train and val (``prepare.prepare``); every trial then trains a fresh
+head on the cached rows in this process (``training.loop.fit_head``) and is scored on the val split. The test
 split is never extracted, let alone used to choose. The run folder gets ``results.csv`` (one row per
 trial), ``best.yaml`` (the winner's full config, for ``vggft train --config``) and ``sweep.png``; only
 with ``save_best`` is a model written, the winning head inside the full network (a state_dict of the
@@ -18,13 +18,13 @@ import torch
 import yaml
 
 from vggft.model.weights import check_writable, save_trained, sidecar_path
-from vggft.tuning.prepare import CachedData, extract, prepare, with_val_split
+from vggft.tuning.prepare import PreparedData, extract, prepare, with_val_split
 from vggft.training.train import make_run_folder
 from vggft.utils.files import save_csv
 from vggft.config.schema import Config
 from vggft.data import split_record
 from vggft.training.loop import HeadFit, fit_head
-from vggft.training.shared_steps import StepCache
+from vggft.training.shared_steps import SharedSteps
 from vggft.utils.errors import DivergedError, Interrupted
 from vggft.utils.files import save_text
 from vggft.utils.logs import log
@@ -88,12 +88,12 @@ def sweep(cfg: Config, plans: list[dict[str, str]], *, save_best: bool = False) 
     return result
 
 
-def _run_trials(data: CachedData, pairs: dict, result: SweepResult) -> dict[str, torch.Tensor]:
+def _run_trials(data: PreparedData, pairs: dict, result: SweepResult) -> dict[str, torch.Tensor]:
     """Every trial in turn, results.csv rewritten after each; returns the best trial's trainable state."""
     best_state: dict[str, torch.Tensor] = {}
     best: Trial | None = None
     total = len(result.trials)
-    steps = StepCache(data.suffix)
+    steps = SharedSteps(data.suffix)
     for trial in result.trials:
         values = ", ".join(f"{k}={_show(v)}" for k, v in trial.values.items())
         try:
@@ -161,7 +161,7 @@ def _plot(result: SweepResult) -> Path:
     return save_sweep_plot(trials, result.keys, result.best.number, result.run_dir / "sweep.png")
 
 
-def _save_best(data: CachedData, result: SweepResult, state: dict[str, torch.Tensor]) -> Path:
+def _save_best(data: PreparedData, result: SweepResult, state: dict[str, torch.Tensor]) -> Path:
     """The winning head put into the network (the suffix shares its layers) and saved with its sidecar."""
     best = result.best
     data.suffix.load_state_dict(state, strict=False)
