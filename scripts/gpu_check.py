@@ -187,7 +187,7 @@ class GpuCheck:
                 f"output.name={name}", *extra]
 
     def fit(self, name: str, *extra: str, expect: str):
-        from vggft.config.schema import load_config
+        from vggft.config.loading import load_config
         from vggft.training.train import fit
 
         self.notes.lines.clear()
@@ -569,7 +569,7 @@ class GpuCheck:
         return count / (time.perf_counter() - started), f"{count} files, fallbacks {dict(decoder.fallbacks) or 'none'}"
 
     def source(self, decode: str, cache_dir: Path):
-        from vggft.config.schema import load_config
+        from vggft.config.loading import load_config
         from vggft.utils.device import autocast_dtype
         from vggft.features.cache import FeatureSource
         from vggft.model.build import build_model

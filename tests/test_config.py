@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from conftest import invoke
 from vggft.config import presets
-from vggft.config.schema import Config, all_keys, load_config
+from vggft.config.schema import Config, all_keys
+from vggft.config.loading import load_config
 from vggft.utils.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

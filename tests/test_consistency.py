@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import FAST, invoke, make_folder, source_path
-from vggft.config.schema import load_config
+from vggft.config.loading import load_config
 from vggft.utils.errors import ConfigError
 
 

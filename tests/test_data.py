@@ -13,7 +13,8 @@ from PIL import Image
 
 import vggft.data.images
 from conftest import FAST, invoke, make_folder, make_image
-from vggft.config.schema import DataConfig, load_config
+from vggft.config.schema import DataConfig
+from vggft.config.loading import load_config
 from vggft.data.folders import find_splits
 from vggft.utils.errors import DataError
 from vggft.data.images import inspect_image, open_rgb

@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import vggft.data.decode
 from conftest import FAST, invoke, make_folder, make_image
-from vggft.config.schema import DataConfig, ModelConfig, load_config
+from vggft.config.schema import DataConfig, ModelConfig
+from vggft.config.loading import load_config
 from vggft.data.decode import FileBytes, Packed, TensorDecoder, device_batches, jpeg_fallback_reason, resolve_decode
 from vggft.data.transforms import eval_transform
 from vggft.utils.errors import DataError

@@ -13,7 +13,8 @@ from PIL import Image
 from torch import nn
 
 from conftest import FAST, invoke, make_folder
-from vggft.config.schema import Config, ModelConfig, TrainConfig, load_config
+from vggft.config.schema import Config, ModelConfig, TrainConfig
+from vggft.config.loading import load_config
 from vggft.data import prepare_data
 from vggft.data.loaders import ImageList, make_loader
 from vggft.data.transforms import eval_transform

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_image
-from vggft.config.schema import load_config
+from vggft.config.loading import load_config
 from vggft.training.train import fit
 
 SMALL = ["data.image_size=32", "data.resize=36", "train.epochs=2"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import vggft.config.schema
+import vggft.config.loading
 import vggft.features.cache
 import vggft.model.fingerprint
 import vggft.training.train
@@ -57,7 +57,7 @@ def test_format1_checkpoint_resumes_and_is_rewritten_in_the_new_format(runner, f
 
 def test_renamed_keys_migrate_in_saved_files_and_configs(runner, format1, monkeypatch):
     """A key renamed after a file was saved: RENAMED_KEYS maps it; the saved file and a user's YAML still load."""
-    monkeypatch.setitem(vggft.config.schema.RENAMED_KEYS, "train.learning_rate", "train.lr")
+    monkeypatch.setitem(vggft.config.loading.RENAMED_KEYS, "train.learning_rate", "train.lr")
     sidecar = format1 / "models" / "tiny.json"
     body = json.loads(sidecar.read_text())
     body["config"]["train"]["learning_rate"] = body["config"]["train"].pop("lr")
@@ -66,9 +66,9 @@ def test_renamed_keys_migrate_in_saved_files_and_configs(runner, format1, monkey
     assert result.exit_code == 0, result.output
     old = format1 / "old.yaml"
     old.write_text("train:\n  learning_rate: 0.02\n")
-    cfg = vggft.config.schema.load_config(old)
+    cfg = vggft.config.loading.load_config(old)
     assert cfg.train.lr == 0.02
-    assert vggft.config.schema.load_config(None, ["train.learning_rate=0.03"]).train.lr == 0.03
+    assert vggft.config.loading.load_config(None, ["train.learning_rate=0.03"]).train.lr == 0.03
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import CLASS_COLOURS, invoke, make_folder, make_image
+from conftest import CLASS_COLOURS, assert_one_line_error, invoke, make_folder, make_image
 from tiny import tiny_vgg
-from vggft.config.schema import load_config
+from vggft.config.loading import load_config
 from vggft.tuning.kfold import stratified_folds
 from vggft.tuning.label_issues import find_label_issues
+from vggft.tuning.lr_find import RangeTest, steepest, suggest, valley
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -56,15 +57,6 @@ def conv_counter(monkeypatch) -> list:
     real = nn.Conv2d.forward
     monkeypatch.setattr(nn.Conv2d, "forward", lambda self, x: calls.append(1) or real(self, x))
     return calls
-
-
-def one_line_error(result, code: int, *words: str) -> str:
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 # --- sweep -------------------------------------------------------------------------------------------
@@ -127,33 +119,34 @@ def test_random_search_is_seeded_and_stays_in_its_ranges(runner, env):
     assert all(1e-4 <= lr <= 1e-1 and 1 <= epochs <= 3 for lr, epochs in first)
 
 
-@pytest.mark.parametrize(("args", "words"), [
-    (["--grid", "model.arch=vgg11,vgg13"], ["model.arch", "cached rows"]),
-    (["--grid", "data.image_size=32,64"], ["data.image_size", "cached rows"]),
-    (["--grid", "model.unfreeze=0,1"], ["model.unfreeze", "cached rows"]),
-    (["--grid", "data.augment=none,light"], ["data.augment", "cached rows"]),
-    (["--range", "train.amp=0:1"], ["train.amp", "cached rows"]),
-    (["--grid", "data.root=a,b"], ["data.root", "cannot be swept"]),
-    (["--grid", "train.lrr=1,2"], ["unknown config key", "train.lr"]),
-    (["--range", "train.optimizer=0:1"], ["not a number", "--grid train.optimizer"]),
-    (["--range", "train.lr=1e-3:1e-1"], ["--trials"]),
-    (["--range", "train.lr=0:1:log", "--trials", "2"], ["0 < LO < HI"]),
-    (["--grid", "train.lr=0.1,-1"], ["trial 2", "train.lr"]),
-    ([], ["nothing to sweep"]),
+@pytest.mark.parametrize(("args", "names", "fix"), [
+    (["--grid", "model.arch=vgg11,vgg13"], ["--grid model.arch", "cached rows"], "once per model.arch value"),
+    (["--grid", "data.image_size=32,64"], ["--grid data.image_size", "cached rows"], "once per data.image_size value"),
+    (["--grid", "model.unfreeze=0,1"], ["--grid model.unfreeze", "cached rows"], "once per model.unfreeze value"),
+    (["--grid", "data.augment=none,light"], ["--grid data.augment", "cached rows"], "once per data.augment value"),
+    (["--range", "train.amp=0:1"], ["--range train.amp", "cached rows"], "once per train.amp value"),
+    (["--grid", "data.root=a,b"], ["--grid data.root", "cannot be swept"], "once per data.root value"),
+    (["--grid", "train.lrr=1,2"], ["--grid train.lrr", "unknown config key"], "'train.lr'"),
+    (["--range", "train.optimizer=0:1"], ["--range train.optimizer", "not a number"], "--grid train.optimizer"),
+    (["--range", "train.lr=1e-3:1e-1"], ["--range train.lr", "random search"], "--trials N"),
+    (["--range", "train.lr=0:1:log", "--trials", "2"], ["--range 'train.lr=0:1:log'"], "0 < LO < HI"),
+    (["--grid", "train.lr=0.1,-1"], ["trial 2", "train.lr", "-1"], "greater than 0"),
+    ([], ["sweep", "nothing to sweep"], "--grid KEY=V1,V2"),
 ])
-def test_sweep_refuses_what_it_cannot_do_in_one_line(runner, env, args, words):
-    one_line_error(invoke(runner, "sweep", *options(env), *args), 2, *words)
+def test_sweep_refuses_what_it_cannot_do_in_one_line(runner, env, args, names, fix):
+    assert_one_line_error(invoke(runner, "sweep", *options(env), *args), code=2, names=names, fix=fix)
 
 
-@pytest.mark.parametrize(("command", "setting", "word"), [
-    ("sweep", "cache.enabled=false", "cache.enabled is false"),
-    ("lr-find", "data.augment=light", "data.augment"),
-    ("kfold", "model.unfreeze=[block5]", "model.unfreeze"),
-    ("label-issues", "data.balance=sampler", "data.balance"),
+@pytest.mark.parametrize(("command", "setting", "word", "fix"), [
+    ("sweep", "cache.enabled=false", "cache.enabled is false", "cache.enabled: true"),
+    ("lr-find", "data.augment=light", "data.augment", "data.augment: none"),
+    ("kfold", "model.unfreeze=[block5]", "model.unfreeze", "model.unfreeze: 0"),
+    ("label-issues", "data.balance=sampler", "data.balance", "data.balance: weights"),
 ])
-def test_every_command_refuses_a_config_without_cached_rows(runner, env, command, setting, word):
+def test_every_command_refuses_a_config_without_cached_rows(runner, env, command, setting, word, fix):
     grid = ["--grid", "train.lr=0.1,0.2"] if command == "sweep" else []
-    one_line_error(invoke(runner, command, *options(env, setting), *grid), 2, command, "feature cache", word)
+    assert_one_line_error(invoke(runner, command, *options(env, setting), *grid), code=2,
+                          names=[command, "feature cache", word], fix=fix)
 
 
 def test_the_test_split_is_never_extracted_let_alone_used_to_choose(runner, env, tmp_path):
@@ -205,6 +198,74 @@ def test_lr_find_suggests_an_lr_within_the_range_and_plots_the_curve(runner, env
     lrs = [float(r["lr"]) for r in rows]
     assert 10 <= len(rows) <= 60 and lrs == sorted(lrs) and math.isclose(lrs[0], 1e-6, rel_tol=1e-4)
     assert float(rows[-1]["lr"]) < 1  # the schedule approaches --end without reaching it
+    # The suggestions printed are those of the curve in the CSV (valley and steepest: tested below).
+    smoothed = [float(r["smoothed_loss"]) for r in rows]
+    again = suggest(RangeTest(lrs=lrs, losses=smoothed, smoothed=smoothed, planned=60))
+    assert {name: f"{lr:.2e}" for name, (lr, _) in again.items()} == suggested
+
+
+# Curves whose suggestions are known. valley (fastai's): L[i] is the length of the longest strictly falling
+# sequence of points ending at i (1 where no earlier point is higher); the end is the first i where L reaches
+# its maximum, start = end - L[end], and the pick is start + int(d / 3) + int(d / 3 / 2) with d = end - start:
+# about halfway down the fall. steepest: the left point of the segment whose loss falls fastest against log(lr).
+
+def _lrs(n: int) -> torch.Tensor:
+    return torch.logspace(-6, 0, n, dtype=torch.float64)
+
+
+def _curve(*losses: float) -> torch.Tensor:
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+def test_valley_is_about_halfway_down_the_longest_fall():
+    """Flat, then a steady fall, then a cliff up: the pick lies on the fall, not at its bottom or on the cliff."""
+    losses = _curve(*[2.0] * 5, *(1.9 - 0.1 * k for k in range(10)), 3, 4, 5, 6, 7)
+    # L: 1 on the flat (no earlier point is higher), 2..11 down the fall (indices 5..14), 1 on the cliff.
+    # end 14, start 14 - 11 = 3, d = 11: 3 + int(3.67) + int(1.83) = 7.
+    assert valley(_lrs(20), losses) == 7
+
+
+def test_valley_follows_the_fall_across_a_bump():
+    """The longest fall need not be contiguous: 5 > 4 > 3.9 > 3.8 > 3.7 > 3.6 > 3.5 (indices 0 1 3 4 6 7 8) steps
+    over the bumps at 2 and 5, where the longest contiguous run (5..8) would put the pick at 6."""
+    losses = _curve(5, 4, 6, 3.9, 3.8, 3.85, 3.7, 3.6, 3.5, 7)
+    # L = 1 2 1 3 4 4 5 6 7 1: end 8, start 8 - 7 = 1, d = 7: 1 + int(2.33) + int(1.17) = 4.
+    assert valley(_lrs(10), losses) == 4
+
+
+def test_steepest_is_the_fastest_fall_against_log_lr():
+    """The lr steps are uneven: the biggest fall per step (index 0, 1) or per unit of lr (index 0) is not the
+    steepest per decade, which is the small step from 1e-3 to 1.1e-3 (0.05 over log 1.1 = 0.095: slope -0.52,
+    against -0.22 for 0.5 over a decade)."""
+    lrs = torch.tensor([1e-5, 1e-4, 1e-3, 1.1e-3, 1e-2, 1e-1], dtype=torch.float64)
+    assert steepest(lrs, _curve(2.0, 1.5, 1.0, 0.95, 0.5, 3.0)) == 2
+    # A smooth fall, 2 - tanh(2 (x - m)) over x = log10(lr), steepest at m: halfway between points 9 and 10.
+    x = torch.linspace(-6, 0, 25, dtype=torch.float64)
+    assert steepest(10**x, 2 - torch.tanh(2 * (x - (x[9] + x[10]) / 2))) == 9
+
+
+def test_a_curve_that_never_falls_suggests_its_first_lr():
+    rising = _curve(*(1 + 0.1 * k**2 for k in range(10)))  # each rise bigger than the one before
+    flat = torch.full((10,), 1.5, dtype=torch.float64)
+    for losses in (rising, flat):
+        # No fall: L is 1 everywhere, end 0, start -1, d = 1: max(0, -1 + 0 + 0) = 0; the gentlest rise is the first.
+        assert (valley(_lrs(10), losses), steepest(_lrs(10), losses)) == (0, 0)
+
+
+def test_suggestions_read_the_curve_without_its_first_tenth_and_last_five_steps():
+    """40 planned steps: the suggestions see steps 4..34. A steep fall before (steps 0..3) and a steeper one
+    after (35..39) would win both picks if they were read."""
+    steps = 40
+    lrs = [1e-6 * (1 / 1e-6) ** (step / steps) for step in range(steps)]
+    fall, value = [], 1.9
+    for step in range(10, 30):  # falls 0.05 a step, 0.3 from step 20 to 21
+        fall.append(value)
+        value -= 0.3 if step == 20 else 0.05
+    smoothed = [10, 8, 6, 4, *[2.0] * 6, *fall, 3, 4, 5, 6, 7, 0.1, 0.05, 0.01, 0.005, 0.001]
+    picks = suggest(RangeTest(lrs=lrs, losses=smoothed, smoothed=smoothed, planned=steps))
+    # Read: flat at steps 4..9 (0..5 read), the fall at 10..29 (6..25 read), a rise at 30..34. valley: L ends
+    # at 25 with 21, start 4, d = 21: 4 + 7 + 3 = 14, step 18. steepest: the 0.3 fall, read index 16, step 20.
+    assert picks == {"valley": (lrs[18], smoothed[18]), "steepest": (lrs[20], smoothed[20])}
 
 
 # --- kfold -------------------------------------------------------------------------------------------
@@ -271,7 +332,8 @@ def test_label_issues_finds_planted_flips_and_moves_them_for_review(runner, env,
 
 
 def test_label_issues_will_not_move_into_the_data_it_reads(runner, env):
-    one_line_error(invoke(runner, "label-issues", *options(env), "--move", env.data / "review"), 6, "--move")
+    assert_one_line_error(invoke(runner, "label-issues", *options(env), "--move", env.data / "review"), code=6,
+                          names=[f"--move {env.data / 'review'}", "inside data.root"], fix="a folder outside it")
 
 
 def test_best_yaml_and_results_survive_a_diverging_trial(runner, env):

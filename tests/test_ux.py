@@ -22,7 +22,8 @@ from tiny import tutorial_model
 from vggft import __version__
 from vggft.config import presets
 from vggft.cli import app
-from vggft.config.schema import Config, all_keys, load_config
+from vggft.config.schema import Config, all_keys
+from vggft.config.loading import load_config
 from vggft.data import check
 from vggft.reporting.metrics import Metrics
 from vggft.reporting.plots import CELL_CHARS, fit_title, format_report

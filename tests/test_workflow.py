@@ -15,7 +15,8 @@ from PIL import Image
 import vggft.training.loop
 import vggft.reporting.plots
 from conftest import FAST, invoke, make_folder
-from vggft.config.schema import ModelConfig, TrainConfig, load_config
+from vggft.config.schema import ModelConfig, TrainConfig
+from vggft.config.loading import load_config
 from vggft.utils.errors import OutputError
 from vggft.model.inference import load_model
 from vggft.model.build import build_model, conv_blocks

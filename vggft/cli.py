@@ -115,7 +115,7 @@ def _rank() -> int:
 
 def _config(config: Path | None, overrides: list[str] | None):
     """The config, checked before torch is imported: a typo costs milliseconds, not seconds."""
-    from vggft.config.schema import load_config
+    from vggft.config.loading import load_config
 
     return load_config(config, overrides or [])
 
@@ -187,7 +187,7 @@ def train(
 
             raise ConfigError(f"--config {config}: a resumed run goes on with its own config (in its last.pt); "
                               "drop --config, or start a new run with it")
-        from vggft.config.schema import resume_overrides_refused
+        from vggft.config.loading import resume_overrides_refused
 
         resume_overrides_refused(overrides)  # before torch is imported (--name too: the run folder is the run's)
         from vggft.training.train import read_resume

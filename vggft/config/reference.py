@@ -14,6 +14,7 @@ import typing
 import yaml
 
 from vggft.config import schema
+from vggft.config.loading import RESUMABLE_KEYS
 from vggft.config.schema import Config, describe_type
 
 
@@ -122,12 +123,12 @@ def markdown() -> str:
         "",
         "`vggft train --resume runs/NAME/last.pt` starts from the run's own saved config instead, and takes "
         "`--set` only for the keys that can still take effect: "
-        + ", ".join(f"`{key}`" for key in schema.RESUMABLE_KEYS)
+        + ", ".join(f"`{key}`" for key in RESUMABLE_KEYS)
         + "; `--config` is refused.",
         "",
         "YAML's `off`/`on`/`no`/`yes` are booleans; every key documented with `off` takes them (`train.amp: off`, "
         "`data.augment: off` for `none`), and `cache: off` is short for `cache.enabled: false`. A renamed key "
-        "keeps working through `vggft.config.schema.RENAMED_KEYS`. A mistake (an unknown key, a "
+        "keeps working through `vggft.config.loading.RENAMED_KEYS`. A mistake (an unknown key, a "
         "wrong type or value, settings that would do nothing) is one line naming where the value came from "
         "(the file, or `--set`), the key, what was expected and what was given, before any work: exit code 2 "
         "(see [errors](errors.md#2--config)).",

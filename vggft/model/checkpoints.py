@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vggft import __version__
-from vggft.config.schema import config_from_dict, migrate_config
+from vggft.config.loading import config_from_dict, migrate_config
 from vggft.model.build import build_model
 from vggft.model.fingerprint import FROZEN_SCHEME, frozen_fingerprint, legacy_frozen_fingerprint
 from vggft.model.pretrained import pretrained_state_dict

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from vggft.config.schema import Config, load_config
+from vggft.config.schema import Config
+
+from vggft.config.loading import load_config
 from vggft.data.folders import IMG_EXTENSIONS, display_name, images_in, note_skipped
 from vggft.data.images import DECODE_ERRORS, decode_failure, open_rgb
 from vggft.data.loaders import make_loader

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from vggft import __version__
-from vggft.config.schema import Config, migrate_config
+from vggft.config.schema import Config
+from vggft.config.loading import migrate_config
 from vggft.model.checkpoints import checked_checkpoint, rebuild_from_checkpoint
 from vggft.model.safe_load import read_state_dict
 from vggft.utils.errors import OutputError, WeightsError

@@ -30,7 +30,8 @@ from vggft.model.weights import check_writable, save_trained, sidecar_path
 from vggft.utils import rng
 from vggft.training import tensorboard as tensorboard_log
 from vggft.training.calibration import TemperatureFit, fit_temperature
-from vggft.config.schema import Config, load_config, resume_overrides_refused
+from vggft.config.schema import Config
+from vggft.config.loading import load_config, resume_overrides_refused
 from vggft.data import DataSplits, prepare_data, split_record
 from vggft.data.loaders import make_loader, stop_workers
 from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device

@@ -17,7 +17,9 @@ import typing
 from dataclasses import dataclass
 from typing import Union
 
-from vggft.config.schema import Config, all_keys, load_config
+from vggft.config.schema import Config, all_keys
+
+from vggft.config.loading import load_config
 from vggft.utils.errors import ConfigError
 
 SWEEPABLE_OUTSIDE_TRAIN = ("data.batch_size", "data.balance")
