@@ -6,11 +6,13 @@ from __future__ import annotations
 import csv
 import multiprocessing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from conftest import FAST, invoke, make_folder
 from vggft.config.schema import Config, ModelConfig, TrainConfig
@@ -121,23 +123,69 @@ def test_a_file_spoilt_after_the_check_is_one_line_even_from_a_worker(tmp_path):
     assert "run vggft check-data" in message
 
 
-@pytest.mark.parametrize("options", [
-    ["train.optimizer=adam", "train.weight_decay=0.01"],
-    ["train.optimizer=adamw", "train.weight_decay=0.05", "train.label_smoothing=0.1"],
-    ["train.optimizer=sgd", "train.momentum=0.9", "train.nesterov=true", "train.grad_clip=0.5"],
-    ["train.amp=bf16"],  # autocast on CPU
+@pytest.fixture
+def used(monkeypatch):
+    """What training really ran with, recorded as it ran: the type of each optimizer that stepped, the label
+    smoothing of each cross-entropy computed, the max_norm of each gradient clipping, the dtype each Linear
+    layer computed in."""
+    seen = SimpleNamespace(optimizers=set(), smoothing=set(), clips=set(), dtypes=set())
+    cross_entropy, clip, linear = nn.CrossEntropyLoss.forward, torch.nn.utils.clip_grad_norm_, nn.Linear.forward
+
+    def clipping(parameters, max_norm, *args, **kwargs):
+        seen.clips.add(max_norm)
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    def computing(self, x):
+        out = linear(self, x)
+        seen.dtypes.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(nn.CrossEntropyLoss, "forward",
+                        lambda self, *args: seen.smoothing.add(self.label_smoothing) or cross_entropy(self, *args))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clipping)
+    monkeypatch.setattr(nn.Linear, "forward", computing)
+    stepped = register_optimizer_step_post_hook(
+        lambda optimizer, args, kwargs: seen.optimizers.add(type(optimizer)))
+    yield seen
+    stepped.remove()
+
+
+ADAM_STATE, MOMENTUM_STATE = {"exp_avg", "exp_avg_sq"}, {"momentum_buffer"}
+
+
+@pytest.mark.parametrize(("options", "optimizer", "state", "group", "smoothing", "clip", "bf16"), [
+    (["train.optimizer=adam", "train.weight_decay=0.01"], torch.optim.Adam, ADAM_STATE, {"weight_decay": 0.01},
+     0.0, None, False),
+    (["train.optimizer=adamw", "train.weight_decay=0.05", "train.label_smoothing=0.1"], torch.optim.AdamW,
+     ADAM_STATE, {"weight_decay": 0.05}, 0.1, None, False),
+    (["train.optimizer=sgd", "train.momentum=0.9", "train.nesterov=true", "train.grad_clip=0.5"], torch.optim.SGD,
+     MOMENTUM_STATE, {"momentum": 0.9, "nesterov": True}, 0.0, 0.5, False),
+    (["train.amp=bf16"], torch.optim.SGD, set(), {"momentum": 0.0}, 0.0, None, True),  # autocast on CPU
 ])
-def test_loop_options_train_and_are_recorded(runner, pet, options):
+def test_loop_options_are_used_and_recorded(runner, pet, used, options, optimizer, state, group, smoothing, clip,
+                                            bf16):
+    """Each option is checked where it acts: the optimizer that stepped and the state it saved in last.pt
+    (Adam keeps moment estimates, SGD with momentum a momentum buffer, SGD without none), the loss's label
+    smoothing (evaluation's loss has none), the clipping, the dtype the head computed in; and config.yaml
+    records them."""
     args = [a for option in options for a in ("--set", option)]
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, *args)
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(open("runs/train/metrics.csv")))
     assert len(rows) == 2 and all(0 <= float(r["train_loss"]) < 10 for r in rows)
-    saved = load_config(Path("runs/train/config.yaml"))
+    assert used.optimizers == {optimizer}  # the exact type: AdamW is a subclass of Adam in newer torch
+    saved = torch.load("runs/train/last.pt", weights_only=True)["optimizer"]
+    assert saved["state"] or not state  # every trained parameter has its state when the optimizer keeps one
+    assert all(set(kept) - {"step"} == state for kept in saved["state"].values()), saved["state"]
+    assert all(g[key] == value for g in saved["param_groups"] for key, value in group.items()), saved["param_groups"]
+    assert used.smoothing == {0.0, smoothing}
+    assert used.clips == ({clip} if clip else set())
+    assert (torch.bfloat16 in used.dtypes) is bf16 and torch.float64 not in used.dtypes
+    config = load_config(Path("runs/train/config.yaml"))
     for option in options:
         key, value = option.split("=")
         section, name = key.split(".")
-        assert str(getattr(getattr(saved, section), name)).lower() == value.lower()
+        assert str(getattr(getattr(config, section), name)).lower() == value.lower()
 
 
 def test_label_smoothing_and_clipping_change_the_result(rows):
