@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import FAST, invoke, make_folder, source_path
+from conftest import FAST, assert_one_line_error, deadline, invoke, make_folder, source_path
 from vggft.config.loading import load_config
 from vggft.utils.errors import ConfigError
 
@@ -30,9 +30,8 @@ def test_settings_that_would_do_nothing_are_refused(overrides, message):
 
 def test_early_stopping_without_a_val_split_is_refused(runner, pet):
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "train.early_stopping.patience=2")
-    assert result.exit_code == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "error: train.early_stopping.patience: needs a val split to watch, and there is none")
+    assert_one_line_error(result, code=2, after_notes=True, names=["train.early_stopping.patience", "val split"],
+                          fix="set data.val_fraction")
 
 
 def test_a_config_typo_is_answered_before_torch_is_imported(tmp_path):
@@ -54,7 +53,7 @@ def test_distributed_refusals(runner, pet, monkeypatch):
     with pytest.raises(ConfigError, match="two-stage training is not supported under torchrun"):
         _check_distributed(load_config(None, ["model.unfreeze=1", "train.head_only_epochs=1"]))
     result = invoke(runner, "train", "--nproc", "0", "--set", f"data.root={pet}")
-    assert result.exit_code == 2 and "--nproc: expected 1 or more" in result.stderr
+    assert_one_line_error(result, code=2, names=["--nproc", "got 0"], fix="1 or more")
 
 
 def test_check_data_exit_code_follows_imbalance(runner, tmp_path):
@@ -69,31 +68,30 @@ def test_a_mistake_from_set_is_named_so_even_beside_a_config_file(runner, tmp_pa
     config = tmp_path / "mine.yaml"
     config.write_text("train:\n  epochs: 3\n")
     result = invoke(runner, "train", "--config", config, "--set", "train.head_only_epochs=2")
-    assert result.exit_code == 2
-    assert result.stderr.strip().startswith("error: --set: train.head_only_epochs: 2 does nothing without")
+    line = assert_one_line_error(result, code=2, names=["--set", "train.head_only_epochs"], fix="set model.unfreeze")
+    assert str(config) not in line
     config.write_text("train:\n  epochs: 3\n  head_only_epochs: 2\n")
     result = invoke(runner, "train", "--config", config)
-    assert result.stderr.strip().startswith(f"error: {config}: train.head_only_epochs: 2 does nothing without")
+    line = assert_one_line_error(result, code=2, names=[str(config), "train.head_only_epochs"], fix="set model.unfreeze")
+    assert "--set" not in line
 
 
 def test_output_folders_that_cannot_be_made_are_found_before_any_work(runner, pet):
     Path("afile").write_text("a file where a folder should be")
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "output.runs_dir=afile/runs")
-    assert result.exit_code == 6 and "Data:" not in result.stderr
-    assert result.stderr.strip() == ("error: output.runs_dir: cannot make or write 'afile/runs' "
-                                     f"('{Path('afile').resolve()}' is not a writable folder); choose another "
-                                     "folder with --set output.runs_dir=PATH")
+    assert_one_line_error(result, code=6, names=["output.runs_dir", "'afile/runs'", f"'{Path('afile').resolve()}'"],
+                          fix="--set output.runs_dir=PATH")  # one line: no "Data:" note, the scan never ran
     (pet / "train" / "cat" / "broken.jpg").write_bytes(b"not a picture")
     result = invoke(runner, "check-data", "--set", f"data.root={pet}", "--quarantine", "afile/q", "-q")
-    assert result.exit_code == 6 and not result.stdout  # refused before the scan and before any move
-    assert "error: --quarantine: cannot make or write 'afile/q'" in result.stderr
+    assert_one_line_error(result, code=6, names=["--quarantine", "'afile/q'"],  # before the scan and any move
+                          fix="give another folder")
     assert (pet / "train" / "cat" / "broken.jpg").exists()
 
 
 def test_resume_keeps_its_run_folder_and_names_no_way_back_to_itself(runner, pet):
     assert invoke(runner, "train", "--set", f"data.root={pet}", *FAST).exit_code == 0
     result = invoke(runner, "train", "--resume", "runs/train/last.pt", "--name", "elsewhere")
-    assert result.exit_code == 2 and "error: --set output.name: cannot change when resuming" in result.stderr
+    assert_one_line_error(result, code=2, names=["--set output.name", "when resuming"], fix="start a new run")
     result = invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=3", "-q")
     assert result.exit_code == 0 and "Replaced" not in result.stderr
 
@@ -107,15 +105,12 @@ def _laughs(levels: int = 9) -> str:
 
 
 def test_hostile_yaml_is_one_line_in_bounded_time(tmp_path):
-    import time
-
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(_laughs())
     assert len(bomb.read_bytes()) < 1000
-    started = time.perf_counter()
-    with pytest.raises(ConfigError) as caught:
+    with deadline(20), pytest.raises(ConfigError) as caught:  # expanded, the 10^9 numbers would never end
         load_config(bomb)
-    assert time.perf_counter() - started < 5 and len(str(caught.value)) < 300
+    assert len(str(caught.value)) < 300
     assert str(caught.value).startswith(f"{bomb}: ")
     deep = tmp_path / "deep.yaml"
     deep.write_text("data:\n  split: " + "[" * 600 + "]" * 600 + "\n")
