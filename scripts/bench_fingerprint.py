@@ -20,14 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from vggft.model.checkpoints import trainable_state  # noqa: E402
-
-from vggft.model.fingerprint import frozen_fingerprint, legacy_frozen_fingerprint  # noqa: E402
-from vggft.config.schema import load_config  # noqa: E402
-from vggft.features.cache import FeatureSource, module_fingerprint  # noqa: E402
-from vggft.model.build import build_model  # noqa: E402
+from vggft.config.schema import load_config
+from vggft.features.cache import FeatureSource, module_fingerprint
+from vggft.model.build import build_model
+from vggft.model.checkpoints import trainable_state
+from vggft.model.fingerprint import frozen_fingerprint, legacy_frozen_fingerprint
 
 
 def main() -> None:
