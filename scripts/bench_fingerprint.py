@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from vggft.config.schema import load_config
+from vggft.config.loading import load_config
 from vggft.features.cache import FeatureSource, module_fingerprint
 from vggft.model.build import build_model
 from vggft.model.checkpoints import trainable_state
