@@ -24,6 +24,8 @@ def test_a_refusal_that_names_the_key_and_says_the_fix_passes_whatever_its_wordi
     assert assert_one_line_error(_result(reworded), **check) == reworded
     notes = "Data: 12 images\n" + LINE
     assert assert_one_line_error(_result(notes), **check, after_notes=True) == LINE
+    printed = _result(LINE, stdout="Downloading: a file\n")  # a library's print, where a test allows it
+    assert assert_one_line_error(printed, **check, allow_stdout=True) == LINE
 
 
 @pytest.mark.parametrize(("result", "check"), [
