@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import vggft.data.images
-from conftest import FAST, invoke, make_folder, make_image
+from conftest import FAST, assert_one_line_error, invoke, make_folder, make_image
 from vggft.config.schema import DataConfig
 from vggft.config.loading import load_config
 from vggft.data.folders import find_splits
@@ -88,18 +88,17 @@ def test_val_folder_names(tmp_path, val_name):
 def test_layout_errors_before_any_work(runner, tmp_path):
     root = make_folder(tmp_path / "d", {"train": {"cat": 2, "dog": 2}, "test": {"cat": 1, "owl": 1}})
     result = invoke(runner, "train", "--set", f"data.root={root}", "-q")
-    assert result.exit_code == 3
-    assert "test/owl: class 'owl' is not in train/ (classes: cat, dog); add train/owl or remove test/owl" in result.stderr
+    assert_one_line_error(result, code=3, after_notes=True, names=[f"{root}/test/owl", "'owl'", "classes: cat, dog"],
+                          fix="add train/owl or remove test/owl")
     (root / "test" / "owl" / "owl.0.jpg").unlink()
     (root / "test" / "owl").rmdir()
     (root / "train" / "owl").mkdir()
     result = invoke(runner, "train", "--set", f"data.root={root}", "-q")
-    assert result.exit_code == 3 and "train/owl: empty class folder; add images or remove the folder" in result.stderr
+    assert_one_line_error(result, code=3, after_notes=True, names=[f"{root}/train/owl", "empty class folder"],
+                          fix="add images or remove the folder")
     only_test = make_folder(tmp_path / "t", {"test": {"cat": 1, "dog": 1}})
     result = invoke(runner, "train", "--set", f"data.root={only_test}", "-q")
-    assert result.exit_code == 3 and result.stderr.strip() == (
-        f"error: {only_test}: no train/ folder; training needs train/<class>/ images "
-        "(a folder with test/ alone can only be evaluated: vggft eval)")
+    assert_one_line_error(result, code=3, names=[str(only_test), "no train/ folder"], fix="vggft eval")
     assert not Path("models").exists()
 
 
@@ -188,9 +187,8 @@ def test_train_skips_bad_files_and_says_so_once(runner, pet):
     listing = Path(skipped[0].split("full list: ")[1])
     assert len(listing.read_text().splitlines()) == 3
     result = invoke(runner, "train", "--set", f"data.root={pet}", "--set", "data.bad_images=error", *FAST)
-    assert result.exit_code == 3
-    assert "3 unreadable image(s)" in result.stderr and "data.bad_images: skip" in result.stderr
-    assert "Epoch" not in result.stdout
+    assert_one_line_error(result, code=3, after_notes=True, names=["3 unreadable image(s)", str(pet)],
+                          fix="data.bad_images: skip")  # no epoch: nothing on stdout
 
 
 def test_verdicts_are_cached_by_path_size_and_mtime(pet, monkeypatch):

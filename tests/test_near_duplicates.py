@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import vggft.diagnostics.near_duplicates as near
-from conftest import invoke
+from conftest import assert_one_line_error, invoke
 from descriptor import save_descriptor, scene
 from vggft.utils.errors import ConfigError
 
@@ -87,17 +87,16 @@ def test_leakage_alone_decides_the_exit_code(runner, folder):
 def test_similarity_out_of_range_or_alone_is_one_line(runner, folder):
     _, options = folder
     result = invoke(runner, "check-data", *options, "--near-duplicates", "--similarity", "1.5", "-q")
-    assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
-        "error: --similarity: expected a cosine similarity above 0 and at most 1, got 1.5"]
+    assert_one_line_error(result, code=2, names=["--similarity", "got 1.5"], fix="above 0 and at most 1")
     result = invoke(runner, "check-data", *options, "--similarity", "0.9", "-q")
-    assert result.exit_code == 2 and "add --near-duplicates" in result.stderr and result.stdout == ""
+    assert_one_line_error(result, code=2, names=["--similarity"], fix="add --near-duplicates")
 
 
 def test_the_default_similarity_given_alone_is_refused_too(runner, folder):
     """--similarity 0.97 without --near-duplicates does nothing either (it once passed as the default)."""
     _, options = folder
     result = invoke(runner, "check-data", *options, "--similarity", str(near.DEFAULT_SIMILARITY), "-q")
-    assert result.exit_code == 2 and "add --near-duplicates" in result.stderr and result.stdout == ""
+    assert_one_line_error(result, code=2, names=["--similarity"], fix="add --near-duplicates")
     shown = " ".join(invoke(runner, "check-data", "--help").stdout.replace("│", " ").split())
     assert f"links two images (default {near.DEFAULT_SIMILARITY})" in shown
 

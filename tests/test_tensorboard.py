@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from conftest import FAST, invoke, make_folder
+from conftest import FAST, assert_one_line_error, invoke, make_folder
 
 
 def test_event_file_holds_the_metrics_csv_scalars_and_images(runner, tmp_path):
@@ -50,7 +50,6 @@ def test_missing_package_is_one_line_before_any_work(runner, pet, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
     result = invoke(runner, "train", "--set", f"data.root={pet}", "--set", "output.tensorboard=true", *FAST)
-    assert result.exit_code == 2, result.output
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: output.tensorboard: needs the tensorboard package") and "pip install" in line
+    assert_one_line_error(result, code=2, names=["output.tensorboard", "tensorboard package"],
+                          fix="pip install 'vggft[tensorboard]'")
     assert not Path("runs").exists()  # nothing was started
