@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, assert_one_line_error, invoke, make_image, tiny_subprocess_env
+from conftest import FAST, assert_error_says, assert_one_line_error, invoke, make_image, tiny_subprocess_env
 from vggft.model.inference import load_model
-from vggft.data.images import open_rgb
+from vggft.data.images import inspect_image, open_rgb
 from vggft.data.transforms import eval_transform
 
 
@@ -78,7 +78,8 @@ def test_predict_a_file_and_a_messy_folder(runner, trained, tmp_path):
     assert [line.split()[0] for line in lines] == [str(folder / n) for n in ("a.png", "broken.jpg", "deeper/b.JPG",
                                                                              "zero.jpg")]
     assert "error: " in lines[1] and "error" not in lines[0] + lines[2]
-    assert lines[3].split(None, 1)[1] == "error: empty (0 bytes)"  # as vggft check-data calls it
+    verdict = inspect_image(folder / "zero.jpg")  # the file's reason as vggft check-data gives it
+    assert_error_says(lines[3].split(None, 1)[1], names=[verdict.reason, verdict.detail])
     assert result.stderr.strip() == "2 of 4 file(s) could not be read as images"
     rows = _predict_json(runner, folder, image, "--weights", trained, "--topk", "2")
     assert len(rows) == 5 and "error" in rows[1] and rows[1]["top"] == []
