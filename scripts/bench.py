@@ -268,8 +268,10 @@ def tutorial_phase(args, data: Path, env: dict, cold_run: tuple, train: list[str
     rows = [
         ("reference (tutorial loop)", ref_wall, total / ref_wall, ref_peak,
          f"{100 * ref['accuracy']:.2f}% (drop_last: {ref['scored']} of {args.test})", 1.0),
-        ("vggft train, cold cache", cold_wall, images / cold_wall, cold_peak, test_accuracy(cold), ref_wall / cold_wall),
-        ("vggft train, warm cache", warm_wall, images / warm_wall, warm_peak, test_accuracy(warm), ref_wall / warm_wall),
+        ("vggft train, cold cache", cold_wall, images / cold_wall, cold_peak, test_accuracy(cold),
+         ref_wall / cold_wall),
+        ("vggft train, warm cache", warm_wall, images / warm_wall, warm_peak, test_accuracy(warm),
+         ref_wall / warm_wall),
     ]
     print()
     print("| run | wall s | images/s | peak RSS MiB | test accuracy | speed-up |")
@@ -309,8 +311,8 @@ def tune_phase(args, env: dict, vggft: list[str], sets: list[str]) -> None:
     print()
     print(f"| run | wall s (median of {args.repeat}) | ratio | against | target |")
     print("|---|---:|---:|---|---:|")
-    for (name, wall), (against, base, target) in zip(walls.items(), [
-            ("", floor, ""), ("floor", floor, "1.6x"), ("warm train", warm, "2x"), ("warm train", warm, "3x")]):
+    against_rows = [("", floor, ""), ("floor", floor, "1.6x"), ("warm train", warm, "2x"), ("warm train", warm, "3x")]
+    for (name, wall), (against, base, target) in zip(walls.items(), against_rows, strict=True):
         ratio = f"{wall / base:.2f}x" if against else ""
         print(f"| {name} | {wall:.1f} | {ratio} | {against} | {target} |")
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import ensure_weights, make_jpegs  # noqa: E402
+from bench import ensure_weights, make_jpegs
 
 
 def train(root: Path, work: Path, nproc: int, args, env: dict) -> tuple[float, str]:

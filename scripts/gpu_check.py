@@ -109,7 +109,7 @@ class Report:
                 row["detail"] = result or ""
         except Skip as skip:
             row.update(status="skipped", detail=f"skipped: {skip}")
-        except BaseException as err:  # noqa: BLE001  (one row's failure must not hide the others)
+        except BaseException as err:  # one row's failure must not hide the others
             if isinstance(err, KeyboardInterrupt):
                 raise
             text = str(err).strip().splitlines()
@@ -118,7 +118,8 @@ class Report:
         row["seconds"] = round(time.perf_counter() - started, 2)
         (self.benchmarks if kind == "benchmark" else self.checks).append(row)
         shown = f"{row['value']:.1f} {unit} " if kind == "benchmark" and row["value"] is not None else ""
-        print(f"[{row['status']:>7}] {name}: {shown}{row['detail']} ({row['seconds']:.1f}s)", file=sys.stderr, flush=True)
+        print(f"[{row['status']:>7}] {name}: {shown}{row['detail']} ({row['seconds']:.1f}s)",
+              file=sys.stderr, flush=True)
         self.save()
         return result if row["status"] == "passed" else None
 
@@ -139,7 +140,8 @@ class Report:
     def table(self) -> str:
         h = self.header
         lines = [f"vggft gpu_check on {h['device_name']} ({h['device']}; torch {h['torch']}, torchvision "
-                 f"{h['torchvision']}, CUDA {h['cuda'] or 'none'}; {h['mode']} mode, {h['arch']} at {h['image_size']} px)"]
+                 f"{h['torchvision']}, CUDA {h['cuda'] or 'none'}; {h['mode']} mode, "
+                 f"{h['arch']} at {h['image_size']} px)"]
         width = max(len(r["name"]) for r in self.checks + self.benchmarks) if self.checks else 20
         lines.append(f"{'check':<{width}}  {'status':<7}  {'s':>6}  detail")
         for r in self.checks:
@@ -353,7 +355,8 @@ class GpuCheck:
             raise AssertionError(f"fallbacks {dict(decoder.fallbacks)}, expected {expected}")
         if not torch.equal(tensor[8:], pil[8:]):
             raise AssertionError("a fallback file differs from what data.decode: pil gives")
-        return f"{sum(expected.values())} of {len(samples)} files through Pillow, as expected: {dict(decoder.fallbacks)}"
+        return (f"{sum(expected.values())} of {len(samples)} files through Pillow, "
+                f"as expected: {dict(decoder.fallbacks)}")
 
     def check_tolerance(self) -> str:
         from decode_tolerance import compare, make_jpegs
@@ -443,11 +446,13 @@ class GpuCheck:
                     ("fp16 channels_last", torch.float16, True, False),
                     ("bf16 channels_last, torch.compile", torch.bfloat16, True, True)]
         for label, dtype, channels_last, compiled in variants:
-            bench(f"features forward, {label}", lambda d=dtype, c=channels_last, k=compiled: self.bench_forward(d, c, k))
+            bench(f"features forward, {label}",
+                  lambda d=dtype, c=channels_last, k=compiled: self.bench_forward(d, c, k))
         samples = self.bench_samples()
         bench(f"decode: Pillow + eval transform, {self.workers} workers", lambda: self.bench_pil_decode(samples))
         where = "GPU" if self.cuda else "CPU"
-        bench(f"decode: decode_jpeg batched on the {where} (bytes in memory)", lambda: self.bench_tensor_decode(samples))
+        bench(f"decode: decode_jpeg batched on the {where} (bytes in memory)",
+              lambda: self.bench_tensor_decode(samples))
         bench(f"decode: data.decode gpu loader ({self.workers} workers read bytes)",
               lambda: self.bench_decode_loader(samples))
         for decode in ("pil", "gpu"):
@@ -570,9 +575,9 @@ class GpuCheck:
 
     def source(self, decode: str, cache_dir: Path):
         from vggft.config.loading import load_config
-        from vggft.utils.device import autocast_dtype
         from vggft.features.cache import FeatureSource
         from vggft.model.build import build_model
+        from vggft.utils.device import autocast_dtype
 
         cfg = load_config(None, self.overrides("bench", f"data.decode={decode}", f"cache.dir={cache_dir}",
                                                 f"data.root={self.work / 'bench'}"))
@@ -623,7 +628,7 @@ class GpuCheck:
         train_one_epoch(source.suffix, loader, nn.CrossEntropyLoss(), optimizer, self.device, source.precision)
         sync()
         epoch = time.perf_counter() - started
-        on_device = [(r.to(self.device), l.to(self.device)) for r, l in loader]
+        on_device = [(r.to(self.device), y.to(self.device)) for r, y in loader]
         started = time.perf_counter()
         for x, y in on_device:  # the same steps with the rows already on the device and no loader
             with torch.autocast(self.device.type, dtype=source.precision, enabled=source.precision is not None):
@@ -638,8 +643,8 @@ class GpuCheck:
 
 
 def _state_dict(path: str):
-    from vggft.model.pretrained import pretrained_state_dict
     from vggft.config.schema import ModelConfig
+    from vggft.model.pretrained import pretrained_state_dict
 
     return pretrained_state_dict(ModelConfig(weights=path))
 

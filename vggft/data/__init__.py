@@ -7,9 +7,9 @@ every image (its verdict cached), the unreadable ones left out or an error per `
 from __future__ import annotations
 
 from vggft.config.schema import Config
-from vggft.utils.files import cache_root
 from vggft.data.folders import SPLITS, DataSplits, Sample, find_splits, split_record
 from vggft.data.images import BadImages, drop_bad_images
+from vggft.utils.files import cache_root
 
 __all__ = ["SPLITS", "BadImages", "DataSplits", "Sample", "find_splits", "prepare_data", "split_record"]
 

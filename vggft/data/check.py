@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vggft.config.schema import Config
-from vggft.utils.errors import OutputError, check_option
-from vggft.utils.files import cache_root, check_folder
 from vggft.data.folders import SPLITS, DataSplits, find_splits
 from vggft.data.images import Verdict, VerdictLedger, inspect_all
+from vggft.utils.errors import OutputError, check_option
+from vggft.utils.files import cache_root, check_folder
 
 
 @dataclass
@@ -103,7 +103,7 @@ def check_destination(destination: Path, option: str = "--quarantine") -> None:
 def quarantine(report: DataReport, destination: Path, option: str = "--quarantine") -> list[tuple[Path, Path]]:
     """Move every unreadable file under ``destination``, keeping its path relative to data.root."""
     check_destination(destination, option)
-    moved = []
+    moved: list[tuple[Path, Path]] = []
     root = report.splits.root
     for path, _ in report.bad:
         target = Path(destination) / os.path.relpath(path, root)

@@ -17,15 +17,16 @@ import collections
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from vggft.config.schema import DataConfig
-from vggft.utils.errors import ConfigError, DataError
-from vggft.utils.logs import log
 from vggft.data.images import ImageRefused, open_regular
 from vggft.data.loaders import ImageList, image_loader, make_loader
 from vggft.data.transforms import eval_transform, normalization
+from vggft.utils.errors import ConfigError, DataError
+from vggft.utils.logs import log
 
 PLAIN_SOF = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded: what nvJPEG's batch decoder takes
 NOT_SOF = (0xC4, 0xC8, 0xCC)  # DHT, JPG extension, DAC share the 0xC_ range
@@ -127,7 +128,8 @@ def _segment_reason(marker: int, body: bytes) -> str:
 
 def _exif_orientation(tiff: bytes) -> int | None:
     """The orientation tag of IFD0 (1 when absent); None when the TIFF structure does not add up."""
-    order = {b"II*\0": "little", b"MM\0*": "big"}.get(tiff[:4])
+    orders: dict[bytes, Literal["little", "big"]] = {b"II*\0": "little", b"MM\0*": "big"}
+    order = orders.get(tiff[:4])
     if order is None:
         return None
     ifd = int.from_bytes(tiff[4:8], order)
@@ -231,10 +233,10 @@ class TensorDecoder:
         except torch.OutOfMemoryError:
             raise  # not the files' fault: the caller turns it into one line naming the batch size
         except RuntimeError:  # one file the decoder rejects fails the batch: find it, file by file
-            jpeg_paths = [path for path, reason in zip(paths, packed.reasons) if not reason]
-            decoded = [self._decode_one(content, path, device) for content, path in zip(files, jpeg_paths)]
+            jpeg_paths = [path for path, reason in zip(paths, packed.reasons, strict=True) if not reason]
+            decoded = [self._decode_one(content, path, device) for content, path in zip(files, jpeg_paths, strict=True)]
         decoded = iter(decoded)
-        pils = iter(packed.images.to(device) if packed.images is not None else [])
+        pils: Iterator[torch.Tensor] = iter(packed.images.to(device) if packed.images is not None else [])
         out = []
         for reason in packed.reasons:
             if reason:

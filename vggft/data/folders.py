@@ -112,10 +112,11 @@ def images_in(folder: Path, seen: set | None = None, skipped: Skipped | None = N
     (one note is logged here when the caller passes none).
     """
     own = skipped is None
-    skipped = [] if own else skipped
+    skipped = [] if skipped is None else skipped
     seen = _ancestors(folder) if seen is None else seen
     found: list[str] = []
-    stack, links = [str(folder)], []
+    stack: list[str] = [str(folder)]
+    links: list[str] = []
     while stack or links:
         if not stack:  # links last: a folder reached both ways is listed under its real path
             link = links.pop(0)
@@ -168,7 +169,7 @@ def _class_folders(split_dir: Path, skipped: Skipped) -> dict[str, list[str]]:
     if len(set(names)) < len(names):
         twice = next(name for name in names if names.count(name) > 1)
         raise DataError(f"{split_dir}: two class folders print as '{twice}'; rename one of them")
-    return {name: images_in(folder, seen, skipped) for name, folder in zip(names, folders)}
+    return {name: images_in(folder, seen, skipped) for name, folder in zip(names, folders, strict=True)}
 
 
 def _find_split_dir(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -213,9 +214,10 @@ def _folder_layout(root: Path, data: DataConfig, skipped: Skipped) -> DataSplits
         raise DataError(f"{root / first}: no class folders; put each class's images in {first}/<class>/")
     index = {name: i for i, name in enumerate(class_names)}
     val_dir = _find_split_dir(root, VAL_NAMES)
+    dirs = {"train": root / "train", "test": test_dir}
     if val_dir is not None:
         found["val"] = _class_folders(val_dir, skipped)
-    dirs = {"train": root / "train", "test": test_dir, "val": val_dir}
+        dirs["val"] = val_dir
     anchor = dirs[first].name
     splits: dict[str, list[Sample]] = {}
     for split, classes in found.items():
@@ -297,11 +299,16 @@ def splits_from_record(record: dict, root: Path, source: str) -> DataSplits:
     try:
         class_names = list(record["class_names"])
         splits = {
-            split: [(str(root / rel), int(label)) for rel, label in zip(record[split], record[f"{split}_labels"])]
+            split: [
+                (str(root / rel), int(label))
+                for rel, label in zip(record[split], record[f"{split}_labels"], strict=True)
+            ]
             for split in SPLITS
         }
     except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{source}: unreadable pool split record ({err}); train again to split the pool afresh") from None
+        raise DataError(
+            f"{source}: unreadable pool split record ({err}); train again to split the pool afresh"
+        ) from None
     missing = [p for split in SPLITS for p, _ in splits[split] if not os.path.exists(p)]
     if missing:
         raise DataError(

@@ -23,10 +23,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vggft.config.schema import DataConfig
+from vggft.data.folders import SPLITS, DataSplits, not_regular
 from vggft.utils.errors import DataError
 from vggft.utils.files import atomic_path, file_identity, human_size, save_json
 from vggft.utils.logs import log, progress
-from vggft.data.folders import SPLITS, DataSplits, not_regular
 
 WHITE = (255, 255, 255)
 MAX_ASPECT = 50  # longer side over shorter: Resize(256) of an 80000x1 strip would be 256 x 20,480,000 pixels
@@ -256,7 +256,8 @@ def inspect_all(paths: list[str], cache: VerdictLedger, *, fresh: bool = False) 
         with ThreadPoolExecutor(workers) as pool:  # Pillow releases the GIL while decoding
             results = pool.map(lambda item: inspect_image(item[0]), todo)
             bar = progress(results, total=len(todo), desc="Checking images", unit="img")
-            for (path, key), verdict in zip(todo, bar):
+            # One verdict per item; strict would resume the progress generator after the last one.
+            for (path, key), verdict in zip(todo, bar, strict=False):
                 verdicts[path] = verdict
                 cache.put(path, key, verdict)
         cache.save()

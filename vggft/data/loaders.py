@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from vggft.utils.errors import DataError
 from vggft.data.images import DECODE_ERRORS, open_rgb
+from vggft.utils.errors import DataError
 
 
 class ImageList(Dataset):
@@ -68,6 +68,8 @@ def make_loader(
     loop's loaders), so its workers stay between passes until ``stop_workers``; otherwise they stop when
     a pass ends.
     """
+    # torch types Dataset and Sampler without __len__: the map-style datasets and the samplers used here have one.
+    assert isinstance(dataset, Sized) and (sampler is None or isinstance(sampler, Sized))
     if shuffle and sampler is None:
         sampler = RandomSampler(dataset, generator=generator)
     batches = -(-len(sampler if sampler is not None else dataset) // batch_size)

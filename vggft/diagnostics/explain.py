@@ -24,15 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from vggft.data.transforms import normalization
+from vggft.model.build import layer_sequence
+from vggft.model.inference import TrainedModel, collect_images, image_batches, load_model
 from vggft.utils.errors import ConfigError, OutputError
 from vggft.utils.files import atomic_path
-from vggft.model.inference import TrainedModel, collect_images, image_batches, load_model
-from vggft.model.build import layer_sequence
 
 
 def last_relu(model: nn.Module) -> str:
     """The name (``features.N``) of the last ReLU in ``model.features``: 29 in vgg16, 20 in vgg11, 42 in vgg16_bn."""
-    names = [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.ReLU)]
+    features = model.features
+    assert isinstance(features, nn.Sequential)  # VGG's backbone
+    names = [f"features.{i}" for i, m in enumerate(features) if isinstance(m, nn.ReLU)]
     if not names:
         raise ConfigError("the model's features hold no ReLU; Grad-CAM needs a VGG backbone")
     return names[-1]
@@ -88,7 +90,7 @@ def output_stems(paths: Sequence[str]) -> list[str]:
     stems = [Path(p).stem for p in paths]
     clashing = {s for s, n in Counter(stems).items() if n > 1}
     unique, taken = [], set()
-    for path, stem in zip(paths, stems):
+    for path, stem in zip(paths, stems, strict=True):
         if stem in clashing:
             parents = [part for part in Path(path).parent.parts[-2:] if part not in ("/", "..", ".")]
             stem = "_".join([*parents, stem])
@@ -134,6 +136,7 @@ def explain(
                     rows.append({"path": path, "error": error})
                     continue
                 j = good.index(i)
+                assert cams is not None  # drawn for the batch's good images, i among them
                 rows.append(_write_one(trained, images[i], cams, j, out, stems[start + i], path))
     return rows
 

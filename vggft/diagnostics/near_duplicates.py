@@ -16,14 +16,14 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from vggft.model.pretrained import pretrained_state_dict
 from vggft.config.schema import Config
 from vggft.data.check import DataReport, NearGroup
+from vggft.features.cache import FeatureSource
+from vggft.model.build import build_model
+from vggft.model.pretrained import pretrained_state_dict
 from vggft.utils.device import autocast_dtype, prepare_backend, resolve_device
 from vggft.utils.errors import ConfigError
-from vggft.features.cache import FeatureSource
 from vggft.utils.logs import log
-from vggft.model.build import build_model
 
 DEFAULT_SIMILARITY = 0.97
 BLOCK_ELEMENTS = 1 << 24  # similarities held at once: 64 MiB of float32
@@ -83,7 +83,7 @@ def group_pairs(n: int, pairs: torch.Tensor, sims: torch.Tensor) -> list[tuple[l
         if a != b:
             parent[max(a, b)] = min(a, b)
     lowest: dict[int, float] = {}
-    for (i, _), sim in zip(pairs.tolist(), sims.tolist()):
+    for (i, _), sim in zip(pairs.tolist(), sims.tolist(), strict=True):
         root = find(i)
         lowest[root] = min(lowest.get(root, 1.0), sim)
     members: dict[int, list[int]] = {}

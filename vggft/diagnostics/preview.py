@@ -12,10 +12,10 @@ from vggft.config.schema import Config
 from vggft.data import prepare_data
 from vggft.data.loaders import image_loader
 from vggft.data.transforms import eval_transform, normalization, train_transform
-from vggft.utils.errors import DataError, check_option
 from vggft.model import build as networks
 from vggft.model.build import freeze, replace_head
 from vggft.reporting.plots import save_image_grid
+from vggft.utils.errors import DataError, check_option
 
 
 def summary(cfg: Config, num_classes: int | None = None) -> torchinfo.ModelStatistics:

@@ -6,14 +6,17 @@ The saved weights stay a plain torchvision ``VGG`` state_dict, so that
 
 from __future__ import annotations
 
+from typing import Literal, cast
+
 import torch
 from torch import nn
 from torchvision import models
 
-from vggft.config.schema import ARCHS, ModelConfig
+from vggft.config.schema import ARCHS, Arch, ModelConfig
 from vggft.utils.errors import ConfigError, WeightsError, first_line
 
 CONV_COUNT = {"vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}
+Head = Literal["classifier6", "gap"]  # model.head
 
 
 def vgg(arch: str, *, num_classes: int = 1000, dropout: float = 0.5, init_weights: bool = True) -> models.VGG:
@@ -75,8 +78,10 @@ def build_model(cfg: ModelConfig, num_classes: int, state_dict: dict | None) -> 
         try:
             model.load_state_dict(state_dict, assign=True, strict=not backbone_only)
         except RuntimeError as err:
-            raise WeightsError(f"model.weights: '{source}' does not fit {cfg.arch} ({_what_it_is(state_dict, err, cfg.arch)}); "
-                               "set model.arch to the architecture the weights were saved from") from None
+            raise WeightsError(
+                f"model.weights: '{source}' does not fit {cfg.arch} ({_what_it_is(state_dict, err, cfg.arch)}); "
+                "set model.arch to the architecture the weights were saved from"
+            ) from None
         if backbone_only and any(p.is_meta for p in model.features.parameters()):
             raise WeightsError(f"model.weights: '{source}' holds no {cfg.arch} backbone weights")
     replace_head(model, cfg.head, num_classes)
@@ -90,8 +95,9 @@ def _materialize(model: nn.Module) -> None:
     for module in model.modules():
         if any(p.is_meta for p in module.parameters(recurse=False)):
             module.to_empty(device="cpu", recurse=False)
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+            reset = getattr(module, "reset_parameters", None)
+            if reset is not None:
+                reset()
 
 
 def conv_blocks(model: models.VGG) -> list[list[nn.Module]]:
@@ -133,13 +139,14 @@ def unfrozen_block_indices(unfreeze: list[str] | int, count: int) -> list[int]:
     return sorted(set(indices))
 
 
-def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[str, str, int]:
+def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[Arch, Head, int]:
     """(arch, head, num_classes) of a saved VGG state_dict, for files that come without a sidecar."""
     convs = [k for k, v in state_dict.items() if k.startswith("features.") and k.endswith(".weight") and v.dim() == 4]
     by_count = {n: a for a, n in CONV_COUNT.items()}
     if len(convs) not in by_count:
         raise WeightsError(f"found {len(convs)} conv layers, which is no VGG (11, 13, 16 or 19 have 8, 10, 13, 16)")
-    arch = by_count[len(convs)] + ("_bn" if any(k.endswith("running_mean") for k in state_dict) else "")
+    bn = "_bn" if any(k.endswith("running_mean") for k in state_dict) else ""
+    arch = cast(Arch, by_count[len(convs)] + bn)  # one of ARCHS: the assert at the end of this module
     if "classifier.6.weight" in state_dict:
         return arch, "classifier6", int(state_dict["classifier.6.weight"].shape[0])
     last = state_dict.get("classifier.2.weight")

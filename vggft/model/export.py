@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from vggft.data.transforms import transform_signature
-from vggft.model.weights import sidecar_path
 from vggft.model.inference import TrainedModel, load_model
+from vggft.model.weights import sidecar_path
 from vggft.utils.errors import ConfigError, OutputError, VggftError, WeightsError, first_line
 from vggft.utils.files import atomic_path
 
@@ -155,6 +155,7 @@ def _onnx(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
             raise WeightsError(
                 f"--format onnx: torch.onnx.export failed ({first_line(err)}); try --format pt2"
             ) from None
+    assert program is not None  # dynamo=True always returns an ONNXProgram (None is the TorchScript exporter's)
     program.model.metadata_props["vggft"] = metadata
     program.save(str(tmp), external_data=False)  # one self-contained file
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])

@@ -17,15 +17,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from vggft.config.schema import Config
-
 from vggft.config.loading import load_config
+from vggft.config.schema import Config
 from vggft.data.folders import IMG_EXTENSIONS, display_name, images_in, note_skipped
 from vggft.data.images import DECODE_ERRORS, decode_failure, open_rgb
 from vggft.data.loaders import make_loader
 from vggft.data.transforms import eval_transform
-from vggft.model.weights import read_weights, sidecar_path
 from vggft.model.build import describe_state_dict, freeze, model_from_weights
+from vggft.model.weights import read_weights, sidecar_path
 from vggft.reporting.metrics import output_names
 from vggft.utils.device import (
     autocast_dtype,
@@ -65,7 +64,7 @@ class TrainedModel:
         return torch.softmax(logits.float() / (self.temperature or 1.0), dim=1)
 
 
-def load_model(weights: Path, config: Path | None = None, overrides: list[str] = ()) -> TrainedModel:
+def load_model(weights: Path, config: Path | None = None, overrides: Sequence[str] = ()) -> TrainedModel:
     """Weights plus their sidecar (if any), the sidecar's config under ``--config``/``--set``."""
     saved = read_weights(weights)
     state_dict, sidecar, weights = saved.state_dict, saved.sidecar, saved.path
@@ -82,7 +81,7 @@ def load_model(weights: Path, config: Path | None = None, overrides: list[str] =
             "train again, or delete the sidecar to evaluate the weights alone"
         )
     base = sidecar["config"] if sidecar else {"model": {"arch": arch, "head": head}}
-    cfg = load_config(config, overrides, base=base)
+    cfg = load_config(config, list(overrides), base=base)
     # What the file holds wins over what a config says about it.
     cfg.model = dataclasses.replace(cfg.model, arch=arch, head=head, num_classes=num_classes, unfreeze=0)
     cfg.data = dataclasses.replace(cfg.data, augment="none")
@@ -200,11 +199,11 @@ def predict(
             with autocast():
                 logits = trained.model(images)
             probs, indices = trained.probabilities(logits).topk(k, dim=1)
-            for p_row, i_row, error in zip(probs.tolist(), indices.tolist(), errors):
+            for p_row, i_row, error in zip(probs.tolist(), indices.tolist(), errors, strict=True):
                 path = paths[len(rows)]
                 if error:
                     rows.append({"path": path, "top": [], "error": error, **calibration})
                 else:
                     rows.append({"path": path, "top": [{"class": names[i], "probability": p}
-                                                       for p, i in zip(p_row, i_row)], **calibration})
+                                                       for p, i in zip(p_row, i_row, strict=True)], **calibration})
     return rows

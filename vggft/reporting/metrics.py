@@ -136,14 +136,17 @@ class Metrics:
         width = max(number, *(len(n) for n in names)) + 2
         if label + width * len(names) <= max_width:
             lines = [corner.ljust(label) + "".join(n.rjust(width) for n in names)]
-            lines += [name.ljust(label) + "".join(c.rjust(width) for c in row) for name, row in zip(names, counts)]
+            lines += [
+                name.ljust(label) + "".join(c.rjust(width) for c in row)
+                for name, row in zip(names, counts, strict=False)
+            ]
             return "\n".join(lines)
         digits = len(str(len(names) - 1))
         tag = [f"{i:>{digits}} {shorten(name, LEGEND_NAME)}" for i, name in enumerate(names)]
         label = max(len(corner), *(len(t) for t in tag)) + 2
         width = max(number, digits) + 2
         lines = [corner.ljust(label) + "".join(str(i).rjust(width) for i in range(len(names)))]
-        lines += [t.ljust(label) + "".join(c.rjust(width) for c in row) for t, row in zip(tag, counts)]
+        lines += [t.ljust(label) + "".join(c.rjust(width) for c in row) for t, row in zip(tag, counts, strict=False)]
         lines.append("Classes:")
         lines += [f"  {i:>{digits}}  {name}" for i, name in enumerate(names)]
         return "\n".join(lines)

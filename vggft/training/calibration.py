@@ -87,7 +87,10 @@ class Reliability:
         total = sum(self.counts)
         if not total:
             return 0.0
-        return sum(n / total * abs(acc - conf) for n, acc, conf in zip(self.counts, self.accuracy, self.confidence))
+        return sum(
+            n / total * abs(acc - conf)
+            for n, acc, conf in zip(self.counts, self.accuracy, self.confidence, strict=True)
+        )
 
 
 def reliability(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> Reliability:
@@ -111,12 +114,20 @@ def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, temperature:
     """ECE and NLL of the raw softmax and (when a temperature is known) of the calibrated one."""
     logits, labels = logits.float(), labels.long()
     raw = reliability(logits.softmax(dim=1), labels)
-    summary = {"bins": ECE_BINS, "ece": raw.ece, "nll": nll(logits, labels), "temperature": temperature,
-               "reliability": _bins_dict(raw)}
+    summary = {
+        "bins": ECE_BINS,
+        "ece": raw.ece,
+        "nll": nll(logits, labels),
+        "temperature": temperature,
+        "reliability": _bins_dict(raw),
+    }
     if temperature is not None:
         scaled = reliability((logits / temperature).softmax(dim=1), labels)
-        summary.update(ece_calibrated=scaled.ece, nll_calibrated=nll(logits, labels, temperature),
-                       reliability_calibrated=_bins_dict(scaled))
+        summary.update(
+            ece_calibrated=scaled.ece,
+            nll_calibrated=nll(logits, labels, temperature),
+            reliability_calibrated=_bins_dict(scaled),
+        )
     return summary
 
 

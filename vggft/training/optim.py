@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -10,7 +11,9 @@ from torch import nn
 from vggft.config.schema import TrainConfig
 
 
-def make_optimizer(cfg: TrainConfig, head: list[nn.Parameter], backbone: list[nn.Parameter] = ()) -> torch.optim.Optimizer:
+def make_optimizer(
+    cfg: TrainConfig, head: list[nn.Parameter], backbone: Sequence[nn.Parameter] = ()
+) -> torch.optim.Optimizer:
     """Two parameter groups: the ``head`` at ``lr``; the unfrozen ``backbone`` blocks at ``backbone_lr``
     (default lr/10). A two-stage run passes the backbone even while it is still frozen: parameters
     without a gradient are skipped by every optimizer, so nothing needs rebuilding when it thaws.
@@ -19,8 +22,13 @@ def make_optimizer(cfg: TrainConfig, head: list[nn.Parameter], backbone: list[nn
     if backbone:
         groups.append({"params": list(backbone), "lr": cfg.backbone_lr or cfg.lr / 10, "name": "backbone"})
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -43,7 +51,8 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
     """A scheduler stepped after every batch; its state_dict makes resuming exact."""
     if cfg.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
             total_steps=max(cfg.epochs * steps_per_epoch, 1),
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))

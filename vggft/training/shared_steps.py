@@ -63,7 +63,9 @@ class SharedSteps:
         self.computed += 1
         if step == len(self.kept):
             kept = _Step(rows.detach().clone(), before, _random_state(rows.device), output.detach().clone())
-            size = sum(t.numel() * t.element_size() for t in (kept.rows, kept.output, *kept.state_before, *kept.state_after))
+            size = sum(
+                t.numel() * t.element_size() for t in (kept.rows, kept.output, *kept.state_before, *kept.state_after)
+            )
             if self.bytes + size <= self.budget:
                 self.kept.append(kept)
                 self.bytes += size
@@ -80,7 +82,7 @@ class _SharingHead(nn.Sequential):
             return super().forward(rows)
         step, self.steps = self.steps, self.steps + 1
         layers = list(self)
-        return _through(layers[self.front:], self.cache.run(step, rows, layers[: self.front]))
+        return _through(layers[self.front :], self.cache.run(step, rows, layers[: self.front]))
 
 
 def _through(layers: list[nn.Module], rows: torch.Tensor) -> torch.Tensor:
@@ -113,4 +115,4 @@ def _set_random_state(device: torch.device, states: list[torch.Tensor]) -> None:
 
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

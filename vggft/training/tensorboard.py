@@ -12,9 +12,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from vggft.reporting.metrics import Metrics
 from vggft.training.loop import HISTORY_COLUMNS
 from vggft.utils.errors import ConfigError
-from vggft.reporting.metrics import Metrics
 
 SCALARS = HISTORY_COLUMNS[1:]  # metrics.csv's columns, less epoch (the step)
 FOLDER = "tensorboard"
@@ -25,8 +25,10 @@ def require() -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (imports the tensorboard package)
     except ImportError as err:
-        raise ConfigError(f"output.tensorboard: needs the tensorboard package, which cannot be imported ({err}); "
-                          "pip install 'vggft[tensorboard]' (or tensorboard), or set output.tensorboard: false") from None
+        raise ConfigError(
+            f"output.tensorboard: needs the tensorboard package, which cannot be imported ({err}); "
+            "pip install 'vggft[tensorboard]' (or tensorboard), or set output.tensorboard: false"
+        ) from None
 
 
 class TensorBoardLog:
@@ -44,8 +46,9 @@ class TensorBoardLog:
                 self.writer.add_scalar(key, float(row[key]), row["epoch"])
         self.writer.flush()
 
-    def close(self, history: list[dict], test: Metrics | None = None, best_epoch: int = 0,
-              curves: Path | None = None) -> None:
+    def close(
+        self, history: list[dict], test: Metrics | None = None, best_epoch: int = 0, curves: Path | None = None
+    ) -> None:
         """The test scalars and the curves and confusion-matrix images; then the event file is complete.
 
         ``curves``: the run's curves.png, already drawn from this ``history`` (drawn here if missing)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from typing import ContextManager
 
 import torch
 
@@ -55,7 +54,9 @@ def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     return None
 
 
-def autocast_factory(device: torch.device, dtype: torch.dtype | None) -> Callable[[], ContextManager]:
+def autocast_factory(
+    device: torch.device, dtype: torch.dtype | None
+) -> Callable[[], contextlib.AbstractContextManager]:
     """A context factory: autocast where asked for, a no-op otherwise."""
     if dtype is None:
         return contextlib.nullcontext
@@ -94,8 +95,7 @@ def out_of_memory_hint(device: torch.device, batch_sizes: dict[str, int]):
         yield
     except (torch.OutOfMemoryError, RuntimeError) as err:
         text = str(err)
-        if not (isinstance(err, torch.OutOfMemoryError) or "out of memory" in text
-                or "can't allocate memory" in text):
+        if not (isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text):
             raise
         keys = " and ".join(f"{key} {value}" for key, value in batch_sizes.items())
         first = next(iter(batch_sizes))

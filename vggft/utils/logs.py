@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import TypeVar
 
 log = logging.getLogger("vggft")
@@ -52,10 +52,10 @@ def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, unit
     if not _settings["progress"]:
         yield from iterable
         return
-    if total is None:
+    if total is None and isinstance(iterable, Sized):
         try:
-            total = len(iterable)  # type: ignore[arg-type]
-        except TypeError:
+            total = len(iterable)
+        except TypeError:  # a __len__ that refuses (a DataLoader over an IterableDataset)
             total = None
     if sys.stderr.isatty():
         from tqdm import tqdm

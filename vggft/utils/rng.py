@@ -15,7 +15,9 @@ def seed_everything(seed: int) -> None:
 
 
 def capture(generator: torch.Generator) -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = np.random.get_state(legacy=True)
+    assert isinstance(state, tuple), "numpy's global generator is MT19937, its legacy state a tuple"
+    kind, keys, pos, has_gauss, cached = state
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 FOLDER = Path(__file__).resolve().parent
 
 
