@@ -1,5 +1,6 @@
 """Fixtures: tiny generated image folders, the tiny stand-in VGG, a seeded fake IMAGENET1K_V1 file,
-isolated caches."""
+isolated caches, models trained once per module (train_once, trained); and the suite's shared checks: a
+refusal's one line (assert_one_line_error) and a deadline against hangs."""
 
 from __future__ import annotations
 
