@@ -69,8 +69,8 @@ def test_eval_takes_a_tutorial_state_dict(runner, pet, tmp_path):
     three = make_folder(tmp_path / "three", {"train": {"cat": 1, "dog": 1, "owl": 1},
                                              "test": {"cat": 1, "dog": 1, "owl": 1}})
     result = invoke(runner, "eval", "--weights", tmp_path / "VGG16.pt", "--set", f"data.root={three}", "--quiet")
-    assert_one_line_error(result, code=4, names=[f"'{tmp_path / 'VGG16.pt'}'", "2-class head", "3 classes (cat, dog, owl)"],
-                          fix="--set data.root=PATH")
+    assert_one_line_error(result, code=4, fix="--set data.root=PATH",
+                          names=[f"'{tmp_path / 'VGG16.pt'}'", "2-class head", "3 classes (cat, dog, owl)"])
 
 
 @pytest.mark.real_vgg

@@ -72,7 +72,8 @@ def test_a_mistake_from_set_is_named_so_even_beside_a_config_file(runner, tmp_pa
     assert str(config) not in line
     config.write_text("train:\n  epochs: 3\n  head_only_epochs: 2\n")
     result = invoke(runner, "train", "--config", config)
-    line = assert_one_line_error(result, code=2, names=[str(config), "train.head_only_epochs"], fix="set model.unfreeze")
+    line = assert_one_line_error(result, code=2, names=[str(config), "train.head_only_epochs"],
+                                 fix="set model.unfreeze")
     assert "--set" not in line
 
 

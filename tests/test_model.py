@@ -134,7 +134,7 @@ def test_missing_pretrained_file_without_network_is_one_clear_error(runner, pet,
                           names=["model.weights", "vgg16 IMAGENET1K_V1",
                                  str(tmp_path / "empty_home" / "hub" / "checkpoints" / "vgg16-397923af.pth")],
                           fix="model.weights: null")
-    assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["Downloading"]  # torch.hub's, before it failed
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["Downloading"]  # torch.hub's line
     assert not (tmp_path / "models").exists()  # nothing half-written
 
 
