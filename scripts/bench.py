@@ -60,8 +60,9 @@ def make_jpegs(root: Path, train: int, test: int, seed: int = 0, size: tuple[int
             for _ in range(6):
                 x, y = rng.randrange(width), rng.randrange(height)
                 r = max(2, round(rng.randint(20, 90) * scale))
-                (draw.ellipse if kind == "cat" else draw.rectangle)((x - r, y - r, x + r, y + r),
-                                                                    fill=tuple(255 - c for c in colour))
+                (draw.ellipse if kind == "cat" else draw.rectangle)(
+                    (x - r, y - r, x + r, y + r), fill=tuple(255 - c for c in colour)
+                )
             path = root / split / kind / f"{kind}.{index}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path, quality=90)
@@ -82,11 +83,14 @@ def ensure_weights(torch_home: Path) -> str:
 
 # --- the children: each prints one JSON line ---------------------------------------------------
 
+
 def child_setup(args) -> dict:
     import torch
 
-    machine = (f"{os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-               f"cuda {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
+    machine = (
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"cuda {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
+    )
     return {"weights": ensure_weights(Path(args.data)), "machine": machine}
 
 
@@ -121,12 +125,14 @@ def child_reference(args) -> dict:
         "batch_size": 4,
         "learning_rate": 1e-4,
         "epochs": args.epochs,
-        "transform": transforms.Compose([
-            transforms.Resize(args.resize),
-            transforms.CenterCrop(args.image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-        ]),
+        "transform": transforms.Compose(
+            [
+                transforms.Resize(args.resize),
+                transforms.CenterCrop(args.image_size),
+                transforms.ToTensor(),
+                transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+            ]
+        ),
     }
     train_dataset = ImageFolder(root=Path(args.data) / "train", transform=hyperparams["transform"])
     test_dataset = ImageFolder(root=Path(args.data) / "test", transform=hyperparams["transform"])
@@ -161,8 +167,12 @@ def child_reference(args) -> dict:
             accuracy += int(torch.eq(classes, outputs_classes).sum())
             forwards += len(images)
     scored = len(test_dataloader) * hyperparams["batch_size"]
-    return {"seconds": time.perf_counter() - started, "forwards": forwards,
-            "accuracy": accuracy / scored, "scored": scored}
+    return {
+        "seconds": time.perf_counter() - started,
+        "forwards": forwards,
+        "accuracy": accuracy / scored,
+        "scored": scored,
+    }
 
 
 def run_child(argv: list[str], env: dict) -> tuple[dict | str, float, float]:
@@ -202,9 +212,18 @@ def main() -> None:
     setup, _, _ = run_child([sys.executable, __file__, "--child", "setup", "--data", str(torch_home)], env)
     print(f"data: {data} ({args.train} train + {args.test} test JPEGs, 500x375); weights: {setup['weights']}")
     print(f"machine: {setup['machine']}")
-    sets = ["--set", f"data.root={data}", "--set", f"data.image_size={args.image_size}",
-            "--set", f"data.resize={args.resize}", "--set", f"train.epochs={args.epochs}",
-            "--set", f"output.weights={work / 'models' / 'VGG16.pt'}"]
+    sets = [
+        "--set",
+        f"data.root={data}",
+        "--set",
+        f"data.image_size={args.image_size}",
+        "--set",
+        f"data.resize={args.resize}",
+        "--set",
+        f"train.epochs={args.epochs}",
+        "--set",
+        f"output.weights={work / 'models' / 'VGG16.pt'}",
+    ]
     vggft = [sys.executable, "-m", "vggft"]
     cold, cold_wall, cold_peak = run_child([*vggft, "train", "-q", *sets], env)
     print(f"vggft cold: {cold_wall:.1f}s wall")
@@ -253,8 +272,18 @@ def test_accuracy(log: str) -> str:
 
 def tutorial_phase(args, data: Path, env: dict, cold_run: tuple, train: list[str]) -> None:
     """The tutorial's loop against vggft train (cold, then warm), and extraction against a bare forward."""
-    me = [sys.executable, __file__, "--image-size", str(args.image_size), "--resize", str(args.resize),
-          "--epochs", str(args.epochs), "--data", str(data)]
+    me = [
+        sys.executable,
+        __file__,
+        "--image-size",
+        str(args.image_size),
+        "--resize",
+        str(args.resize),
+        "--epochs",
+        str(args.epochs),
+        "--data",
+        str(data),
+    ]
     bare, _, _ = run_child(me + ["--child", "bare"], env)
     print(f"bare features forward: {bare['images_per_s']:.2f} img/s")
     ref, ref_wall, ref_peak = run_child(me + ["--child", "reference"], env)
@@ -266,12 +295,30 @@ def tutorial_phase(args, data: Path, env: dict, cold_run: tuple, train: list[str
     total = ref["forwards"]
     images = args.train + args.test
     rows = [
-        ("reference (tutorial loop)", ref_wall, total / ref_wall, ref_peak,
-         f"{100 * ref['accuracy']:.2f}% (drop_last: {ref['scored']} of {args.test})", 1.0),
-        ("vggft train, cold cache", cold_wall, images / cold_wall, cold_peak, test_accuracy(cold),
-         ref_wall / cold_wall),
-        ("vggft train, warm cache", warm_wall, images / warm_wall, warm_peak, test_accuracy(warm),
-         ref_wall / warm_wall),
+        (
+            "reference (tutorial loop)",
+            ref_wall,
+            total / ref_wall,
+            ref_peak,
+            f"{100 * ref['accuracy']:.2f}% (drop_last: {ref['scored']} of {args.test})",
+            1.0,
+        ),
+        (
+            "vggft train, cold cache",
+            cold_wall,
+            images / cold_wall,
+            cold_peak,
+            test_accuracy(cold),
+            ref_wall / cold_wall,
+        ),
+        (
+            "vggft train, warm cache",
+            warm_wall,
+            images / warm_wall,
+            warm_peak,
+            test_accuracy(warm),
+            ref_wall / warm_wall,
+        ),
     ]
     print()
     print("| run | wall s | images/s | peak RSS MiB | test accuracy | speed-up |")
@@ -279,10 +326,14 @@ def tutorial_phase(args, data: Path, env: dict, cold_run: tuple, train: list[str
     for name, wall, ips, peak, acc, ratio in rows:
         print(f"| {name} | {wall:.1f} | {ips:.2f} | {peak:.0f} | {acc} | {ratio:.2f}x |")
     print()
-    print(f"cold extraction: {rate:.2f} img/s over {extracted} images; bare features forward: "
-          f"{bare['images_per_s']:.2f} img/s; ratio {rate / bare['images_per_s']:.2f}")
-    print(f"(reference images/s counts its {total} forwards: {args.epochs} epochs x {args.train} train "
-          f"+ {args.test} test, less drop_last; vggft's counts each image once)")
+    print(
+        f"cold extraction: {rate:.2f} img/s over {extracted} images; bare features forward: "
+        f"{bare['images_per_s']:.2f} img/s; ratio {rate / bare['images_per_s']:.2f}"
+    )
+    print(
+        f"(reference images/s counts its {total} forwards: {args.epochs} epochs x {args.train} train "
+        f"+ {args.test} test, less drop_last; vggft's counts each image once)"
+    )
 
 
 def tune_phase(args, env: dict, vggft: list[str], sets: list[str]) -> None:
@@ -290,8 +341,16 @@ def tune_phase(args, env: dict, vggft: list[str], sets: list[str]) -> None:
     runs = {
         "floor: python -c 'import torch, torchvision'": [sys.executable, "-c", "import torch, torchvision"],
         "vggft train, warm cache": [*vggft, "train", "-q", *sets],
-        "vggft sweep, 8 trials, warm cache": [*vggft, "sweep", "-q", *sets, "--grid", "train.lr=1e-5,1e-4,1e-3,1e-2",
-                                              "--grid", "train.weight_decay=0,1e-4"],
+        "vggft sweep, 8 trials, warm cache": [
+            *vggft,
+            "sweep",
+            "-q",
+            *sets,
+            "--grid",
+            "train.lr=1e-5,1e-4,1e-3,1e-2",
+            "--grid",
+            "train.weight_decay=0,1e-4",
+        ],
         "vggft kfold --folds 5, warm cache": [*vggft, "kfold", "-q", "--folds", "5", *sets],
     }
     # Round after round, each command once per round: a drift of the machine (another job, the disk still
@@ -305,8 +364,10 @@ def tune_phase(args, env: dict, vggft: list[str], sets: list[str]) -> None:
             peaks[name] = max(peaks[name], peak)
     walls = {name: statistics.median(values) for name, values in times.items()}
     for name, values in times.items():
-        print(f"{name}: {walls[name]:.1f}s wall (median of {args.repeat}: {', '.join(f'{v:.1f}' for v in values)}), "
-              f"peak RSS {peaks[name]:.0f} MiB")
+        print(
+            f"{name}: {walls[name]:.1f}s wall (median of {args.repeat}: {', '.join(f'{v:.1f}' for v in values)}), "
+            f"peak RSS {peaks[name]:.0f} MiB"
+        )
     floor, warm, sweep, kfold = walls.values()
     print()
     print(f"| run | wall s (median of {args.repeat}) | ratio | against | target |")
@@ -326,16 +387,33 @@ def memory_phase(args, work: Path, env: dict, vggft: list[str], sizes: list[int]
         test = count // 10
         if not data.exists():
             make_jpegs(data, count - test, test, seed=count, size=(64, 64))
-        sets = ["--set", f"data.root={data}", "--set", "data.image_size=64", "--set", "data.resize=null",
-                "--set", "model.weights=null", "--set", "train.epochs=1", "--set", "data.batch_size=64",
-                "--set", "data.eval_batch_size=64", "--set", f"output.weights={work / 'models' / f'small{count}.pt'}"]
+        sets = [
+            "--set",
+            f"data.root={data}",
+            "--set",
+            "data.image_size=64",
+            "--set",
+            "data.resize=null",
+            "--set",
+            "model.weights=null",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "data.batch_size=64",
+            "--set",
+            "data.eval_batch_size=64",
+            "--set",
+            f"output.weights={work / 'models' / f'small{count}.pt'}",
+        ]
         sized = {**env, "VGGFT_CACHE": str(work / f"cache{count}")}
         cold, cold_wall, cold_peak = run_child([*vggft, "train", "-q", *sets], sized)
         _, warm_wall, peaks[count] = run_child([*vggft, "train", "-q", *sets], sized)
         rate, _ = extraction_rate(cold)
-        print(f"{count} images of 64 px: rows {count * width * 4 / 2**20:.0f} MiB; cold {cold_wall:.0f}s "
-              f"({rate:.1f} img/s extraction), peak RSS {cold_peak:.0f} MiB; warm {warm_wall:.1f}s, peak RSS "
-              f"{peaks[count]:.0f} MiB")
+        print(
+            f"{count} images of 64 px: rows {count * width * 4 / 2**20:.0f} MiB; cold {cold_wall:.0f}s "
+            f"({rate:.1f} img/s extraction), peak RSS {cold_peak:.0f} MiB; warm {warm_wall:.1f}s, peak RSS "
+            f"{peaks[count]:.0f} MiB"
+        )
     print()
     print("| images (64 px, classifier6) | rows MiB | warm train peak RSS MiB |")
     print("|---:|---:|---:|")

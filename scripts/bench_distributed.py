@@ -24,12 +24,29 @@ from bench import ensure_weights, make_jpegs
 
 
 def train(root: Path, work: Path, nproc: int, args, env: dict) -> tuple[float, str]:
-    cmd = [sys.executable, "-m", "vggft", "train", "--nproc", str(nproc), "--quiet",
-           "--set", f"data.root={root}", "--set", f"train.epochs={args.epochs}",
-           "--set", f"data.image_size={args.image_size}", "--set", f"data.resize={args.resize}",
-           "--set", f"output.weights={work / f'p{nproc}' / 'VGG16.pt'}",
-           "--set", f"output.runs_dir={work / f'p{nproc}' / 'runs'}",
-           "--set", f"cache.dir={work / f'cache{nproc}'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vggft",
+        "train",
+        "--nproc",
+        str(nproc),
+        "--quiet",
+        "--set",
+        f"data.root={root}",
+        "--set",
+        f"train.epochs={args.epochs}",
+        "--set",
+        f"data.image_size={args.image_size}",
+        "--set",
+        f"data.resize={args.resize}",
+        "--set",
+        f"output.weights={work / f'p{nproc}' / 'VGG16.pt'}",
+        "--set",
+        f"output.runs_dir={work / f'p{nproc}' / 'runs'}",
+        "--set",
+        f"cache.dir={work / f'cache{nproc}'}",
+    ]
     started = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - started
@@ -54,8 +71,10 @@ def main() -> None:
         make_jpegs(work / "data", args.train, args.test)
         env = {**os.environ, "TORCH_HOME": os.environ.get("TORCH_HOME", str(work / "torch_home"))}
         print(f"weights: {ensure_weights(Path(env['TORCH_HOME']))}")
-        print(f"machine: {os.cpu_count()} CPUs; {args.train} train + {args.test} test images, "
-              f"{args.image_size} px, {args.epochs} epochs, cold cache each")
+        print(
+            f"machine: {os.cpu_count()} CPUs; {args.train} train + {args.test} test images, "
+            f"{args.image_size} px, {args.epochs} epochs, cold cache each"
+        )
         one, one_test = train(work / "data", work, 1, args, env)
         many, many_test = train(work / "data", work, args.nproc, args, env)
         print(f"{'run':<14} {'wall s':>8}  test")

@@ -91,11 +91,30 @@ def score(flagged: set[Path], flipped: set[Path]) -> tuple[float, float, int]:
 
 
 def run(root: Path, out: Path, head: str, args, env: dict) -> tuple[float, str]:
-    sets = [f"data.root={root}", "data.image_size=64", "data.resize=null", "model.weights=null",
-            f"model.head={head}", "train.optimizer=adam", f"train.lr={args.lr}", f"train.epochs={args.epochs}",
-            "data.batch_size=16", f"train.seed={args.seed}"]
-    argv = [sys.executable, "-m", "vggft", "label-issues", "--quiet", "--folds", str(args.folds), "--out", str(out),
-            *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        f"data.root={root}",
+        "data.image_size=64",
+        "data.resize=null",
+        "model.weights=null",
+        f"model.head={head}",
+        "train.optimizer=adam",
+        f"train.lr={args.lr}",
+        f"train.epochs={args.epochs}",
+        "data.batch_size=16",
+        f"train.seed={args.seed}",
+    ]
+    argv = [
+        sys.executable,
+        "-m",
+        "vggft",
+        "label-issues",
+        "--quiet",
+        "--folds",
+        str(args.folds),
+        "--out",
+        str(out),
+        *[a for s in sets for a in ("--set", s)],
+    ]
     started = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -118,9 +137,11 @@ def main() -> None:
     root = work / "noisy"
     flipped = make_noisy_folder(root, args.per_class, args.noise, args.seed)
     total = args.per_class * len(CLASSES)
-    print(f"data: {root}: {total} train images of {len(CLASSES)} classes, {len(flipped)} labels flipped "
-          f"({100 * args.noise:.0f} %); random-init vgg16, 64 px, {args.folds} folds, {args.epochs} epochs, "
-          f"adam lr {args.lr}")
+    print(
+        f"data: {root}: {total} train images of {len(CLASSES)} classes, {len(flipped)} labels flipped "
+        f"({100 * args.noise:.0f} %); random-init vgg16, 64 px, {args.folds} folds, {args.epochs} epochs, "
+        f"adam lr {args.lr}"
+    )
     env = {**os.environ, "VGGFT_CACHE": str(work / "cache")}
     print()
     print("| head | method | flagged | true flips among them | precision | recall | out-of-fold acc | seconds |")
@@ -132,13 +153,14 @@ def main() -> None:
             flagged = {Path(r["path"]).resolve() for r in csv.DictReader(handle)}
         with open(out / "oof.csv", newline="") as handle:
             oof = list(csv.DictReader(handle))
-        predicted = {Path(r["path"]).resolve() for r in oof
-                     if max(CLASSES, key=lambda c: float(r[c])) != r["label"]}
+        predicted = {Path(r["path"]).resolve() for r in oof if max(CLASSES, key=lambda c: float(r[c])) != r["label"]}
         accuracy = 1 - len(predicted) / len(oof)
         for method, found in (("confident learning", flagged), ("prediction != label", predicted)):
             precision, recall, hits = score(found, flipped)
-            print(f"| {head} | {method} | {len(found)} | {hits} | {100 * precision:.1f}% | {100 * recall:.1f}% "
-                  f"| {100 * accuracy:.1f}% | {seconds:.0f} |")
+            print(
+                f"| {head} | {method} | {len(found)} | {hits} | {100 * precision:.1f}% | {100 * recall:.1f}% "
+                f"| {100 * accuracy:.1f}% | {seconds:.0f} |"
+            )
 
 
 if __name__ == "__main__":

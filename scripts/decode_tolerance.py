@@ -61,9 +61,17 @@ def compare(samples, data, prefix, device) -> dict:
     with torch.inference_mode():
         a, b = prefix(pil).float(), prefix(tensor).float()
     diff, top = float((a - b).abs().max()), float(a.abs().max())
-    return {"images": len(samples), "image_size": data.image_size, "resize": data.resize, "device": str(device),
-            "pixel_levels": levels, "feature_max_abs_diff": diff, "feature_max_abs": top,
-            "feature_relative": diff / top if top else 0.0, "fallbacks": dict(decoder.fallbacks)}
+    return {
+        "images": len(samples),
+        "image_size": data.image_size,
+        "resize": data.resize,
+        "device": str(device),
+        "pixel_levels": levels,
+        "feature_max_abs_diff": diff,
+        "feature_max_abs": top,
+        "feature_relative": diff / top if top else 0.0,
+        "fallbacks": dict(decoder.fallbacks),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,11 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.arch} (random init), prefix up to {cut}, {result['images']} JPEGs at {args.image_size} px "
-          f"(resize {args.resize}) on {args.device}, decode gpu vs pil:")
+    print(
+        f"{args.arch} (random init), prefix up to {cut}, {result['images']} JPEGs at {args.image_size} px "
+        f"(resize {args.resize}) on {args.device}, decode gpu vs pil:"
+    )
     print(f"  pixels: max |diff| {result['pixel_levels']:.2f} levels of 255")
-    print(f"  prefix outputs: max |diff| {result['feature_max_abs_diff']:.3g} of max |value| "
-          f"{result['feature_max_abs']:.3g} (relative {result['feature_relative']:.2e})")
+    print(
+        f"  prefix outputs: max |diff| {result['feature_max_abs_diff']:.3g} of max |value| "
+        f"{result['feature_max_abs']:.3g} (relative {result['feature_relative']:.2e})"
+    )
     print(f"  fallbacks to Pillow: {result['fallbacks'] or 'none'}")
     return 0
 

@@ -113,13 +113,17 @@ class Report:
             if isinstance(err, KeyboardInterrupt):
                 raise
             text = str(err).strip().splitlines()
-            row.update(status="failed", detail=f"{type(err).__name__}: {text[0] if text else ''}",
-                       traceback=traceback.format_exc(limit=-12))
+            row.update(
+                status="failed",
+                detail=f"{type(err).__name__}: {text[0] if text else ''}",
+                traceback=traceback.format_exc(limit=-12),
+            )
         row["seconds"] = round(time.perf_counter() - started, 2)
         (self.benchmarks if kind == "benchmark" else self.checks).append(row)
         shown = f"{row['value']:.1f} {unit} " if kind == "benchmark" and row["value"] is not None else ""
-        print(f"[{row['status']:>7}] {name}: {shown}{row['detail']} ({row['seconds']:.1f}s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{row['status']:>7}] {name}: {shown}{row['detail']} ({row['seconds']:.1f}s)", file=sys.stderr, flush=True
+        )
         self.save()
         return result if row["status"] == "passed" else None
 
@@ -128,8 +132,13 @@ class Report:
         return [row for row in self.checks + self.benchmarks if row["status"] == "failed"]
 
     def body(self) -> dict:
-        return {**self.header, "seconds": round(time.perf_counter() - self.started, 1), "checks": self.checks,
-                "benchmarks": self.benchmarks, "failed": len(self.failed)}
+        return {
+            **self.header,
+            "seconds": round(time.perf_counter() - self.started, 1),
+            "checks": self.checks,
+            "benchmarks": self.benchmarks,
+            "failed": len(self.failed),
+        }
 
     def save(self) -> None:
         if self.out is not None:
@@ -139,9 +148,11 @@ class Report:
 
     def table(self) -> str:
         h = self.header
-        lines = [f"vggft gpu_check on {h['device_name']} ({h['device']}; torch {h['torch']}, torchvision "
-                 f"{h['torchvision']}, CUDA {h['cuda'] or 'none'}; {h['mode']} mode, "
-                 f"{h['arch']} at {h['image_size']} px)"]
+        lines = [
+            f"vggft gpu_check on {h['device_name']} ({h['device']}; torch {h['torch']}, torchvision "
+            f"{h['torchvision']}, CUDA {h['cuda'] or 'none'}; {h['mode']} mode, "
+            f"{h['arch']} at {h['image_size']} px)"
+        ]
         width = max(len(r["name"]) for r in self.checks + self.benchmarks) if self.checks else 20
         lines.append(f"{'check':<{width}}  {'status':<7}  {'s':>6}  detail")
         for r in self.checks:
@@ -180,13 +191,24 @@ class GpuCheck:
 
     def overrides(self, name: str, *extra: str) -> list[str]:
         m = self.mode
-        return [f"data.root={self.data}", f"model.arch={m.arch}", f"model.head={m.head}",
-                f"model.weights={self.args.weights or 'null'}", f"data.image_size={m.image_size}",
-                f"data.resize={m.resize}", f"train.epochs={m.epochs}", f"data.batch_size={m.batch_size}",
-                f"data.eval_batch_size={m.eval_batch_size}", f"data.num_workers={self.workers}",
-                f"train.device={self.device}", f"cache.dir={self.work / 'cache'}",
-                f"output.runs_dir={self.work / 'runs'}", f"output.weights={self.work / 'models' / name / 'VGG.pt'}",
-                f"output.name={name}", *extra]
+        return [
+            f"data.root={self.data}",
+            f"model.arch={m.arch}",
+            f"model.head={m.head}",
+            f"model.weights={self.args.weights or 'null'}",
+            f"data.image_size={m.image_size}",
+            f"data.resize={m.resize}",
+            f"train.epochs={m.epochs}",
+            f"data.batch_size={m.batch_size}",
+            f"data.eval_batch_size={m.eval_batch_size}",
+            f"data.num_workers={self.workers}",
+            f"train.device={self.device}",
+            f"cache.dir={self.work / 'cache'}",
+            f"output.runs_dir={self.work / 'runs'}",
+            f"output.weights={self.work / 'models' / name / 'VGG.pt'}",
+            f"output.name={name}",
+            *extra,
+        ]
 
     def fit(self, name: str, *extra: str, expect: str):
         from vggft.config.loading import load_config
@@ -217,11 +239,15 @@ class GpuCheck:
     def checks(self) -> None:
         run = lambda name, fn: self.report.run("check", name, fn)  # noqa: E731
         w = self.workers
-        run(f"train, cached features, data.decode pil ({w} workers)", lambda: self.fit(
-            "cached", "data.decode=pil", expect="Feature cache: frozen prefix"))
+        run(
+            f"train, cached features, data.decode pil ({w} workers)",
+            lambda: self.fit("cached", "data.decode=pil", expect="Feature cache: frozen prefix"),
+        )
         pinned = ", pinned memory" if self.cuda else ""
-        run(f"train, uncached (augment light): {w} workers{pinned}", lambda: self.fit(
-            "uncached", "data.augment=light", expect="Feature cache off"))
+        run(
+            f"train, uncached (augment light): {w} workers{pinned}",
+            lambda: self.fit("uncached", "data.augment=light", expect="Feature cache off"),
+        )
         run("train, cached, data.decode gpu", self.check_decode_gpu_train)
         run("model.unfreeze 1, amp bf16", self.check_bf16)
         run("model.unfreeze 1, amp fp16 + GradScaler", self.check_fp16)
@@ -355,8 +381,9 @@ class GpuCheck:
             raise AssertionError(f"fallbacks {dict(decoder.fallbacks)}, expected {expected}")
         if not torch.equal(tensor[8:], pil[8:]):
             raise AssertionError("a fallback file differs from what data.decode: pil gives")
-        return (f"{sum(expected.values())} of {len(samples)} files through Pillow, "
-                f"as expected: {dict(decoder.fallbacks)}")
+        return (
+            f"{sum(expected.values())} of {len(samples)} files through Pillow, as expected: {dict(decoder.fallbacks)}"
+        )
 
     def check_tolerance(self) -> str:
         from decode_tolerance import compare, make_jpegs
@@ -365,13 +392,16 @@ class GpuCheck:
 
         torch = self.torch
         torch.manual_seed(0)
-        prefix, _, cut = split_frozen_prefix(build_model(ModelConfig(arch=self.mode.arch, head=self.mode.head,
-                                                                     weights=None), 2, None))
+        prefix, _, cut = split_frozen_prefix(
+            build_model(ModelConfig(arch=self.mode.arch, head=self.mode.head, weights=None), 2, None)
+        )
         data = DataConfig(image_size=self.mode.image_size, resize=self.mode.resize)
         result = compare(make_jpegs(self.work / "tolerance", 16), data, prefix, self.device)
         self.results["tolerance"] = result
-        detail = (f"pixels max |diff| {result['pixel_levels']:.1f}/255, prefix ({cut}) max |diff| "
-                  f"{result['feature_max_abs_diff']:.2e} = {result['feature_relative']:.1e} of max |value|")
+        detail = (
+            f"pixels max |diff| {result['pixel_levels']:.1f}/255, prefix ({cut}) max |diff| "
+            f"{result['feature_max_abs_diff']:.2e} = {result['feature_relative']:.1e} of max |value|"
+        )
         # libjpeg-turbo both ways on a CPU: 1 level, ~1e-3; nvJPEG's IDCT and upsampling differ a little more.
         if result["pixel_levels"] > 16 or result["feature_relative"] > 0.05:
             raise AssertionError(f"too far apart: {detail}")
@@ -383,8 +413,13 @@ class GpuCheck:
         if count < 2:
             raise Skip(f"needs 2 GPUs ({count} visible); the one-process nccl row below stands in")
         args = [a for o in self.overrides("nproc2", "train.device=cuda") for a in ("--set", o)]
-        done = subprocess.run([sys.executable, "-m", "vggft", "train", "--nproc", "2", *args, "--quiet"],
-                              capture_output=True, text=True, env=self.subprocess_env(), timeout=900)
+        done = subprocess.run(
+            [sys.executable, "-m", "vggft", "train", "--nproc", "2", *args, "--quiet"],
+            capture_output=True,
+            text=True,
+            env=self.subprocess_env(),
+            timeout=900,
+        )
         if done.returncode != 0 or "x 2 processes" not in done.stderr:
             raise AssertionError(f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
         return done.stdout.strip().splitlines()[0]
@@ -401,9 +436,15 @@ class GpuCheck:
             "dist.barrier()\n"
             "assert x.tolist() == [3.0] * 4, x\n"
             "print('nccl', torch.cuda.nccl.version(), 'world', dist.get_world_size())\n"
-            "dist.destroy_process_group()\n")
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-                               str(script)], capture_output=True, text=True, env=self.subprocess_env(), timeout=300)
+            "dist.destroy_process_group()\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(script)],
+            capture_output=True,
+            text=True,
+            env=self.subprocess_env(),
+            timeout=300,
+        )
         if done.returncode != 0:
             raise AssertionError(f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
         return done.stdout.strip().splitlines()[-1]
@@ -417,17 +458,38 @@ class GpuCheck:
         root = make_demo_data(self.work / "oom", train_per_class=0, test_per_class=128, size=64, seed=3)
         shutil.rmtree(root / "train")  # its class folders are empty: a folder of test/ alone is what eval scores
         index = self.device.index or 0
-        code = ("import sys, torch\n"
-                f"torch.cuda.set_per_process_memory_fraction(min(1.0, 2 * 2**30 / "
-                f"torch.cuda.get_device_properties({index}).total_memory), {index})\n"
-                "from vggft.cli import run\n"
-                "sys.argv = ['vggft', *sys.argv[1:]]\n"
-                "run()\n")
-        sets = [f"data.root={root}", "data.eval_batch_size=1000000", "data.image_size=224", "data.resize=256",
-                f"cache.dir={self.work / 'oom_cache'}", f"train.device={self.device}"]
-        done = subprocess.run([sys.executable, "-c", code, "eval", "--weights", str(trained.weights),
-                               *[a for s in sets for a in ("--set", s)], "--quiet"],
-                              capture_output=True, text=True, env=self.subprocess_env(), timeout=300)
+        code = (
+            "import sys, torch\n"
+            f"torch.cuda.set_per_process_memory_fraction(min(1.0, 2 * 2**30 / "
+            f"torch.cuda.get_device_properties({index}).total_memory), {index})\n"
+            "from vggft.cli import run\n"
+            "sys.argv = ['vggft', *sys.argv[1:]]\n"
+            "run()\n"
+        )
+        sets = [
+            f"data.root={root}",
+            "data.eval_batch_size=1000000",
+            "data.image_size=224",
+            "data.resize=256",
+            f"cache.dir={self.work / 'oom_cache'}",
+            f"train.device={self.device}",
+        ]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                code,
+                "eval",
+                "--weights",
+                str(trained.weights),
+                *[a for s in sets for a in ("--set", s)],
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            env=self.subprocess_env(),
+            timeout=300,
+        )
         lines = done.stderr.strip().splitlines()
         errors = [line for line in lines if line.startswith("error")]
         if done.returncode != 7 or len(errors) != 1 or lines[-1] != errors[0] or "Traceback" in done.stderr:
@@ -441,20 +503,27 @@ class GpuCheck:
     def benchmarks(self) -> None:
         torch = self.torch
         bench = lambda name, fn, unit="img/s": self.report.run("benchmark", name, fn, unit)  # noqa: E731
-        variants = [("fp32", None, False, False), ("fp32 channels_last", None, True, False),
-                    ("bf16 channels_last", torch.bfloat16, True, False),
-                    ("fp16 channels_last", torch.float16, True, False),
-                    ("bf16 channels_last, torch.compile", torch.bfloat16, True, True)]
+        variants = [
+            ("fp32", None, False, False),
+            ("fp32 channels_last", None, True, False),
+            ("bf16 channels_last", torch.bfloat16, True, False),
+            ("fp16 channels_last", torch.float16, True, False),
+            ("bf16 channels_last, torch.compile", torch.bfloat16, True, True),
+        ]
         for label, dtype, channels_last, compiled in variants:
-            bench(f"features forward, {label}",
-                  lambda d=dtype, c=channels_last, k=compiled: self.bench_forward(d, c, k))
+            bench(
+                f"features forward, {label}", lambda d=dtype, c=channels_last, k=compiled: self.bench_forward(d, c, k)
+            )
         samples = self.bench_samples()
         bench(f"decode: Pillow + eval transform, {self.workers} workers", lambda: self.bench_pil_decode(samples))
         where = "GPU" if self.cuda else "CPU"
-        bench(f"decode: decode_jpeg batched on the {where} (bytes in memory)",
-              lambda: self.bench_tensor_decode(samples))
-        bench(f"decode: data.decode gpu loader ({self.workers} workers read bytes)",
-              lambda: self.bench_decode_loader(samples))
+        bench(
+            f"decode: decode_jpeg batched on the {where} (bytes in memory)", lambda: self.bench_tensor_decode(samples)
+        )
+        bench(
+            f"decode: data.decode gpu loader ({self.workers} workers read bytes)",
+            lambda: self.bench_decode_loader(samples),
+        )
         for decode in ("pil", "gpu"):
             bench(f"cold extraction, data.decode {decode}", lambda d=decode: self.bench_cold(samples, d))
         bench("warm epoch on cached rows", lambda: self.bench_warm(samples), "s")
@@ -484,8 +553,10 @@ class GpuCheck:
         if dtype == torch.bfloat16 and self.cuda and not torch.cuda.is_bf16_supported():
             raise Skip("this GPU has no bf16")
         if compiled and not self.cuda and self.args.tiny:
-            raise Skip("needs CUDA here: in --tiny mode on a CPU, inductor's C++ compile would take longer "
-                       "than the whole run (run without --tiny to time it on the CPU)")
+            raise Skip(
+                "needs CUDA here: in --tiny mode on a CPU, inductor's C++ compile would take longer "
+                "than the whole run (run without --tiny to time it on the CPU)"
+            )
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         if "features" not in self.results:  # built once: a random VGG's classifier alone takes seconds to initialise
             self.results["features"] = vgg(self.mode.arch).features.eval()
@@ -516,8 +587,10 @@ class GpuCheck:
         folder, count = self.work / "bench", self.mode.bench_images
         parts = max(1, min(os.cpu_count() or 1, 16, count // 32))
         with concurrent.futures.ProcessPoolExecutor(parts) as pool:  # 1024 JPEGs in about a second
-            jobs = [pool.submit(make_jpegs, folder / f"part{k}", count // parts + (k < count % parts), k)
-                    for k in range(parts)]
+            jobs = [
+                pool.submit(make_jpegs, folder / f"part{k}", count // parts + (k < count % parts), k)
+                for k in range(parts)
+            ]
             samples = [s for job in jobs for s in job.result()]
         labels = {path: label for path, label in samples}
         for path in labels:  # class folders, so that vggft reads the bench images as a train split
@@ -534,8 +607,9 @@ class GpuCheck:
         from vggft.data.transforms import eval_transform
 
         data = DataConfig(image_size=self.mode.image_size, resize=self.mode.resize)
-        loader = image_loader(samples, eval_transform(data), self.mode.eval_batch_size, device=self.device,
-                              num_workers=self.workers)
+        loader = image_loader(
+            samples, eval_transform(data), self.mode.eval_batch_size, device=self.device, num_workers=self.workers
+        )
         started = time.perf_counter()
         count = sum(len(images) for images, _ in loader)
         return count / (time.perf_counter() - started), f"{count} JPEGs to {data.image_size} px tensors"
@@ -567,8 +641,12 @@ class GpuCheck:
 
         decoder = TensorDecoder(DataConfig(image_size=self.mode.image_size, resize=self.mode.resize))
         started = time.perf_counter()
-        count = sum(len(b) for b in decoder.batches(samples, batch_size=self.mode.eval_batch_size,
-                                                    device=self.device, num_workers=self.workers))
+        count = sum(
+            len(b)
+            for b in decoder.batches(
+                samples, batch_size=self.mode.eval_batch_size, device=self.device, num_workers=self.workers
+            )
+        )
         if self.cuda:
             self.torch.cuda.synchronize()
         return count / (time.perf_counter() - started), f"{count} files, fallbacks {dict(decoder.fallbacks) or 'none'}"
@@ -579,8 +657,12 @@ class GpuCheck:
         from vggft.model.build import build_model
         from vggft.utils.device import autocast_dtype
 
-        cfg = load_config(None, self.overrides("bench", f"data.decode={decode}", f"cache.dir={cache_dir}",
-                                                f"data.root={self.work / 'bench'}"))
+        cfg = load_config(
+            None,
+            self.overrides(
+                "bench", f"data.decode={decode}", f"cache.dir={cache_dir}", f"data.root={self.work / 'bench'}"
+            ),
+        )
         if "bench_model" not in self.results:  # one model for the bench rows: the same prefix, the same cache
             self.torch.manual_seed(0)
             weights = _state_dict(self.args.weights) if self.args.weights else None
@@ -600,8 +682,10 @@ class GpuCheck:
         decode_rate = self.results.get("decode_gpu")
         if forward and decode_rate:  # the issue's target on a GPU: at least 70% of the slower of the two
             ceiling = min(forward, decode_rate)
-            detail += (f"; {100 * rate / ceiling:.0f}% of min(bare channels_last forward {forward:.0f}, "
-                       f"batched decode {decode_rate:.0f}) img/s")
+            detail += (
+                f"; {100 * rate / ceiling:.0f}% of min(bare channels_last forward {forward:.0f}, "
+                f"batched decode {decode_rate:.0f}) img/s"
+            )
         return rate, detail
 
     def bench_warm(self, samples):
@@ -619,8 +703,13 @@ class GpuCheck:
         labels = torch.tensor([label for _, label in samples])
         params = [p for p in source.suffix.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg.train, params)
-        loader = make_loader(TensorDataset(rows, labels), cfg.data.batch_size, device=self.device, shuffle=True,
-                             generator=torch.Generator().manual_seed(0))
+        loader = make_loader(
+            TensorDataset(rows, labels),
+            cfg.data.batch_size,
+            device=self.device,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+        )
         sync = torch.cuda.synchronize if self.cuda else (lambda: None)
         train_one_epoch(source.suffix, loader, nn.CrossEntropyLoss(), optimizer, self.device, source.precision)
         sync()
@@ -638,8 +727,10 @@ class GpuCheck:
             optimizer.step()
         sync()
         head = time.perf_counter() - started
-        return epoch, (f"{len(rows)} rows in batches of {cfg.data.batch_size}: {epoch / head:.1f}x the head's own "
-                       f"compute ({head:.3f}s with the rows on the device, no loader)")
+        return epoch, (
+            f"{len(rows)} rows in batches of {cfg.data.batch_size}: {epoch / head:.1f}x the head's own "
+            f"compute ({head:.3f}s with the rows on the device, no loader)"
+        )
 
 
 def _state_dict(path: str):
@@ -698,12 +789,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 2:
         print("--workers: the worker checks need at least 2", file=sys.stderr)
         return 2
-    header = {"script": "scripts/gpu_check.py", "device": str(device), "device_name": _device_name(device),
-              "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0, "torch": torch.__version__,
-              "torchvision": torchvision.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
-              "mode": "tiny" if args.tiny else "full", "arch": mode.arch, "head": mode.head,
-              "image_size": mode.image_size, "weights": args.weights or "random init", "workers": args.workers,
-              "python": platform.python_version()}
+    header = {
+        "script": "scripts/gpu_check.py",
+        "device": str(device),
+        "device_name": _device_name(device),
+        "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "mode": "tiny" if args.tiny else "full",
+        "arch": mode.arch,
+        "head": mode.head,
+        "image_size": mode.image_size,
+        "weights": args.weights or "random init",
+        "workers": args.workers,
+        "python": platform.python_version(),
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     report = Report(header, args.out, {w.strip() for w in args.only.split(",") if w.strip()})

@@ -8,7 +8,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,16 +23,28 @@ app = typer.Typer(
 
 _state = {"debug": False}
 
-ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", "-c", metavar="FILE|PRESET",
-    help="YAML config file, or a shipped preset: pet, keras_gap, demo (vggft configs lists them).")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        metavar="FILE|PRESET",
+        help="YAML config file, or a shipped preset: pet, keras_gap, demo (vggft configs lists them).",
+    ),
+]
 
 
 def _set_option(example: str):
     """--set, with an example that fits the command."""
-    return Annotated[Optional[list[str]], typer.Option(
-        "--set", "-s", metavar="KEY=VALUE",
-        help=f"Override a config key (repeatable), e.g. --set {example}; every key: vggft configs --defaults.")]
+    return Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            metavar="KEY=VALUE",
+            help=f"Override a config key (repeatable), e.g. --set {example}; every key: vggft configs --defaults.",
+        ),
+    ]
 
 
 SetOpt = _set_option("train.epochs=1")
@@ -75,8 +87,12 @@ def _no_flag_metavar() -> None:
 
 _no_flag_metavar()
 WeightsOpt = Annotated[Path, typer.Option("--weights", "-w", help="Weights saved by vggft or the tutorial.")]
-InputsArg = Annotated[list[Path], typer.Argument(metavar="IMAGE_OR_DIR", help="Image files and/or folders "
-                                                 "(searched recursively, hidden files skipped).")]
+InputsArg = Annotated[
+    list[Path],
+    typer.Argument(
+        metavar="IMAGE_OR_DIR", help="Image files and/or folders (searched recursively, hidden files skipped)."
+    ),
+]
 
 
 def _handle_errors(command):
@@ -145,8 +161,11 @@ def _check_pretrained(cfg) -> None:
     try:
         torchvision_weights(cfg.model.arch, name)
     except WeightsError as err:
-        fix = ("for random init write null, not None" if name.lower() == "none"
-               else "use one of those names, a local .pth state_dict, or null for random init")
+        fix = (
+            "for random init write null, not None"
+            if name.lower() == "none"
+            else "use one of those names, a local .pth state_dict, or null for random init"
+        )
         raise ConfigError(f"{err}; {fix}") from None
 
 
@@ -161,8 +180,9 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version,
-                                          is_eager=True)] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
+    ] = False,
 ) -> None:
     _state["debug"] = debug
     if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8 is printed as its bytes, as ls does
@@ -174,8 +194,8 @@ def main(
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    name: Annotated[Optional[str], typer.Option(help="Run folder name under output.runs_dir.")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Go on from a run's last.pt (its config, --set on top).")] = None,
+    name: Annotated[str | None, typer.Option(help="Run folder name under output.runs_dir.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Go on from a run's last.pt (its config, --set on top).")] = None,
     nproc: Annotated[int, typer.Option(help="Processes to train with (torch.distributed.run on this machine).")] = 1,
     quiet: QuietOpt = False,
 ) -> None:
@@ -185,8 +205,10 @@ def train(
         if config is not None:
             from vggft.utils.errors import ConfigError
 
-            raise ConfigError(f"--config {config}: a resumed run goes on with its own config (in its last.pt); "
-                              "drop --config, or start a new run with it")
+            raise ConfigError(
+                f"--config {config}: a resumed run goes on with its own config (in its last.pt); "
+                "drop --config, or start a new run with it"
+            )
         from vggft.config.loading import resume_overrides_refused
 
         resume_overrides_refused(overrides)  # before torch is imported (--name too: the run folder is the run's)
@@ -200,9 +222,13 @@ def train(
     if nproc != 1:
         from vggft.utils.torchrun import launch_train
 
-        args = [*(["--config", str(config)] if config else []), *[a for v in set_ or [] for a in ("--set", v)],
-                *(["--name", name] if name else []), *(["--resume", str(resume)] if resume else []),
-                *(["--quiet"] if quiet else [])]
+        args = [
+            *(["--config", str(config)] if config else []),
+            *[a for v in set_ or [] for a in ("--set", v)],
+            *(["--name", name] if name else []),
+            *(["--resume", str(resume)] if resume else []),
+            *(["--quiet"] if quiet else []),
+        ]
         raise typer.Exit(launch_train(nproc, args, debug=_state["debug"]))  # the config is valid
     from vggft.training.train import RUN_FILES, fit
 
@@ -224,7 +250,7 @@ def eval_(
     misclassified: Annotated[int, typer.Option(help="Save a grid of the N most confident mistakes (0: none).")] = 0,
     top_losses: Annotated[int, typer.Option(help="Save a grid and a CSV of the N highest-loss images (0: none).")] = 0,
     explain: Annotated[bool, typer.Option("--explain", help="Draw Grad-CAM heatmaps on those grids.")] = False,
-    plots: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: beside the weights).")] = None,
+    plots: Annotated[Path | None, typer.Option(help="Folder for the PNGs (default: beside the weights).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -232,24 +258,36 @@ def eval_(
     _output(quiet)
     from vggft.diagnostics.evaluation import evaluate_weights
 
-    metrics, _, written = evaluate_weights(weights, config, set_ or [], split=split.value, topk=topk,
-                                           misclassified=misclassified, plots_dir=plots, top_losses=top_losses,
-                                           explain=explain)
+    metrics, _, written = evaluate_weights(
+        weights,
+        config,
+        set_ or [],
+        split=split.value,
+        topk=topk,
+        misclassified=misclassified,
+        plots_dir=plots,
+        top_losses=top_losses,
+        explain=explain,
+    )
     if as_json:
         typer.echo(json.dumps({**metrics.to_dict(), "files": [str(p) for p in written]}, indent=2))
         return
     typer.echo(metrics.summary_line())
     k = max(metrics.topk_correct)
     if k > 1:
-        typer.echo(f"acc@{k} {100 * metrics.topk_correct[k] / max(metrics.total, 1):.2f}% "
-                   f"({metrics.topk_correct[k]}/{metrics.total})")
+        typer.echo(
+            f"acc@{k} {100 * metrics.topk_correct[k] / max(metrics.total, 1):.2f}% "
+            f"({metrics.topk_correct[k]}/{metrics.total})"
+        )
     rows = metrics.per_class()
     width = max(len("class"), *(len(r["class"]) for r in rows))
     typer.echo(f"{'class':<{width}}  {'images':>7}  {'correct':>7}  {'accuracy':>8}  {'precision':>9}  {'f1':>6}")
     for r in rows:  # precision of a class never predicted is undefined: n/a, not 0 %
         precision = f"{'n/a':>9}" if r["precision"] is None else f"{100 * r['precision']:>8.2f}%"
-        typer.echo(f"{r['class']:<{width}}  {r['support']:>7}  {r['correct']:>7}  {100 * r['accuracy']:>7.2f}%"
-                   f"  {precision}  {r['f1']:>6.3f}")
+        typer.echo(
+            f"{r['class']:<{width}}  {r['support']:>7}  {r['correct']:>7}  {100 * r['accuracy']:>7.2f}%"
+            f"  {precision}  {r['f1']:>6.3f}"
+        )
     typer.echo("Confusion matrix (rows: true class)")
     typer.echo(metrics.confusion_table())
     _echo_eval_extras(metrics)
@@ -279,7 +317,9 @@ def _echo_eval_extras(metrics) -> None:
 def summary(
     config: ConfigOpt = None,
     set_: _set_option("model.head=gap") = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="Classes of the new head (default: model.num_classes or 2).")] = None,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Classes of the new head (default: model.num_classes or 2).")
+    ] = None,
 ) -> None:
     """The torchinfo table of the model as configured; needs no data and no weights file."""
     cfg = _config(config, set_)
@@ -294,9 +334,11 @@ def summary(
 def show_batch(
     config: ConfigOpt = None,
     set_: _set_option("data.augment=light") = None,
-    split: Annotated[Split, typer.Option(help="Which split to draw from (train: with its augmentation).")] = Split.train,
-    out: Annotated[Optional[Path], typer.Option(help="PNG path (default: beside output.weights).")] = None,
-    count: Annotated[Optional[int], typer.Option(help="Images in the grid (default: data.batch_size).")] = None,
+    split: Annotated[
+        Split, typer.Option(help="Which split to draw from (train: with its augmentation).")
+    ] = Split.train,
+    out: Annotated[Path | None, typer.Option(help="PNG path (default: beside output.weights).")] = None,
+    count: Annotated[int | None, typer.Option(help="Images in the grid (default: data.batch_size).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Save a PNG grid of one batch, de-normalised to real colours, titled with class names."""
@@ -313,13 +355,22 @@ def show_batch(
 def check_data(
     config: ConfigOpt = None,
     set_: _set_option("data.root=path/to/images") = None,
-    quarantine: Annotated[Optional[Path], typer.Option(help="Move unreadable files here (paths kept); deletes nothing.")] = None,
-    max_imbalance: Annotated[float, typer.Option(
-        help="Largest/smallest class ratio that counts as a problem (greater than 1).")] = 10.0,
-    near_duplicates: Annotated[bool, typer.Option("--near-duplicates", help="Also find resized, recompressed or "
-                                                  "cropped copies (cosine similarity of pooled backbone features).")] = False,
-    similarity: Annotated[Optional[float], typer.Option(
-        help="Cosine similarity at which --near-duplicates links two images (default 0.97).")] = None,
+    quarantine: Annotated[
+        Path | None, typer.Option(help="Move unreadable files here (paths kept); deletes nothing.")
+    ] = None,
+    max_imbalance: Annotated[
+        float, typer.Option(help="Largest/smallest class ratio that counts as a problem (greater than 1).")
+    ] = 10.0,
+    near_duplicates: Annotated[
+        bool,
+        typer.Option(
+            "--near-duplicates",
+            help="Also find resized, recompressed or cropped copies (cosine similarity of pooled backbone features).",
+        ),
+    ] = False,
+    similarity: Annotated[
+        float | None, typer.Option(help="Cosine similarity at which --near-duplicates links two images (default 0.97).")
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Scan every image: unreadable files, sizes, class balance, duplicates across and within splits.
@@ -360,9 +411,14 @@ def predict(
     config: ConfigOpt = None,
     set_: _set_option("train.device=cpu") = None,
     topk: Annotated[int, typer.Option(help="Classes to report per image, most probable first (1 or more).")] = 5,
-    csv_path: Annotated[Optional[Path], typer.Option(
-        "--csv", help="Also write path,rank,class,probability,error rows here (error: why a file could not be "
-        "read; its other columns empty).")] = None,
+    csv_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--csv",
+            help="Also write path,rank,class,probability,error rows here (error: why a file could not be "
+            "read; its other columns empty).",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (1 or more).")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
     quiet: QuietOpt = False,
@@ -375,8 +431,9 @@ def predict(
     if csv_path is not None:
         _write_predictions_csv(rows, csv_path)
     name_width = max([len("top-1")] + [len(t["class"]) for r in rows for t in r["top"][:1]])
-    calibrated = next((f"  (calibrated probabilities, temperature {r['temperature']:.3f})" for r in rows
-                       if r.get("calibrated")), "")
+    calibrated = next(
+        (f"  (calibrated probabilities, temperature {r['temperature']:.3f})" for r in rows if r.get("calibrated")), ""
+    )
 
     def line(r: dict) -> str:
         best, *others = r["top"]
@@ -393,7 +450,9 @@ def predict(
 def explain(
     inputs: InputsArg,
     weights: WeightsOpt = Path("models/VGG16.pt"),
-    class_name: Annotated[Optional[str], typer.Option("--class", help="Explain this class (default: the predicted one).")] = None,
+    class_name: Annotated[
+        str | None, typer.Option("--class", help="Explain this class (default: the predicted one).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder for <stem>.cam.png (overlay) and <stem>.cam.npy (the map).")] = Path(
         "explain"
     ),
@@ -408,8 +467,12 @@ def explain(
     from vggft.diagnostics.explain import explain as run_explain
 
     rows = run_explain(weights, inputs, config, set_ or [], class_name=class_name, out=out, batch_size=batch_size)
-    _echo_rows(rows, as_json, f"{'class':<12}  {'prob':>6}  overlay",
-               lambda r: f"{r['class']:<12}  {r['probability']:.4f}  {r['overlay']}")
+    _echo_rows(
+        rows,
+        as_json,
+        f"{'class':<12}  {'prob':>6}  overlay",
+        lambda r: f"{r['class']:<12}  {r['probability']:.4f}  {r['overlay']}",
+    )
 
 
 def _echo_rows(rows: list[dict], as_json: bool, header: str, line) -> None:
@@ -432,8 +495,9 @@ def _write_predictions_csv(rows: list[dict], path: Path) -> None:
 
     def lines(r: dict) -> list[list]:
         errors = [[r["path"], "", "", "", r["error"]]] if "error" in r else []
-        return errors + [[r["path"], rank, t["class"], f"{t['probability']:.6f}", ""]
-                         for rank, t in enumerate(r["top"], start=1)]
+        return errors + [
+            [r["path"], rank, t["class"], f"{t['probability']:.6f}", ""] for rank, t in enumerate(r["top"], start=1)
+        ]
 
     save_csv(path, ["path", "rank", "class", "probability", "error"], (line for r in rows for line in lines(r)))
 
@@ -442,15 +506,24 @@ def _write_predictions_csv(rows: list[dict], path: Path) -> None:
 @_handle_errors
 def export(
     weights: WeightsOpt = Path("models/VGG16.pt"),
-    fmt: Annotated[Optional[ExportFormat], typer.Option(
-        "--format", "-f", help="onnx (needs pip install onnx onnxscript onnxruntime), pt2 (torch.export), or "
-        "torchscript (deprecated upstream); default: onnx when those packages are installed, else pt2.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output file (default: beside the weights, "
-                                                "VGG16.onnx, VGG16.pt2 or VGG16.torchscript.pt).")] = None,
+    fmt: Annotated[
+        ExportFormat | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="onnx (needs pip install onnx onnxscript onnxruntime), pt2 (torch.export), or "
+            "torchscript (deprecated upstream); default: onnx when those packages are installed, else pt2.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output file (default: beside the weights, VGG16.onnx, VGG16.pt2 or VGG16.torchscript.pt)."),
+    ] = None,
     config: ConfigOpt = None,
     set_: _set_option("data.image_size=160") = None,
 ) -> None:
-    """Export to ONNX, torch.export (.pt2) or TorchScript (normalised images in, logits out), checked against PyTorch."""
+    """Export to ONNX, torch.export (.pt2) or TorchScript (normalised images in, logits out), checked against
+    PyTorch."""
     from vggft.model.export import TOLERANCE
     from vggft.model.export import export as run_export
 
@@ -458,7 +531,7 @@ def export(
     typer.echo(f"Exported {path} (max |diff| vs PyTorch: {diff:.1e}, tolerance {TOLERANCE:.0e})")
 
 
-NameOpt = Annotated[Optional[str], typer.Option(help="Run folder name under output.runs_dir.")]
+NameOpt = Annotated[str | None, typer.Option(help="Run folder name under output.runs_dir.")]
 
 
 FoldsOpt = Annotated[int, typer.Option(help="Number of folds (stratified) over train+val.")]
@@ -477,7 +550,11 @@ def _table(header: list[str], rows: list[list[str]], left: int = 0) -> None:
     """Columns as wide as their widest cell; the first ``left`` left-aligned, the rest right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for line in [header, *rows]:
-        typer.echo("  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        typer.echo(
+            "  ".join(
+                c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=False))
+            )
+        )
 
 
 @app.command()
@@ -485,15 +562,29 @@ def _table(header: list[str], rows: list[list[str]], left: int = 0) -> None:
 def sweep(
     config: ConfigOpt = None,
     set_: _set_option("train.epochs=10") = None,
-    grid: Annotated[Optional[list[str]], typer.Option("--grid", metavar="KEY=V1,V2,...", help="Values to try "
-                    "(repeatable; every combination), e.g. --grid train.lr=1e-4,1e-3,1e-2.")] = None,
-    range_: Annotated[Optional[list[str]], typer.Option("--range", metavar="KEY=LO:HI[:log]", help="A range to "
-                      "draw from with --trials (repeatable), e.g. --range train.lr=1e-5:1e-1:log.")] = None,
-    trials: Annotated[Optional[int], typer.Option(help="Random search: this many seeded draws over the --range "
-                                                  "and --grid values.")] = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            metavar="KEY=V1,V2,...",
+            help="Values to try (repeatable; every combination), e.g. --grid train.lr=1e-4,1e-3,1e-2.",
+        ),
+    ] = None,
+    range_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--range",
+            metavar="KEY=LO:HI[:log]",
+            help="A range to draw from with --trials (repeatable), e.g. --range train.lr=1e-5:1e-1:log.",
+        ),
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option(help="Random search: this many seeded draws over the --range and --grid values.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random draws.")] = 0,
-    save_best: Annotated[bool, typer.Option("--save-best", help="Save the best trial's model at output.weights "
-                                            "(no further training).")] = False,
+    save_best: Annotated[
+        bool, typer.Option("--save-best", help="Save the best trial's model at output.weights (no further training).")
+    ] = False,
     name: NameOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -509,14 +600,25 @@ def sweep(
 
     result = run_sweep(cfg, plans, save_best=save_best)
     show = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    rows = [[str(rank), str(t.number), *(show(t.values[k]) for k in result.keys),
-             f"{100 * t.val_acc:.2f}%" if t.status == "ok" else t.status,
-             f"{t.val_loss:.4f}" if t.status == "ok" else "-", str(t.epoch), f"{t.seconds:.1f}"]
-            for rank, t in enumerate(result.trials, start=1)]
+    rows = [
+        [
+            str(rank),
+            str(t.number),
+            *(show(t.values[k]) for k in result.keys),
+            f"{100 * t.val_acc:.2f}%" if t.status == "ok" else t.status,
+            f"{t.val_loss:.4f}" if t.status == "ok" else "-",
+            str(t.epoch),
+            f"{t.seconds:.1f}",
+        ]
+        for rank, t in enumerate(result.trials, start=1)
+    ]
     _table(["rank", "trial", *result.keys, "val acc", "val loss", "epoch", "seconds"], rows)
     best = result.best
-    typer.echo(f"Best: trial {best.number} (" + ", ".join(f"{k}={show(v)}" for k, v in best.values.items())
-               + f"), val acc {100 * best.val_acc:.2f}%")
+    typer.echo(
+        f"Best: trial {best.number} ("
+        + ", ".join(f"{k}={show(v)}" for k, v in best.values.items())
+        + f"), val acc {100 * best.val_acc:.2f}%"
+    )
     _wrote(result.run_dir, result.files)
     typer.echo(f"Train it: vggft train --config {result.run_dir / 'best.yaml'}")
     if result.weights is not None:
@@ -532,9 +634,12 @@ def lr_find(
     set_: _set_option("train.optimizer=adam") = None,
     start: Annotated[float, typer.Option(help="First learning rate.")] = 1e-7,
     end: Annotated[float, typer.Option(help="Last learning rate.")] = 10.0,
-    steps: Annotated[int, typer.Option(help="Batches to take, 10 or more (going round the train rows as "
-                                       "needed).")] = 100,
-    one_pass: Annotated[bool, typer.Option("--one-pass", help="One pass over the train rows instead of --steps.")] = False,
+    steps: Annotated[
+        int, typer.Option(help="Batches to take, 10 or more (going round the train rows as needed).")
+    ] = 100,
+    one_pass: Annotated[
+        bool, typer.Option("--one-pass", help="One pass over the train rows instead of --steps.")
+    ] = False,
     suggest: Annotated[Suggestion, typer.Option(help="Which suggestion to print.")] = Suggestion.valley,
     name: NameOpt = None,
     quiet: QuietOpt = False,
@@ -574,8 +679,10 @@ def kfold(
     run, folder, files = run_kfold(cfg, folds, seed)
     for f in run.figures:
         typer.echo(f"fold {f['fold']}: acc@1 {100 * f['accuracy']:.2f}% ({f['correct']}/{f['images']})")
-    typer.echo(f"mean acc@1 {100 * run.mean:.2f}% +- {100 * run.std:.2f}% (sample std over {folds} folds, "
-               f"{len(run.samples)} images)")
+    typer.echo(
+        f"mean acc@1 {100 * run.mean:.2f}% +- {100 * run.std:.2f}% (sample std over {folds} folds, "
+        f"{len(run.samples)} images)"
+    )
     _wrote(folder, files)
 
 
@@ -586,9 +693,13 @@ def label_issues(
     set_: _set_option("data.root=path/to/images") = None,
     folds: FoldsOpt = 5,
     seed: FoldSeedOpt = 0,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for the CSVs and the PNG (default: a new run folder).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the CSVs and the PNG (default: a new run folder).")
+    ] = None,
     show: Annotated[int, typer.Option(help="Suspects in the grid PNG and printed (0: no grid).")] = 16,
-    move: Annotated[Optional[Path], typer.Option(help="Move the suspects here for review (paths kept); deletes nothing.")] = None,
+    move: Annotated[
+        Path | None, typer.Option(help="Move the suspects here for review (paths kept); deletes nothing.")
+    ] = None,
     name: NameOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -600,25 +711,32 @@ def label_issues(
 
     found = find(cfg, folds=folds, seed=seed, out=out, show=show, move=move)
     names = found.run.data.names
-    rows = [[found.run.samples[s.index][0], names[s.given], names[s.suggested], f"{s.confidence:.3f}"]
-            for s in found.suspects[:show]]
+    rows = [
+        [found.run.samples[s.index][0], names[s.given], names[s.suggested], f"{s.confidence:.3f}"]
+        for s in found.suspects[:show]
+    ]
     if rows:
         _table(["path", "given", "suggested", "confidence"], rows, left=3)
     more = len(found.suspects) - len(rows)
-    typer.echo(f"{len(found.suspects)} suspected label issue(s) among {len(found.run.samples)} images"
-               + (f" ({more} more in the CSV)" if more > 0 else "")
-               + f"; out-of-fold acc@1 {100 * found.run.mean:.2f}%")
+    typer.echo(
+        f"{len(found.suspects)} suspected label issue(s) among {len(found.run.samples)} images"
+        + (f" ({more} more in the CSV)" if more > 0 else "")
+        + f"; out-of-fold acc@1 {100 * found.run.mean:.2f}%"
+    )
     _wrote(found.out, found.files)
     if found.moved:
-        typer.echo(f"Moved {len(found.moved)} file(s) to {move} for review (paths kept relative to "
-                   f"{found.run.data.splits.root}; nothing deleted)")
+        typer.echo(
+            f"Moved {len(found.moved)} file(s) to {move} for review (paths kept relative to "
+            f"{found.run.data.splits.root}; nothing deleted)"
+        )
 
 
 @app.command("make-demo")
 @_handle_errors
 def make_demo(
     root: Annotated[Path, typer.Argument(help="Where to write the demo image folder (made if missing).")] = Path(
-        "data/demo"),
+        "data/demo"
+    ),
     train_per_class: Annotated[int, typer.Option(help="Training images per class (sea, sun).")] = 24,
     test_per_class: Annotated[int, typer.Option(help="Test images per class (sea, sun).")] = 10,
 ) -> None:
@@ -631,10 +749,15 @@ def make_demo(
 @app.command("configs")
 @_handle_errors
 def configs(
-    show: Annotated[Optional[str], typer.Option(metavar="PRESET", help="Print that preset (a YAML file to copy and "
-                                                "edit).")] = None,
-    defaults: Annotated[bool, typer.Option("--defaults", help="Print every key with its default and what it "
-                                           "means (a config file to start from).")] = False,
+    show: Annotated[
+        str | None, typer.Option(metavar="PRESET", help="Print that preset (a YAML file to copy and edit).")
+    ] = None,
+    defaults: Annotated[
+        bool,
+        typer.Option(
+            "--defaults", help="Print every key with its default and what it means (a config file to start from)."
+        ),
+    ] = False,
 ) -> None:
     """The shipped presets (use one with --config NAME), one of them in full, or every key's default."""
     from vggft.config import presets, reference

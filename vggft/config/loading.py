@@ -22,7 +22,6 @@ import yaml
 from vggft.config.schema import Config, DataConfig, ModelConfig, TrainConfig, all_keys, describe_type
 from vggft.utils.errors import ConfigError
 
-
 # Keys renamed since a config could first be saved: old dotted key -> new dotted key. Saved sidecars and
 # checkpoints store their config and are re-read by the strict loader, so a rename must be listed here.
 RENAMED_KEYS: dict[str, str] = {}
@@ -30,8 +29,17 @@ RENAMED_KEYS: dict[str, str] = {}
 
 # What can still take effect when a run goes on from its last.pt: anything else would be recorded in
 # config.yaml and the sidecar without having changed the training (the optimizer state holds the lr, ...).
-RESUMABLE_KEYS = ("train.epochs", "train.early_stopping.patience", "train.device", "output.weights",
-                  "data.num_workers", "data.eval_batch_size", "cache.enabled", "cache.dir", "train.calibrate")
+RESUMABLE_KEYS = (
+    "train.epochs",
+    "train.early_stopping.patience",
+    "train.device",
+    "output.weights",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "cache.enabled",
+    "cache.dir",
+    "train.calibrate",
+)
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of keys; anything larger is not one
@@ -103,7 +111,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "config", origins: dict[
     try:
         cfg = _build(Config, raw, prefix="", source=source, origins=origins or {})
     except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply to be a vggft config; see vggft configs --defaults for the shape") from None
+        raise ConfigError(
+            f"{source}: nested too deeply to be a vggft config; see vggft configs --defaults for the shape"
+        ) from None
     check_consistency(cfg, source, origins)
     return cfg
 
@@ -121,26 +131,38 @@ def check_consistency(cfg: Config, source: str = "config", origins: dict[str, st
 def _inconsistency(t: TrainConfig, m: ModelConfig, d: DataConfig) -> tuple[str, str] | None:
     """(key, the rest of the message) of the first setting that would do nothing, or None."""
     if d.resize is not None and d.resize < d.image_size:
-        return "data.resize", (f": {d.resize} is smaller than data.image_size {d.image_size} (the crop would be "
-                               f"padded with black); set resize to {d.image_size} or more, or null")
+        return "data.resize", (
+            f": {d.resize} is smaller than data.image_size {d.image_size} (the crop would be "
+            f"padded with black); set resize to {d.image_size} or more, or null"
+        )
     if t.head_only_epochs and not m.unfreeze:
-        return "train.head_only_epochs", (f": {t.head_only_epochs} does nothing without model.unfreeze (nothing to "
-                                          "thaw later); set model.unfreeze, or head_only_epochs: 0")
+        return "train.head_only_epochs", (
+            f": {t.head_only_epochs} does nothing without model.unfreeze (nothing to "
+            "thaw later); set model.unfreeze, or head_only_epochs: 0"
+        )
     if t.head_only_epochs and t.head_only_epochs >= t.epochs:
-        return "train.head_only_epochs", (f": {t.head_only_epochs} leaves no epoch of the {t.epochs} for the "
-                                          "unfrozen blocks; raise train.epochs or lower head_only_epochs")
+        return "train.head_only_epochs", (
+            f": {t.head_only_epochs} leaves no epoch of the {t.epochs} for the "
+            "unfrozen blocks; raise train.epochs or lower head_only_epochs"
+        )
     if t.backbone_lr is not None and not m.unfreeze:
-        return "train.backbone_lr", (" does nothing while the backbone is frozen; set model.unfreeze, or remove "
-                                     "backbone_lr")
+        return "train.backbone_lr", (
+            " does nothing while the backbone is frozen; set model.unfreeze, or remove backbone_lr"
+        )
     if t.warmup_epochs and t.scheduler == "onecycle":
-        return "train.warmup_epochs", (" does nothing with scheduler onecycle (it warms up by itself); remove "
-                                       "warmup_epochs, or use scheduler cosine or step")
+        return "train.warmup_epochs", (
+            " does nothing with scheduler onecycle (it warms up by itself); remove "
+            "warmup_epochs, or use scheduler cosine or step"
+        )
     if t.warmup_epochs and t.warmup_epochs >= t.epochs and t.scheduler != "none":
-        return "train.warmup_epochs", (f": {t.warmup_epochs} is the whole run of {t.epochs} epoch(s); lower it "
-                                       "or raise train.epochs")
+        return "train.warmup_epochs", (
+            f": {t.warmup_epochs} is the whole run of {t.epochs} epoch(s); lower it or raise train.epochs"
+        )
     if t.nesterov and (t.optimizer != "sgd" or t.momentum == 0):
-        return "train.nesterov", (f" needs optimizer sgd with momentum > 0 (got {t.optimizer}, momentum "
-                                  f"{t.momentum:g}); set train.momentum, e.g. 0.9")
+        return "train.nesterov", (
+            f" needs optimizer sgd with momentum > 0 (got {t.optimizer}, momentum "
+            f"{t.momentum:g}); set train.momentum, e.g. 0.9"
+        )
     if t.momentum and t.optimizer != "sgd":
         return "train.momentum", f" is an sgd setting; {t.optimizer} ignores it; remove it"
     return None
@@ -174,17 +196,23 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         from vggft.config.presets import find, names
 
         hint = f"; the preset of that name is --config {path.stem}" if find(path.name) else ""
-        raise ConfigError(f"{path}: config file not found{hint}; pass an existing YAML file to --config, or a "
-                          f"preset name ({', '.join(names())}; vggft configs lists them)")
+        raise ConfigError(
+            f"{path}: config file not found{hint}; pass an existing YAML file to --config, or a "
+            f"preset name ({', '.join(names())}; vggft configs lists them)"
+        )
     if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a config "
-                          f"(at most {MAX_CONFIG_BYTES:,}); pass the YAML file of settings")
+        raise ConfigError(
+            f"{path}: {path.stat().st_size:,} bytes is too large for a config "
+            f"(at most {MAX_CONFIG_BYTES:,}); pass the YAML file of settings"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file; --config takes a YAML file") from None
     except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to be a vggft config; see vggft configs --defaults for the shape") from None
+        raise ConfigError(
+            f"{path}: nested too deeply to be a vggft config; see vggft configs --defaults for the shape"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

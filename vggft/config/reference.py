@@ -34,8 +34,15 @@ def key_docs() -> dict[str, str]:
                 walk(hint, f"{prefix}{node.target.id}.")
                 continue
             after = body[index + 1] if index + 1 < len(body) else None
-            doc = after.value.value if (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                                        and isinstance(after.value.value, str)) else ""
+            doc = (
+                after.value.value
+                if (
+                    isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)
+                )
+                else ""
+            )
             docs[f"{prefix}{node.target.id}"] = " ".join(inspect.cleandoc(doc).split())
 
     walk(Config, "")
@@ -45,8 +52,10 @@ def key_docs() -> dict[str, str]:
 def defaults_yaml(width: int = 100) -> str:
     """Every key with its default, its accepted values and its doc comment: a config file to start from."""
     docs, defaults = key_docs(), Config().to_dict()
-    lines = ["# Every vggft config key with its default (vggft configs --defaults). Copy it, keep the keys you",
-             "# change, and pass the file with --config; any key can also be set with --set KEY=VALUE."]
+    lines = [
+        "# Every vggft config key with its default (vggft configs --defaults). Copy it, keep the keys you",
+        "# change, and pass the file with --config; any key can also be set with --set KEY=VALUE.",
+    ]
     section = None
     for key, doc in docs.items():
         *parents, leaf = key.split(".")

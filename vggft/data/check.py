@@ -62,8 +62,12 @@ class DataReport:
 
 
 def check_data(cfg: Config, *, max_imbalance: float = 10.0) -> DataReport:
-    check_option(max_imbalance > 1, "--max-imbalance", "a ratio greater than 1 (largest / smallest class), e.g. 10",
-                 max_imbalance)
+    check_option(
+        max_imbalance > 1,
+        "--max-imbalance",
+        "a ratio greater than 1 (largest / smallest class), e.g. 10",
+        max_imbalance,
+    )
     splits = find_splits(cfg.data)
     cache = VerdictLedger(cache_root(cfg.cache.dir) if cfg.cache.enabled else None, splits.root)
     # What check-data is asked to check it decodes afresh (a cached verdict could be of older bytes).
@@ -115,7 +119,9 @@ def quarantine(report: DataReport, destination: Path, option: str = "--quarantin
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(path, candidate)
         except OSError as err:
-            raise OutputError(f"{option}: could not move '{path}' to '{candidate}' ({err.strerror}); {len(moved)} "
-                              "file(s) were moved before it, nothing was deleted") from None
+            raise OutputError(
+                f"{option}: could not move '{path}' to '{candidate}' ({err.strerror}); {len(moved)} "
+                "file(s) were moved before it, nothing was deleted"
+            ) from None
         moved.append((Path(path), candidate))
     return moved

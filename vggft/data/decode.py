@@ -41,8 +41,10 @@ def resolve_decode(choice: str, device: torch.device) -> str:
     if choice == "pil" or (choice == "auto" and (device.type != "cuda" or not _has_decode_jpeg())):
         return "pil"
     if not _has_decode_jpeg():
-        raise ConfigError("data.decode: gpu needs torchvision.io.decode_jpeg, which this torchvision lacks; "
-                          "set data.decode: pil (or auto)")
+        raise ConfigError(
+            "data.decode: gpu needs torchvision.io.decode_jpeg, which this torchvision lacks; "
+            "set data.decode: pil (or auto)"
+        )
     return "gpu:cuda" if device.type == "cuda" else "gpu:cpu"
 
 
@@ -207,12 +209,18 @@ class TensorDecoder:
         self.transform = eval_transform(data)  # for the fallbacks: the same result as data.decode: pil
         self.fallbacks: collections.Counter[str] = collections.Counter()
 
-    def batches(self, samples: Sequence[tuple[str, int]], *, batch_size: int, device: torch.device,
-                num_workers: int) -> Iterator[torch.Tensor]:
+    def batches(
+        self, samples: Sequence[tuple[str, int]], *, batch_size: int, device: torch.device, num_workers: int
+    ) -> Iterator[torch.Tensor]:
         """Each batch of ``samples`` in order, as a channels-last float tensor on ``device``."""
         decode_on = device if device.type == "cuda" else torch.device("cpu")
-        loader = make_loader(FileBytes(samples, self.transform), batch_size, device=device, num_workers=num_workers,
-                             collate_fn=Packed.collate)
+        loader = make_loader(
+            FileBytes(samples, self.transform),
+            batch_size,
+            device=device,
+            num_workers=num_workers,
+            collate_fn=Packed.collate,
+        )
         paths = [path for path, _ in samples]
         before, done = self.fallbacks.copy(), 0
         for packed in loader:
@@ -222,8 +230,10 @@ class TensorDecoder:
         counts = self.fallbacks - before
         if counts:
             reasons = ", ".join(f"{reason} {n}" for reason, n in counts.most_common())
-            log.info(f"Decoding: {counts.total()} of {len(samples)} file(s) went through Pillow instead of "
-                     f"decode_jpeg ({reasons})")
+            log.info(
+                f"Decoding: {counts.total()} of {len(samples)} file(s) went through Pillow instead of "
+                f"decode_jpeg ({reasons})"
+            )
 
     def decode(self, packed: Packed, paths: list[str], device: torch.device) -> torch.Tensor:
         """One packed batch as normalised float images on ``device``, in the order of ``packed.reasons``."""
@@ -271,8 +281,15 @@ class TensorDecoder:
         return F.normalize(F.to_dtype(image, torch.float32, scale=True), list(mean), list(std))
 
 
-def device_batches(samples: Sequence[tuple[str, int]], transform, decoder: TensorDecoder | None, *,
-                   batch_size: int, device: torch.device, num_workers: int) -> Iterator[torch.Tensor]:
+def device_batches(
+    samples: Sequence[tuple[str, int]],
+    transform,
+    decoder: TensorDecoder | None,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int,
+) -> Iterator[torch.Tensor]:
     """Batches of normalised images on ``device`` for extraction: Pillow and ``transform`` in the workers,
     or ``decoder`` (the tensor path) when given."""
     if decoder is not None:

@@ -35,8 +35,9 @@ def _picture(kind: str, rng: random.Random, size: int) -> Image.Image:
     return Image.blend(image, noise, 0.15).filter(ImageFilter.GaussianBlur(rng.random()))
 
 
-def make_demo_data(root: str | Path, train_per_class: int = 24, test_per_class: int = 10,
-                   size: int = 64, seed: int = 0) -> Path:
+def make_demo_data(
+    root: str | Path, train_per_class: int = 24, test_per_class: int = 10, size: int = 64, seed: int = 0
+) -> Path:
     """Write root/{train,test}/{sea,sun}/*.jpg; existing files are left as they are.
 
     A root that is a file, lies under a file, or cannot be written is an OutputError naming it.
@@ -60,6 +61,7 @@ def make_demo_data(root: str | Path, train_per_class: int = 24, test_per_class: 
                             picture.save(tmp, format="JPEG", quality=90)
     except OSError as err:
         where = f"'{err.filename}'" if err.filename else f"'{root}'"
-        raise OutputError(f"make-demo: cannot write {where} ({err.strerror or err}); choose a writable folder "
-                          "for PATH") from None
+        raise OutputError(
+            f"make-demo: cannot write {where} ({err.strerror or err}); choose a writable folder for PATH"
+        ) from None
     return root

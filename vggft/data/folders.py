@@ -75,8 +75,13 @@ def _ancestors(folder: str | Path) -> set[tuple[int, int]]:
 
 def not_regular(mode: int) -> str:
     """What a file that is not a regular file is, in words, from its ``st_mode``."""
-    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a folder"),
+    )
     return next((what for test, what in kinds if test(mode)), "a special file") + ", not a regular file"
 
 
@@ -97,8 +102,9 @@ def _claim(path: str, seen: set, skipped: Skipped) -> bool:
 def _visible_dirs(folder: Path, seen: set, skipped: Skipped) -> list[Path]:
     """The visible subfolders of ``folder`` not walked yet, sorted, claimed in ``seen`` (real folders before
     links, so that a class folder and a link to it keep the folder's own name)."""
-    entries = [e for e in os.scandir(folder)
-               if e.is_dir() and not e.name.startswith(".") and e.name not in IGNORED_DIRS]
+    entries = [
+        e for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".") and e.name not in IGNORED_DIRS
+    ]
     entries.sort(key=lambda e: (e.is_symlink(), e.name))
     return sorted(Path(e.path) for e in entries if _claim(e.path, seen, skipped))
 
@@ -158,8 +164,10 @@ def note_skipped(skipped: Skipped, where: str | Path) -> None:
     """One note for everything a walk left out: how many, and the first."""
     if skipped:
         path, why = skipped[0]
-        log.warning(f"Left out {len(skipped)} path(s) under {where}: a folder is walked once and only regular "
-                    f"files are read (first: {path}: {why})")
+        log.warning(
+            f"Left out {len(skipped)} path(s) under {where}: a folder is walked once and only regular "
+            f"files are read (first: {path}: {why})"
+        )
 
 
 def _class_folders(split_dir: Path, skipped: Skipped) -> dict[str, list[str]]:

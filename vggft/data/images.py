@@ -55,8 +55,9 @@ def open_regular(path: str | Path, limit: int | None = None):
         if not stat.S_ISREG(st.st_mode):
             raise ImageRefused("not a file", not_regular(st.st_mode))
         if st.st_size > limit:
-            raise ImageRefused("too large", f"{human_size(st.st_size)} is too large for an image file "
-                               f"(at most {human_size(limit)})")
+            raise ImageRefused(
+                "too large", f"{human_size(st.st_size)} is too large for an image file (at most {human_size(limit)})"
+            )
     except BaseException:
         handle.close()
         raise
@@ -276,9 +277,7 @@ class BadImages:
         return [f"{path}\t{v.reason}\t{v.detail}" for path, v in self.files]
 
 
-def drop_bad_images(
-    splits: DataSplits, data: DataConfig, cache_dir: Path | None
-) -> tuple[DataSplits, BadImages]:
+def drop_bad_images(splits: DataSplits, data: DataConfig, cache_dir: Path | None) -> tuple[DataSplits, BadImages]:
     """Decode every image once (cached); leave the unreadable out, or stop, per ``data.bad_images``."""
     cache = VerdictLedger(cache_dir, splits.root)
     paths = [path for _, (path, _) in splits.all_samples()]

@@ -41,8 +41,15 @@ def image_loader(
     generator: torch.Generator | None = None,
     sampler: Sampler | None = None,
 ) -> DataLoader:
-    return make_loader(ImageList(samples, transform), batch_size, device=device, num_workers=num_workers,
-                       shuffle=shuffle, generator=generator, sampler=sampler)
+    return make_loader(
+        ImageList(samples, transform),
+        batch_size,
+        device=device,
+        num_workers=num_workers,
+        shuffle=shuffle,
+        generator=generator,
+        sampler=sampler,
+    )
 
 
 def make_loader(

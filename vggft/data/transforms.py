@@ -51,8 +51,13 @@ def train_transform(data: DataConfig) -> T.Compose:
 def preprocessing(data: DataConfig) -> dict:
     """How the eval transform prepares an image: what a user of saved weights needs (the sidecar's keys)."""
     mean, std = normalization(data)
-    return {"image_size": data.image_size, "resize": data.resize, "normalize": data.normalize,
-            "mean": list(mean), "std": list(std)}
+    return {
+        "image_size": data.image_size,
+        "resize": data.resize,
+        "normalize": data.normalize,
+        "mean": list(mean),
+        "std": list(std),
+    }
 
 
 def transform_signature(data: DataConfig) -> dict:

@@ -11,21 +11,21 @@ from pathlib import Path
 
 import torch
 
-from vggft.training.calibration import calibration_summary
 from vggft.config.schema import Config
 from vggft.data import DataSplits, find_splits
 from vggft.data.images import drop_bad_images, open_rgb
 from vggft.data.loaders import make_loader
 from vggft.data.transforms import eval_transform, normalization
-from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
-from vggft.training.loop import evaluate
-from vggft.utils.errors import ConfigError, DataError, OutputError, WeightsError, check_option
 from vggft.features.cache import FeatureSource
-from vggft.utils.files import cache_root, save_csv
 from vggft.model.inference import TrainedModel, load_model
-from vggft.utils.logs import log
 from vggft.reporting.metrics import Metrics
 from vggft.reporting.plots import save_confusion, save_image_grid, save_reliability
+from vggft.training.calibration import calibration_summary
+from vggft.training.loop import evaluate
+from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
+from vggft.utils.errors import ConfigError, DataError, OutputError, WeightsError, check_option
+from vggft.utils.files import cache_root, save_csv
+from vggft.utils.logs import log
 
 
 def align_labels(trained: TrainedModel, splits: DataSplits) -> DataSplits:
@@ -47,8 +47,7 @@ def align_labels(trained: TrainedModel, splits: DataSplits) -> DataSplits:
             f"(trained on {', '.join(trained.class_names)}); evaluate on data with those classes"
         )
     index = [trained.class_names.index(name) for name in data_names]
-    relabelled = {split: [(path, index[label]) for path, label in samples]
-                  for split, samples in splits.splits.items()}
+    relabelled = {split: [(path, index[label]) for path, label in samples] for split, samples in splits.splits.items()}
     return DataSplits(splits.root, splits.layout, list(trained.class_names), relabelled)
 
 
@@ -84,8 +83,10 @@ def evaluate_weights(
     check_option(misclassified >= 0, "--misclassified", "0 (no grid) or more", misclassified)
     check_option(top_losses >= 0, "--top-losses", "0 (no grid) or more", top_losses)
     if explain and not (misclassified or top_losses):
-        raise ConfigError("--explain draws heatmaps on the --misclassified or --top-losses grid; add "
-                          "--misclassified N (or --top-losses N)")
+        raise ConfigError(
+            "--explain draws heatmaps on the --misclassified or --top-losses grid; add "
+            "--misclassified N (or --top-losses N)"
+        )
     trained = load_model(weights, config, overrides)
     cfg = trained.cfg
     device = resolve_device(cfg.train.device)
@@ -96,35 +97,93 @@ def evaluate_weights(
     precision = autocast_dtype(device, cfg.train.amp)
     source = FeatureSource(trained.model, cfg, device, precision)
     with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
-        loader = make_loader(source.dataset(samples, desc=split), cfg.data.eval_batch_size, device=device,
-                             num_workers=source.loader_workers)
-        metrics = evaluate(source.module, loader, device, precision, names=trained.names,
-                           ks=sorted({1, topk}), keep=True, desc=f"Evaluating {split}")
-    metrics.extra["calibration"] = calibration_summary(torch.cat(metrics.logits), torch.cat(metrics.labels),
-                                                       trained.temperature)
+        loader = make_loader(
+            source.dataset(samples, desc=split),
+            cfg.data.eval_batch_size,
+            device=device,
+            num_workers=source.loader_workers,
+        )
+        metrics = evaluate(
+            source.module,
+            loader,
+            device,
+            precision,
+            names=trained.names,
+            ks=sorted({1, topk}),
+            keep=True,
+            desc=f"Evaluating {split}",
+        )
+    metrics.extra["calibration"] = calibration_summary(
+        torch.cat(metrics.logits), torch.cat(metrics.labels), trained.temperature
+    )
     out = _Plots(Path(plots_dir) if plots_dir else Path(weights).parent, Path(weights).stem, split)
-    _write_plots(out, metrics, trained, splits, split, misclassified=misclassified, top_losses=top_losses,
-                 explain=explain, device=device)
+    _write_plots(
+        out,
+        metrics,
+        trained,
+        splits,
+        split,
+        misclassified=misclassified,
+        top_losses=top_losses,
+        explain=explain,
+        device=device,
+    )
     return metrics, trained, out.written
 
 
-def _write_plots(out: _Plots, metrics: Metrics, trained: TrainedModel, splits: DataSplits, split: str, *,
-                 misclassified: int, top_losses: int, explain: bool, device: torch.device) -> None:
+def _write_plots(
+    out: _Plots,
+    metrics: Metrics,
+    trained: TrainedModel,
+    splits: DataSplits,
+    split: str,
+    *,
+    misclassified: int,
+    top_losses: int,
+    explain: bool,
+    device: torch.device,
+) -> None:
     """The files beside the scores: confusion matrices, reliability diagram, the mistakes and top-losses grids."""
     samples = splits[split]
     title = f"{trained.path.name} on the {split} split: {metrics.summary_line()}"
-    out.write("Confusion matrix PNG", save_confusion, metrics.confusion, metrics.class_names,
-              out.path("confusion", "png"), title, False)
-    out.write("Row-normalised confusion matrix PNG", save_confusion, metrics.confusion, metrics.class_names,
-              out.path("confusion", "png", "_normalized"), title, True)
+    out.write(
+        "Confusion matrix PNG",
+        save_confusion,
+        metrics.confusion,
+        metrics.class_names,
+        out.path("confusion", "png"),
+        title,
+        False,
+    )
+    out.write(
+        "Row-normalised confusion matrix PNG",
+        save_confusion,
+        metrics.confusion,
+        metrics.class_names,
+        out.path("confusion", "png", "_normalized"),
+        title,
+        True,
+    )
     out.write("Reliability diagram PNG", save_reliability, metrics.extra["calibration"], out.path("reliability", "png"))
     mistakes = metrics.worst_mistakes(misclassified)
     if mistakes:
         names = metrics.class_names
-        titles = [f"true {names[t]}\npred {names[p]} ({c:.2f})\n{os.path.relpath(samples[i][0], splits.root)}"
-                  for i, t, p, c in mistakes]
-        out.write("Mistakes grid", _grid, trained, samples, mistakes, titles, ["red"] * len(mistakes), explain,
-                  out.path("misclassified", "png"), device)
+        titles = [
+            f"true {names[t]}\npred {names[p]} ({c:.2f})\n{os.path.relpath(samples[i][0], splits.root)}"
+            for i, t, p, c in mistakes
+        ]
+        out.write(
+            "Mistakes grid",
+            _grid,
+            trained,
+            samples,
+            mistakes,
+            titles,
+            ["red"] * len(mistakes),
+            explain,
+            out.path("misclassified", "png"),
+            device,
+        )
     elif misclassified > 0:
         log.info(f"--misclassified: no mistakes on the {split} split, so no grid was written")
     if top_losses:
@@ -147,8 +206,16 @@ class _Plots:
             log.warning(f"{what} not written ({err}); choose a folder with --plots DIR")
 
 
-def _grid(trained: TrainedModel, samples, picked: list[tuple], titles: list[str], colors: list[str],
-          explain: bool, path: Path, device: torch.device) -> Path:
+def _grid(
+    trained: TrainedModel,
+    samples,
+    picked: list[tuple],
+    titles: list[str],
+    colors: list[str],
+    explain: bool,
+    path: Path,
+    device: torch.device,
+) -> Path:
     """The picked samples (index, true, predicted, ...) as a titled grid, with Grad-CAM of the prediction if asked."""
     cfg = trained.cfg
     images = torch.stack([eval_transform(cfg.data)(open_rgb(samples[i][0])) for i, *_ in picked])
@@ -161,21 +228,37 @@ def _grid(trained: TrainedModel, samples, picked: list[tuple], titles: list[str]
     return save_image_grid(images, titles, mean, std, path, title_colors=colors, heatmaps=heatmaps)
 
 
-def _top_losses(metrics: Metrics, trained: TrainedModel, samples, count: int, explain: bool, out: _Plots,
-                device: torch.device) -> None:
+def _top_losses(
+    metrics: Metrics, trained: TrainedModel, samples, count: int, explain: bool, out: _Plots, device: torch.device
+) -> None:
     """The ``count`` highest-loss images: a CSV (path, true, predicted, probability, loss) and a grid."""
     worst = metrics.top_losses(count)
     names = metrics.class_names
-    rows = [{"path": samples[i][0], "true": names[t], "predicted": names[p], "probability": c, "loss": loss}
-            for i, t, p, c, loss in worst]
+    rows = [
+        {"path": samples[i][0], "true": names[t], "predicted": names[p], "probability": c, "loss": loss}
+        for i, t, p, c, loss in worst
+    ]
     metrics.extra["top_losses"] = rows
     out.write("Top-losses CSV", _write_csv, rows, out.path("top_losses", "csv"))
     titles = [f"true {r['true']}\npred {r['predicted']} {r['probability']:.2f}\nloss {r['loss']:.2f}" for r in rows]
     colors = ["green" if r["true"] == r["predicted"] else "red" for r in rows]
-    out.write("Top-losses grid", _grid, trained, samples, worst, titles, colors, explain, out.path("top_losses", "png"),
-              device)
+    out.write(
+        "Top-losses grid",
+        _grid,
+        trained,
+        samples,
+        worst,
+        titles,
+        colors,
+        explain,
+        out.path("top_losses", "png"),
+        device,
+    )
 
 
 def _write_csv(rows: list[dict], path: Path) -> Path:
-    return save_csv(path, ["path", "true", "predicted", "probability", "loss"],
-                    ([r["path"], r["true"], r["predicted"], f"{r['probability']:.6f}", f"{r['loss']:.6f}"] for r in rows))
+    return save_csv(
+        path,
+        ["path", "true", "predicted", "probability", "loss"],
+        ([r["path"], r["true"], r["predicted"], f"{r['probability']:.6f}", f"{r['loss']:.6f}"] for r in rows),
+    )

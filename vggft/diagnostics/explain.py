@@ -80,8 +80,10 @@ def class_index(trained: TrainedModel, name: str | None) -> int | None:
         return None
     names = trained.names
     if name not in names:
-        raise ConfigError(f"--class: '{name}' is not a class of '{trained.path}' ({', '.join(names)}); "
-                          "name one of them, or leave --class out to explain the predicted class")
+        raise ConfigError(
+            f"--class: '{name}' is not a class of '{trained.path}' ({', '.join(names)}); "
+            "name one of them, or leave --class out to explain the predicted class"
+        )
     return names.index(name)
 
 
@@ -153,8 +155,7 @@ def _make_folder(out: Path) -> None:
         raise OutputError(f"--out: '{out}' is not writable; choose another folder")
 
 
-def _write_one(trained: TrainedModel, image: torch.Tensor, cams: Cams, j: int, out: Path, stem: str,
-               path: str) -> dict:
+def _write_one(trained: TrainedModel, image: torch.Tensor, cams: Cams, j: int, out: Path, stem: str, path: str) -> dict:
     from vggft.reporting.plots import save_cam_overlay
 
     probs = trained.probabilities(cams.logits[j : j + 1])[0]
@@ -170,6 +171,13 @@ def _write_one(trained: TrainedModel, image: torch.Tensor, cams: Cams, j: int, o
         np.save(handle, cams.maps[j].numpy().astype(np.float32))
     mean, std = normalization(trained.cfg.data)
     overlay = save_cam_overlay(image, cams.maps[j], mean, std, f"{Path(path).name}: {title}", out / f"{stem}.cam.png")
-    return {"path": path, "class": names[chosen], "probability": float(probs[chosen]),
-            "predicted": names[predicted], "predicted_probability": float(probs[predicted]),
-            "overlay": str(overlay), "cam": str(cam_path), "calibrated": trained.temperature is not None}
+    return {
+        "path": path,
+        "class": names[chosen],
+        "probability": float(probs[chosen]),
+        "predicted": names[predicted],
+        "predicted_probability": float(probs[predicted]),
+        "overlay": str(overlay),
+        "cam": str(cam_path),
+        "calibrated": trained.temperature is not None,
+    }

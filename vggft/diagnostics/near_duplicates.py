@@ -32,8 +32,11 @@ MAX_PAIRS = 2_000_000  # beyond this the threshold links nearly everything: refu
 
 def pooled_features(cfg: Config, paths: list[str]) -> torch.Tensor:
     """(len(paths), 512): the backbone's globally average-pooled ``features`` output, from the feature cache."""
-    gap = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head="gap", unfreeze=0, num_classes=None),
-                              data=dataclasses.replace(cfg.data, augment="none"))
+    gap = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, head="gap", unfreeze=0, num_classes=None),
+        data=dataclasses.replace(cfg.data, augment="none"),
+    )
     device = resolve_device(cfg.train.device)
     prepare_backend(device)
     with torch.random.fork_rng(devices=[]):
@@ -59,8 +62,10 @@ def similar_pairs(rows: torch.Tensor, threshold: float) -> tuple[torch.Tensor, t
         i, j = i[upper], j[upper]
         found += len(i)
         if found > MAX_PAIRS:
-            raise ConfigError(f"--similarity {threshold:g}: more than {MAX_PAIRS:,} pairs of images are that "
-                              f"similar, so the groups would say nothing; raise it (default {DEFAULT_SIMILARITY})")
+            raise ConfigError(
+                f"--similarity {threshold:g}: more than {MAX_PAIRS:,} pairs of images are that "
+                f"similar, so the groups would say nothing; raise it (default {DEFAULT_SIMILARITY})"
+            )
         pairs.append(torch.stack([i + start, j + start], dim=1))
         sims.append(chunk[i, j])
     if not pairs:
@@ -106,15 +111,19 @@ def find_near_duplicates(cfg: Config, report: DataReport, similarity: float = DE
     if len(members) < 2:
         return report
     if cfg.model.weights is None:
-        log.warning("Near-duplicates: model.weights is null, so the features come from a random backbone and mostly "
-                    "compare colours; pretrained weights (model.weights: IMAGENET1K_V1) compare content")
+        log.warning(
+            "Near-duplicates: model.weights is null, so the features come from a random backbone and mostly "
+            "compare colours; pretrained weights (model.weights: IMAGENET1K_V1) compare content"
+        )
     rows = pooled_features(cfg, [path for _, path in members])
     pairs, sims = similar_pairs(rows, similarity)
     groups = group_pairs(len(members), pairs, sims)
     largest = max((len(indices) for indices, _ in groups), default=0)
     if largest >= 6 and largest > len(members) // 2:
-        log.warning(f"Near-duplicates: one group holds {largest} of the {len(members)} images: at cosine "
-                    f"{similarity:g} these features do not tell the pictures apart; raise --similarity")
+        log.warning(
+            f"Near-duplicates: one group holds {largest} of the {len(members)} images: at cosine "
+            f"{similarity:g} these features do not tell the pictures apart; raise --similarity"
+        )
     for indices, lowest in groups:
         group = [members[i] for i in indices]
         if len({report.verdicts[path].sha1 for _, path in group}) == 1:

@@ -29,8 +29,14 @@ def summary(cfg: Config, num_classes: int | None = None) -> torchinfo.ModelStati
     replace_head(model, cfg.model.head, classes)
     freeze(model, cfg.model)
     size = cfg.data.image_size
-    return torchinfo.summary(model, input_size=(1, 3, size, size), device="cpu", verbose=0, depth=2,
-                             col_names=("output_size", "num_params", "trainable"))
+    return torchinfo.summary(
+        model,
+        input_size=(1, 3, size, size),
+        device="cpu",
+        verbose=0,
+        depth=2,
+        col_names=("output_size", "num_params", "trainable"),
+    )
 
 
 UNIT_PREFIX = {"MEGABYTES": "millions", "GIGABYTES": "billions", "TERABYTES": "trillions"}
@@ -51,10 +57,16 @@ def show_batch(cfg: Config, split: str = "train", out: Path | None = None, count
         raise DataError(f"{splits.root}: the {split} split has no images; choose another with --split")
     generator = torch.Generator().manual_seed(cfg.train.seed)
     transform = train_transform(cfg.data) if split == "train" else eval_transform(cfg.data)
-    loader = image_loader(samples, transform, count or cfg.data.batch_size, device=torch.device("cpu"),
-                          num_workers=0, shuffle=True, generator=generator)
+    loader = image_loader(
+        samples,
+        transform,
+        count or cfg.data.batch_size,
+        device=torch.device("cpu"),
+        num_workers=0,
+        shuffle=True,
+        generator=generator,
+    )
     images, labels = next(iter(loader))
     mean, std = normalization(cfg.data)
     out = Path(out) if out else Path(cfg.output.weights).parent / f"batch_{split}.png"
     return save_image_grid(images, [splits.class_names[i] for i in labels.tolist()], mean, std, out)
-

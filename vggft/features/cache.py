@@ -28,19 +28,19 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from vggft.model.fingerprint import fingerprint
 from vggft.config.schema import Config
 from vggft.data.decode import TensorDecoder, device_batches, resolve_decode
 from vggft.data.loaders import ImageList
 from vggft.data.transforms import eval_transform, train_transform, transform_signature
+from vggft.features.fingerprints import holds_every_tensor, memoised
+from vggft.features.rows import Rows
+from vggft.model.build import split_frozen_prefix
+from vggft.model.fingerprint import fingerprint
 from vggft.utils.device import autocast_factory, resolve_workers
 from vggft.utils.distributed import SINGLE, Group
 from vggft.utils.errors import ConfigError, Interrupted, OutputError, first_line
 from vggft.utils.files import cache_root, file_identity, save_json, save_text, save_torch
 from vggft.utils.logs import Counter, log
-from vggft.features.fingerprints import holds_every_tensor, memoised
-from vggft.model.build import split_frozen_prefix
-from vggft.features.rows import Rows
 
 SHARD_ROWS = 1024  # write a shard at least this often, so an interrupted extraction keeps its work
 
@@ -155,7 +155,7 @@ class FeatureCache:
                 with contextlib.suppress(OSError):
                     path.unlink(missing_ok=True)
             return
-        self.rows.update(zip(keys, features))
+        self.rows.update(zip(keys, features, strict=False))
         if self.writable and not shard.with_suffix(".keys").exists():
             self._write_index(shard, keys)
 
@@ -166,7 +166,7 @@ class FeatureCache:
         features = features.float().contiguous()
         if features.is_inference():  # made under inference mode: a normal tensor, that autograd may save
             features = features.clone()
-        self.rows.update(zip(keys, features))
+        self.rows.update(zip(keys, features, strict=False))
         if self.writable:
             shard = self.folder / f"{time.time_ns()}-{os.getpid()}.pt"
             self._indexed.add(shard.name)
@@ -176,8 +176,10 @@ class FeatureCache:
             except (OutputError, OSError, RuntimeError) as err:  # the cache is an optimisation: the run goes on
                 self.writable, self._unsaved_reason = False, first_line(err)
         if self._unsaved_reason and self.folder is not None:
-            log.warning(f"Feature cache: rows not saved ({self._unsaved_reason}); this run keeps its features "
-                        "in memory, the next one extracts them again (set cache.dir to a writable folder)")
+            log.warning(
+                f"Feature cache: rows not saved ({self._unsaved_reason}); this run keeps its features "
+                "in memory, the next one extracts them again (set cache.dir to a writable folder)"
+            )
             self._unsaved_reason = None
 
     def reload(self) -> None:
@@ -212,14 +214,24 @@ def extract_features(
     (data.decode: gpu) decodes JPEG batches on the device instead of Pillow and ``transform`` in workers.
     """
     keys = [file_key(path) for path, _ in samples]
-    missing = [(sample, key) for sample, key in zip(samples, keys) if key not in cache]
+    missing = [(sample, key) for sample, key in zip(samples, keys, strict=False) if key not in cache]
     missing = list({key: (sample, key) for sample, key in missing}.values())  # the same file twice: once
     total_missing, started = len(missing), time.perf_counter()
     group.barrier()  # every rank has its list before any rank writes a shard: the lists agree
     missing = group.shard(missing)
     if missing:
-        _extract_missing(prefix, missing, transform, cache, device=device, batch_size=batch_size,
-                         num_workers=num_workers, autocast=autocast, desc=desc, decoder=decoder)
+        _extract_missing(
+            prefix,
+            missing,
+            transform,
+            cache,
+            device=device,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            autocast=autocast,
+            desc=desc,
+            decoder=decoder,
+        )
     if total_missing and group.active:
         group.barrier()  # every rank's shards are on disk
         cache.reload()
@@ -235,11 +247,18 @@ def extract_features(
     return Rows([cache.rows[key] for key in keys])
 
 
-def _extract_missing(prefix, missing, transform, cache: FeatureCache, *, device, batch_size, num_workers,
-                     autocast, desc, decoder=None) -> None:
+def _extract_missing(
+    prefix, missing, transform, cache: FeatureCache, *, device, batch_size, num_workers, autocast, desc, decoder=None
+) -> None:
     """Run the prefix over ``missing`` (sample, key) pairs, adding a shard every SHARD_ROWS rows."""
-    batches = device_batches([sample for sample, _ in missing], transform, decoder, batch_size=batch_size,
-                             device=device, num_workers=num_workers)
+    batches = device_batches(
+        [sample for sample, _ in missing],
+        transform,
+        decoder,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+    )
     pending_keys: list[str] = []
     pending: list[torch.Tensor] = []
     done = 0
@@ -260,8 +279,10 @@ def _extract_missing(prefix, missing, transform, cache: FeatureCache, *, device,
             cache.add(pending_keys, torch.cat(pending))
         if cache.folder is None:
             raise
-        raise Interrupted(f"Interrupted during extraction: the {done} rows extracted so far are kept in "
-                          f"{cache.folder}; the next run starts from there") from None
+        raise Interrupted(
+            f"Interrupted during extraction: the {done} rows extracted so far are kept in "
+            f"{cache.folder}; the next run starts from there"
+        ) from None
     finally:
         counter.close()
     if pending_keys:
@@ -274,11 +295,15 @@ def cache_off_reason(cfg: Config, model: nn.Module | None = None, cut: str | Non
     if not cfg.cache.enabled:
         return "cache.enabled is false", "remove cache: off (or set cache.enabled: true)"
     if cfg.data.augment != "none":
-        return (f"data.augment is '{cfg.data.augment}': random augmentation changes the input every epoch",
-                "set data.augment: none")
+        return (
+            f"data.augment is '{cfg.data.augment}': random augmentation changes the input every epoch",
+            "set data.augment: none",
+        )
     if cfg.model.unfreeze or (model is not None and any(p.requires_grad for p in model.features.parameters())):
-        return ("part of the backbone is unfrozen (model.unfreeze): its features change every step",
-                "set model.unfreeze: 0")
+        return (
+            "part of the backbone is unfrozen (model.unfreeze): its features change every step",
+            "set model.unfreeze: 0",
+        )
     if cut == "input":
         return "nothing at the input is frozen", "freeze the backbone (model.unfreeze: 0)"
     return None
@@ -292,8 +317,17 @@ class FeatureSource:
     alone (a one-off pass over the prefix, such as check-data --near-duplicates with cache.enabled false).
     """
 
-    def __init__(self, model: nn.Module, cfg: Config, device: torch.device, precision: torch.dtype | None,
-                 group: Group = SINGLE, *, rows_in_memory: bool = False, weights_file: Path | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Config,
+        device: torch.device,
+        precision: torch.dtype | None,
+        group: Group = SINGLE,
+        *,
+        rows_in_memory: bool = False,
+        weights_file: Path | None = None,
+    ):
         self.cfg, self.device, self.precision, self.group = cfg, device, precision, group
         self.prefix, self.suffix, self.cut = split_frozen_prefix(model)
         self.workers = resolve_workers(cfg.data, device)
@@ -327,6 +361,7 @@ class FeatureSource:
         """The fingerprint of the prefix's weights. ``weights_file``: the file ``model`` was just built from, if
         it was; the fingerprint is then memoised (keyed by the file's identity) when the file holds every
         prefix weight, so a warm run does not hash ~470 MB again."""
+
         def content() -> str:
             return fingerprint(self.prefix.state_dict())
 
@@ -363,10 +398,17 @@ class FeatureSource:
     def rows(self, samples: Sequence[tuple[str, int]], desc: str = "") -> Rows:
         """The prefix output of every sample: cached rows, extracting what the cache lacks (the slow part)."""
         return extract_features(
-            self.prefix, samples, eval_transform(self.cfg.data), self.cache, device=self.device,
-            batch_size=self.cfg.data.eval_batch_size, num_workers=self.workers,
+            self.prefix,
+            samples,
+            eval_transform(self.cfg.data),
+            self.cache,
+            device=self.device,
+            batch_size=self.cfg.data.eval_batch_size,
+            num_workers=self.workers,
             autocast=autocast_factory(self.device, self.precision),
-            desc=f"Extracting {desc} features".replace("  ", " "), group=self.group, decoder=self.decoder,
+            desc=f"Extracting {desc} features".replace("  ", " "),
+            group=self.group,
+            decoder=self.decoder,
         )
 
     def dataset(self, samples: Sequence[tuple[str, int]], *, train: bool = False, desc: str = "") -> Dataset:

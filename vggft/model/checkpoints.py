@@ -57,8 +57,10 @@ def checked_checkpoint(body, path: Path, what: str) -> dict:
     if not isinstance(body, dict) or not str(body.get("format", "")).startswith("vggft-checkpoint/"):
         raise WeightsError(f"{what}: '{path}' is not a vggft training checkpoint (last.pt/best.pt of a run)")
     if body["format"] not in READABLE_CHECKPOINTS:
-        raise WeightsError(f"{what}: '{path}' has checkpoint format '{body['format']}', newer than this "
-                           f"vggft {__version__} reads; upgrade vggft")
+        raise WeightsError(
+            f"{what}: '{path}' has checkpoint format '{body['format']}', newer than this "
+            f"vggft {__version__} reads; upgrade vggft"
+        )
     body["config"] = migrate_config(body["config"])
     if body["format"] == "vggft-checkpoint/1":
         split = path.parent / "split.json"  # format 1 kept a pool run's split beside its checkpoints
@@ -80,8 +82,10 @@ def check_frozen(model: nn.Module, body: dict, path: Path, what: str, fix: str, 
         got = legacy_frozen_fingerprint(model, body["model"])
     if got != expected:
         weights = body["config"]["model"].get("weights")
-        raise WeightsError(f"{what}: '{path}' was trained on other base weights than model.weights '{weights}' "
-                           f"gives now (the file changed since); restore those weights, or {fix}")
+        raise WeightsError(
+            f"{what}: '{path}' was trained on other base weights than model.weights '{weights}' "
+            f"gives now (the file changed since); restore those weights, or {fix}"
+        )
 
 
 def rebuild_from_checkpoint(body: dict, path: Path, what: str) -> nn.Module:
@@ -96,6 +100,8 @@ def rebuild_from_checkpoint(body: dict, path: Path, what: str) -> nn.Module:
     check_frozen(model, body, path, what, "use the weights the run saved (output.weights)")
     _, unexpected = model.load_state_dict(body["model"], strict=False)  # the frozen rest is already in place
     if unexpected:
-        raise WeightsError(f"{what}: '{path}' does not fit {cfg.model.arch} with a {cfg.model.head} head "
-                           f"(unexpected: {', '.join(unexpected[:3]) or 'none'})")
+        raise WeightsError(
+            f"{what}: '{path}' does not fit {cfg.model.arch} with a {cfg.model.head} head "
+            f"(unexpected: {', '.join(unexpected[:3]) or 'none'})"
+        )
     return model

@@ -147,8 +147,13 @@ def _onnx(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracing chatter
         try:
             program = torch.onnx.export(
-                model, (example,), dynamo=True, verbose=False, external_data=False,
-                input_names=["images"], output_names=["logits"],
+                model,
+                (example,),
+                dynamo=True,
+                verbose=False,
+                external_data=False,
+                input_names=["images"],
+                output_names=["logits"],
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
             )
         except Exception as err:  # the exporter raises many types; one line for the user

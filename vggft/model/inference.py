@@ -97,10 +97,13 @@ def load_model(weights: Path, config: Path | None = None, overrides: Sequence[st
 
 def _check_temperature(sidecar: dict | None, weights: Path) -> None:
     value = sidecar.get("temperature") if sidecar else None
-    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                  and 0 < value < float("inf")):
-        raise WeightsError(f"{sidecar_path(weights)}: temperature {value!r} is not a positive number; "
-                           "train again, or remove the temperature key to use uncalibrated probabilities")
+    if value is not None and not (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+    ):
+        raise WeightsError(
+            f"{sidecar_path(weights)}: temperature {value!r} is not a positive number; "
+            "train again, or remove the temperature key to use uncalibrated probabilities"
+        )
 
 
 def collect_images(inputs: Sequence[Path]) -> list[str]:
@@ -155,8 +158,9 @@ def _empty(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def image_batches(trained: TrainedModel, paths: list[str], batch_size: int,
-                  desc: str) -> Iterator[tuple[Iterator[tuple[torch.Tensor, list[str]]], torch.device]]:
+def image_batches(
+    trained: TrainedModel, paths: list[str], batch_size: int, desc: str
+) -> Iterator[tuple[Iterator[tuple[torch.Tensor, list[str]]], torch.device]]:
     """(batches, device) for running ``trained.model`` (moved to ``device``) over ``paths``: each batch is the
     images on the device (preprocessed as in training, zeros for a file that cannot be decoded) and every
     file's error ('' if none). Loader workers as data.num_workers says; running out of memory inside the
@@ -167,8 +171,9 @@ def image_batches(trained: TrainedModel, paths: list[str], batch_size: int,
     trained.model.to(device)
     dataset = _Images(paths, eval_transform(cfg.data), cfg.data.image_size)
     loader = make_loader(dataset, batch_size, device=device, num_workers=resolve_workers(cfg.data, device))
-    batches = ((images.to(device, non_blocking=True), errors)
-               for images, errors in progress(loader, desc=desc, unit="batch"))
+    batches = (
+        (images.to(device, non_blocking=True), errors) for images, errors in progress(loader, desc=desc, unit="batch")
+    )
     with out_of_memory_hint(device, {"--batch-size": batch_size}):
         yield batches, device
 
@@ -204,6 +209,11 @@ def predict(
                 if error:
                     rows.append({"path": path, "top": [], "error": error, **calibration})
                 else:
-                    rows.append({"path": path, "top": [{"class": names[i], "probability": p}
-                                                       for p, i in zip(p_row, i_row, strict=True)], **calibration})
+                    rows.append(
+                        {
+                            "path": path,
+                            "top": [{"class": names[i], "probability": p} for p, i in zip(p_row, i_row, strict=True)],
+                            **calibration,
+                        }
+                    )
     return rows

@@ -44,7 +44,12 @@ def _is_safe_global(name: str) -> bool:
     if name.startswith("torch.nn.modules."):  # a pickled module: a whole model, not its state
         return False
     return name.startswith(("torch.", "collections.OrderedDict", "_codecs.encode")) or name in (
-        "builtins.set", "builtins.frozenset", "builtins.bytearray", "builtins.slice", "builtins.complex")
+        "builtins.set",
+        "builtins.frozenset",
+        "builtins.bytearray",
+        "builtins.slice",
+        "builtins.complex",
+    )
 
 
 def safe_load(path: Path, what: str, fix: str, *, mmap: bool = False):
@@ -67,13 +72,14 @@ def _refusal(path: Path, err: Exception) -> str:
     modules = [n for n in foreign if n.startswith(("torchvision.models.", "torch.nn.modules."))]
     if modules:
         model_class = modules[0]
-        return (f"is a whole pickled model ({model_class}, saved with torch.save(model, ...)), which vggft does "
-                "not unpickle because unpickling can run code; if you trust the file, turn it into a state_dict "
-                "with: import torch; m = torch.load('FILE', weights_only=False); "
-                "torch.save(m.state_dict(), 'FILE.state_dict.pt')")
+        return (
+            f"is a whole pickled model ({model_class}, saved with torch.save(model, ...)), which vggft does "
+            "not unpickle because unpickling can run code; if you trust the file, turn it into a state_dict "
+            "with: import torch; m = torch.load('FILE', weights_only=False); "
+            "torch.save(m.state_dict(), 'FILE.state_dict.pt')"
+        )
     if foreign:
-        return (f"contains pickled code or objects ({', '.join(sorted(set(foreign))[:3])}), "
-                "which vggft never unpickles")
+        return f"contains pickled code or objects ({', '.join(sorted(set(foreign))[:3])}), which vggft never unpickles"
     if names is not None:
         return f"could not be read as a torch.save file ({first_line(err)})"
     return "is not a file written by torch.save"

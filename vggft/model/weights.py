@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from vggft import __version__
-from vggft.config.schema import Config
 from vggft.config.loading import migrate_config
+from vggft.config.schema import Config
 from vggft.model.checkpoints import checked_checkpoint, rebuild_from_checkpoint
 from vggft.model.safe_load import read_state_dict
 from vggft.utils.errors import OutputError, WeightsError
@@ -38,8 +38,10 @@ def check_writable(path: Path) -> None:
     if path.is_dir():
         raise OutputError(f"output.weights: '{path}' is a folder; give a file path such as models/VGG16.pt")
     if path.suffix.lower() == ".json":
-        raise OutputError(f"output.weights: '{path}' ends in .json, the name of its own sidecar; "
-                          "give the weights a .pt name such as models/VGG16.pt")
+        raise OutputError(
+            f"output.weights: '{path}' ends in .json, the name of its own sidecar; "
+            "give the weights a .pt name such as models/VGG16.pt"
+        )
     check_name_length(path, "output.weights", spare=max(0, len(".json") - len(path.suffix)))  # and its sidecar
     existing = existing_parent(path.parent)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
@@ -54,8 +56,16 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
-def save_trained(model: nn.Module, weights: Path, cfg: Config, class_names: list[str], *,
-                 metrics: dict | None = None, split: dict | None = None, temperature: float | None = None) -> Path:
+def save_trained(
+    model: nn.Module,
+    weights: Path,
+    cfg: Config,
+    class_names: list[str],
+    *,
+    metrics: dict | None = None,
+    split: dict | None = None,
+    temperature: float | None = None,
+) -> Path:
     """Write the weights, then the sidecar that records their digest (and a pool's ``split``, and the softmax
     ``temperature`` fitted on val, if any), each atomically.
 
@@ -102,8 +112,10 @@ def read_sidecar(weights: Path) -> dict | None:
         raise WeightsError(f"{path}: not a vggft sidecar (no class_names/config); move it away or delete it")
     fmt = body.get("format")
     if fmt not in READABLE_WEIGHTS:
-        raise WeightsError(f"{path}: sidecar format '{fmt}' is newer than this vggft {__version__} reads "
-                           f"({', '.join(READABLE_WEIGHTS)}); upgrade vggft")
+        raise WeightsError(
+            f"{path}: sidecar format '{fmt}' is newer than this vggft {__version__} reads "
+            f"({', '.join(READABLE_WEIGHTS)}); upgrade vggft"
+        )
     expected = body.get("weights_sha256")
     if expected and file_digest(weights) != expected:
         raise WeightsError(

@@ -37,8 +37,9 @@ class Metrics:
         n = max(len(class_names), num_outputs or 0)
         return cls(output_names(class_names, n), torch.zeros(n, n, dtype=torch.int64))
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: float = 0.0, ks=(1, 5),
-               keep: bool = False) -> None:
+    def update(
+        self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: float = 0.0, ks=(1, 5), keep: bool = False
+    ) -> None:
         logits, labels = logits.detach().float().cpu(), labels.cpu()
         if keep:
             self.logits.append(logits)
@@ -79,8 +80,9 @@ class Metrics:
         off = self.confusion.clone().fill_diagonal_(0)
         cells = [(int(off[t, p]), int(t), int(p)) for t, p in off.nonzero().tolist()]  # only the non-zero cells
         cells.sort(key=lambda cell: (-cell[0], cell[1], cell[2]))
-        return [{"true": self.class_names[t], "predicted": self.class_names[p], "count": c}
-                for c, t, p in cells[:limit]]
+        return [
+            {"true": self.class_names[t], "predicted": self.class_names[p], "count": c} for c, t, p in cells[:limit]
+        ]
 
     @property
     def total(self) -> int:
@@ -111,8 +113,17 @@ class Metrics:
             recall = hit / support if support else 0.0
             precision = hit / predicted if predicted else None
             f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
-            rows.append({"class": name, "support": support, "correct": hit,
-                         "accuracy": recall, "precision": precision, "recall": recall, "f1": f1})
+            rows.append(
+                {
+                    "class": name,
+                    "support": support,
+                    "correct": hit,
+                    "accuracy": recall,
+                    "precision": precision,
+                    "recall": recall,
+                    "f1": f1,
+                }
+            )
         return rows
 
     def worst_mistakes(self, count: int) -> list[tuple[int, int, int, float]]:

@@ -13,8 +13,8 @@ import torch
 
 from vggft.data.check import DataReport
 from vggft.data.transforms import denormalize
-from vggft.utils.files import atomic_path, save_csv
 from vggft.reporting.metrics import shorten
+from vggft.utils.files import atomic_path, save_csv
 
 
 def _subplots(*args, **kwargs):
@@ -42,7 +42,7 @@ def fit_title(title: str, width: int = CELL_CHARS) -> str:
         wrapped = _wrap(line, width)
         if len(wrapped) > 2:
             rest = "".join(wrapped[1:])
-            wrapped = [wrapped[0], "..." + rest[-(width - 3):]]
+            wrapped = [wrapped[0], "..." + rest[-(width - 3) :]]
         lines += [part.strip() for part in wrapped]
     return "\n".join(lines)
 
@@ -60,14 +60,21 @@ def _wrap(line: str, width: int) -> list[str]:
             piece = piece[room:]
             lines.append("")
         lines[-1] += piece
-    return [l for l in lines if l.strip()] or [""]
+    return [line for line in lines if line.strip()] or [""]
 
 
 CAM_ALPHA = 0.45  # how much of the picture shows through a Grad-CAM heatmap
 
 
-def save_image_grid(images: torch.Tensor, titles: list[str], mean, std, path: Path,
-                    title_colors: list[str] | None = None, heatmaps: torch.Tensor | None = None) -> Path:
+def save_image_grid(
+    images: torch.Tensor,
+    titles: list[str],
+    mean,
+    std,
+    path: Path,
+    title_colors: list[str] | None = None,
+    heatmaps: torch.Tensor | None = None,
+) -> Path:
     """Normalised image tensors back to real colours, one titled cell each (a heatmap in [0, 1] over each
     when ``heatmaps`` is given), saved as PNG."""
     pixels = denormalize(images, mean, std).permute(0, 2, 3, 1).numpy()
@@ -112,19 +119,32 @@ def save_reliability(summary: dict, path: Path) -> Path:
     """Reliability diagram: accuracy against confidence per bin, raw and (if fitted) temperature-scaled."""
     panels = [("uncalibrated", summary["reliability"], summary["ece"])]
     if summary.get("reliability_calibrated"):
-        panels.append((f"temperature {summary['temperature']:.2f}", summary["reliability_calibrated"],
-                       summary["ece_calibrated"]))
+        panels.append(
+            (f"temperature {summary['temperature']:.2f}", summary["reliability_calibrated"], summary["ece_calibrated"])
+        )
     fig, axes = _subplots(1, len(panels), figsize=(max(5.6, 4.2 * len(panels)), 4.7), squeeze=False)
     bins = summary["bins"]
     centres = [(k + 0.5) / bins for k in range(bins)]
-    for ax, (label, table, ece) in zip(axes[0], panels):
+    for ax, (label, table, ece) in zip(axes[0], panels, strict=False):
         filled = [n > 0 for n in table["counts"]]
-        ax.bar([c for c, f in zip(centres, filled) if f], [a for a, f in zip(table["accuracy"], filled) if f],
-               width=1 / bins, edgecolor="black", color="tab:blue", label="accuracy")
-        ax.bar([c for c, f in zip(centres, filled) if f],
-               [conf - acc for conf, acc, f in zip(table["confidence"], table["accuracy"], filled) if f],
-               bottom=[a for a, f in zip(table["accuracy"], filled) if f], width=1 / bins, fill=False,
-               hatch="//", edgecolor="tab:red", label="gap to mean confidence")
+        ax.bar(
+            [c for c, f in zip(centres, filled, strict=False) if f],
+            [a for a, f in zip(table["accuracy"], filled, strict=False) if f],
+            width=1 / bins,
+            edgecolor="black",
+            color="tab:blue",
+            label="accuracy",
+        )
+        ax.bar(
+            [c for c, f in zip(centres, filled, strict=False) if f],
+            [conf - acc for conf, acc, f in zip(table["confidence"], table["accuracy"], filled, strict=False) if f],
+            bottom=[a for a, f in zip(table["accuracy"], filled, strict=False) if f],
+            width=1 / bins,
+            fill=False,
+            hatch="//",
+            edgecolor="tab:red",
+            label="gap to mean confidence",
+        )
         ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -170,12 +190,14 @@ def save_curves(history: list[dict], path: Path, best_epoch: int = 0) -> Path:
 
 # --- sweep and lr-find ---------------------------------------------------------------------------------
 
+
 def save_sweep_plot(trials: list, keys: list[str], best: int, path: Path) -> Path:
     """Val accuracy of each trial: against the value when one numeric key is swept, else a bar per trial."""
     fig, ax = _subplots(figsize=(max(6.0, 0.35 * len(trials) + 3), 4.2))
     ok = [t for t in trials if t.status == "ok"]
-    numeric = len(keys) == 1 and all(isinstance(t.values[keys[0]], (int, float)) and not isinstance(
-        t.values[keys[0]], bool) for t in trials)
+    numeric = len(keys) == 1 and all(
+        isinstance(t.values[keys[0]], (int, float)) and not isinstance(t.values[keys[0]], bool) for t in trials
+    )
     if numeric and len({t.values[keys[0]] for t in ok}) > 1:
         key = keys[0]
         points = sorted((t.values[key], t.val_acc, t.number) for t in ok)
@@ -184,14 +206,23 @@ def save_sweep_plot(trials: list, keys: list[str], best: int, path: Path) -> Pat
         if len(positive) == len(points) and max(positive) / min(positive) >= 100:
             ax.set_xscale("log")
         winner = next(p for p in points if p[2] == best)
-        ax.plot([winner[0]], [winner[1]], marker="*", markersize=16, color="tab:red", linestyle="none",
-                label=f"best: trial {best}, {key}={winner[0]:g}")
+        ax.plot(
+            [winner[0]],
+            [winner[1]],
+            marker="*",
+            markersize=16,
+            color="tab:red",
+            linestyle="none",
+            label=f"best: trial {best}, {key}={winner[0]:g}",
+        )
         ax.set_xlabel(key)
     else:
         numbers = [t.number for t in trials]
         heights = [t.val_acc if t.status == "ok" else 0.0 for t in trials]
-        colors = ["tab:red" if n == best else "tab:blue" if t.status == "ok" else "lightgrey"
-                  for n, t in zip(numbers, trials)]
+        colors = [
+            "tab:red" if n == best else "tab:blue" if t.status == "ok" else "lightgrey"
+            for n, t in zip(numbers, trials, strict=False)
+        ]
         ax.bar(range(len(trials)), heights, color=colors)
         ax.set_xticks(range(len(trials)), [str(n) for n in numbers], fontsize=8)
         ax.set_xlabel("trial (red: best; grey: diverged)")
@@ -205,8 +236,9 @@ def save_sweep_plot(trials: list, keys: list[str], best: int, path: Path) -> Pat
     return _save(fig, path)
 
 
-def save_lr_plot(lrs: list[float], losses: list[float], smoothed: list[float], suggestions: dict[str, tuple],
-                 chosen: str, path: Path) -> Path:
+def save_lr_plot(
+    lrs: list[float], losses: list[float], smoothed: list[float], suggestions: dict[str, tuple], chosen: str, path: Path
+) -> Path:
     """Smoothed training loss against learning rate (log axis), the raw loss faint, the suggestions marked."""
     fig, ax = _subplots(figsize=(7, 4.5))
     ax.plot(lrs, losses, color="lightgrey", linewidth=1, label="loss per batch")
@@ -215,8 +247,15 @@ def save_lr_plot(lrs: list[float], losses: list[float], smoothed: list[float], s
     for name, (lr, loss) in suggestions.items():
         marker, color = markers.get(name, ("^", "tab:purple"))
         label = f"{name}: {lr:.2e}" + (" (suggested)" if name == chosen else "")
-        ax.plot([lr], [loss], marker=marker, markersize=10 if name == chosen else 7, color=color,
-                linestyle="none", label=label)
+        ax.plot(
+            [lr],
+            [loss],
+            marker=marker,
+            markersize=10 if name == chosen else 7,
+            color=color,
+            linestyle="none",
+            label=label,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
@@ -232,8 +271,9 @@ def save_lr_plot(lrs: list[float], losses: list[float], smoothed: list[float], s
 CONFUSION_DRAWN = 30  # classes a confusion PNG shows; beyond that the most confused ones, the rest in the CSV
 
 
-def save_confusion(confusion: torch.Tensor, class_names: list[str], path: Path, title: str = "",
-                   normalize: bool = False) -> Path:
+def save_confusion(
+    confusion: torch.Tensor, class_names: list[str], path: Path, title: str = "", normalize: bool = False
+) -> Path:
     """The confusion matrix as a heat map, rows true classes; counts, or with ``normalize`` each row as
     fractions of that class's images (the diagonal is then each class's recall).
 
@@ -248,7 +288,9 @@ def save_confusion(confusion: torch.Tensor, class_names: list[str], path: Path, 
         save_confusion_csv(full if normalize else confusion[:n, :n], class_names, path.with_suffix(".csv"))
         off = counts.clone().fill_diagonal_(0)
         shown = sorted((off.sum(dim=0) + off.sum(dim=1)).argsort(descending=True)[:CONFUSION_DRAWN].tolist())
-        title = f"{title}\n{len(shown)} of {n} classes, the most confused; all of them in {path.with_suffix('.csv').name}"
+        title = (
+            f"{title}\n{len(shown)} of {n} classes, the most confused; all of them in {path.with_suffix('.csv').name}"
+        )
     matrix = full[shown][:, shown].numpy()
     size = max(4, 0.6 * len(shown) + 2)
     fig, ax = _subplots(figsize=(size, size))
@@ -266,17 +308,29 @@ def save_confusion(confusion: torch.Tensor, class_names: list[str], path: Path, 
     for i in range(len(shown)):
         for j in range(len(shown)):
             value = matrix[i, j]
-            ax.text(j, i, f"{value:.2f}" if normalize else str(int(value)), ha="center", va="center",
-                    color="white" if value > top / 2 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}" if normalize else str(int(value)),
+                ha="center",
+                va="center",
+                color="white" if value > top / 2 else "black",
+                fontsize=8,
+            )
     fig.tight_layout()
     return _save(fig, path)
 
 
 def save_confusion_csv(confusion: torch.Tensor, class_names: list[str], path: Path) -> Path:
     """The whole confusion matrix as CSV: a header of predicted classes, one row per true class."""
-    return save_csv(path, ["true \\ predicted", *class_names],
-                    ([name, *(f"{v:.4f}" if isinstance(v, float) else v for v in row)]
-                     for name, row in zip(class_names, confusion.tolist())))
+    return save_csv(
+        path,
+        ["true \\ predicted", *class_names],
+        (
+            [name, *(f"{v:.4f}" if isinstance(v, float) else v for v in row)]
+            for name, row in zip(class_names, confusion.tolist(), strict=False)
+        ),
+    )
 
 
 def _near_duplicate_lines(report: DataReport, rel) -> list[str]:
@@ -286,8 +340,10 @@ def _near_duplicate_lines(report: DataReport, rel) -> list[str]:
     if not (report.near_cross or report.near_within):
         return [f"Near-duplicates ({at}): none among {report.near_checked} readable images"]
     lines = []
-    for title, groups in ((f"Near-duplicates across splits ({at}; test leakage)", report.near_cross),
-                          (f"Near-duplicates within a split ({at})", report.near_within)):
+    for title, groups in (
+        (f"Near-duplicates across splits ({at}; test leakage)", report.near_cross),
+        (f"Near-duplicates within a split ({at})", report.near_within),
+    ):
         if groups:
             lines.append(f"{title}: {len(groups)} group(s)")
             lines += [f"  {_members(g.members, rel)}  (similarity {g.similarity:.3f})" for g in groups]
@@ -331,8 +387,10 @@ def format_report(report: DataReport) -> str:
         reasons = Counter(v.reason for _, v in report.bad)
         lines.append(f"Unreadable files ({', '.join(f'{n} {r}' for r, n in reasons.most_common())}):")
         lines += [f"  {rel(p)}\t{v.reason}\t{v.detail}" for p, v in report.bad]
-    for title, groups in (("Duplicates across splits (test leakage)", report.cross_duplicates),
-                          ("Duplicates within a split", report.within_duplicates)):
+    for title, groups in (
+        ("Duplicates across splits (test leakage)", report.cross_duplicates),
+        ("Duplicates within a split", report.within_duplicates),
+    ):
         if groups:
             lines.append(f"{title}: {len(groups)} group(s)")
             lines += ["  " + " == ".join(rel(p) for _, p in group) for group in groups]

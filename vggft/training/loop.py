@@ -19,17 +19,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from vggft.model.checkpoints import trainable_state
 from vggft.config.schema import TrainConfig
 from vggft.data.loaders import make_loader
+from vggft.model.build import set_train_mode
+from vggft.model.checkpoints import trainable_state
+from vggft.reporting.metrics import Metrics
+from vggft.training.optim import make_optimizer, make_scheduler
+from vggft.training.shared_steps import SharedSteps
 from vggft.utils.device import autocast_factory
 from vggft.utils.distributed import SINGLE, Group
 from vggft.utils.errors import DivergedError
 from vggft.utils.logs import log, progress
-from vggft.reporting.metrics import Metrics
-from vggft.model.build import set_train_mode
-from vggft.training.optim import make_optimizer, make_scheduler
-from vggft.training.shared_steps import SharedSteps
 
 
 def to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -66,9 +66,11 @@ def train_one_epoch(
             loss = criterion(outputs, labels)
         value = loss.item()
         if not math.isfinite(value):
-            raise DivergedError(f"the training loss became {value} at batch {step} of {desc.lower()}; the "
-                                "settings make training diverge: lower train.lr (or train.momentum), or set "
-                                "train.grad_clip")
+            raise DivergedError(
+                f"the training loss became {value} at batch {step} of {desc.lower()}; the "
+                "settings make training diverge: lower train.lr (or train.momentum), or set "
+                "train.grad_clip"
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -120,6 +122,7 @@ def evaluate(
 
 
 # --- the epochs ---------------------------------------------------------------------------------
+
 
 @dataclass
 class Progress:
@@ -179,15 +182,25 @@ def run_epochs(loop: Loop, state: Progress, start: int = 1) -> Iterator[EpochEnd
         started = time.perf_counter()
         row = {"epoch": epoch, "lr": loop.optimizer.param_groups[0]["lr"]}
         with cpu_threads(loop.threads):
-            stats = train_one_epoch(loop.module, loop.train_loader, loop.criterion, loop.optimizer, loop.device,
-                                    loop.precision, scaler=loop.scaler, scheduler=loop.scheduler,
-                                    grad_clip=cfg.grad_clip, desc=f"Epoch {epoch}/{cfg.epochs}")
+            stats = train_one_epoch(
+                loop.module,
+                loop.train_loader,
+                loop.criterion,
+                loop.optimizer,
+                loop.device,
+                loop.precision,
+                scaler=loop.scaler,
+                scheduler=loop.scheduler,
+                grad_clip=cfg.grad_clip,
+                desc=f"Epoch {epoch}/{cfg.epochs}",
+            )
         stats = _mean_over_ranks(stats, loop.group)
         row.update(train_loss=stats["loss"], train_acc=stats["acc"])
         if loop.val_loader is not None:
             with cpu_threads(loop.threads):
-                val = evaluate(loop.module, loop.val_loader, loop.device, loop.precision, names=loop.names,
-                               desc="Validating")
+                val = evaluate(
+                    loop.module, loop.val_loader, loop.device, loop.precision, names=loop.names, desc="Validating"
+                )
             val = reduce_metrics(val, loop.group)
             row.update(val_loss=val.loss, val_acc=val.accuracy, val_correct=val.correct, val_total=val.total)
         row["seconds"] = time.perf_counter() - started
@@ -199,8 +212,9 @@ def run_epochs(loop: Loop, state: Progress, start: int = 1) -> Iterator[EpochEnd
         patience = cfg.early_stopping.patience
         stop = ""
         if loop.val_loader is not None and patience and epoch - state.best["epoch"] >= patience:
-            stop = (f"Early stopping: no better val accuracy for {patience} epoch(s); "
-                    f"best was epoch {state.best['epoch']}")
+            stop = (
+                f"Early stopping: no better val accuracy for {patience} epoch(s); best was epoch {state.best['epoch']}"
+            )
         yield EpochEnd(row, improved, stop)
         if stop:
             break
@@ -230,8 +244,10 @@ def cpu_threads(count: int | None) -> Iterator[None]:
 def epoch_line(row: dict, epochs: int) -> str:
     line = f"Epoch {row['epoch']:3d}/{epochs}: loss {row['train_loss']:.4f}, train acc {100 * row['train_acc']:.2f}%"
     if "val_acc" in row:
-        line += (f", val loss {row['val_loss']:.4f}, val acc@1 {100 * row['val_acc']:.2f}% "
-                 f"({row['val_correct']}/{row['val_total']})")
+        line += (
+            f", val loss {row['val_loss']:.4f}, val acc@1 {100 * row['val_acc']:.2f}% "
+            f"({row['val_correct']}/{row['val_total']})"
+        )
     return line + f" ({row['seconds']:.1f}s)"
 
 
@@ -247,8 +263,9 @@ def _mean_over_ranks(stats: dict[str, float], group: Group) -> dict[str, float]:
     """Each rank's epoch loss and accuracy, weighted by how many samples it saw."""
     if not group.active:
         return stats
-    sums = group.sum_(torch.tensor([stats["loss"] * stats["seen"], stats["acc"] * stats["seen"], stats["seen"]],
-                                   dtype=torch.float64))
+    sums = group.sum_(
+        torch.tensor([stats["loss"] * stats["seen"], stats["acc"] * stats["seen"], stats["seen"]], dtype=torch.float64)
+    )
     return {"loss": float(sums[0] / sums[2]), "acc": float(sums[1] / sums[2]), "seen": int(sums[2])}
 
 
@@ -259,6 +276,7 @@ def class_weights(labels: torch.Tensor, num_outputs: int) -> torch.Tensor:
 
 
 # --- many heads on the same rows -------------------------------------------------------------------
+
 
 @dataclass
 class HeadFit:
@@ -311,16 +329,27 @@ def fit_head(
         module = steps.share(module)
     rows, labels = train
     generator = torch.Generator().manual_seed(seed)
-    train_loader = make_loader(TensorDataset(rows, labels), batch_size, device=device, shuffle=True,
-                               generator=generator)
-    val_loader = (make_loader(TensorDataset(*val), eval_batch_size, device=device) if val is not None else None)
+    train_loader = make_loader(
+        TensorDataset(rows, labels), batch_size, device=device, shuffle=True, generator=generator
+    )
+    val_loader = make_loader(TensorDataset(*val), eval_batch_size, device=device) if val is not None else None
     weights = class_weights(labels, len(names)).to(device) if balance == "weights" else None
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, trainable)
-    loop = Loop(module, module, train_loader, val_loader,
-                nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing), optimizer,
-                make_scheduler(cfg, optimizer, len(train_loader)), device, None, names, cfg,
-                threads=row_threads(device))
+    loop = Loop(
+        module,
+        module,
+        train_loader,
+        val_loader,
+        nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing),
+        optimizer,
+        make_scheduler(cfg, optimizer, len(train_loader)),
+        device,
+        None,
+        names,
+        cfg,
+        threads=row_threads(device),
+    )
     state = Progress()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout
@@ -340,6 +369,6 @@ def reduce_metrics(metrics: Metrics, group: Group) -> Metrics:
     loss = group.sum_(torch.tensor([metrics.loss_sum], dtype=torch.float64))
     n = metrics.confusion.numel()
     metrics.confusion = counts[:n].view_as(metrics.confusion).clone()
-    metrics.topk_correct = {k: int(v) for k, v in zip(ks, counts[n:])}
+    metrics.topk_correct = {k: int(v) for k, v in zip(ks, counts[n:], strict=False)}
     metrics.loss_sum = float(loss)
     return metrics

@@ -55,7 +55,7 @@ class SharedSteps:
         before = _random_state(rows.device)
         if step < len(self.kept):
             kept = self.kept[step]
-            if (kept.rows.shape == rows.shape and _same(kept.state_before, before) and torch.equal(kept.rows, rows)):
+            if kept.rows.shape == rows.shape and _same(kept.state_before, before) and torch.equal(kept.rows, rows):
                 _set_random_state(rows.device, kept.state_after)
                 self.taken += 1
                 return kept.output.clone()  # the layers after may work in place (ReLU(inplace=True))

@@ -20,35 +20,47 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Subset, WeightedRandomSampler
 
-from vggft.model.checkpoints import check_frozen, load_checkpoint, save_checkpoint, trainable_state
-
-from vggft.model.fingerprint import frozen_fingerprint
-
-from vggft.model.pretrained import pretrained_state_dict
-
-from vggft.model.weights import check_writable, save_trained, sidecar_path
-from vggft.utils import rng
-from vggft.training import tensorboard as tensorboard_log
-from vggft.training.calibration import TemperatureFit, fit_temperature
-from vggft.config.schema import Config
 from vggft.config.loading import load_config, resume_overrides_refused
+from vggft.config.schema import Config
 from vggft.data import DataSplits, prepare_data, split_record
 from vggft.data.loaders import make_loader, stop_workers
-from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
-from vggft.utils.distributed import (Group, is_peer_failure, is_timeout, main_first, process_group,
-                          stalled)
-from vggft.training.loop import (HISTORY_COLUMNS, Loop, Progress, class_weights, epoch_line, evaluate, reduce_metrics,
-                                 restore_best,
-                     row_threads, run_epochs)
-from vggft.utils.errors import (ConfigError, DataError, DivergedError, Interrupted, OutputError, VggftError, WeightsError,
-                     first_line)
 from vggft.features.cache import FeatureSource
+from vggft.model.build import build_model, parameter_counts
+from vggft.model.checkpoints import check_frozen, load_checkpoint, save_checkpoint, trainable_state
+from vggft.model.fingerprint import frozen_fingerprint
+from vggft.model.pretrained import pretrained_file, pretrained_state_dict
+from vggft.model.weights import check_writable, save_trained, sidecar_path
+from vggft.reporting.metrics import Metrics, output_names
+from vggft.training import tensorboard as tensorboard_log
+from vggft.training.calibration import TemperatureFit, fit_temperature
+from vggft.training.loop import (
+    HISTORY_COLUMNS,
+    Loop,
+    Progress,
+    class_weights,
+    epoch_line,
+    evaluate,
+    reduce_metrics,
+    restore_best,
+    row_threads,
+    run_epochs,
+)
+from vggft.training.optim import make_optimizer, make_scheduler
+from vggft.utils import rng
+from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
+from vggft.utils.distributed import Group, is_peer_failure, is_timeout, main_first, process_group, stalled
+from vggft.utils.errors import (
+    ConfigError,
+    DataError,
+    DivergedError,
+    Interrupted,
+    OutputError,
+    VggftError,
+    WeightsError,
+    first_line,
+)
 from vggft.utils.files import check_folder, check_free_space, check_name_length, save_csv, save_text
 from vggft.utils.logs import log, silence
-from vggft.model.pretrained import pretrained_file
-from vggft.reporting.metrics import Metrics, output_names
-from vggft.model.build import build_model, parameter_counts
-from vggft.training.optim import make_optimizer, make_scheduler
 
 RUN_FILES = "config.yaml, metrics.csv, last.pt, best.pt, curves.png"
 
@@ -97,8 +109,10 @@ def make_run_folder(cfg: Config, default_name: str = "train") -> Path:
     try:
         folder.mkdir(parents=True)
     except OSError as err:
-        raise OutputError(f"output.runs_dir: cannot make the run folder '{folder}' ({err.strerror}); "
-                          "choose another folder with --set output.runs_dir=PATH") from None
+        raise OutputError(
+            f"output.runs_dir: cannot make the run folder '{folder}' ({err.strerror}); "
+            "choose another folder with --set output.runs_dir=PATH"
+        ) from None
     write_run_config(cfg, folder)
     return folder
 
@@ -117,9 +131,11 @@ def read_resume(checkpoint_path: Path, overrides: list[str] = ()) -> tuple[Confi
     resume_overrides_refused(list(overrides))
     body = load_checkpoint(checkpoint_path)
     if body.get("kind") == "best":
-        raise WeightsError(f"--resume: '{checkpoint_path}' is the run's best epoch ({body['epoch']}), kept for "
-                           f"eval, predict and export; go on with {Path(checkpoint_path).with_name('last.pt')}, "
-                           "or start a new run")
+        raise WeightsError(
+            f"--resume: '{checkpoint_path}' is the run's best epoch ({body['epoch']}), kept for "
+            f"eval, predict and export; go on with {Path(checkpoint_path).with_name('last.pt')}, "
+            "or start a new run"
+        )
     return load_config(None, overrides, base=body["config"]), body
 
 
@@ -137,8 +153,9 @@ def fit(cfg: Config, *, resume: Path | None = None, checkpoint: dict | None = No
             silence()  # rank 0 speaks for the job
         try:
             run = _setup(cfg, resume, device, group, checkpoint)
-            memory = out_of_memory_hint(device, {"data.batch_size": cfg.data.batch_size,
-                                                 "data.eval_batch_size": cfg.data.eval_batch_size})
+            memory = out_of_memory_hint(
+                device, {"data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size}
+            )
             try:
                 with memory:
                     test = _train(run)
@@ -164,19 +181,24 @@ def _check_distributed(cfg: Config) -> None:
     if cfg.data.balance == "sampler":
         raise ConfigError("data.balance: 'sampler' cannot shard across processes; use weights (a weighted loss)")
     if cfg.train.head_only_epochs and cfg.model.unfreeze:
-        raise ConfigError("train.head_only_epochs: two-stage training is not supported under torchrun yet; "
-                          "set it to 0, or run it as one process")
+        raise ConfigError(
+            "train.head_only_epochs: two-stage training is not supported under torchrun yet; "
+            "set it to 0, or run it as one process"
+        )
 
 
 # --- setup ------------------------------------------------------------------------------------------
+
 
 def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group, body: dict | None = None) -> Run:
     if resume and body is None:
         body = load_checkpoint(resume)
     if body and cfg.train.scheduler == "onecycle" and body["config"]["train"]["epochs"] != cfg.train.epochs:
-        raise ConfigError(f"train.epochs: a onecycle schedule is laid out for the run's "
-                          f"{body['config']['train']['epochs']} epochs at its start; resume with that many, "
-                          "or start a new run")
+        raise ConfigError(
+            f"train.epochs: a onecycle schedule is laid out for the run's "
+            f"{body['config']['train']['epochs']} epochs at its start; resume with that many, "
+            "or start a new run"
+        )
     check_writable(Path(cfg.output.weights))
     check_folder(cfg.output.runs_dir, "output.runs_dir", "choose another folder with --set output.runs_dir=PATH")
     if not resume:
@@ -191,8 +213,7 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group,
     _check_disk(cfg, model, source, splits)
     with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
         loop, generator, test_loader = _make_loop(cfg, model, source, splits, device, precision, group)
-    fingerprint = frozen_fingerprint(model, trainable_state(model, loop.optimizer),
-                                               source.prefix_weights)
+    fingerprint = frozen_fingerprint(model, trainable_state(model, loop.optimizer), source.prefix_weights)
     run = Run(cfg, splits, model, source, loop, Progress(), generator, None, test_loader, fingerprint)
     if body:
         _restore(run, body, Path(resume))
@@ -210,17 +231,25 @@ def find_training_data(cfg: Config, body: dict | None, resume: Path | None, grou
     with main_first(group):  # rank 0 decodes every image first; the others then read its verdict cache
         splits, _ = prepare_data(cfg, body.get("split") if body else None, f"--resume {resume}")
     if not splits["train"]:
-        raise DataError(f"{splits.root}: no train/ folder; training needs train/<class>/ images "
-                        "(a folder with test/ alone can only be evaluated: vggft eval)")
+        raise DataError(
+            f"{splits.root}: no train/ folder; training needs train/<class>/ images "
+            "(a folder with test/ alone can only be evaluated: vggft eval)"
+        )
     if body and body["class_names"] != splits.class_names:
-        raise DataError(f"--resume: the run was trained on classes {body['class_names']}, "
-                        f"but {splits.root} has {splits.class_names}; resume on the same data")
+        raise DataError(
+            f"--resume: the run was trained on classes {body['class_names']}, "
+            f"but {splits.root} has {splits.class_names}; resume on the same data"
+        )
     if cfg.model.num_classes and cfg.model.num_classes < len(splits.class_names):
-        raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(splits.class_names)} "
-                          "class folders; set it to null or at least the number of classes")
+        raise ConfigError(
+            f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(splits.class_names)} "
+            "class folders; set it to null or at least the number of classes"
+        )
     if cfg.train.early_stopping.patience and not splits["val"]:
-        raise ConfigError("train.early_stopping.patience: needs a val split to watch, and there is none; add a "
-                          "val/ folder, set data.val_fraction (e.g. 0.1), or remove early_stopping.patience")
+        raise ConfigError(
+            "train.early_stopping.patience: needs a val split to watch, and there is none; add a "
+            "val/ folder, set data.val_fraction (e.g. 0.1), or remove early_stopping.patience"
+        )
     sizes = ", ".join(f"{split} {len(splits[split])}" for split in ("train", "val", "test") if splits[split])
     log.info(f"Data: {splits.root} ({splits.layout}), {len(splits.class_names)} classes, {sizes} images")
     return splits
@@ -233,9 +262,11 @@ def build_network(cfg: Config, num_outputs: int, group: Group, device: torch.dev
     if group.active:
         torch.manual_seed(cfg.train.seed + group.rank)  # the same head everywhere, each rank its own dropout
     total, trainable = parameter_counts(model)
-    log.info(f"Model: {cfg.model.arch} ({cfg.model.weights or 'random init'}), head {cfg.model.head}, "
-             f"{total:,} parameters, {trainable:,} trainable; device {device}"
-             + (f" x {group.world} processes" if group.active else ""))
+    log.info(
+        f"Model: {cfg.model.arch} ({cfg.model.weights or 'random init'}), head {cfg.model.head}, "
+        f"{total:,} parameters, {trainable:,} trainable; device {device}"
+        + (f" x {group.world} processes" if group.active else "")
+    )
     return model
 
 
@@ -243,18 +274,30 @@ def _check_disk(cfg: Config, model: nn.Module, source: FeatureSource, splits: Da
     """Before any work: the weights, two checkpoints and the rows not cached yet must fit."""
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    needs = [(Path(cfg.output.weights).parent, state, "output.weights"),
-             (Path(cfg.output.runs_dir), 8 * trainable, "output.runs_dir")]  # last (with best and optimizer), best
+    needs = [
+        (Path(cfg.output.weights).parent, state, "output.weights"),
+        (Path(cfg.output.runs_dir), 8 * trainable, "output.runs_dir"),
+    ]  # last (with best and optimizer), best
     rows = source.bytes_to_write([s for split in ("train", "val", "test") for s in splits[split]])
     if rows is not None:
         needs.append((rows[0], rows[1], "cache.dir"))
     check_free_space(needs)
 
 
-def _make_loop(cfg: Config, model: nn.Module, source: FeatureSource, splits: DataSplits, device: torch.device,
-               precision, group: Group) -> tuple[Loop, torch.Generator, object]:
-    datasets = {split: source.dataset(splits[split], train=split == "train", desc=split)
-                for split in ("train", "val", "test") if splits[split]}
+def _make_loop(
+    cfg: Config,
+    model: nn.Module,
+    source: FeatureSource,
+    splits: DataSplits,
+    device: torch.device,
+    precision,
+    group: Group,
+) -> tuple[Loop, torch.Generator, object]:
+    datasets = {
+        split: source.dataset(splits[split], train=split == "train", desc=split)
+        for split in ("train", "val", "test")
+        if splits[split]
+    }
     num_outputs = cfg.model.num_classes or len(splits.class_names)
     labels = torch.tensor([label for _, label in splits["train"]])
     generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -265,12 +308,28 @@ def _make_loop(cfg: Config, model: nn.Module, source: FeatureSource, splits: Dat
     if group.active:  # each rank a different part of every epoch (padded to equal lengths)
         sampler = DistributedSampler(datasets["train"], group.world, group.rank, seed=cfg.train.seed)
     workers = source.loader_workers
-    train_loader = make_loader(datasets["train"], cfg.data.batch_size, device=device, num_workers=workers,
-                               shuffle=True, generator=generator, sampler=sampler, repeat=True)
+    train_loader = make_loader(
+        datasets["train"],
+        cfg.data.batch_size,
+        device=device,
+        num_workers=workers,
+        shuffle=True,
+        generator=generator,
+        sampler=sampler,
+        repeat=True,
+    )
     # Evaluation shards are disjoint and unpadded: every image counted once, then summed over ranks.
-    shard = {split: make_loader(Subset(datasets[split], group.shard(range(len(datasets[split])))),
-                                cfg.data.eval_batch_size, device=device, num_workers=workers, repeat=split == "val")
-             for split in ("val", "test") if split in datasets}
+    shard = {
+        split: make_loader(
+            Subset(datasets[split], group.shard(range(len(datasets[split])))),
+            cfg.data.eval_batch_size,
+            device=device,
+            num_workers=workers,
+            repeat=split == "val",
+        )
+        for split in ("val", "test")
+        if split in datasets
+    }
     module = source.module
     if group.active:
         module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -280,11 +339,24 @@ def _make_loop(cfg: Config, model: nn.Module, source: FeatureSource, splits: Dat
     head = [p for p in model.parameters() if id(p) not in features and p.requires_grad]
     optimizer = make_optimizer(cfg.train, head, backbone)
     scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
-    loop = Loop(module, model, train_loader, shard.get("val"),
-                nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.train.label_smoothing), optimizer,
-                make_scheduler(cfg.train, optimizer, len(train_loader)), device, precision,
-                output_names(splits.class_names, num_outputs), cfg.train, scaler, backbone, group,
-                sampler if group.active else None, threads=row_threads(device) if source.cached else None)
+    loop = Loop(
+        module,
+        model,
+        train_loader,
+        shard.get("val"),
+        nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.train.label_smoothing),
+        optimizer,
+        make_scheduler(cfg.train, optimizer, len(train_loader)),
+        device,
+        precision,
+        output_names(splits.class_names, num_outputs),
+        cfg.train,
+        scaler,
+        backbone,
+        group,
+        sampler if group.active else None,
+        threads=row_threads(device) if source.cached else None,
+    )
     return loop, generator, shard.get("test")
 
 
@@ -294,8 +366,10 @@ def _restore(run: Run, body: dict, resume: Path) -> None:
     check_frozen(run.model, body, resume, "--resume", "start a new run", current=run.fingerprint)
     wanted = set(trainable_state(run.model, loop.optimizer))
     if wanted - set(body["model"]) or set(body["model"]) - set(run.model.state_dict()):
-        raise WeightsError(f"--resume: '{resume}' does not hold the trainable part of this model "
-                           f"({run.cfg.model.arch}, head {run.cfg.model.head}); resume with the run's own last.pt")
+        raise WeightsError(
+            f"--resume: '{resume}' does not hold the trainable part of this model "
+            f"({run.cfg.model.arch}, head {run.cfg.model.head}); resume with the run's own last.pt"
+        )
     run.model.load_state_dict(body["model"], strict=False)
     loop.optimizer.load_state_dict(body["optimizer"])
     loop.scheduler.load_state_dict(body["scheduler"])
@@ -321,6 +395,7 @@ def _best_state(body: dict, resume: Path) -> dict[str, torch.Tensor]:
 
 # --- the epochs -------------------------------------------------------------------------------------
 
+
 def _train(run: Run) -> Metrics | None:
     """The epochs, a checkpoint after each; then the best val epoch back and scored on test."""
     loop, main = run.loop, run.loop.group.is_main
@@ -342,8 +417,9 @@ def _train(run: Run) -> Metrics | None:
         last = run.run_dir / "last.pt" if run.run_dir is not None else None
         if last is None or not last.exists():
             raise Interrupted("Interrupted before the first epoch ended; nothing to resume from") from None
-        raise Interrupted(f"Interrupted: {last} holds epoch {run.state.last_epoch}; "
-                          f"go on with: vggft train --resume {last}") from None
+        raise Interrupted(
+            f"Interrupted: {last} holds epoch {run.state.last_epoch}; go on with: vggft train --resume {last}"
+        ) from None
     except DivergedError as err:
         if run.curves is not None and run.state.history:
             _draw_curves(run)
@@ -355,25 +431,41 @@ def _train(run: Run) -> Metrics | None:
         _draw_curves(run)
     best = run.state.best
     if loop.val_loader is not None and restore_best(run.model, run.state):
-        log.info(f"Restored the best epoch ({best['epoch']}, val acc {100 * best['val_acc']:.2f}%) "
-                 "for testing and saving")
+        log.info(
+            f"Restored the best epoch ({best['epoch']}, val acc {100 * best['val_acc']:.2f}%) for testing and saving"
+        )
     if run.test_loader is None:
         return None
-    return reduce_metrics(evaluate(loop.module, run.test_loader, loop.device, loop.precision,
-                                   names=loop.names, desc="Testing"), loop.group)
+    return reduce_metrics(
+        evaluate(loop.module, run.test_loader, loop.device, loop.precision, names=loop.names, desc="Testing"),
+        loop.group,
+    )
 
 
 def _common_body(run: Run) -> dict:
-    return {"config": run.cfg.to_dict(), "class_names": run.splits.class_names, "split": run.split,
-            "frozen_fingerprint": run.fingerprint, "history": run.state.history, "best": run.state.best}
+    return {
+        "config": run.cfg.to_dict(),
+        "class_names": run.splits.class_names,
+        "split": run.split,
+        "frozen_fingerprint": run.fingerprint,
+        "history": run.state.history,
+        "best": run.state.best,
+    }
 
 
 def _last_body(run: Run) -> dict:
     loop = run.loop
-    return {**_common_body(run), "kind": "last", "epoch": run.state.last_epoch,
-            "model": trainable_state(run.model, loop.optimizer), "optimizer": loop.optimizer.state_dict(),
-            "scheduler": loop.scheduler.state_dict(), "best_model": run.state.best_state,
-            "rng": rng.capture(run.generator), "scaler": loop.scaler.state_dict() if loop.scaler else None}
+    return {
+        **_common_body(run),
+        "kind": "last",
+        "epoch": run.state.last_epoch,
+        "model": trainable_state(run.model, loop.optimizer),
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "best_model": run.state.best_state,
+        "rng": rng.capture(run.generator),
+        "scaler": loop.scaler.state_dict() if loop.scaler else None,
+    }
 
 
 def _best_body(run: Run) -> dict:
@@ -412,7 +504,7 @@ class _Curves:
             return
         try:
             save_curves(history, path, best_epoch=best_epoch)
-        except Exception as err:  # noqa: BLE001 (a picture is not worth the run)
+        except Exception as err:
             self._warn(err)
 
     def wait(self) -> None:
@@ -420,7 +512,7 @@ class _Curves:
             return
         try:
             self._drawn.result()
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             self._warn(err)
         self._drawn = None
 
@@ -436,6 +528,7 @@ class _Curves:
 
 # --- finish -----------------------------------------------------------------------------------------
 
+
 def _finish(run: Run, test: Metrics | None) -> TrainResult:
     weights = Path(run.cfg.output.weights)
     sidecar = sidecar_path(weights)
@@ -449,9 +542,18 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
     replaced = _way_back(weights, run.run_dir)
     fit = _calibrate(run)
     save_trained(
-        run.model, weights, run.cfg, names, split=run.split, temperature=fit.temperature if fit else None,
-        metrics={"test": _sidecar_metrics(test), "history": run.state.history, "run": str(run.run_dir),
-                 "calibration": asdict(fit) if fit else None},
+        run.model,
+        weights,
+        run.cfg,
+        names,
+        split=run.split,
+        temperature=fit.temperature if fit else None,
+        metrics={
+            "test": _sidecar_metrics(test),
+            "history": run.state.history,
+            "run": str(run.run_dir),
+            "calibration": asdict(fit) if fit else None,
+        },
     )
     if replaced is not None:
         log.info(f"Replaced the earlier {weights}{replaced}")
@@ -484,8 +586,11 @@ def _way_back(weights: Path, this_run: Path) -> str | None:
     if Path(run).resolve() == this_run.resolve():  # a resumed run replaces its own earlier save
         return None
     best = Path(run) / "best.pt"
-    return f"; the run that made it, {run}, still holds it: vggft eval/predict/export --weights {best}" \
-        if best.is_file() else f" (its run folder {run} is gone)"
+    return (
+        f"; the run that made it, {run}, still holds it: vggft eval/predict/export --weights {best}"
+        if best.is_file()
+        else f" (its run folder {run} is gone)"
+    )
 
 
 def _calibrate(run: Run) -> TemperatureFit | None:
@@ -494,15 +599,24 @@ def _calibrate(run: Run) -> TemperatureFit | None:
     if not run.cfg.train.calibrate or loop.val_loader is None:
         return None
     val = loop.val_loader.dataset
-    loader = make_loader(val.dataset if isinstance(val, Subset) else val, run.cfg.data.eval_batch_size,
-                         device=loop.device, num_workers=run.source.loader_workers)
-    kept = evaluate(run.source.module, loader, loop.device, loop.precision, names=loop.names, keep=True,
-                    desc="Calibrating")
+    loader = make_loader(
+        val.dataset if isinstance(val, Subset) else val,
+        run.cfg.data.eval_batch_size,
+        device=loop.device,
+        num_workers=run.source.loader_workers,
+    )
+    kept = evaluate(
+        run.source.module, loader, loop.device, loop.precision, names=loop.names, keep=True, desc="Calibrating"
+    )
     fit = fit_temperature(torch.cat(kept.logits), torch.cat(kept.labels))
-    log.info(f"Calibration: temperature {fit.temperature:.3f} fitted on {fit.count} val images "
-             f"(val NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f})")
+    log.info(
+        f"Calibration: temperature {fit.temperature:.3f} fitted on {fit.count} val images "
+        f"(val NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f})"
+    )
     if fit.at_bound:  # T -> 0 (val separable) or T -> infinity (no signal): no temperature beats that one
-        log.warning(f"Calibration: temperature not stored: it ran to the edge of its range ({fit.temperature:.3g}) "
-                    f"because {fit.at_bound}; predict reports uncalibrated probabilities")
+        log.warning(
+            f"Calibration: temperature not stored: it ran to the edge of its range ({fit.temperature:.3g}) "
+            f"because {fit.at_bound}; predict reports uncalibrated probabilities"
+        )
         return None
     return fit

@@ -18,14 +18,14 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from vggft.tuning.prepare import PreparedData, extract, prepare
-from vggft.training.train import make_run_folder
-from vggft.utils.files import save_csv
 from vggft.config.schema import Config, TrainConfig
 from vggft.data import Sample
 from vggft.data.loaders import make_loader
 from vggft.training.loop import evaluate, fit_head
+from vggft.training.train import make_run_folder
+from vggft.tuning.prepare import PreparedData, extract, prepare
 from vggft.utils.errors import DataError, check_option
+from vggft.utils.files import save_csv
 from vggft.utils.logs import log
 
 
@@ -51,8 +51,9 @@ def take(rows, index: torch.Tensor):
 
 
 @torch.no_grad()
-def predict_probs(module: nn.Module, rows, labels: torch.Tensor, *, names: list[str], device: torch.device,
-                  batch_size: int = 256):
+def predict_probs(
+    module: nn.Module, rows, labels: torch.Tensor, *, names: list[str], device: torch.device, batch_size: int = 256
+):
     """(probabilities [n, outputs], metrics) of a trained head on rows."""
     loader = make_loader(TensorDataset(rows, labels), batch_size, device=device)
     metrics = evaluate(module, loader, device, names=names, keep=True, desc="Scoring")
@@ -60,9 +61,20 @@ def predict_probs(module: nn.Module, rows, labels: torch.Tensor, *, names: list[
     return probs, metrics
 
 
-def out_of_fold(suffix: nn.Module, rows, labels: torch.Tensor, folds: list[list[int]], cfg: TrainConfig, *,
-                names: list[str], batch_size: int, device: torch.device, seed: int | None = None,
-                balance: str = "none", eval_batch_size: int = 256) -> tuple[torch.Tensor, list[dict]]:
+def out_of_fold(
+    suffix: nn.Module,
+    rows,
+    labels: torch.Tensor,
+    folds: list[list[int]],
+    cfg: TrainConfig,
+    *,
+    names: list[str],
+    batch_size: int,
+    device: torch.device,
+    seed: int | None = None,
+    balance: str = "none",
+    eval_batch_size: int = 256,
+) -> tuple[torch.Tensor, list[dict]]:
     """Out-of-fold class probabilities of every row ([n, len(names)], rows in input order) and each fold's
     figures; a fresh copy of ``suffix`` trains on all folds but one and scores that one."""
     probs = torch.full((len(labels), len(names)), float("nan"))
@@ -73,16 +85,40 @@ def out_of_fold(suffix: nn.Module, rows, labels: torch.Tensor, folds: list[list[
         mask = torch.ones(len(labels), dtype=torch.bool)
         mask[held_index] = False
         train_index = everything[mask]
-        fit = fit_head(suffix, (take(rows, train_index), labels[train_index]), None, cfg, names=names,
-                       batch_size=batch_size, device=device, seed=seed, balance=balance,
-                       eval_batch_size=eval_batch_size)
-        fold_probs, metrics = predict_probs(fit.module, take(rows, held_index), labels[held_index], names=names,
-                                            device=device, batch_size=eval_batch_size)
+        fit = fit_head(
+            suffix,
+            (take(rows, train_index), labels[train_index]),
+            None,
+            cfg,
+            names=names,
+            batch_size=batch_size,
+            device=device,
+            seed=seed,
+            balance=balance,
+            eval_batch_size=eval_batch_size,
+        )
+        fold_probs, metrics = predict_probs(
+            fit.module,
+            take(rows, held_index),
+            labels[held_index],
+            names=names,
+            device=device,
+            batch_size=eval_batch_size,
+        )
         probs[held_index] = fold_probs
-        figures.append({"fold": number, "images": metrics.total, "correct": metrics.correct,
-                        "accuracy": metrics.accuracy, "seconds": fit.seconds})
-        log.info(f"Fold {number}/{len(folds)}: acc {100 * metrics.accuracy:.2f}% ({metrics.correct}/{metrics.total}), "
-                 f"trained on {len(train_index)} images in {fit.seconds:.1f}s")
+        figures.append(
+            {
+                "fold": number,
+                "images": metrics.total,
+                "correct": metrics.correct,
+                "accuracy": metrics.accuracy,
+                "seconds": fit.seconds,
+            }
+        )
+        log.info(
+            f"Fold {number}/{len(folds)}: acc {100 * metrics.accuracy:.2f}% ({metrics.correct}/{metrics.total}), "
+            f"trained on {len(train_index)} images in {fit.seconds:.1f}s"
+        )
     return probs, figures
 
 
@@ -95,8 +131,10 @@ def check_folds(folds: int, samples: Sequence[Sample], class_names: list[str]) -
     small = {name: n for name, n in counts.items() if n < folds}
     if small:
         name = min(small, key=small.get)
-        log.warning(f"--folds {folds}: class {name} has only {small[name]} image(s) in train+val, so some folds "
-                    "hold none of it out")
+        log.warning(
+            f"--folds {folds}: class {name} has only {small[name]} image(s) in train+val, so some folds "
+            "hold none of it out"
+        )
 
 
 @dataclass
@@ -143,8 +181,10 @@ def run_folds(cfg: Config, folds: int, seed: int, command: str) -> FoldRun:
 def write_oof(run: FoldRun, path: Path) -> Path:
     """path, label, fold, then one probability column per model output."""
     names = run.data.names
-    rows = ([p, names[label], fold, *(f"{v:.6f}" for v in probs.tolist())]
-            for (p, label), fold, probs in zip(run.samples, run.fold_of, run.probs))
+    rows = (
+        [p, names[label], fold, *(f"{v:.6f}" for v in probs.tolist())]
+        for (p, label), fold, probs in zip(run.samples, run.fold_of, run.probs, strict=False)
+    )
     return save_csv(path, ["path", "label", "fold", *names], rows)
 
 
@@ -152,7 +192,9 @@ def kfold(cfg: Config, folds: int, seed: int = 0) -> tuple[FoldRun, Path, list[P
     """``vggft kfold``: per-fold accuracy and out-of-fold probabilities, written to a run folder."""
     run = run_folds(cfg, folds, seed, "kfold")
     folder = make_run_folder(cfg, "kfold")
-    fold_csv = save_csv(folder / "folds.csv", ["fold", "images", "correct", "accuracy", "seconds"],
-                         ([f["fold"], f["images"], f["correct"], f"{f['accuracy']:.6f}", f"{f['seconds']:.2f}"]
-                          for f in run.figures))
+    fold_csv = save_csv(
+        folder / "folds.csv",
+        ["fold", "images", "correct", "accuracy", "seconds"],
+        ([f["fold"], f["images"], f["correct"], f"{f['accuracy']:.6f}", f"{f['seconds']:.2f}"] for f in run.figures),
+    )
     return run, folder, [write_oof(run, folder / "oof.csv"), fold_csv, folder / "config.yaml"]

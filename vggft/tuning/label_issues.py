@@ -20,9 +20,9 @@ from vggft.config.schema import Config
 from vggft.data.check import DataReport, quarantine
 from vggft.data.images import open_rgb
 from vggft.data.transforms import eval_transform, normalization
-from vggft.utils.errors import OutputError, check_option
-from vggft.tuning.kfold import FoldRun, run_folds, write_oof
 from vggft.training.train import make_run_folder
+from vggft.tuning.kfold import FoldRun, run_folds, write_oof
+from vggft.utils.errors import OutputError, check_option
 from vggft.utils.files import save_csv
 
 TOLERANCE = 1e-6  # cleanlab's slack on the threshold comparison, and on the given label's argmax
@@ -60,8 +60,16 @@ def find_label_issues(probs: torch.Tensor, labels: torch.Tensor) -> list[Suspect
     for i in flagged.nonzero().flatten().tolist():
         given, suggested = int(labels[i]), int(guess[i])
         others = torch.cat([probs[i, :given], probs[i, given + 1 :]])
-        suspects.append(Suspect(i, given, suggested, float(probs[i, given]), float(probs[i, suggested]),
-                                float(probs[i, given] - others.max())))
+        suspects.append(
+            Suspect(
+                i,
+                given,
+                suggested,
+                float(probs[i, given]),
+                float(probs[i, suggested]),
+                float(probs[i, given] - others.max()),
+            )
+        )
     return sorted(suspects, key=lambda s: (s.self_confidence, s.margin, s.index))
 
 
@@ -74,23 +82,38 @@ class LabelIssues:
     moved: list[tuple[Path, Path]]
 
 
-def label_issues(cfg: Config, *, folds: int = 5, seed: int = 0, out: Path | None = None, show: int = 16,
-                 move: Path | None = None) -> LabelIssues:
+def label_issues(
+    cfg: Config, *, folds: int = 5, seed: int = 0, out: Path | None = None, show: int = 16, move: Path | None = None
+) -> LabelIssues:
     """Out-of-fold probabilities, confident learning, then the ranked CSV, a grid PNG and the OOF CSV in
     ``out`` (default a new run folder); ``move`` moves the suspects there for review, deleting nothing."""
     check_option(show >= 0, "--show", "0 (no grid) or more", show)
     if move is not None and Path(move).resolve().is_relative_to(Path(cfg.data.root).resolve()):
-        raise OutputError(f"--move {move}: is inside data.root, where the moved images would be found again; "
-                          "choose a folder outside it")
+        raise OutputError(
+            f"--move {move}: is inside data.root, where the moved images would be found again; "
+            "choose a folder outside it"
+        )
     run = run_folds(cfg, folds, seed, "label-issues")
     suspects = find_label_issues(run.probs, run.labels)
     if out is None:
         out = make_run_folder(cfg, "label_issues")
     names = run.data.names
-    csv_path = save_csv(Path(out) / "label_issues.csv",
-                         ["rank", "path", "given", "suggested", "confidence", "given_probability", "margin"],
-                         ([rank, run.samples[s.index][0], names[s.given], names[s.suggested], f"{s.confidence:.4f}",
-                           f"{s.self_confidence:.4f}", f"{s.margin:.4f}"] for rank, s in enumerate(suspects, 1)))
+    csv_path = save_csv(
+        Path(out) / "label_issues.csv",
+        ["rank", "path", "given", "suggested", "confidence", "given_probability", "margin"],
+        (
+            [
+                rank,
+                run.samples[s.index][0],
+                names[s.given],
+                names[s.suggested],
+                f"{s.confidence:.4f}",
+                f"{s.self_confidence:.4f}",
+                f"{s.margin:.4f}",
+            ]
+            for rank, s in enumerate(suspects, 1)
+        ),
+    )
     files = [csv_path, write_oof(run, Path(out) / "oof.csv")]
     if suspects and show > 0:
         files.append(_grid(run, suspects[:show], cfg, Path(out) / "label_issues.png"))
@@ -108,7 +131,10 @@ def _grid(run: FoldRun, suspects: list[Suspect], cfg: Config, path: Path) -> Pat
     transform = eval_transform(cfg.data)
     names = run.data.names
     images = torch.stack([transform(open_rgb(run.samples[s.index][0])) for s in suspects])
-    titles = [f"{os.path.basename(run.samples[s.index][0])[:24]}\n"
-              f"given {names[s.given]} -> {names[s.suggested]}? {s.confidence:.2f}" for s in suspects]
+    titles = [
+        f"{os.path.basename(run.samples[s.index][0])[:24]}\n"
+        f"given {names[s.given]} -> {names[s.suggested]}? {s.confidence:.2f}"
+        for s in suspects
+    ]
     mean, std = normalization(cfg.data)
     return save_image_grid(images, titles, mean, std, path, title_colors=["darkred"] * len(suspects))

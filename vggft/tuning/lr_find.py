@@ -21,16 +21,16 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from vggft.tuning.prepare import extract, prepare
-from vggft.training.train import make_run_folder
-from vggft.utils.files import save_csv
 from vggft.config.schema import Config
 from vggft.data.loaders import make_loader
-from vggft.training.loop import class_weights, cpu_threads, fresh_head, row_threads, to_device
-from vggft.utils.errors import ConfigError, check_option
-from vggft.utils.logs import log, progress
 from vggft.model.build import set_train_mode
+from vggft.training.loop import class_weights, cpu_threads, fresh_head, row_threads, to_device
 from vggft.training.optim import make_optimizer
+from vggft.training.train import make_run_folder
+from vggft.tuning.prepare import extract, prepare
+from vggft.utils.errors import ConfigError, check_option
+from vggft.utils.files import save_csv
+from vggft.utils.logs import log, progress
 
 BETA = 0.98
 DIVERGED = 4.0
@@ -55,16 +55,27 @@ class RangeTest:
         return lrs[self.planned // 10 : -5], losses[self.planned // 10 : -5]
 
 
-def range_test(suffix: nn.Module, rows, labels: torch.Tensor, cfg: Config, *, names: list[str],
-               device: torch.device, start: float, end: float, steps: int | None) -> RangeTest:
+def range_test(
+    suffix: nn.Module,
+    rows,
+    labels: torch.Tensor,
+    cfg: Config,
+    *,
+    names: list[str],
+    device: torch.device,
+    start: float,
+    end: float,
+    steps: int | None,
+) -> RangeTest:
     """Train a fresh head with an exponentially growing lr; record each step's lr and (smoothed) loss."""
     seed = cfg.train.seed
     module = fresh_head(suffix, seed).to(device)
     set_train_mode(module)
     optimizer = make_optimizer(replace(cfg.train, lr=start), [p for p in module.parameters() if p.requires_grad])
     generator = torch.Generator().manual_seed(seed)
-    loader = make_loader(TensorDataset(rows, labels), cfg.data.batch_size, device=device, shuffle=True,
-                         generator=generator)
+    loader = make_loader(
+        TensorDataset(rows, labels), cfg.data.batch_size, device=device, shuffle=True, generator=generator
+    )
     steps = steps or len(loader)
     weights = class_weights(labels, len(names)).to(device) if cfg.data.balance == "weights" else None
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.train.label_smoothing)
@@ -72,8 +83,9 @@ def range_test(suffix: nn.Module, rows, labels: torch.Tensor, cfg: Config, *, na
     average, best = 0.0, math.inf
     with torch.random.fork_rng(devices=[]), cpu_threads(row_threads(device)):
         torch.manual_seed(seed)  # dropout
-        for step, (inputs, targets) in enumerate(progress(_cycle(loader, steps), desc="lr-find", total=steps,
-                                                          unit="batch")):
+        for step, (inputs, targets) in enumerate(
+            progress(_cycle(loader, steps), desc="lr-find", total=steps, unit="batch")
+        ):
             lr = start * (end / start) ** (step / steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -131,8 +143,10 @@ def suggest(test: RangeTest) -> dict[str, tuple[float, float]]:
     """name -> (lr, smoothed loss there)."""
     lrs, losses = test.trimmed()
     if len(lrs) < 3:
-        raise ConfigError(f"lr-find: only {len(test.lrs)} steps before the loss diverged ({test.stopped or 'too few steps'}), "
-                          "too few to suggest from; raise --steps, or lower --end")
+        raise ConfigError(
+            f"lr-find: only {len(test.lrs)} steps before the loss diverged ({test.stopped or 'too few steps'}), "
+            "too few to suggest from; raise --steps, or lower --end"
+        )
     picks = {"valley": valley(lrs, losses), "steepest": steepest(lrs, losses)}
     return {name: (float(lrs[i]), float(losses[i])) for name, i in picks.items()}
 
@@ -150,28 +164,37 @@ class LrFind:
         return self.suggestions[self.chosen][0]
 
 
-def lr_find(cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int | None = 100,
-            suggestion: str = "valley") -> LrFind:
+def lr_find(
+    cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int | None = 100, suggestion: str = "valley"
+) -> LrFind:
     """``vggft lr-find``: the range test on the train split's cached rows, its CSV and PNG in a run folder."""
     check_option(0 < start < end, "--start and --end", "0 < --start < --end", f"--start {start:g} --end {end:g}")
-    check_option(steps is None or steps >= 10, "--steps", "10 or more (the first tenth and the last five are not used)",
-                 steps)
+    check_option(
+        steps is None or steps >= 10, "--steps", "10 or more (the first tenth and the last five are not used)", steps
+    )
     if suggestion not in SUGGESTIONS:
         raise ConfigError(f"--suggest: expected one of {', '.join(SUGGESTIONS)}, got {suggestion!r}")
     data = prepare(cfg, "lr-find")
     rows, labels = extract(data, {"train": data.splits["train"]})["train"]
-    test = range_test(data.suffix, rows, labels, cfg, names=data.names, device=data.device, start=start, end=end,
-                      steps=steps)
+    test = range_test(
+        data.suffix, rows, labels, cfg, names=data.names, device=data.device, start=start, end=end, steps=steps
+    )
     if test.stopped:
         log.info(f"lr-find: {test.stopped}")
     suggestions = suggest(test)
     run_dir = make_run_folder(cfg, "lr_find")
-    csv_path = save_csv(run_dir / "lr_find.csv", ["step", "lr", "loss", "smoothed_loss"],
-                         ([i + 1, f"{lr:.6e}", f"{loss:.6f}", f"{smooth:.6f}"]
-                          for i, (lr, loss, smooth) in enumerate(zip(test.lrs, test.losses, test.smoothed))))
+    csv_path = save_csv(
+        run_dir / "lr_find.csv",
+        ["step", "lr", "loss", "smoothed_loss"],
+        (
+            [i + 1, f"{lr:.6e}", f"{loss:.6f}", f"{smooth:.6f}"]
+            for i, (lr, loss, smooth) in enumerate(zip(test.lrs, test.losses, test.smoothed, strict=False))
+        ),
+    )
     from vggft.reporting.plots import save_lr_plot
 
     shown = slice(0, max(len(test.lrs) - 5, 2))  # fastai's plot leaves out the last five steps too
-    png = save_lr_plot(test.lrs[shown], test.losses[shown], test.smoothed[shown], suggestions, suggestion,
-                       run_dir / "lr_find.png")
+    png = save_lr_plot(
+        test.lrs[shown], test.losses[shown], test.smoothed[shown], suggestions, suggestion, run_dir / "lr_find.png"
+    )
     return LrFind(test, suggestions, suggestion, run_dir, [png, csv_path, run_dir / "config.yaml"])

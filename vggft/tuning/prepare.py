@@ -16,15 +16,15 @@ from torch import nn
 
 from vggft.config.schema import Config
 from vggft.data import DataSplits, Sample, find_splits
-from vggft.utils.device import autocast_dtype, prepare_backend, resolve_device
-from vggft.utils.distributed import SINGLE
-from vggft.utils.errors import ConfigError
 from vggft.features.cache import FeatureSource, cache_off_reason
-from vggft.utils.files import check_free_space
-from vggft.utils.logs import log
 from vggft.model.pretrained import pretrained_file
 from vggft.reporting.metrics import output_names
 from vggft.training.train import build_network, find_training_data
+from vggft.utils.device import autocast_dtype, prepare_backend, resolve_device
+from vggft.utils.distributed import SINGLE
+from vggft.utils.errors import ConfigError
+from vggft.utils.files import check_free_space
+from vggft.utils.logs import log
 
 SWEEP_VAL_FRACTION = 0.1  # held out of train to score trials when the data has no val split
 
@@ -56,8 +56,14 @@ class PreparedData:
     def fit_options(self, cfg: Config | None = None) -> dict:
         """The keyword arguments of ``training.loop.fit_head`` that come from a (trial's) config."""
         cfg = cfg or self.cfg
-        return {"names": self.names, "batch_size": cfg.data.batch_size, "device": self.device,
-                "seed": cfg.train.seed, "balance": cfg.data.balance, "eval_batch_size": cfg.data.eval_batch_size}
+        return {
+            "names": self.names,
+            "batch_size": cfg.data.batch_size,
+            "device": self.device,
+            "seed": cfg.train.seed,
+            "balance": cfg.data.balance,
+            "eval_batch_size": cfg.data.eval_batch_size,
+        }
 
 
 def refuse_uncached(cfg: Config, command: str, reason: tuple[str, str] | None) -> None:
@@ -71,8 +77,10 @@ def with_val_split(cfg: Config, command: str) -> Config:
     found = find_splits(cfg.data)
     if found["val"] or not found["train"]:
         return cfg
-    log.info(f"{command}: no val split; holding out data.val_fraction={SWEEP_VAL_FRACTION} of train "
-             "(stratified) to score on; the test split is never used to choose")
+    log.info(
+        f"{command}: no val split; holding out data.val_fraction={SWEEP_VAL_FRACTION} of train "
+        "(stratified) to score on; the test split is never used to choose"
+    )
     return replace(cfg, data=replace(cfg.data, val_fraction=SWEEP_VAL_FRACTION))
 
 
@@ -80,14 +88,21 @@ def prepare(cfg: Config, command: str) -> PreparedData:
     """Data, model and feature source as ``vggft train`` sets them up; nothing extracted yet."""
     refuse_uncached(cfg, command, cache_off_reason(cfg))  # before any work
     if cfg.data.balance == "sampler":
-        refuse_uncached(cfg, command, ("data.balance is 'sampler', which these heads do not use",
-                                       "set data.balance: weights (a weighted loss) or none"))
+        refuse_uncached(
+            cfg,
+            command,
+            (
+                "data.balance is 'sampler', which these heads do not use",
+                "set data.balance: weights (a weighted loss) or none",
+            ),
+        )
     device = resolve_device(cfg.train.device)
     prepare_backend(device)
     splits = find_training_data(cfg, None, None, SINGLE)
     model = build_network(cfg, cfg.model.num_classes or len(splits.class_names), SINGLE, device)
-    source = FeatureSource(model, cfg, device, autocast_dtype(device, cfg.train.amp),
-                           weights_file=pretrained_file(cfg.model))
+    source = FeatureSource(
+        model, cfg, device, autocast_dtype(device, cfg.train.amp), weights_file=pretrained_file(cfg.model)
+    )
     if not source.cached:
         refuse_uncached(cfg, command, (source.off_reason, source.off_fix))
     log.info(source.describe())
@@ -101,8 +116,3 @@ def extract(data: PreparedData, groups: dict[str, Sequence[Sample]]) -> dict[str
     if needs is not None:
         check_free_space([(needs[0], needs[1], "cache.dir")])
     return {name: data.rows(samples, name) for name, samples in groups.items()}
-
-
-
-
-

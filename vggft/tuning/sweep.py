@@ -17,18 +17,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from vggft.model.weights import check_writable, save_trained, sidecar_path
-from vggft.tuning.prepare import PreparedData, extract, prepare, with_val_split
-from vggft.training.train import make_run_folder
-from vggft.utils.files import save_csv
 from vggft.config.schema import Config
 from vggft.data import split_record
+from vggft.model.weights import check_writable, save_trained, sidecar_path
 from vggft.training.loop import HeadFit, fit_head
 from vggft.training.shared_steps import SharedSteps
-from vggft.utils.errors import DivergedError, Interrupted
-from vggft.utils.files import save_text
-from vggft.utils.logs import log
+from vggft.training.train import make_run_folder
+from vggft.tuning.prepare import PreparedData, extract, prepare, with_val_split
 from vggft.tuning.sweep_plan import dotted, trial_configs
+from vggft.utils.errors import DivergedError, Interrupted
+from vggft.utils.files import save_csv, save_text
+from vggft.utils.logs import log
 
 RESULT_FILES = ("results.csv", "best.yaml", "sweep.png", "config.yaml")
 
@@ -97,25 +96,31 @@ def _run_trials(data: PreparedData, pairs: dict, result: SweepResult) -> dict[st
     for trial in result.trials:
         values = ", ".join(f"{k}={_show(v)}" for k, v in trial.values.items())
         try:
-            fit = fit_head(data.suffix, pairs["train"], pairs["val"], trial.cfg.train, **data.fit_options(trial.cfg),
-                           steps=steps)
+            fit = fit_head(
+                data.suffix, pairs["train"], pairs["val"], trial.cfg.train, **data.fit_options(trial.cfg), steps=steps
+            )
         except DivergedError as err:
             trial.status = "diverged"
             log.warning(f"Trial {trial.number}/{total} ({values}): diverged ({str(err).split(';')[0]})")
         except KeyboardInterrupt:
             done = trial.number - 1
-            raise Interrupted(f"Interrupted after {done} of {total} trials; their results are in "
-                              f"{result.run_dir / 'results.csv'}") from None
+            raise Interrupted(
+                f"Interrupted after {done} of {total} trials; their results are in {result.run_dir / 'results.csv'}"
+            ) from None
         else:
             _record(trial, fit)
-            log.info(f"Trial {trial.number}/{total} ({values}): val acc {100 * trial.val_acc:.2f}%, "
-                     f"val loss {trial.val_loss:.4f} (epoch {trial.epoch}, {trial.seconds:.1f}s)")
+            log.info(
+                f"Trial {trial.number}/{total} ({values}): val acc {100 * trial.val_acc:.2f}%, "
+                f"val loss {trial.val_loss:.4f} (epoch {trial.epoch}, {trial.seconds:.1f}s)"
+            )
             if best is None or trial.rank_key < best.rank_key:
                 best, best_state = trial, _trainable_state(fit)
         _write_results(result, ranked=False)
     if steps.taken:
-        log.info(f"The head's frozen layers ran {steps.computed} training steps for the trials and lent "
-                 f"{steps.taken} more from them ({steps.bytes / 2**20:.0f} MiB kept)")
+        log.info(
+            f"The head's frozen layers ran {steps.computed} training steps for the trials and lent "
+            f"{steps.taken} more from them ({steps.bytes / 2**20:.0f} MiB kept)"
+        )
     return best_state
 
 
@@ -138,8 +143,19 @@ def _write_results(result: SweepResult, *, ranked: bool) -> Path:
     done = [t for t in result.trials if t.status != "pending"]
     order = sorted(done, key=lambda t: t.rank_key) if ranked else done
     header = ["rank", "trial", *result.keys, "val_acc", "val_loss", "epoch", "seconds", "status"]
-    rows = [[rank if ranked else "", t.number, *t.values.values(), f"{t.val_acc:.6f}", f"{t.val_loss:.6f}",
-             t.epoch, f"{t.seconds:.2f}", t.status] for rank, t in enumerate(order, start=1)]
+    rows = [
+        [
+            rank if ranked else "",
+            t.number,
+            *t.values.values(),
+            f"{t.val_acc:.6f}",
+            f"{t.val_loss:.6f}",
+            t.epoch,
+            f"{t.seconds:.2f}",
+            t.status,
+        ]
+        for rank, t in enumerate(order, start=1)
+    ]
     return save_csv(result.run_dir / "results.csv", header, rows)
 
 
@@ -148,8 +164,10 @@ def _write_best_yaml(result: SweepResult) -> Path:
     config = replace(best.cfg, output=replace(best.cfg.output, name=None)).to_dict()
     path = result.run_dir / "best.yaml"
     values = ", ".join(f"{k}={_show(v)}" for k, v in best.values.items())
-    header = (f"# vggft sweep {result.run_dir}: trial {best.number} of {len(result.trials)} ({values}),\n"
-              f"# val acc {100 * best.val_acc:.2f}% at epoch {best.epoch}. Train it: vggft train --config {path}\n")
+    header = (
+        f"# vggft sweep {result.run_dir}: trial {best.number} of {len(result.trials)} ({values}),\n"
+        f"# val acc {100 * best.val_acc:.2f}% at epoch {best.epoch}. Train it: vggft train --config {path}\n"
+    )
     save_text(header + yaml.safe_dump(config, sort_keys=False), path)
     return path
 
@@ -167,8 +185,10 @@ def _save_best(data: PreparedData, result: SweepResult, state: dict[str, torch.T
     data.suffix.load_state_dict(state, strict=False)
     weights = Path(best.cfg.output.weights)
     split = split_record(data.splits, best.cfg.data) if data.splits.layout == "pool" else None
-    metrics = {"val": {"accuracy": best.val_acc, "loss": best.val_loss, "epoch": best.epoch},
-               "sweep": {"run": str(result.run_dir), "trial": best.number}}
+    metrics = {
+        "val": {"accuracy": best.val_acc, "loss": best.val_loss, "epoch": best.epoch},
+        "sweep": {"run": str(result.run_dir), "trial": best.number},
+    }
     save_trained(data.model, weights, best.cfg, data.splits.class_names, split=split, metrics=metrics)
     log.info(f"Saved the best trial's head ({best.number}) in {weights} (sidecar {sidecar_path(weights)})")
     return weights

@@ -17,9 +17,8 @@ import typing
 from dataclasses import dataclass
 from typing import Union
 
-from vggft.config.schema import Config, all_keys
-
 from vggft.config.loading import load_config
+from vggft.config.schema import Config, all_keys
 from vggft.utils.errors import ConfigError
 
 SWEEPABLE_OUTSIDE_TRAIN = ("data.batch_size", "data.balance")
@@ -59,11 +58,16 @@ def check_key(key: str, option: str) -> None:
     if (key.startswith("train.") and key not in NOT_SWEPT_IN_TRAIN) or key in SWEEPABLE_OUTSIDE_TRAIN:
         return
     if key.startswith("model.") or key in ROW_KEYS:
-        why = "it changes the cached rows (the frozen prefix's input, weights or output), so every trial would extract again"
+        why = (
+            "it changes the cached rows (the frozen prefix's input, weights or output), so every trial would "
+            "extract again"
+        )
     else:
         why = "it is not a setting of how the head trains (every trial must share the data, rows and device)"
-    raise ConfigError(f"{option} {key}: cannot be swept: {why}; a sweep varies train.* keys, data.batch_size and "
-                      f"data.balance (run vggft train once per {key} value instead)")
+    raise ConfigError(
+        f"{option} {key}: cannot be swept: {why}; a sweep varies train.* keys, data.batch_size and "
+        f"data.balance (run vggft train once per {key} value instead)"
+    )
 
 
 def parse_grid(text: str) -> Axis:
@@ -113,8 +117,9 @@ def plan_trials(grid: list[Axis], ranges: list[Axis], trials: int | None, seed: 
     """Every grid combination in order (no --trials), or ``trials`` seeded random draws over all axes."""
     axes = grid + ranges
     if not axes:
-        raise ConfigError("sweep: nothing to sweep; give --grid KEY=V1,V2,... and/or --range KEY=LO:HI[:log] "
-                          "with --trials N")
+        raise ConfigError(
+            "sweep: nothing to sweep; give --grid KEY=V1,V2,... and/or --range KEY=LO:HI[:log] with --trials N"
+        )
     keys = [axis.key for axis in axes]
     repeated = sorted({k for k in keys if keys.count(k) > 1})
     if repeated:
@@ -126,9 +131,11 @@ def plan_trials(grid: list[Axis], ranges: list[Axis], trials: int | None, seed: 
             raise ConfigError(f"--range {ranges[0].key}: random search needs --trials N (how many draws)")
         combos = math.prod(len(axis.values) for axis in grid)
         if combos > MAX_TRIALS:
-            raise ConfigError(f"--grid: {combos} combinations is more than {MAX_TRIALS}; use fewer values, or "
-                              "draw some with --trials N")
-        return [dict(zip(keys, values)) for values in itertools.product(*(axis.values for axis in grid))]
+            raise ConfigError(
+                f"--grid: {combos} combinations is more than {MAX_TRIALS}; use fewer values, or "
+                "draw some with --trials N"
+            )
+        return [dict(zip(keys, values, strict=False)) for values in itertools.product(*(axis.values for axis in grid))]
     rng = random.Random(seed)
     return [{axis.key: axis.draw(rng) for axis in axes} for _ in range(trials)]
 

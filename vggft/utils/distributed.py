@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from vggft.utils.torchrun import environment_rank, environment_world
 from vggft.utils.errors import ConfigError, DeviceError, VggftError, first_line
+from vggft.utils.torchrun import environment_rank, environment_world
 
 TIMEOUT_ENV = "VGGFT_DIST_TIMEOUT"  # seconds a process waits for the others before the job fails
 DEFAULT_TIMEOUT = 300.0  # a stopped or hung process is named within minutes, not an hour
@@ -119,9 +119,11 @@ def _stalled_line(group: Group, text: str, seconds: float, doing: str) -> str:
     who = ", ".join(str(r) for r in ranks)
     base = _timeout().total_seconds()
     factor = "" if seconds == base else f", and {seconds / base:g} times that here"
-    return (f"rank{'s' if len(ranks) > 1 else ''} {who} of {group.world} did not answer for {seconds:g}s while "
-            f"{doing} (stopped, hung or unreachable); the job stops. If that much time can be normal here, "
-            f"raise {TIMEOUT_ENV} (now {base:g}s{factor})")
+    return (
+        f"rank{'s' if len(ranks) > 1 else ''} {who} of {group.world} did not answer for {seconds:g}s while "
+        f"{doing} (stopped, hung or unreachable); the job stops. If that much time can be normal here, "
+        f"raise {TIMEOUT_ENV} (now {base:g}s{factor})"
+    )
 
 
 def is_timeout(err: BaseException) -> bool:
@@ -136,8 +138,10 @@ def stalled(group: Group, err: BaseException) -> StalledError:
         check_in(group, _timeout().total_seconds(), "training")
     except StalledError as stall:
         return stall
-    return StalledError(f"a collective timed out after {_timeout().total_seconds():g}s ({first_line(err)}) but "
-                        f"every rank answered since; raise {TIMEOUT_ENV} if a step can take that long")
+    return StalledError(
+        f"a collective timed out after {_timeout().total_seconds():g}s ({first_line(err)}) but "
+        f"every rank answered since; raise {TIMEOUT_ENV} if a step can take that long"
+    )
 
 
 @contextlib.contextmanager
@@ -150,8 +154,10 @@ def process_group(device: torch.device) -> Iterator[tuple[Group, torch.device]]:
     group = Group(environment_rank(), world, int(os.environ.get("LOCAL_RANK", "0") or 0))
     if device.type == "cuda":
         if group.local_rank >= torch.cuda.device_count():
-            err = DeviceError(f"train.device: local rank {group.local_rank} needs a GPU but this node has "
-                              f"{torch.cuda.device_count()}; start at most that many processes per node")
+            err = DeviceError(
+                f"train.device: local rank {group.local_rank} needs a GPU but this node has "
+                f"{torch.cuda.device_count()}; start at most that many processes per node"
+            )
             err.rank_specific = True  # rank 0 has a GPU and would not say it
             raise err
         device = torch.device("cuda", group.local_rank)
@@ -167,9 +173,11 @@ def process_group(device: torch.device) -> Iterator[tuple[Group, torch.device]]:
     except RuntimeError as err:
         if not is_timeout(err):
             raise
-        raise StalledError(f"not every process of the job ({group.world}) joined within "
-                           f"{_timeout().total_seconds():g}s (one is stopped, hung or unreachable); the job stops. "
-                           f"If starting can take that long here, raise {TIMEOUT_ENV}") from None
+        raise StalledError(
+            f"not every process of the job ({group.world}) joined within "
+            f"{_timeout().total_seconds():g}s (one is stopped, hung or unreachable); the job stops. "
+            f"If starting can take that long here, raise {TIMEOUT_ENV}"
+        ) from None
     try:
         yield group, device
     finally:

@@ -58,8 +58,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if not any(mark in str(err) for mark in ("inline_container", "PytorchStreamWriter")):
             raise
         if _room(path) >= ROOM_LEFT_WHEN_FULL:  # not the disk: say what torch said, on one line
-            raise OutputError(f"{path}: could not be written ({first_line(err)}); the previous file is "
-                              "unchanged") from None
+            raise OutputError(
+                f"{path}: could not be written ({first_line(err)}); the previous file is unchanged"
+            ) from None
         raise OutputError(_disk_full(path, folder)) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -83,8 +84,10 @@ def _room(path: Path) -> int:
 def _disk_full(path: Path, partial: Path | None = None) -> str:
     """The line for a write the disk had no room for (``partial``, still there, is about to be removed)."""
     free = human_size(_room(path) + (_size(partial) if partial else 0))
-    return (f"{path}: could not be written (No space left on device: disk full, {free} free there); "
-            "free some space or write it elsewhere; the previous file is unchanged")
+    return (
+        f"{path}: could not be written (No space left on device: disk full, {free} free there); "
+        "free some space or write it elsewhere; the previous file is unchanged"
+    )
 
 
 def _size(folder: Path) -> int:
@@ -218,8 +221,10 @@ def check_name_length(path: str | Path, key: str, spare: int = 0) -> None:
         size = len(os.fsencode(part))
         if size + spare > limit:
             shown = part if len(part) <= 40 else f"{part[:20]}…{part[-12:]}"
-            raise OutputError(f"{key}: the name '{shown}' is {size} bytes, longer than the file system under "
-                              f"'{existing}' allows ({limit - spare}); choose a shorter one")
+            raise OutputError(
+                f"{key}: the name '{shown}' is {size} bytes, longer than the file system under "
+                f"'{existing}' allows ({limit - spare}); choose a shorter one"
+            )
 
 
 def check_free_space(needs: list[tuple[Path, int, str]]) -> None:
