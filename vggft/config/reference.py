@@ -30,7 +30,7 @@ def key_docs() -> dict[str, str]:
             if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
                 continue
             hint = typing.get_type_hints(cls)[node.target.id]
-            if dataclasses.is_dataclass(hint):
+            if isinstance(hint, type) and dataclasses.is_dataclass(hint):
                 walk(hint, f"{prefix}{node.target.id}.")
                 continue
             after = body[index + 1] if index + 1 < len(body) else None
@@ -102,11 +102,28 @@ def markdown() -> str:
     ``python -c "from vggft.config import reference; print(reference.markdown(), end='')" > docs/configuration.md``."""
     from vggft.config import presets
 
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-
+    lines = _markdown_intro()
+    lines += [f"| `{name}` | {_cell(presets.description(name))} |" for name in presets.names()]
     docs, defaults = key_docs(), Config().to_dict()
-    lines = [
+    section = None
+    for key, doc in docs.items():
+        parent = key.split(".")[0]
+        if parent != section:
+            section = parent
+            lines += ["", f"## `{section}`", "", "| key | default | values | meaning |", "|---|---|---|---|"]
+        default, meaning = _yaml_value(_lookup(defaults, key)), _cell(doc) or "-"
+        lines.append(f"| `{key}` | `{_cell(default)}` | {_cell(describe_type(_hint(key)))} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """``text`` as one Markdown table cell."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _markdown_intro() -> list[str]:
+    """configuration.md up to the presets table: how --config, --set and --resume layer."""
+    return [
         "# Configuration",
         "",
         "<!-- Generated from vggft/config/reference.py (the source of `vggft configs --defaults`); do not edit. "
@@ -150,13 +167,3 @@ def markdown() -> str:
         "| preset | recipe |",
         "|---|---|",
     ]
-    lines += [f"| `{name}` | {cell(presets.description(name))} |" for name in presets.names()]
-    section = None
-    for key, doc in docs.items():
-        parent = key.split(".")[0]
-        if parent != section:
-            section = parent
-            lines += ["", f"## `{section}`", "", "| key | default | values | meaning |", "|---|---|---|---|"]
-        default, meaning = _yaml_value(_lookup(defaults, key)), cell(doc) or "-"
-        lines.append(f"| `{key}` | `{cell(default)}` | {cell(describe_type(_hint(key)))} | {meaning} |")
-    return "\n".join(lines) + "\n"
