@@ -142,8 +142,12 @@ def evil_pickle(tmp_path) -> tuple[_Exploit, Path]:
 def tiny_subprocess_env() -> dict[str, str]:
     """The environment for a vggft subprocess that builds the tiny stand-in (see tests/stand_in/)."""
     stand_in = str(Path(__file__).resolve().parent / "stand_in")
-    return {**os.environ, "VGGFT_TEST_TINY": "1", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join([stand_in, *source_path()])}
+    return {
+        **os.environ,
+        "VGGFT_TEST_TINY": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([stand_in, *source_path()]),
+    }
 
 
 def source_path() -> list[str]:
@@ -172,8 +176,15 @@ def invoke(runner: CliRunner, *args: str):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def assert_one_line_error(result, *, code: int, names: Sequence[str] = (), fix: str = "",
-                          after_notes: bool = False, allow_stdout: bool = False) -> str:
+def assert_one_line_error(
+    result,
+    *,
+    code: int,
+    names: Sequence[str] = (),
+    fix: str = "",
+    after_notes: bool = False,
+    allow_stdout: bool = False,
+) -> str:
     """A refusal as vggft promises one: exit status ``code``, no traceback, nothing on stdout, and on stderr
     one line that starts with 'error: ', names each of ``names`` (the config key, option or file at fault, the
     value given) and says ``fix`` (the actionable part). With ``after_notes`` the notes of the work done before
@@ -236,8 +247,9 @@ class ModuleFolder:
             patch.setenv("VGGFT_CACHE", str(self.root / "cache"))
             patch.setenv("TORCH_HOME", str(self.hub))
             patch.chdir(self.root)
-            result = invoke(CliRunner(), "train", "--set", f"data.root={self.pet}", "--set", f"output.weights={path}",
-                            *args)
+            result = invoke(
+                CliRunner(), "train", "--set", f"data.root={self.pet}", "--set", f"output.weights={path}", *args
+            )
         assert result.exit_code == 0, result.output
         return path
 

@@ -15,15 +15,34 @@ from PIL import Image
 
 from conftest import assert_one_line_error, invoke
 from descriptor import save_descriptor
-from vggft.training.calibration import (LOG_T_RANGE, calibration_summary, expected_calibration_error, fit_temperature, nll,
-                               reliability)
 from vggft.data.images import open_rgb
 from vggft.data.transforms import eval_transform
 from vggft.model.inference import load_model
+from vggft.training.calibration import (
+    LOG_T_RANGE,
+    calibration_summary,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    reliability,
+)
 
 # Learns in a few epochs: a gap head on the colour-describing stand-in backbone, 32 px.
-LEARNS = ["--set", "data.image_size=32", "--set", "data.resize=36", "--set", "model.head=gap",
-          "--set", "train.lr=0.05", "--set", "train.momentum=0.9", "--set", "train.epochs=6", "--quiet"]
+LEARNS = [
+    "--set",
+    "data.image_size=32",
+    "--set",
+    "data.resize=36",
+    "--set",
+    "model.head=gap",
+    "--set",
+    "train.lr=0.05",
+    "--set",
+    "train.momentum=0.9",
+    "--set",
+    "train.epochs=6",
+    "--quiet",
+]
 
 
 def test_ece_equals_the_formula_on_a_hand_made_example():
@@ -57,7 +76,8 @@ def test_temperature_fit_on_overconfident_logits_is_above_one_and_lowers_nll():
     assert fit.temperature > 1 and not fit.at_bound
     assert fit.nll_after < fit.nll_before
     assert fit.nll_before == pytest.approx(nll(logits, labels)) and fit.nll_after == pytest.approx(
-        nll(logits, labels, fit.temperature))
+        nll(logits, labels, fit.temperature)
+    )
     # It is the minimum: a fine grid over log T finds nothing lower.
     grid = torch.linspace(*LOG_T_RANGE, 4001).exp().tolist()
     assert fit.nll_after <= min(nll(logits, labels, t) for t in grid) + 1e-9
@@ -77,8 +97,9 @@ def test_temperature_fit_on_a_separable_split_runs_to_its_bound():
 def calibrated(train_once) -> Path:
     """Weights trained with a val split that holds the same picture under both classes (so no temperature
     makes val perfect and the fit is a real minimum); returns the weights."""
-    folder = train_once("calibrated", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 3, "dog": 3},
-                                       "test": {"cat": 3, "dog": 4}})
+    folder = train_once(
+        "calibrated", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 3, "dog": 3}, "test": {"cat": 3, "dog": 4}}
+    )
     shutil.copy(folder.pet / "val" / "cat" / "cat.0.jpg", folder.pet / "val" / "dog" / "twin.jpg")
     backbone = save_descriptor(folder.root / "descriptor.pth")
     return folder.train("--set", f"model.weights={backbone}", *LEARNS, weights="models/cal.pt")
@@ -134,16 +155,30 @@ def test_eval_reports_ece_before_and_after_and_draws_the_reliability_diagram(run
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 600
     text = invoke(runner, "eval", "--weights", calibrated, "--split", "val", "--plots", tmp_path, "-q").stdout
-    assert re.search(rf"ECE \(15 bins\): {cal['ece']:.4f} uncalibrated, {cal['ece_calibrated']:.4f} calibrated "
-                     rf"\(temperature {t:.3f}\)", text)
+    assert re.search(
+        rf"ECE \(15 bins\): {cal['ece']:.4f} uncalibrated, {cal['ece_calibrated']:.4f} calibrated "
+        rf"\(temperature {t:.3f}\)",
+        text,
+    )
 
 
 def test_calibrate_false_and_no_val_store_no_temperature(runner, calibrated, tmp_path):
     pet = calibrated.parent.parent / "pet"
     backbone = calibrated.parent.parent / "descriptor.pth"
     off = tmp_path / "off.pt"
-    result = invoke(runner, "train", "--set", f"data.root={pet}", "--set", f"output.weights={off}",
-                    "--set", f"model.weights={backbone}", "--set", "train.calibrate=false", *LEARNS)
+    result = invoke(
+        runner,
+        "train",
+        "--set",
+        f"data.root={pet}",
+        "--set",
+        f"output.weights={off}",
+        "--set",
+        f"model.weights={backbone}",
+        "--set",
+        "train.calibrate=false",
+        *LEARNS,
+    )
     assert result.exit_code == 0, result.output
     assert "Calibration" not in result.stderr
     assert json.loads(off.with_suffix(".json").read_text())["temperature"] is None
@@ -160,8 +195,9 @@ def test_a_temperature_that_is_not_a_positive_number_is_one_line(runner, calibra
     sidecar["temperature"] = -1
     weights.with_suffix(".json").write_text(json.dumps(sidecar))
     result = invoke(runner, "predict", calibrated.parent.parent / "pet" / "test", "--weights", weights, "-q")
-    assert_one_line_error(result, code=4, names=[str(weights.with_suffix(".json")), "temperature -1"],
-                          fix="remove the temperature key")
+    assert_one_line_error(
+        result, code=4, names=[str(weights.with_suffix(".json")), "temperature -1"], fix="remove the temperature key"
+    )
 
 
 def test_calibration_summary_without_a_temperature_has_no_calibrated_figures():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+
 from conftest import FAST, assert_one_line_error, invoke, make_folder
 from tiny import tutorial_model
 
@@ -61,16 +62,32 @@ def test_eval_takes_a_tutorial_state_dict(runner, pet, tmp_path):
     """A bare state_dict (no sidecar), saved the tutorial's way for 2 classes."""
     torch.manual_seed(0)
     torch.save(tutorial_model(2).state_dict(), tmp_path / "VGG16.pt")
-    result = invoke(runner, "eval", "--weights", tmp_path / "VGG16.pt", "--set", f"data.root={pet}",
-                    "--set", "data.image_size=32", "--set", "data.resize=36", "--quiet")
+    result = invoke(
+        runner,
+        "eval",
+        "--weights",
+        tmp_path / "VGG16.pt",
+        "--set",
+        f"data.root={pet}",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "data.resize=36",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("acc@1 ") and "/7)" in result.stdout.splitlines()[0]
     # The same file against data with three classes: refused, one line, names the file.
-    three = make_folder(tmp_path / "three", {"train": {"cat": 1, "dog": 1, "owl": 1},
-                                             "test": {"cat": 1, "dog": 1, "owl": 1}})
+    three = make_folder(
+        tmp_path / "three", {"train": {"cat": 1, "dog": 1, "owl": 1}, "test": {"cat": 1, "dog": 1, "owl": 1}}
+    )
     result = invoke(runner, "eval", "--weights", tmp_path / "VGG16.pt", "--set", f"data.root={three}", "--quiet")
-    assert_one_line_error(result, code=4, fix="--set data.root=PATH",
-                          names=[f"'{tmp_path / 'VGG16.pt'}'", "2-class head", "3 classes (cat, dog, owl)"])
+    assert_one_line_error(
+        result,
+        code=4,
+        fix="--set data.root=PATH",
+        names=[f"'{tmp_path / 'VGG16.pt'}'", "2-class head", "3 classes (cat, dog, owl)"],
+    )
 
 
 @pytest.mark.real_vgg
@@ -117,8 +134,19 @@ def test_the_real_vgg16_trains_saves_and_evaluates(runner, pet, tmp_path):
 
 def test_keras_recipe_on_a_pool(runner, tmp_path):
     pool = make_folder(tmp_path / "pool", {"": {"cat": 10, "dog": 10}})
-    result = invoke(runner, "train", "--config", CONFIGS / "keras_gap.yaml", "--set", f"data.root={pool}",
-                    "--set", "data.image_size=32", "--set", "train.epochs=1", "--quiet")
+    result = invoke(
+        runner,
+        "train",
+        "--config",
+        CONFIGS / "keras_gap.yaml",
+        "--set",
+        f"data.root={pool}",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "train.epochs=1",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     assert "train 16, val 2, test 2 images" in result.stderr
     sidecar = json.loads((tmp_path / "models" / "VGG16_gap.json").read_text())
@@ -138,4 +166,3 @@ def test_demo_config_runs(runner):
     result = invoke(runner, "train", "--config", CONFIGS / "demo.yaml", "--set", "train.epochs=1", "-q")
     assert result.exit_code == 0, result.output
     assert "random init" in result.stderr
-

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from conftest import assert_one_line_error, invoke
 from vggft.config import presets
-from vggft.config.schema import Config, all_keys
 from vggft.config.loading import load_config
+from vggft.config.schema import Config, all_keys
 from vggft.utils.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -28,13 +28,34 @@ def test_defaults_are_the_pytorch_recipe():
     assert cfg.output.weights == "models/VGG16.pt"
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("pet.yaml", {"data.image_size": 224, "data.resize": 256, "train.lr": 1e-4, "data.batch_size": 4,
-                  "train.epochs": 5, "model.head": "classifier6", "data.normalize": "imagenet"}),
-    ("keras_gap.yaml", {"data.image_size": 160, "data.resize": None, "data.normalize": "symmetric",
-                        "model.head": "gap", "data.split": [0.8, 0.1, 0.1]}),
-    ("demo.yaml", {"model.weights": None, "data.root": "data/demo"}),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            "pet.yaml",
+            {
+                "data.image_size": 224,
+                "data.resize": 256,
+                "train.lr": 1e-4,
+                "data.batch_size": 4,
+                "train.epochs": 5,
+                "model.head": "classifier6",
+                "data.normalize": "imagenet",
+            },
+        ),
+        (
+            "keras_gap.yaml",
+            {
+                "data.image_size": 160,
+                "data.resize": None,
+                "data.normalize": "symmetric",
+                "model.head": "gap",
+                "data.split": [0.8, 0.1, 0.1],
+            },
+        ),
+        ("demo.yaml", {"model.weights": None, "data.root": "data/demo"}),
+    ],
+)
 def test_shipped_configs_load_as_their_recipes(name, expected):
     cfg = load_config(CONFIGS / name)
     for key, value in expected.items():
@@ -85,10 +106,15 @@ def test_config_errors_name_key_expected_and_given(runner, override, names, fix)
 def test_bad_yaml_and_missing_file(runner, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochs: [1\n")
-    assert_one_line_error(invoke(runner, "summary", "--config", bad), code=2, names=[f"{bad}: line"],
-                          fix="fix the YAML syntax")
-    assert_one_line_error(invoke(runner, "summary", "--config", tmp_path / "nope.yaml"), code=2,
-                          names=[str(tmp_path / "nope.yaml"), "not found"], fix="an existing YAML file")
+    assert_one_line_error(
+        invoke(runner, "summary", "--config", bad), code=2, names=[f"{bad}: line"], fix="fix the YAML syntax"
+    )
+    assert_one_line_error(
+        invoke(runner, "summary", "--config", tmp_path / "nope.yaml"),
+        code=2,
+        names=[str(tmp_path / "nope.yaml"), "not found"],
+        fix="an existing YAML file",
+    )
 
 
 def test_debug_shows_the_traceback(runner):
@@ -105,10 +131,16 @@ known_keys = st.sampled_from(all_keys())
 
 
 @settings(max_examples=300, deadline=None)
-@given(document=st.dictionaries(st.sampled_from(["data", "model", "train", "cache", "output", "x"]),
-                                st.dictionaries(st.text(max_size=12) | st.sampled_from(
-                                    [k.split(".")[1] for k in all_keys()]), yaml_values, max_size=4)
-                                | yaml_values, max_size=5))
+@given(
+    document=st.dictionaries(
+        st.sampled_from(["data", "model", "train", "cache", "output", "x"]),
+        st.dictionaries(
+            st.text(max_size=12) | st.sampled_from([k.split(".")[1] for k in all_keys()]), yaml_values, max_size=4
+        )
+        | yaml_values,
+        max_size=5,
+    )
+)
 def test_any_yaml_document_is_a_config_or_a_config_error(tmp_path_factory, document):
     path = tmp_path_factory.mktemp("h") / "c.yaml"
     path.write_text(yaml.safe_dump(document))

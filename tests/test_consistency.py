@@ -4,8 +4,8 @@ and the refusals of distributed training and check-data's exit codes."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,15 +14,24 @@ from vggft.config.loading import load_config
 from vggft.utils.errors import ConfigError
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["train.head_only_epochs=1", "train.epochs=3"], "train.head_only_epochs: 1 does nothing without model.unfreeze"),
-    (["model.unfreeze=1", "train.head_only_epochs=3", "train.epochs=3"], "leaves no epoch of the 3"),
-    (["train.backbone_lr=0.01"], "train.backbone_lr does nothing while the backbone is frozen"),
-    (["train.scheduler=onecycle", "train.warmup_epochs=1"], "train.warmup_epochs does nothing with scheduler onecycle"),
-    (["train.nesterov=true"], "train.nesterov needs optimizer sgd with momentum > 0"),
-    (["train.optimizer=adam", "train.momentum=0.9"], "train.momentum is an sgd setting"),
-    (["train.epochs=0"], "train.epochs: expected a number greater than 0"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["train.head_only_epochs=1", "train.epochs=3"],
+            "train.head_only_epochs: 1 does nothing without model.unfreeze",
+        ),
+        (["model.unfreeze=1", "train.head_only_epochs=3", "train.epochs=3"], "leaves no epoch of the 3"),
+        (["train.backbone_lr=0.01"], "train.backbone_lr does nothing while the backbone is frozen"),
+        (
+            ["train.scheduler=onecycle", "train.warmup_epochs=1"],
+            "train.warmup_epochs does nothing with scheduler onecycle",
+        ),
+        (["train.nesterov=true"], "train.nesterov needs optimizer sgd with momentum > 0"),
+        (["train.optimizer=adam", "train.momentum=0.9"], "train.momentum is an sgd setting"),
+        (["train.epochs=0"], "train.epochs: expected a number greater than 0"),
+    ],
+)
 def test_settings_that_would_do_nothing_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
@@ -30,17 +39,25 @@ def test_settings_that_would_do_nothing_are_refused(overrides, message):
 
 def test_early_stopping_without_a_val_split_is_refused(runner, pet):
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "train.early_stopping.patience=2")
-    assert_one_line_error(result, code=2, after_notes=True, names=["train.early_stopping.patience", "val split"],
-                          fix="set data.val_fraction")
+    assert_one_line_error(
+        result,
+        code=2,
+        after_notes=True,
+        names=["train.early_stopping.patience", "val split"],
+        fix="set data.val_fraction",
+    )
 
 
 def test_a_config_typo_is_answered_before_torch_is_imported(tmp_path):
-    code = ("import sys; from typer.testing import CliRunner; from vggft.cli import app; "
-            "r = CliRunner().invoke(app, ['train', '--set', 'train.epocs=1']); "
-            "print(r.exit_code, 'torch' in sys.modules)")
+    code = (
+        "import sys; from typer.testing import CliRunner; from vggft.cli import app; "
+        "r = CliRunner().invoke(app, ['train', '--set', 'train.epocs=1']); "
+        "print(r.exit_code, 'torch' in sys.modules)"
+    )
     env = {"PYTHONPATH": ":".join(source_path()), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
-                         timeout=60).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
+    ).stdout.split()
     assert out == ["2", "False"]
 
 
@@ -72,20 +89,29 @@ def test_a_mistake_from_set_is_named_so_even_beside_a_config_file(runner, tmp_pa
     assert str(config) not in line
     config.write_text("train:\n  epochs: 3\n  head_only_epochs: 2\n")
     result = invoke(runner, "train", "--config", config)
-    line = assert_one_line_error(result, code=2, names=[str(config), "train.head_only_epochs"],
-                                 fix="set model.unfreeze")
+    line = assert_one_line_error(
+        result, code=2, names=[str(config), "train.head_only_epochs"], fix="set model.unfreeze"
+    )
     assert "--set" not in line
 
 
 def test_output_folders_that_cannot_be_made_are_found_before_any_work(runner, pet):
     Path("afile").write_text("a file where a folder should be")
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "output.runs_dir=afile/runs")
-    assert_one_line_error(result, code=6, names=["output.runs_dir", "'afile/runs'", f"'{Path('afile').resolve()}'"],
-                          fix="--set output.runs_dir=PATH")  # one line: no "Data:" note, the scan never ran
+    assert_one_line_error(
+        result,
+        code=6,
+        names=["output.runs_dir", "'afile/runs'", f"'{Path('afile').resolve()}'"],
+        fix="--set output.runs_dir=PATH",
+    )  # one line: no "Data:" note, the scan never ran
     (pet / "train" / "cat" / "broken.jpg").write_bytes(b"not a picture")
     result = invoke(runner, "check-data", "--set", f"data.root={pet}", "--quarantine", "afile/q", "-q")
-    assert_one_line_error(result, code=6, names=["--quarantine", "'afile/q'"],  # before the scan and any move
-                          fix="give another folder")
+    assert_one_line_error(
+        result,
+        code=6,
+        names=["--quarantine", "'afile/q'"],  # before the scan and any move
+        fix="give another folder",
+    )
     assert (pet / "train" / "cat" / "broken.jpg").exists()
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,11 +13,11 @@ from PIL import Image
 
 import vggft.data.images
 from conftest import FAST, assert_one_line_error, invoke, make_folder, make_image
-from vggft.config.schema import DataConfig
 from vggft.config.loading import load_config
+from vggft.config.schema import DataConfig
 from vggft.data.folders import find_splits
-from vggft.utils.errors import DataError
 from vggft.data.images import inspect_image, open_rgb
+from vggft.utils.errors import DataError
 
 
 def plant_bad_files(folder: Path) -> dict[str, str]:
@@ -80,22 +80,33 @@ def test_hidden_and_system_folders_never_become_classes(tmp_path):
 
 @pytest.mark.parametrize("val_name", ["val", "valid", "validation"])
 def test_val_folder_names(tmp_path, val_name):
-    root = make_folder(tmp_path / "d", {"train": {"cat": 2, "dog": 2}, val_name: {"cat": 1, "dog": 1},
-                                        "test": {"cat": 1, "dog": 1}})
+    root = make_folder(
+        tmp_path / "d", {"train": {"cat": 2, "dog": 2}, val_name: {"cat": 1, "dog": 1}, "test": {"cat": 1, "dog": 1}}
+    )
     assert len(find_splits(DataConfig(root=str(root)))["val"]) == 2
 
 
 def test_layout_errors_before_any_work(runner, tmp_path):
     root = make_folder(tmp_path / "d", {"train": {"cat": 2, "dog": 2}, "test": {"cat": 1, "owl": 1}})
     result = invoke(runner, "train", "--set", f"data.root={root}", "-q")
-    assert_one_line_error(result, code=3, after_notes=True, names=[f"{root}/test/owl", "'owl'", "classes: cat, dog"],
-                          fix="add train/owl or remove test/owl")
+    assert_one_line_error(
+        result,
+        code=3,
+        after_notes=True,
+        names=[f"{root}/test/owl", "'owl'", "classes: cat, dog"],
+        fix="add train/owl or remove test/owl",
+    )
     (root / "test" / "owl" / "owl.0.jpg").unlink()
     (root / "test" / "owl").rmdir()
     (root / "train" / "owl").mkdir()
     result = invoke(runner, "train", "--set", f"data.root={root}", "-q")
-    assert_one_line_error(result, code=3, after_notes=True, names=[f"{root}/train/owl", "empty class folder"],
-                          fix="add images or remove the folder")
+    assert_one_line_error(
+        result,
+        code=3,
+        after_notes=True,
+        names=[f"{root}/train/owl", "empty class folder"],
+        fix="add images or remove the folder",
+    )
     only_test = make_folder(tmp_path / "t", {"test": {"cat": 1, "dog": 1}})
     result = invoke(runner, "train", "--set", f"data.root={only_test}", "-q")
     assert_one_line_error(result, code=3, names=[str(only_test), "no train/ folder"], fix="vggft eval")
@@ -187,8 +198,9 @@ def test_train_skips_bad_files_and_says_so_once(runner, pet):
     listing = Path(skipped[0].split("full list: ")[1])
     assert len(listing.read_text().splitlines()) == 3
     result = invoke(runner, "train", "--set", f"data.root={pet}", "--set", "data.bad_images=error", *FAST)
-    assert_one_line_error(result, code=3, after_notes=True, names=["3 unreadable image(s)", str(pet)],
-                          fix="data.bad_images: skip")  # no epoch: nothing on stdout
+    assert_one_line_error(
+        result, code=3, after_notes=True, names=["3 unreadable image(s)", str(pet)], fix="data.bad_images: skip"
+    )  # no epoch: nothing on stdout
 
 
 def test_verdicts_are_cached_by_path_size_and_mtime(pet, monkeypatch):

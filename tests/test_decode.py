@@ -18,13 +18,13 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import vggft.data.decode
 from conftest import FAST, invoke, make_folder, make_image
-from vggft.config.schema import DataConfig, ModelConfig
 from vggft.config.loading import load_config
+from vggft.config.schema import DataConfig, ModelConfig
 from vggft.data.decode import FileBytes, Packed, TensorDecoder, device_batches, jpeg_fallback_reason, resolve_decode
 from vggft.data.transforms import eval_transform
-from vggft.utils.errors import DataError
 from vggft.features.cache import FeatureSource
 from vggft.model.build import build_model, split_frozen_prefix
+from vggft.utils.errors import DataError
 
 CPU = torch.device("cpu")
 DATA = DataConfig(image_size=64, resize=72)
@@ -57,8 +57,9 @@ def _jpegs(folder: Path) -> list[tuple[str, int]]:
 
 
 def _both(samples, data=DATA, workers=0):
-    pil = torch.cat(list(device_batches(samples, eval_transform(data), None, batch_size=4, device=CPU,
-                                        num_workers=workers)))
+    pil = torch.cat(
+        list(device_batches(samples, eval_transform(data), None, batch_size=4, device=CPU, num_workers=workers))
+    )
     decoder = TensorDecoder(data)
     tensor = torch.cat(list(device_batches(samples, None, decoder, batch_size=4, device=CPU, num_workers=workers)))
     return pil, tensor, decoder
@@ -92,8 +93,12 @@ def _dirty(folder: Path) -> dict[str, str]:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to view
     Image.new("RGB", (60, 30), (1, 2, 3)).save(folder / "rotated.jpg", exif=exif)
-    return {"png_named.jpg": "not a JPEG", "cmyk.jpg": "CMYK", "progressive.jpg": "progressive",
-            "rotated.jpg": "EXIF-rotated"}
+    return {
+        "png_named.jpg": "not a JPEG",
+        "cmyk.jpg": "CMYK",
+        "progressive.jpg": "progressive",
+        "rotated.jpg": "EXIF-rotated",
+    }
 
 
 def test_dirty_files_go_through_pillow_one_by_one_and_are_counted_once(tmp_path, notes):
@@ -108,8 +113,10 @@ def test_dirty_files_go_through_pillow_one_by_one_and_are_counted_once(tmp_path,
     assert torch.equal(pil[6:], tensor[6:])  # a fallback is exactly what data.decode: pil gives
     assert _levels(pil[:6], tensor[:6]) <= PIXEL_LEVELS
     lines = [line for line in notes() if "went through Pillow" in line]
-    assert lines == ["Decoding: 4 of 10 file(s) went through Pillow instead of decode_jpeg "
-                     "(not a JPEG 1, CMYK 1, progressive 1, EXIF-rotated 1)"]
+    assert lines == [
+        "Decoding: 4 of 10 file(s) went through Pillow instead of decode_jpeg "
+        "(not a JPEG 1, CMYK 1, progressive 1, EXIF-rotated 1)"
+    ]
 
 
 def test_a_jpeg_the_decoder_rejects_is_retried_alone_then_one_dataerror(tmp_path):
@@ -121,8 +128,7 @@ def test_a_jpeg_the_decoder_rejects_is_retried_alone_then_one_dataerror(tmp_path
     assert jpeg_fallback_reason(broken.read_bytes()) == ""  # its header is whole: only decoding finds out
     decoder = TensorDecoder(DATA)
     with pytest.raises(DataError, match=r"truncated\.jpg: cannot be read any more"):
-        list(decoder.batches(samples[:2] + [(str(broken), 0)] + samples[2:], batch_size=8, device=CPU,
-                             num_workers=0))
+        list(decoder.batches(samples[:2] + [(str(broken), 0)] + samples[2:], batch_size=8, device=CPU, num_workers=0))
     assert decoder.fallbacks == {"rejected by decode_jpeg": 1}  # the batch failed; the good files were retried
 
 
@@ -130,8 +136,9 @@ def test_the_tensor_path_loads_through_make_loader(tmp_path, monkeypatch):
     """Its loader is capped at the work there is, like every other (one batch: no worker processes)."""
     made = []
     make_loader = vggft.data.decode.make_loader
-    monkeypatch.setattr(vggft.data.decode, "make_loader",
-                        lambda *args, **kwargs: made.append(make_loader(*args, **kwargs)) or made[-1])
+    monkeypatch.setattr(
+        vggft.data.decode, "make_loader", lambda *args, **kwargs: made.append(make_loader(*args, **kwargs)) or made[-1]
+    )
     images = list(TensorDecoder(DATA).batches(_jpegs(tmp_path), batch_size=8, device=CPU, num_workers=2))
     assert len(images) == 1 and [loader.num_workers for loader in made] == [0]
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from conftest import FAST, assert_error_says, assert_one_line_error, invoke, make_folder, tiny_subprocess_env
+from vggft.reporting.metrics import Metrics
 from vggft.training.loop import reduce_metrics
 from vggft.utils.distributed import SINGLE, Group
-from vggft.reporting.metrics import Metrics
 
 
 def test_shards_hold_every_item_once():
@@ -32,12 +32,16 @@ def test_shards_hold_every_item_once():
 
 def test_two_processes_train_like_one(runner, tmp_path):
     # 7 test images over 2 ranks (4 + 3) and 3 val images (2 + 1): uneven shards on purpose.
-    pet = make_folder(tmp_path / "pet", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 1, "dog": 2},
-                                         "test": {"cat": 3, "dog": 4}})
+    pet = make_folder(
+        tmp_path / "pet", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 1, "dog": 2}, "test": {"cat": 3, "dog": 4}}
+    )
     env = tiny_subprocess_env()
     result = subprocess.run(
         [sys.executable, "-m", "vggft", "train", "--nproc", "2", "--set", f"data.root={pet}", *FAST],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out, notes = result.stdout, result.stderr
@@ -90,12 +94,34 @@ class _StalledJob:
 
     def __init__(self, folder: Path, torch_home: Path):
         pet = make_folder(folder / "pet", {"train": {"cat": 6, "dog": 6}, "test": {"cat": 3, "dog": 4}})
-        env = {**tiny_subprocess_env(), "VGGFT_DIST_TIMEOUT": "5", "TORCH_HOME": str(torch_home),
-               "VGGFT_CACHE": str(folder / "cache")}
-        command = [sys.executable, "-m", "vggft", "train", "--nproc", "2", "--set", f"data.root={pet}", *FAST,
-                   "--set", "train.epochs=100000"]
-        self.job = subprocess.Popen(command, env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    text=True, start_new_session=True)
+        env = {
+            **tiny_subprocess_env(),
+            "VGGFT_DIST_TIMEOUT": "5",
+            "TORCH_HOME": str(torch_home),
+            "VGGFT_CACHE": str(folder / "cache"),
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "vggft",
+            "train",
+            "--nproc",
+            "2",
+            "--set",
+            f"data.root={pet}",
+            *FAST,
+            "--set",
+            "train.epochs=100000",
+        ]
+        self.job = subprocess.Popen(
+            command,
+            env=env,
+            cwd=folder,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         self.said: list[str] = []
         self.ranks: dict[int, int] = {}
         self.noticed: float | None = None  # seconds from the stop to the error line

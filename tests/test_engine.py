@@ -15,17 +15,17 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from conftest import FAST, invoke, make_folder
-from vggft.config.schema import Config, ModelConfig, TrainConfig
 from vggft.config.loading import load_config
+from vggft.config.schema import Config, ModelConfig, TrainConfig
 from vggft.data import prepare_data
 from vggft.data.loaders import ImageList, make_loader
 from vggft.data.transforms import eval_transform
-from vggft.training.loop import evaluate, fit_head, fresh_head
-from vggft.utils.errors import DataError
 from vggft.features.cache import FeatureSource
-from vggft.reporting.metrics import output_names
 from vggft.model.build import build_model, set_train_mode, split_frozen_prefix
+from vggft.reporting.metrics import output_names
+from vggft.training.loop import evaluate, fit_head, fresh_head
 from vggft.training.shared_steps import SharedSteps
+from vggft.utils.errors import DataError
 
 
 @pytest.fixture
@@ -48,11 +48,16 @@ def test_fit_head_many_times_on_the_same_rows(rows, monkeypatch):
     monkeypatch.setattr(nn.Conv2d, "forward", lambda self, x: calls.append(1) or real_forward(self, x))
     cfg = TrainConfig(epochs=3, lr=0.05, momentum=0.9)
     names = ["cat", "dog"]
-    fits = [fit_head(suffix, train, test, cfg, names=names, batch_size=4, device=torch.device("cpu"), seed=s)
-            for s in (0, 0, 1)]
+    fits = [
+        fit_head(suffix, train, test, cfg, names=names, batch_size=4, device=torch.device("cpu"), seed=s)
+        for s in (0, 0, 1)
+    ]
     assert calls == []  # no image, no backbone: only the head ran
     assert [len(f.history) for f in fits] == [3, 3, 3] and all("val_acc" in f.history[0] for f in fits)
-    same = [torch.equal(a, b) for a, b in zip(fits[0].module.state_dict().values(), fits[1].module.state_dict().values())]
+    same = [
+        torch.equal(a, b)
+        for a, b in zip(fits[0].module.state_dict().values(), fits[1].module.state_dict().values(), strict=True)
+    ]
     assert all(same)  # the same call gives the same head
     assert not torch.equal(fits[0].module[-1].weight, fits[2].module[-1].weight)  # another seed, another head
     assert not torch.equal(fits[0].module[-1].weight, suffix[-1].weight)  # the template is left alone
@@ -69,7 +74,9 @@ def test_heads_that_share_training_steps_are_bit_identical_to_heads_fitted_alone
     other rows or another random state at every step, and computes."""
     suffix, train, test = rows
     cpu, names = torch.device("cpu"), ["cat", "dog"]
-    configs = [TrainConfig(epochs=2, lr=lr, weight_decay=wd, momentum=0.9) for lr, wd in ((0.5, 0), (0.1, 1e-4), (0.5, 1e-4))]
+    configs = [
+        TrainConfig(epochs=2, lr=lr, weight_decay=wd, momentum=0.9) for lr, wd in ((0.5, 0), (0.1, 1e-4), (0.5, 1e-4))
+    ]
     alone = [fit_head(suffix, train, test, c, names=names, batch_size=4, device=cpu) for c in configs]
     steps = SharedSteps(suffix)
     torch.manual_seed(3)
@@ -77,9 +84,12 @@ def test_heads_that_share_training_steps_are_bit_identical_to_heads_fitted_alone
     assert torch.equal(torch.rand(2), torch.manual_seed(3) and torch.rand(2))
     assert steps.computed == 2 * 3 and steps.taken == 2 * steps.computed  # 12 rows in batches of 4, 2 epochs
     timeless = lambda fit: [{k: v for k, v in row.items() if k != "seconds"} for row in fit.history]  # noqa: E731
-    for a, b in zip(alone, shared):
+    for a, b in zip(alone, shared, strict=True):
         assert timeless(a) == timeless(b)
-        assert all(torch.equal(x, y) for x, y in zip(a.module.state_dict().values(), b.module.state_dict().values()))
+        assert all(
+            torch.equal(x, y)
+            for x, y in zip(a.module.state_dict().values(), b.module.state_dict().values(), strict=True)
+        )
         assert list(a.module.state_dict()) == list(b.module.state_dict())
     for options in ({"seed": 1, "batch_size": 4}, {"batch_size": 3}):
         taken = steps.taken
@@ -140,12 +150,14 @@ def used(monkeypatch):
         seen.dtypes.add(out.dtype)
         return out
 
-    monkeypatch.setattr(nn.CrossEntropyLoss, "forward",
-                        lambda self, *args: seen.smoothing.add(self.label_smoothing) or cross_entropy(self, *args))
+    monkeypatch.setattr(
+        nn.CrossEntropyLoss,
+        "forward",
+        lambda self, *args: seen.smoothing.add(self.label_smoothing) or cross_entropy(self, *args),
+    )
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clipping)
     monkeypatch.setattr(nn.Linear, "forward", computing)
-    stepped = register_optimizer_step_post_hook(
-        lambda optimizer, args, kwargs: seen.optimizers.add(type(optimizer)))
+    stepped = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: seen.optimizers.add(type(optimizer)))
     yield seen
     stepped.remove()
 
@@ -153,17 +165,40 @@ def used(monkeypatch):
 ADAM_STATE, MOMENTUM_STATE = {"exp_avg", "exp_avg_sq"}, {"momentum_buffer"}
 
 
-@pytest.mark.parametrize(("options", "optimizer", "state", "group", "smoothing", "clip", "bf16"), [
-    (["train.optimizer=adam", "train.weight_decay=0.01"], torch.optim.Adam, ADAM_STATE, {"weight_decay": 0.01},
-     0.0, None, False),
-    (["train.optimizer=adamw", "train.weight_decay=0.05", "train.label_smoothing=0.1"], torch.optim.AdamW,
-     ADAM_STATE, {"weight_decay": 0.05}, 0.1, None, False),
-    (["train.optimizer=sgd", "train.momentum=0.9", "train.nesterov=true", "train.grad_clip=0.5"], torch.optim.SGD,
-     MOMENTUM_STATE, {"momentum": 0.9, "nesterov": True}, 0.0, 0.5, False),
-    (["train.amp=bf16"], torch.optim.SGD, set(), {"momentum": 0.0}, 0.0, None, True),  # autocast on CPU
-])
-def test_loop_options_are_used_and_recorded(runner, pet, used, options, optimizer, state, group, smoothing, clip,
-                                            bf16):
+@pytest.mark.parametrize(
+    ("options", "optimizer", "state", "group", "smoothing", "clip", "bf16"),
+    [
+        (
+            ["train.optimizer=adam", "train.weight_decay=0.01"],
+            torch.optim.Adam,
+            ADAM_STATE,
+            {"weight_decay": 0.01},
+            0.0,
+            None,
+            False,
+        ),
+        (
+            ["train.optimizer=adamw", "train.weight_decay=0.05", "train.label_smoothing=0.1"],
+            torch.optim.AdamW,
+            ADAM_STATE,
+            {"weight_decay": 0.05},
+            0.1,
+            None,
+            False,
+        ),
+        (
+            ["train.optimizer=sgd", "train.momentum=0.9", "train.nesterov=true", "train.grad_clip=0.5"],
+            torch.optim.SGD,
+            MOMENTUM_STATE,
+            {"momentum": 0.9, "nesterov": True},
+            0.0,
+            0.5,
+            False,
+        ),
+        (["train.amp=bf16"], torch.optim.SGD, set(), {"momentum": 0.0}, 0.0, None, True),  # autocast on CPU
+    ],
+)
+def test_loop_options_are_used_and_recorded(runner, pet, used, options, optimizer, state, group, smoothing, clip, bf16):
     """Each option is checked where it acts: the optimizer that stepped and the state it saved in last.pt
     (Adam keeps moment estimates, SGD with momentum a momentum buffer, SGD without none), the loss's label
     smoothing (evaluation's loss has none), the clipping, the dtype the head computed in; and config.yaml
@@ -191,8 +226,14 @@ def test_loop_options_are_used_and_recorded(runner, pet, used, options, optimize
 def test_label_smoothing_and_clipping_change_the_result(rows):
     suffix, train, _ = rows
     base = TrainConfig(epochs=1, lr=0.5)
-    heads = [fit_head(suffix, train, None, cfg, names=["cat", "dog"], batch_size=4, device=torch.device("cpu")).module
-             for cfg in (base, TrainConfig(epochs=1, lr=0.5, label_smoothing=0.2), TrainConfig(epochs=1, lr=0.5, grad_clip=1e-3))]
+    heads = [
+        fit_head(suffix, train, None, cfg, names=["cat", "dog"], batch_size=4, device=torch.device("cpu")).module
+        for cfg in (
+            base,
+            TrainConfig(epochs=1, lr=0.5, label_smoothing=0.2),
+            TrainConfig(epochs=1, lr=0.5, grad_clip=1e-3),
+        )
+    ]
     assert not torch.equal(heads[0][-1].weight, heads[1][-1].weight)
     assert not torch.equal(heads[0][-1].weight, heads[2][-1].weight)
     start = fresh_head(suffix, base.seed)[-1].weight  # every fit starts from the seed's init
@@ -208,8 +249,19 @@ def test_batchnorm_arch_keeps_frozen_statistics(runner, pet):
     frozen_bn = [m for m in model.features[:34] if isinstance(m, nn.BatchNorm2d)]
     thawed_bn = [m for m in model.features[34:] if isinstance(m, nn.BatchNorm2d)]
     assert frozen_bn and all(not m.training for m in frozen_bn) and all(m.training for m in thawed_bn)
-    result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "model.arch=vgg16_bn",
-                    "--set", "model.weights=null", "--set", "model.unfreeze=[block5]")
+    result = invoke(
+        runner,
+        "train",
+        "--set",
+        f"data.root={pet}",
+        *FAST,
+        "--set",
+        "model.arch=vgg16_bn",
+        "--set",
+        "model.weights=null",
+        "--set",
+        "model.unfreeze=[block5]",
+    )
     assert result.exit_code == 0, result.output
     saved = torch.load("models/VGG16.pt", weights_only=True)
     torch.manual_seed(0)
@@ -239,8 +291,10 @@ def test_balance_weights_and_sampler_even_out_the_classes(pet):
     labels = torch.tensor([0] * 8 + [1] * 2)
     assert class_weights(labels, 3).tolist() == [0.625, 2.5, 0.0]  # an absent class weighs nothing
     root = make_folder(pet.parent / "skewed", {"train": {"cat": 16, "dog": 4}, "test": {"cat": 1, "dog": 1}})
-    cfg = load_config(None, [f"data.root={root}", "data.image_size=32", "data.resize=36", "data.balance=sampler",
-                             "data.batch_size=20"])
+    cfg = load_config(
+        None,
+        [f"data.root={root}", "data.image_size=32", "data.resize=36", "data.balance=sampler", "data.batch_size=20"],
+    )
     model = build_model(cfg.model, 2, None)
     splits, _ = prepare_data(cfg)
     source = FeatureSource(model, cfg, torch.device("cpu"), None)

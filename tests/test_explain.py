@@ -110,6 +110,7 @@ def test_output_stems_are_unique():
 
 # --- the command, on weights that learnt the colours -------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def models(train_once) -> dict[str, Path]:
     """Red cats and blue dogs; a test split with one red picture filed under dog (a sure mistake). A model per
@@ -117,11 +118,27 @@ def models(train_once) -> dict[str, Path]:
     folder = train_once("explain")
     make_image(folder.pet / "test" / "dog" / "reddish.jpg", CLASS_COLOURS["cat"], seed=99)
     backbone = save_descriptor(folder.root / "descriptor.pth")
-    return {head: folder.train("--set", f"model.weights={backbone}", "--set", f"model.head={head}",
-                               "--set", f"data.image_size={SIZE}", "--set", f"data.resize={SIZE}",
-                               "--set", f"train.lr={lr}", "--set", "train.momentum=0.9", "--set", "train.epochs=8",
-                               "--quiet", weights=f"models/{head}.pt")
-            for head, lr in (("classifier6", 0.1), ("gap", 0.05))}
+    return {
+        head: folder.train(
+            "--set",
+            f"model.weights={backbone}",
+            "--set",
+            f"model.head={head}",
+            "--set",
+            f"data.image_size={SIZE}",
+            "--set",
+            f"data.resize={SIZE}",
+            "--set",
+            f"train.lr={lr}",
+            "--set",
+            "train.momentum=0.9",
+            "--set",
+            "train.epochs=8",
+            "--quiet",
+            weights=f"models/{head}.pt",
+        )
+        for head, lr in (("classifier6", 0.1), ("gap", 0.05))
+    }
 
 
 def _pet(weights: Path) -> Path:
@@ -145,8 +162,10 @@ def test_explain_writes_overlay_and_map_for_each_image(runner, models, tmp_path)
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [r["path"] for r in rows] == sorted(str(p) for p in test.rglob("*.jpg"))
-    predicted = {r["path"]: r["top"][0] for r in
-                 json.loads(invoke(runner, "predict", test, "--weights", weights, "--json", "-q").stdout)}
+    predicted = {
+        r["path"]: r["top"][0]
+        for r in json.loads(invoke(runner, "predict", test, "--weights", weights, "--json", "-q").stdout)
+    }
     trained = load_model(weights)
     for r in rows:
         cam = np.load(r["cam"])
@@ -159,18 +178,20 @@ def test_explain_writes_overlay_and_map_for_each_image(runner, models, tmp_path)
         image = eval_transform(trained.cfg.data)(open_rgb(r["path"]))[None]
         assert np.allclose(cam, grad_cam(trained.model, image).maps[0].numpy(), atol=1e-6)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{Path(r['path']).stem}.cam.{ext}" for r in rows for ext in ("npy", "png"))
+        f"{Path(r['path']).stem}.cam.{ext}" for r in rows for ext in ("npy", "png")
+    )
 
 
 def test_the_heatmap_is_hot_on_the_red_object(runner, models, tmp_path):
     picture = _disc_picture(tmp_path / "disc.jpg")
-    result = invoke(runner, "explain", picture, "--weights", models["gap"], "--class", "cat", "--out", tmp_path,
-                    "--json", "-q")
+    result = invoke(
+        runner, "explain", picture, "--weights", models["gap"], "--class", "cat", "--out", tmp_path, "--json", "-q"
+    )
     (row,) = json.loads(result.stdout)
     cam = np.load(row["cam"])
     disc = np.zeros((SIZE, SIZE), dtype=bool)
     yy, xx = np.mgrid[:SIZE, :SIZE]
-    disc[(yy - 48) ** 2 + (xx - 48) ** 2 <= 12 ** 2] = True
+    disc[(yy - 48) ** 2 + (xx - 48) ** 2 <= 12**2] = True
     assert row["class"] == "cat"
     assert cam[disc].mean() > 0.5 > cam[:24, :24].mean()  # hot on the disc, cold in the far grey corner
 
@@ -191,44 +212,74 @@ def test_explain_another_class_a_broken_file_and_clashing_names(runner, models, 
     assert all(" dog " in line for line in lines[1:3])
     assert len(list(out.glob("*.cam.png"))) == len(list(out.glob("*.cam.npy"))) == 2
     result = invoke(runner, "explain", folder, "--weights", weights, "--out", folder / "broken.jpg", "-q")
-    assert_one_line_error(result, code=6, names=["--out", f"'{folder / 'broken.jpg'}'", "is a file"],
-                          fix="give a folder")
+    assert_one_line_error(
+        result, code=6, names=["--out", f"'{folder / 'broken.jpg'}'", "is a file"], fix="give a folder"
+    )
     result = invoke(runner, "explain", folder, "--weights", weights, "--class", "owl", "-q")
-    assert_one_line_error(result, code=2, names=["--class", "'owl'", f"'{weights}'", "(cat, dog)"],
-                          fix="leave --class out")
+    assert_one_line_error(
+        result, code=2, names=["--class", "'owl'", f"'{weights}'", "(cat, dog)"], fix="leave --class out"
+    )
 
 
 def test_explain_out_of_memory_is_one_line_naming_the_batch_size(runner, models, tmp_path, monkeypatch):
     """Grad-CAM's backward pass running out of memory, as predict's forward pass: one line, exit 7."""
+
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(vggft.diagnostics.explain, "grad_cam", oom)
     weights = models["gap"]
-    result = invoke(runner, "explain", _pet(weights) / "test", "--weights", weights, "--batch-size", "4",
-                    "--out", tmp_path, "-q")
+    result = invoke(
+        runner, "explain", _pet(weights) / "test", "--weights", weights, "--batch-size", "4", "--out", tmp_path, "-q"
+    )
     assert_one_line_error(result, code=7, names=["out of memory", "--batch-size 4"], fix="--batch-size 2")
 
 
 def test_explain_loads_images_with_the_workers_of_data_num_workers(runner, models, tmp_path, monkeypatch):
     asked = []
     make_loader = vggft.model.inference.make_loader
-    monkeypatch.setattr(vggft.model.inference, "make_loader",
-                        lambda *args, **kwargs: asked.append(kwargs["num_workers"]) or make_loader(*args, **kwargs))
+    monkeypatch.setattr(
+        vggft.model.inference,
+        "make_loader",
+        lambda *args, **kwargs: asked.append(kwargs["num_workers"]) or make_loader(*args, **kwargs),
+    )
     weights = models["gap"]
-    result = invoke(runner, "explain", _pet(weights) / "test", "--weights", weights, "--set", "data.num_workers=2",
-                    "--out", tmp_path, "-q")
+    result = invoke(
+        runner,
+        "explain",
+        _pet(weights) / "test",
+        "--weights",
+        weights,
+        "--set",
+        "data.num_workers=2",
+        "--out",
+        tmp_path,
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     assert asked == [2]  # it always used 0
 
 
 # --- eval: top losses, confused pairs, heatmaps on the grids -------------------------------------------------
 
+
 def test_eval_top_losses_confused_pairs_and_heatmaps(runner, models, tmp_path):
     weights = models["classifier6"]
     plain, explained = tmp_path / "plain", tmp_path / "explained"
-    result = invoke(runner, "eval", "--weights", weights, "--misclassified", "2", "--top-losses", "4",
-                    "--plots", plain, "--json", "-q")
+    result = invoke(
+        runner,
+        "eval",
+        "--weights",
+        weights,
+        "--misclassified",
+        "2",
+        "--top-losses",
+        "4",
+        "--plots",
+        plain,
+        "--json",
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     scored = json.loads(result.stdout)
     assert scored["confused_pairs"] == [{"true": "dog", "predicted": "cat", "count": 1}]  # the red 'dog'
@@ -239,15 +290,27 @@ def test_eval_top_losses_confused_pairs_and_heatmaps(runner, models, tmp_path):
     losses = [float(r["loss"]) for r in table]
     assert losses == sorted(losses, reverse=True)
     trained = load_model(weights)
-    for r, kept in zip(table, scored["top_losses"]):
+    for r, kept in zip(table, scored["top_losses"], strict=True):
         with torch.inference_mode():
             logits = trained.model(eval_transform(trained.cfg.data)(open_rgb(r["path"]))[None])[0]
         true = trained.class_names.index(r["true"])
         assert float(r["loss"]) == pytest.approx(-float(torch.log_softmax(logits, 0)[true]), abs=1e-5)
         assert float(r["probability"]) == pytest.approx(float(logits.softmax(0).max()), abs=1e-5)
         assert kept["path"] == r["path"] and kept["loss"] == pytest.approx(float(r["loss"]), abs=1e-5)
-    result = invoke(runner, "eval", "--weights", weights, "--misclassified", "2", "--top-losses", "4", "--explain",
-                    "--plots", explained, "-q")
+    result = invoke(
+        runner,
+        "eval",
+        "--weights",
+        weights,
+        "--misclassified",
+        "2",
+        "--top-losses",
+        "4",
+        "--explain",
+        "--plots",
+        explained,
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     assert "Most confused pairs (true -> predicted: count)\n  dog -> cat  1\n" in result.stdout
     for name in ("classifier6.misclassified_test.png", "classifier6.top_losses_test.png"):

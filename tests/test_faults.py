@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import vggft.utils.files
 import vggft.training.train
+import vggft.utils.files
 from conftest import FAST, assert_one_line_error, invoke, make_folder, tiny_subprocess_env
 from test_safety import _train
 
@@ -33,12 +33,16 @@ STRACE_FAST = ("-f", "--seccomp-bpf")
 RENAMES = "rename,renameat,renameat2"
 # A vggft process that imports its modules, says so, and runs once it reads "go" (nothing else: a test that
 # failed before and left it behind makes it exit).
-PRIMED = ("import runpy, sys, torch, torchvision, vggft.cli, vggft.training.train, vggft.diagnostics.evaluation, vggft.reporting.plots; "
-          "print('ready', flush=True); sys.stdin.readline() == 'go\\n' or sys.exit(3); sys.argv[0] = 'vggft'; "
-          "runpy.run_module('vggft', run_name='__main__')")
+PRIMED = (
+    "import runpy, sys, torch, torchvision, vggft.cli, vggft.training.train, vggft.diagnostics.evaluation; "
+    "import vggft.reporting.plots; "
+    "print('ready', flush=True); sys.stdin.readline() == 'go\\n' or sys.exit(3); sys.argv[0] = 'vggft'; "
+    "runpy.run_module('vggft', run_name='__main__')"
+)
 
 
 # --- tools: kill at the Nth rename, mount a small file system ------------------------------------
+
 
 def _vggft(*args: str) -> list[str]:
     return [sys.executable, "-m", "vggft", *args]
@@ -51,13 +55,21 @@ def _env(cache: Path) -> dict[str, str]:
 def _renames(command: list[str], env: dict[str, str], trace: Path) -> list[str]:
     """Run ``command`` under strace; the targets of the renames its main thread made, in order (the
     thread that writes every file, and the one ``_Primed.kill_at`` counts)."""
-    done = subprocess.run([STRACE, *STRACE_FAST, "-qq", "-o", str(trace), "-e", f"trace=execve,{RENAMES}",
-                           *command], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [STRACE, *STRACE_FAST, "-qq", "-o", str(trace), "-e", f"trace=execve,{RENAMES}", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     calls = [line.split(None, 1) for line in trace.read_text().splitlines()]  # -f puts the thread id first
     main = next(tid for tid, call in calls if call.startswith("execve("))
-    return [re.findall(r'"([^"]*)"', call)[1] for tid, call in calls
-            if tid == main and call.startswith("rename") and call.endswith("= 0")]
+    return [
+        re.findall(r'"([^"]*)"', call)[1]
+        for tid, call in calls
+        if tid == main and call.startswith("rename") and call.endswith("= 0")
+    ]
 
 
 class _Primed:
@@ -66,8 +78,14 @@ class _Primed:
 
     def __init__(self, command: list[str], env: dict[str, str]):
         assert command[:3] == [sys.executable, "-m", "vggft"]
-        self.process = subprocess.Popen([sys.executable, "-c", PRIMED, *command[3:]], env=env, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", PRIMED, *command[3:]],
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     def kill_at(self, n: int) -> str:
         """Attach strace, let the process run, SIGKILL it at its ``n``-th rename (before the rename
@@ -75,8 +93,11 @@ class _Primed:
         assert self.process.stdout.readline() == "ready\n", self.process.communicate()
         inject = f"inject={RENAMES}:error=EIO:signal=KILL:when={n}"
         pid = self.process.pid
-        with subprocess.Popen([STRACE, "-qq", "-o", "/dev/null", "-e", f"trace={RENAMES}", "-e", inject,
-                               "-p", str(pid)], stderr=subprocess.PIPE, text=True) as tracer:
+        with subprocess.Popen(
+            [STRACE, "-qq", "-o", "/dev/null", "-e", f"trace={RENAMES}", "-e", inject, "-p", str(pid)],
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as tracer:
             status, deadline = Path(f"/proc/{pid}/status"), time.monotonic() + 30
             while f"TracerPid:\t{tracer.pid}\n" not in status.read_text():
                 if tracer.poll() is not None:  # ptrace refused (kernel.yama.ptrace_scope, not root)
@@ -154,6 +175,7 @@ CHECK_DISK = vggft.training.train._check_disk
 def _fill_after_the_check(monkeypatch, folder: Path, leave: int) -> None:
     """The free-space check runs for real and passes; then the disk fills up, as when several runs
     share a disk and each passed its own check."""
+
     def check_then_fill(*args):
         CHECK_DISK(*args)
         _fill(folder, leave)
@@ -175,20 +197,35 @@ def _load(path) -> dict:
 
 # --- killed between two files that belong together ------------------------------------------------
 
-SCORED = ["--set", "data.image_size=32", "--set", "data.resize=36", "--set", "train.epochs=3",
-          "--set", "train.lr=5", "--set", "model.dropout=0", "--quiet"]  # val acc 25%, 75%, 25%: best is epoch 2
+SCORED = [
+    "--set",
+    "data.image_size=32",
+    "--set",
+    "data.resize=36",
+    "--set",
+    "train.epochs=3",
+    "--set",
+    "train.lr=5",
+    "--set",
+    "model.dropout=0",
+    "--quiet",
+]  # val acc 25%, 75%, 25%: best is epoch 2
 
 
 @needs_strace
 def test_killed_between_best_pt_and_last_pt_resumes_what_last_pt_says(runner, tmp_path, monkeypatch, primed):
     """Killed at the second checkpoint rename of epoch 2 (whichever order they come in): the resumed run
     ends exactly as the run that was never killed, and best.pt agrees with last.pt."""
-    pet = make_folder(tmp_path / "pet", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 3, "dog": 1},
-                                         "test": {"cat": 2, "dog": 2}})
+    pet = make_folder(
+        tmp_path / "pet", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 3, "dog": 1}, "test": {"cat": 2, "dog": 2}}
+    )
     train = ["train", "--set", f"data.root={pet}", *SCORED]
     killed = primed(_vggft(*train, "--set", "output.weights=resumed.pt"), _env(tmp_path / "c2"))
-    targets = _renames(_vggft(*train, "--set", "output.runs_dir=ref", "--set", "output.weights=ref.pt"),
-                       _env(tmp_path / "c1"), tmp_path / "trace")
+    targets = _renames(
+        _vggft(*train, "--set", "output.runs_dir=ref", "--set", "output.weights=ref.pt"),
+        _env(tmp_path / "c1"),
+        tmp_path / "trace",
+    )
     reference = _load("ref/train/last.pt")
     assert [row["epoch"] for row in reference["history"]] == [1, 2, 3] and reference["best"]["epoch"] == 2
     checkpoint = re.compile(r"/(last|best)\.pt$")
@@ -223,21 +260,26 @@ def _killed_writer(path: Path) -> None:
 
 
 @needs_strace
-def test_killed_between_weights_and_sidecar_is_caught_never_mislabelled(runner, pet, tmp_path, monkeypatch,
-                                                                       primed):
+def test_killed_between_weights_and_sidecar_is_caught_never_mislabelled(runner, pet, tmp_path, monkeypatch, primed):
     """An earlier run's sidecar beside a killed run's weights: refused. The killed writers' temporaries
     (beside the weights, in the cache) are removed by the next run; a live writer's never."""
     other = _cat_owl(tmp_path)
     # Another seed: other weights for sure (at lr 1e-4 one epoch can leave the tiny head bit-identical).
-    killed = primed(_vggft("train", "--set", f"data.root={other}", *FAST, "--set", "train.epochs=1",
-                           "--set", "train.seed=1"), _env(tmp_path / "c2"))
+    killed = primed(
+        _vggft("train", "--set", f"data.root={other}", *FAST, "--set", "train.epochs=1", "--set", "train.seed=1"),
+        _env(tmp_path / "c2"),
+    )
     command = _vggft("train", "--set", f"data.root={pet}", *FAST, "--set", "train.epochs=1")
     targets = _renames(command, _env(tmp_path / "c1"), tmp_path / "trace")  # the earlier run: cat, dog
     killed.kill_at(_index(targets, lambda target: target.endswith("models/VGG16.json")))
     for command in (["eval", "-q"], ["predict", other / "test", "-q"]):
-        assert_one_line_error(invoke(runner, *command), code=4, after_notes=True,
-                              names=["models/VGG16.json", "other weights", "'models/VGG16.pt'"],
-                              fix="delete the sidecar")
+        assert_one_line_error(
+            invoke(runner, *command),
+            code=4,
+            after_notes=True,
+            names=["models/VGG16.json", "other weights", "'models/VGG16.pt'"],
+            fix="delete the sidecar",
+        )
 
     shards = next((tmp_path / "c1").glob("features/*"))
     _killed_writer(shards / "123-456.pt")
@@ -256,14 +298,20 @@ def test_killed_between_weights_and_sidecar_is_caught_never_mislabelled(runner, 
 
 # --- full and read-only disks ---------------------------------------------------------------------
 
+
 def test_disk_full_at_the_weights_is_one_line_and_keeps_the_earlier_pair(runner, pet, mount, monkeypatch):
     disk = mount("disk", "512k")
     weights = disk / "VGG16.pt"
     assert _train(runner, pet, "--set", f"output.weights={weights}").exit_code == 0
     before = {path: path.read_bytes() for path in (weights, weights.with_suffix(".json"))}
     _fill_after_the_check(monkeypatch, disk, leave=0)
-    assert_one_line_error(_train(runner, pet, "--set", f"output.weights={weights}", "--set", "train.lr=0.5"), code=6,
-                          after_notes=True, names=[str(weights), "disk full"], fix="free some space")
+    assert_one_line_error(
+        _train(runner, pet, "--set", f"output.weights={weights}", "--set", "train.lr=0.5"),
+        code=6,
+        after_notes=True,
+        names=[str(weights), "disk full"],
+        fix="free some space",
+    )
     assert {path: path.read_bytes() for path in before} == before and _temporaries(disk) == []
 
 
@@ -271,8 +319,13 @@ def test_disk_full_at_a_checkpoint_is_one_line(runner, pet, mount, monkeypatch):
     """torch.save's own writer meets the full disk: '[enforce fail at inline_container.cc] unexpected pos'."""
     disk = mount("runs", "1m")
     _fill_after_the_check(monkeypatch, disk, leave=12 << 10)  # config.yaml and best.pt fit, last.pt does not
-    assert_one_line_error(_train(runner, pet, "--set", f"output.runs_dir={disk}"), code=6, after_notes=True,
-                          names=[f"{disk}/train/last.pt", "disk full"], fix="free some space")
+    assert_one_line_error(
+        _train(runner, pet, "--set", f"output.runs_dir={disk}"),
+        code=6,
+        after_notes=True,
+        names=[f"{disk}/train/last.pt", "disk full"],
+        fix="free some space",
+    )
     assert (disk / "train" / "best.pt").is_file() and _temporaries(disk) == []
     assert not Path("models").exists()
 
@@ -310,6 +363,7 @@ def test_read_only_cache_dir(runner, pet, mount):
 
 
 # --- the feature cache: rows of the wrong width, other data's shards --------------------------------
+
 
 def _shards(cache: Path) -> list[Path]:
     return sorted(cache.glob("features/*/*.pt"))
@@ -353,43 +407,74 @@ def test_a_run_reads_only_the_shards_holding_its_rows(runner, pet, tmp_path, mon
 
 # --- values and requests refused before any work -------------------------------------------------
 
+
 def test_resume_from_best_pt_is_refused_and_touches_nothing(runner, pet):
     assert _train(runner, pet).exit_code == 0
     run = Path("runs/train")
     before = {name: (run / name).read_bytes() for name in ("last.pt", "metrics.csv", "best.pt")}
-    assert_one_line_error(invoke(runner, "train", "--resume", run / "best.pt", "-q"), code=4, after_notes=True,
-                          names=["--resume", "'runs/train/best.pt'", "best epoch"], fix="runs/train/last.pt")
+    assert_one_line_error(
+        invoke(runner, "train", "--resume", run / "best.pt", "-q"),
+        code=4,
+        after_notes=True,
+        names=["--resume", "'runs/train/best.pt'", "best epoch"],
+        fix="runs/train/last.pt",
+    )
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
 def test_resume_with_another_head_is_refused(runner, pet):
     assert _train(runner, pet).exit_code == 0
-    assert_one_line_error(invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "model.head=gap"), code=2,
-                          after_notes=True, names=["--set model.head", "when resuming"], fix="start a new run")
+    assert_one_line_error(
+        invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "model.head=gap"),
+        code=2,
+        after_notes=True,
+        names=["--set model.head", "when resuming"],
+        fix="start a new run",
+    )
 
 
 def test_weights_named_like_their_sidecar_are_refused_before_any_work(runner, pet):
-    assert_one_line_error(_train(runner, pet, "--set", "output.weights=models/net.json"), code=6, after_notes=True,
-                          names=["output.weights", "'models/net.json'", "sidecar"], fix="a .pt name")
+    assert_one_line_error(
+        _train(runner, pet, "--set", "output.weights=models/net.json"),
+        code=6,
+        after_notes=True,
+        names=["output.weights", "'models/net.json'", "sidecar"],
+        fix="a .pt name",
+    )
     assert not Path("models").exists() and not Path("runs").exists()
 
 
 def test_a_run_name_too_long_for_the_file_system_is_refused_before_any_work(runner, pet):
-    assert_one_line_error(_train(runner, pet, "--name", "n" * 300), code=6, after_notes=True,
-                          names=["output.name", "--name", "'nnnn", "300 bytes"], fix="choose a shorter one")
+    assert_one_line_error(
+        _train(runner, pet, "--name", "n" * 300),
+        code=6,
+        after_notes=True,
+        names=["output.name", "--name", "'nnnn", "300 bytes"],
+        fix="choose a shorter one",
+    )
     assert not Path("runs").exists() and not Path(os.environ["VGGFT_CACHE"]).exists()
 
 
 @pytest.mark.parametrize("seed", ["1.0e+20", "100000000000000000000", "-1"])
 def test_a_seed_out_of_range_is_refused(runner, pet, seed):
-    assert_one_line_error(_train(runner, pet, "--set", f"train.seed={seed}"), code=2, after_notes=True,
-                          names=["--set", "train.seed"], fix="a whole number from 0 to 9223372036854775807")
+    assert_one_line_error(
+        _train(runner, pet, "--set", f"train.seed={seed}"),
+        code=2,
+        after_notes=True,
+        names=["--set", "train.seed"],
+        fix="a whole number from 0 to 9223372036854775807",
+    )
 
 
 def test_exploding_momentum_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_epoch(runner, pet):
     """Momentum 1e10: epoch 1 ends with huge but finite numbers, epoch 2 reaches NaN."""
-    assert_one_line_error(_train(runner, pet, "--set", "train.momentum=1e10", "--set", "train.epochs=3"), code=8,
-                          after_notes=True, names=["nan", "epoch 2/3", "runs/train/last.pt"], fix="lower train.lr")
+    assert_one_line_error(
+        _train(runner, pet, "--set", "train.momentum=1e10", "--set", "train.epochs=3"),
+        code=8,
+        after_notes=True,
+        names=["nan", "epoch 2/3", "runs/train/last.pt"],
+        fix="lower train.lr",
+    )
     last = _load("runs/train/last.pt")
     assert last["epoch"] == 1 and all(torch.isfinite(t).all() for t in last["model"].values())
     assert not Path("models/VGG16.pt").exists() and Path("runs/train/curves.png").is_file()  # the good epochs drawn

@@ -77,34 +77,61 @@ def trained_run(runner, pet):
     return Path("runs/train/last.pt")
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("train.lr=0.5", "train.lr"),  # the optimizer state would keep the old lr while config.yaml said 0.5
-    ("model.unfreeze=1", "model.unfreeze"),  # was a raw ValueError traceback
-    ("model.head=gap", "model.head"),
-    ("data.image_size=64", "data.image_size"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.lr=0.5", "train.lr"),  # the optimizer state would keep the old lr while config.yaml said 0.5
+        ("model.unfreeze=1", "model.unfreeze"),  # was a raw ValueError traceback
+        ("model.head=gap", "model.head"),
+        ("data.image_size=64", "data.image_size"),
+    ],
+)
 def test_resume_refuses_keys_that_cannot_take_effect(runner, trained_run, override, key):
     before = trained_run.read_bytes()
-    assert_one_line_error(invoke(runner, "train", "--resume", trained_run, "--set", override), code=2,
-                          after_notes=True, names=[f"--set {key}", "when resuming", "train.epochs"],
-                          fix="start a new run")
+    assert_one_line_error(
+        invoke(runner, "train", "--resume", trained_run, "--set", override),
+        code=2,
+        after_notes=True,
+        names=[f"--set {key}", "when resuming", "train.epochs"],
+        fix="start a new run",
+    )
     assert trained_run.read_bytes() == before
 
 
 def test_resume_with_a_config_file_or_other_classes_is_refused(runner, trained_run, pet, tmp_path):
     config = tmp_path / "other.yaml"
     config.write_text("train:\n  lr: 0.5\n")
-    assert_one_line_error(invoke(runner, "train", "--resume", trained_run, "--config", config), code=2,
-                          after_notes=True, names=["--config", str(config), "its own config"], fix="drop --config")
+    assert_one_line_error(
+        invoke(runner, "train", "--resume", trained_run, "--config", config),
+        code=2,
+        after_notes=True,
+        names=["--config", str(config), "its own config"],
+        fix="drop --config",
+    )
     make_folder(pet, {"train": {"owl": 2}, "test": {"owl": 1}})
-    assert_one_line_error(invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3"), code=3,
-                          after_notes=True, names=["--resume", "classes ['cat', 'dog']", "['cat', 'dog', 'owl']"],
-                          fix="resume on the same data")
+    assert_one_line_error(
+        invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3"),
+        code=3,
+        after_notes=True,
+        names=["--resume", "classes ['cat', 'dog']", "['cat', 'dog', 'owl']"],
+        fix="resume on the same data",
+    )
 
 
 def test_resume_accepts_what_takes_effect(runner, trained_run):
-    result = invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3",
-                    "--set", "output.weights=more.pt", "--set", "data.num_workers=0", "-q")
+    result = invoke(
+        runner,
+        "train",
+        "--resume",
+        trained_run,
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "output.weights=more.pt",
+        "--set",
+        "data.num_workers=0",
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     assert torch.load(trained_run, weights_only=True)["epoch"] == 3 and Path("more.pt").is_file()
 
@@ -113,9 +140,13 @@ def test_a_checkpoint_missing_its_trainable_part_is_refused(runner, trained_run)
     body = torch.load(trained_run, weights_only=True)
     del body["model"]["classifier.6.weight"]
     torch.save(body, trained_run)
-    assert_one_line_error(invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3"), code=4,
-                          after_notes=True, names=["--resume", f"'{trained_run}'", "trainable part"],
-                          fix="the run's own last.pt")
+    assert_one_line_error(
+        invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3"),
+        code=4,
+        after_notes=True,
+        names=["--resume", f"'{trained_run}'", "trainable part"],
+        fix="the run's own last.pt",
+    )
 
 
 def test_a_checkpoint_knows_its_base_weights(runner, pet, tmp_path):
@@ -123,16 +154,26 @@ def test_a_checkpoint_knows_its_base_weights(runner, pet, tmp_path):
     backbone = tmp_path / "backbone.pth"
     torch.manual_seed(1)
     torch.save(tiny_vgg().state_dict(), backbone)
-    assert invoke(runner, "train", "--set", f"data.root={pet}", "--set", f"model.weights={backbone}", *FAST).exit_code == 0
+    assert (
+        invoke(runner, "train", "--set", f"data.root={pet}", "--set", f"model.weights={backbone}", *FAST).exit_code == 0
+    )
     assert invoke(runner, "eval", "--weights", "runs/train/best.pt", "-q").exit_code == 0
     torch.manual_seed(2)
     torch.save(tiny_vgg().state_dict(), backbone)  # another file under the same name
-    assert_one_line_error(invoke(runner, "eval", "--weights", "runs/train/best.pt", "-q"), code=4, after_notes=True,
-                          names=["'runs/train/best.pt'", "other base weights", "model.weights", str(backbone)],
-                          fix="restore those weights")
-    assert_one_line_error(invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=3"), code=4,
-                          after_notes=True, names=["'runs/train/last.pt'", "other base weights"],
-                          fix="restore those weights")
+    assert_one_line_error(
+        invoke(runner, "eval", "--weights", "runs/train/best.pt", "-q"),
+        code=4,
+        after_notes=True,
+        names=["'runs/train/best.pt'", "other base weights", "model.weights", str(backbone)],
+        fix="restore those weights",
+    )
+    assert_one_line_error(
+        invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=3"),
+        code=4,
+        after_notes=True,
+        names=["'runs/train/last.pt'", "other base weights"],
+        fix="restore those weights",
+    )
 
 
 def test_a_checkpoint_with_an_earlier_frozen_fingerprint_is_still_checked(runner, trained_run):
@@ -150,8 +191,13 @@ def test_a_checkpoint_with_an_earlier_frozen_fingerprint_is_still_checked(runner
     body["frozen_fingerprint"] = "0" * 40  # an earlier fingerprint of other weights
     torch.save(body, trained_run)
     for command in (["eval", "--weights", trained_run, "-q"], ["train", "--resume", trained_run]):
-        assert_one_line_error(invoke(runner, *command), code=4, after_notes=True,
-                              names=[f"'{trained_run}'", "other base weights"], fix="restore those weights")
+        assert_one_line_error(
+            invoke(runner, *command),
+            code=4,
+            after_notes=True,
+            names=[f"'{trained_run}'", "other base weights"],
+            fix="restore those weights",
+        )
 
 
 def test_a_train_start_hashes_each_frozen_weight_once(runner, pet, monkeypatch):
@@ -174,7 +220,9 @@ def test_a_train_start_hashes_each_frozen_weight_once(runner, pet, monkeypatch):
 def test_resume_reads_last_pt_once(runner, trained_run, monkeypatch):
     reads = []
     load = load_checkpoint
-    monkeypatch.setattr(vggft.training.train, "load_checkpoint", lambda path, *args: reads.append(Path(path)) or load(path, *args))
+    monkeypatch.setattr(
+        vggft.training.train, "load_checkpoint", lambda path, *args: reads.append(Path(path)) or load(path, *args)
+    )
     result = invoke(runner, "train", "--resume", trained_run, "--set", "train.epochs=3", "-q")
     assert result.exit_code == 0, result.output
     assert reads == [trained_run]

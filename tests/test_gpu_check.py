@@ -8,14 +8,26 @@ import json
 import sys
 
 import pytest
+
 from conftest import REPO
 
 SCRIPT = REPO / "scripts" / "gpu_check.py"
 CUDA_ONLY = {"train --nproc 2 (nccl)", "nccl in a one-process torchrun job", "out of memory: one line, exit 7"}
-CHECKS = {"train, cached features, data.decode pil (2 workers)", "train, uncached (augment light): 2 workers",
-          "train, cached, data.decode gpu", "model.unfreeze 1, amp bf16", "model.unfreeze 1, amp fp16 + GradScaler",
-          "resume from last.pt", "eval", "predict", "export torchscript", "export onnx",
-          "decode: per-file Pillow fallback on dirty files", "decode: gpu vs pil, prefix outputs", *CUDA_ONLY}
+CHECKS = {
+    "train, cached features, data.decode pil (2 workers)",
+    "train, uncached (augment light): 2 workers",
+    "train, cached, data.decode gpu",
+    "model.unfreeze 1, amp bf16",
+    "model.unfreeze 1, amp fp16 + GradScaler",
+    "resume from last.pt",
+    "eval",
+    "predict",
+    "export torchscript",
+    "export onnx",
+    "decode: per-file Pillow fallback on dirty files",
+    "decode: gpu vs pil, prefix outputs",
+    *CUDA_ONLY,
+}
 
 
 @pytest.fixture
@@ -43,8 +55,9 @@ def test_cpu_tiny_mode_passes_or_says_why_for_every_row(gpu_check, tmp_path, cap
     benchmarks = {row["name"]: row for row in body["benchmarks"]}
     assert len(benchmarks) == 11 and any("torch.compile" in name for name in benchmarks)
     for row in body["checks"] + body["benchmarks"]:  # passed, or skipped with the reason why
-        assert row["status"] == "passed" or (row["status"] == "skipped" and row["detail"].startswith("skipped: ")
-                                             and len(row["detail"]) > 15), row
+        assert row["status"] == "passed" or (
+            row["status"] == "skipped" and row["detail"].startswith("skipped: ") and len(row["detail"]) > 15
+        ), row
     for row in body["benchmarks"]:
         assert row["status"] == "skipped" or row["value"] > 0, row
     # The table on stdout: the device in the header, one line per row, the count of failures.
@@ -55,8 +68,20 @@ def test_cpu_tiny_mode_passes_or_says_why_for_every_row(gpu_check, tmp_path, cap
 
 def test_a_failing_row_is_a_row_and_the_exit_status(gpu_check, tmp_path, capsys):
     out = tmp_path / "cpu.json"
-    code = gpu_check.main(["--device", "cpu", "--tiny", "--no-bench", "--out", str(out), "--only", "cached features,eval",
-                           "--weights", str(tmp_path / "missing.pth")])
+    code = gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--no-bench",
+            "--out",
+            str(out),
+            "--only",
+            "cached features,eval",
+            "--weights",
+            str(tmp_path / "missing.pth"),
+        ]
+    )
     assert code == 1
     rows = {row["name"]: row for row in json.loads(out.read_text())["checks"]}
     failed = rows["train, cached features, data.decode pil (2 workers)"]

@@ -28,20 +28,23 @@ def test_a_refusal_that_names_the_key_and_says_the_fix_passes_whatever_its_wordi
     assert assert_one_line_error(printed, **check, allow_stdout=True) == LINE
 
 
-@pytest.mark.parametrize(("result", "check"), [
-    (_result(LINE), {"names": ["train.lr", "train.epochs"]}),  # the key is not named
-    (_result(LINE), {"fix": "expected a whole number"}),  # the fix is not said
-    (_result(LINE, code=1), {}),  # another exit status
-    (_result(LINE + "\nand a second line"), {}),
-    (_result("note: something\n" + LINE), {}),  # a line before it, not allowed here
-    (_result(LINE + "\nnote: after"), {"after_notes": True}),  # the error is not the last line
-    (_result("error: one\n" + LINE), {"after_notes": True}),  # two errors
-    (_result("Traceback (most recent call last):\n" + LINE), {"after_notes": True}),
-    (_result(LINE, stdout="Traceback (most recent call last):\n"), {}),
-    (_result(LINE, stdout="Test: acc@1 50.00%\n"), {}),  # a refusal prints nothing on stdout
-    (_result("warning: --set: train.lr: expected a number, got 'fast'"), {}),  # not an error line
-    (_result(""), {}),
-])
+@pytest.mark.parametrize(
+    ("result", "check"),
+    [
+        (_result(LINE), {"names": ["train.lr", "train.epochs"]}),  # the key is not named
+        (_result(LINE), {"fix": "expected a whole number"}),  # the fix is not said
+        (_result(LINE, code=1), {}),  # another exit status
+        (_result(LINE + "\nand a second line"), {}),
+        (_result("note: something\n" + LINE), {}),  # a line before it, not allowed here
+        (_result(LINE + "\nnote: after"), {"after_notes": True}),  # the error is not the last line
+        (_result("error: one\n" + LINE), {"after_notes": True}),  # two errors
+        (_result("Traceback (most recent call last):\n" + LINE), {"after_notes": True}),
+        (_result(LINE, stdout="Traceback (most recent call last):\n"), {}),
+        (_result(LINE, stdout="Test: acc@1 50.00%\n"), {}),  # a refusal prints nothing on stdout
+        (_result("warning: --set: train.lr: expected a number, got 'fast'"), {}),  # not an error line
+        (_result(""), {}),
+    ],
+)
 def test_a_refusal_that_goes_wrong_in_any_way_fails_the_check(result, check):
     check = {"code": 2, "names": ["train.lr"], "fix": "expected a number", **check}
     with pytest.raises(AssertionError):

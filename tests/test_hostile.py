@@ -33,6 +33,7 @@ def strip_png(path: Path, size=(1, 400_000)) -> Path:
 
 # ---- item 7: extreme aspect ratios and huge images -------------------------------------------------------
 
+
 def test_extreme_aspect_ratio_is_refused_in_the_verdict_and_at_decode(tmp_path):
     for size in ((80_000, 1), (1, 80_000)):
         path = strip_png(tmp_path / f"{size[0]}x{size[1]}.png", size)
@@ -100,8 +101,13 @@ def test_train_and_predict_skip_a_strip_under_a_memory_limit(tmp_path):
     train = ["train", "--set", f"data.root={root}", *FAST, "--set", "data.resize=256", "--set", "output.weights=m.pt"]
     predict = ["predict", "-w", "m.pt", str(root / "test"), "--csv", "p.csv"]
     script = CHILD.format(train=train, predict=predict)
-    done = subprocess.run([sys.executable, "-c", script, str(12 << 30)], capture_output=True, text=True,
-                          env=tiny_subprocess_env(), timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(12 << 30)],
+        capture_output=True,
+        text=True,
+        env=tiny_subprocess_env(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Skipping 2 unreadable image(s)" in done.stderr and "Traceback" not in done.stderr
     rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
@@ -113,6 +119,7 @@ def test_train_and_predict_skip_a_strip_under_a_memory_limit(tmp_path):
 
 
 # ---- item 8: links, loops, FIFOs and devices in a data folder ----------------------------------------------
+
 
 def test_two_self_links_walk_each_folder_once(tmp_path, notes):
     """`ln -s . cat/a; ln -s . cat/b`: os.walk(followlinks=True) walked about 2^40 paths."""
@@ -184,11 +191,18 @@ def test_check_data_on_a_hostile_folder_finishes(tmp_path):
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(cat / "s.jpg"))
     try:
+
         def vggft(*args):
             limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); "
             code = limit + "from vggft.cli import run; run()"
-            return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                                  env=tiny_subprocess_env(), timeout=60, cwd=tmp_path)
+            return subprocess.run(
+                [sys.executable, "-c", code, *args],
+                capture_output=True,
+                text=True,
+                env=tiny_subprocess_env(),
+                timeout=60,
+                cwd=tmp_path,
+            )
 
         done = vggft("check-data", "--set", f"data.root={root}")
         assert done.returncode == 0, done.stderr[-2000:]
@@ -199,6 +213,7 @@ def test_check_data_on_a_hostile_folder_finishes(tmp_path):
 
 
 # ---- item 3: class folders whose names are not UTF-8 -----------------------------------------------------
+
 
 def test_a_latin1_class_folder_trains_evaluates_predicts_and_checks(runner, tmp_path):
     root = make_folder(tmp_path / "pet", {"train": {"cat": 4, "dog": 4}, "test": {"cat": 2, "dog": 2}})
@@ -224,12 +239,16 @@ def test_a_latin1_class_folder_trains_evaluates_predicts_and_checks(runner, tmp_
 
 # ---- items 4 and 5: sizes too small for VGG, worker counts ----------------------------------------------
 
+
 @pytest.mark.parametrize("command", ["train", "summary"])
-@pytest.mark.parametrize("override, names, fix", [
-    ("data.image_size=16", ["data.image_size", "16"], "32 or more"),
-    ("data.resize=40", ["data.resize", "40", "data.image_size 224"], "set resize to 224 or more"),
-    ("data.num_workers=-1", ["data.num_workers", "-1"], "'auto' or a number of 0 or more"),
-])
+@pytest.mark.parametrize(
+    "override, names, fix",
+    [
+        ("data.image_size=16", ["data.image_size", "16"], "32 or more"),
+        ("data.resize=40", ["data.resize", "40", "data.image_size 224"], "set resize to 224 or more"),
+        ("data.num_workers=-1", ["data.num_workers", "-1"], "'auto' or a number of 0 or more"),
+    ],
+)
 def test_settings_vgg_cannot_run_are_one_config_line(runner, pet, command, override, names, fix):
     result = invoke(runner, command, "--set", f"data.root={pet}", "--set", override)
     assert_one_line_error(result, code=2, names=names, fix=fix)

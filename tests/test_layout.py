@@ -55,14 +55,20 @@ def violations() -> tuple[list[str], list[str]]:
             if STAGES.index(imported) > STAGES.index(importer):
                 upward.append(f"{where}: {importer} imports {module} ({imported} is above it)")
             if imported != importer:
-                private += [f"{where}: {name} from {module}" for name in names if name.startswith("_")
-                            and not name.startswith("__")]
+                private += [
+                    f"{where}: {name} from {module}"
+                    for name in names
+                    if name.startswith("_") and not name.startswith("__")
+                ]
     return upward, private
 
 
 def test_every_module_lives_in_a_known_stage():
-    top = sorted(p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
-                 if p.name not in ("__init__.py", "__main__.py", "__pycache__") and (p.suffix == ".py" or p.is_dir()))
+    top = sorted(
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if p.name not in ("__init__.py", "__main__.py", "__pycache__") and (p.suffix == ".py" or p.is_dir())
+    )
     assert top == sorted(STAGES)
     assert len(top) <= 12
 

@@ -15,12 +15,12 @@ from torch import nn
 from conftest import FAST, assert_one_line_error, invoke
 from tiny import tiny_vgg
 from vggft.config.schema import ModelConfig
-from vggft.utils.errors import ConfigError, WeightsError
-from vggft.model.pretrained import pretrained_state_dict
-from vggft.model.safe_load import read_state_dict
-from vggft.utils.files import file_digest
 from vggft.model.build import build_model as _build_model
 from vggft.model.build import conv_blocks, describe_state_dict, parameter_counts, split_frozen_prefix
+from vggft.model.pretrained import pretrained_state_dict
+from vggft.model.safe_load import read_state_dict
+from vggft.utils.errors import ConfigError, WeightsError
+from vggft.utils.files import file_digest
 
 
 def build_model(cfg: ModelConfig, num_classes: int):
@@ -56,8 +56,9 @@ def _mapped(path: Path) -> bool:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc")
-def test_the_hub_file_is_mapped_and_a_run_that_trains_its_layers_leaves_it_as_it_was(runner, pet, tmp_path,
-                                                                                       monkeypatch):
+def test_the_hub_file_is_mapped_and_a_run_that_trains_its_layers_leaves_it_as_it_was(
+    runner, pet, tmp_path, monkeypatch
+):
     """The frozen layers' tensors are pages of the hub file (mapped, not read: 0.2 s a run on the real
     528 MB file), private to the process whatever its default mapping: training block5 in place writes none
     of it back."""
@@ -68,8 +69,17 @@ def test_the_hub_file_is_mapped_and_a_run_that_trains_its_layers_leaves_it_as_it
     assert _mapped(hub) or importlib.util.find_spec("torch.utils.serialization") is None  # torch < 2.5 reads it
     del model
     with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):  # a host program's default: not ours
-        result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "model.unfreeze=[block5]",
-                        "--set", "train.lr=0.5")
+        result = invoke(
+            runner,
+            "train",
+            "--set",
+            f"data.root={pet}",
+            *FAST,
+            "--set",
+            "model.unfreeze=[block5]",
+            "--set",
+            "train.lr=0.5",
+        )
     assert result.exit_code == 0, result.output
     trained = torch.load("models/VGG16.pt", weights_only=True)["features.28.weight"]
     assert not torch.equal(trained, torch.load(hub, weights_only=True)["features.28.weight"])  # it did train
@@ -130,10 +140,18 @@ def test_missing_pretrained_file_without_network_is_one_clear_error(runner, pet,
 
     monkeypatch.setattr(torch.hub, "urlopen", offline)  # torch.hub's download, even where there is a network
     result = invoke(runner, "train", "--set", f"data.root={pet}", "-q")
-    assert_one_line_error(result, code=4, after_notes=True, allow_stdout=True,
-                          names=["model.weights", "vgg16 IMAGENET1K_V1",
-                                 str(tmp_path / "empty_home" / "hub" / "checkpoints" / "vgg16-397923af.pth")],
-                          fix="model.weights: null")
+    assert_one_line_error(
+        result,
+        code=4,
+        after_notes=True,
+        allow_stdout=True,
+        names=[
+            "model.weights",
+            "vgg16 IMAGENET1K_V1",
+            str(tmp_path / "empty_home" / "hub" / "checkpoints" / "vgg16-397923af.pth"),
+        ],
+        fix="model.weights: null",
+    )
     assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["Downloading"]  # torch.hub's line
     assert not (tmp_path / "models").exists()  # nothing half-written
 

@@ -38,8 +38,16 @@ def folder(tmp_path) -> tuple[Path, list[str]]:
     _copy(root / "train" / "b" / "h10.jpg", root / "train" / "b" / "burst.jpg")
     shutil.copy(root / "train" / "b" / "h12.jpg", root / "test" / "b" / "exact.jpg")
     weights = save_descriptor(tmp_path / "descriptor.pth")
-    return root, ["--set", f"data.root={root}", "--set", f"model.weights={weights}", "--set", "data.image_size=64",
-                  "--set", "data.resize=72"]
+    return root, [
+        "--set",
+        f"data.root={root}",
+        "--set",
+        f"model.weights={weights}",
+        "--set",
+        "data.image_size=64",
+        "--set",
+        "data.resize=72",
+    ]
 
 
 def test_copies_are_found_and_unrelated_pictures_are_not(runner, folder):
@@ -54,7 +62,8 @@ def test_copies_are_found_and_unrelated_pictures_are_not(runner, folder):
     assert re.fullmatch(r"  train/b/burst\.jpg ~ train/b/h10\.jpg  \(similarity (0\.99\d|1\.000)\)", within)
     assert "  train/b/h12.jpg == test/b/exact.jpg" in lines  # byte-identical: the exact check's, not repeated
     assert lines[-1].startswith("Found: ") and lines[-1].endswith(
-        "; 1 group(s) of near-duplicates across splits (test leakage)")
+        "; 1 group(s) of near-duplicates across splits (test leakage)"
+    )
     assert "Extracting near-duplicate features: 19 images" in result.stderr
     # The pooled rows are cached: a second check runs no backbone.
     again = invoke(runner, "check-data", *options, "--near-duplicates", "-q")
@@ -64,8 +73,17 @@ def test_copies_are_found_and_unrelated_pictures_are_not(runner, folder):
 def test_with_the_cache_off_the_rows_stay_in_memory(runner, folder, tmp_path):
     _, options = folder
     cached = invoke(runner, "check-data", *options, "--near-duplicates", "-q")
-    off = invoke(runner, "check-data", *options, "--set", f"cache.dir={tmp_path / 'off'}", "--set", "cache.enabled=false",
-                 "--near-duplicates", "-q")
+    off = invoke(
+        runner,
+        "check-data",
+        *options,
+        "--set",
+        f"cache.dir={tmp_path / 'off'}",
+        "--set",
+        "cache.enabled=false",
+        "--near-duplicates",
+        "-q",
+    )
     assert off.exit_code == cached.exit_code == 1 and off.stdout == cached.stdout
     assert "Extracting near-duplicate features: 19 images" in off.stderr
     assert not (tmp_path / "off").exists()  # nothing written

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import FAST, assert_error_says, assert_one_line_error, invoke, make_image, tiny_subprocess_env
-from vggft.model.inference import load_model
 from vggft.data.images import inspect_image, open_rgb
 from vggft.data.transforms import eval_transform
+from vggft.model.inference import load_model
 
 
 def _pet(weights: Path) -> Path:
@@ -75,8 +75,9 @@ def test_predict_a_file_and_a_messy_folder(runner, trained, tmp_path):
     result = invoke(runner, "predict", folder, "--weights", trained, "-q")
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()[1:]
-    assert [line.split()[0] for line in lines] == [str(folder / n) for n in ("a.png", "broken.jpg", "deeper/b.JPG",
-                                                                             "zero.jpg")]
+    assert [line.split()[0] for line in lines] == [
+        str(folder / n) for n in ("a.png", "broken.jpg", "deeper/b.JPG", "zero.jpg")
+    ]
     assert "error: " in lines[1] and "error" not in lines[0] + lines[2]
     verdict = inspect_image(folder / "zero.jpg")  # the file's reason as vggft check-data gives it
     assert_error_says(lines[3].split(None, 1)[1], names=[verdict.reason, verdict.detail])
@@ -105,15 +106,24 @@ def test_predict_csv(runner, trained, tmp_path):
 def test_predict_bare_state_dict_names_classes_by_index(runner, trained, tmp_path):
     bare = tmp_path / "bare.pt"
     shutil.copy(trained, bare)  # no sidecar: preprocessing from --set, classes class_0, class_1
-    rows = _predict_json(runner, _pet(trained) / "test" / "cat", "--weights", bare,
-                         "--set", "data.image_size=32", "--set", "data.resize=36")
+    rows = _predict_json(
+        runner,
+        _pet(trained) / "test" / "cat",
+        "--weights",
+        bare,
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "data.resize=36",
+    )
     assert len(rows) == 3 and {t["class"] for t in rows[0]["top"]} == {"class_0", "class_1"}
 
 
 def test_predict_missing_path_is_one_line(runner, trained):
     result = invoke(runner, "predict", _pet(trained) / "test", "no/such.jpg", "--weights", trained, "-q")
-    assert_one_line_error(result, code=3, names=["IMAGE_OR_DIR", "'no/such.jpg'", "not found"],
-                          fix="existing image files or folders")
+    assert_one_line_error(
+        result, code=3, names=["IMAGE_OR_DIR", "'no/such.jpg'", "not found"], fix="existing image files or folders"
+    )
 
 
 def _real_batch(weights: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,15 +164,20 @@ def test_export_torch_formats(runner, trained, tmp_path, fmt, load):
         assert torch.allclose(model(batch), expected, atol=1e-4, rtol=0)
     # Refuses to overwrite the weights it reads.
     result = invoke(runner, "export", "--weights", trained, "--format", fmt, "--out", trained)
-    assert_one_line_error(result, code=6, names=["--out", f"'{trained}'", "would overwrite the weights"],
-                          fix="choose another path")
+    assert_one_line_error(
+        result, code=6, names=["--out", f"'{trained}'", "would overwrite the weights"], fix="choose another path"
+    )
 
 
 def test_export_onnx_without_the_extra_says_what_to_install(runner, trained, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # find_spec then reports it absent
     result = invoke(runner, "export", "--weights", trained, "--format", "onnx")
-    assert_one_line_error(result, code=1, names=["--format onnx", "onnxruntime not installed"],
-                          fix="pip install onnx onnxscript onnxruntime")
+    assert_one_line_error(
+        result,
+        code=1,
+        names=["--format onnx", "onnxruntime not installed"],
+        fix="pip install onnx onnxscript onnxruntime",
+    )
     assert not trained.with_name("VGG16.onnx").exists()
     # Without --format, export picks the format torch alone can write.
     out = trained.with_name("VGG16.pt2")
@@ -194,24 +209,43 @@ def test_export_onnx(runner, trained, tmp_path):
 
 def test_inference_imports_nothing_of_training(trained):
     """Loading weights and predicting pull in no training, optimiser, distributed or feature-cache code, and
-    no plotting library: a server that imports vggft.model.inference (or vggft.model.export, vggft.diagnostics.explain) pays for none
-    of it."""
-    code = ("import sys, vggft.model.inference, vggft.model.export, vggft.diagnostics.explain; "
-            f"vggft.model.inference.load_model({str(trained)!r}); "
-            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('vggft', 'matplotlib')))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=tiny_subprocess_env()).stdout.split()
+    no plotting library: a server that imports vggft.model.inference (or vggft.model.export,
+    vggft.diagnostics.explain) pays for none of it."""
+    code = (
+        "import sys, vggft.model.inference, vggft.model.export, vggft.diagnostics.explain; "
+        f"vggft.model.inference.load_model({str(trained)!r}); "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith(('vggft', 'matplotlib')))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=tiny_subprocess_env()
+    ).stdout.split()
     assert "vggft.model.inference" in out and "vggft.model.weights" in out and "vggft.model.build" in out
-    heavy = ("vggft.training", "vggft.tuning", "vggft.features", "vggft.utils.distributed", "vggft.utils.rng",
-             "vggft.reporting.plots", "matplotlib")
+    heavy = (
+        "vggft.training",
+        "vggft.tuning",
+        "vggft.features",
+        "vggft.utils.distributed",
+        "vggft.utils.rng",
+        "vggft.reporting.plots",
+        "matplotlib",
+    )
     assert [m for m in out if any(m == h or m.startswith(h + ".") for h in heavy)] == []
 
 
 def test_more_outputs_than_class_folders(runner, pet, tmp_path):
     """model.num_classes: 4 on two class folders: the spare outputs are named unused_K wherever they show."""
     weights = tmp_path / "wide.pt"
-    result = invoke(runner, "train", "--set", f"data.root={pet}", "--set", f"output.weights={weights}",
-                    "--set", "model.num_classes=4", *FAST)
+    result = invoke(
+        runner,
+        "train",
+        "--set",
+        f"data.root={pet}",
+        "--set",
+        f"output.weights={weights}",
+        "--set",
+        "model.num_classes=4",
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     rows = _predict_json(runner, pet / "test", "--weights", weights, "--topk", "4")
     assert {t["class"] for r in rows for t in r["top"]} == {"cat", "dog", "unused_2", "unused_3"}

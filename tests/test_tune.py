@@ -27,9 +27,14 @@ def env(tmp_path_factory):
     """Three colour classes (train, val, test) and a tiny VGG whose random convs keep the signal (He init, as
     torchvision's own): a head tells the classes apart within a few epochs. One cache for the module."""
     root = tmp_path_factory.mktemp("tune")
-    data = make_folder(root / "colours", {"train": {"cat": 10, "dog": 10, "owl": 10},
-                                          "val": {"cat": 3, "dog": 3, "owl": 3},
-                                          "test": {"cat": 2, "dog": 2, "owl": 2}})
+    data = make_folder(
+        root / "colours",
+        {
+            "train": {"cat": 10, "dog": 10, "owl": 10},
+            "val": {"cat": 3, "dog": 3, "owl": 3},
+            "test": {"cat": 2, "dog": 2, "owl": 2},
+        },
+    )
     torch.manual_seed(0)
     model = tiny_vgg("vgg16")
     for module in model.modules():
@@ -41,9 +46,19 @@ def env(tmp_path_factory):
 
 
 def options(env, *extra: str, data: Path | None = None, cache: bool = True) -> list[str]:
-    sets = [f"data.root={data or env.data}", f"model.weights={env.weights}", "data.image_size=32", "data.resize=36",
-            "model.head=gap", "train.optimizer=adam", "train.lr=0.05", "train.epochs=6", "data.batch_size=8",
-            *([f"cache.dir={env.cache}"] if cache else []), *extra]
+    sets = [
+        f"data.root={data or env.data}",
+        f"model.weights={env.weights}",
+        "data.image_size=32",
+        "data.resize=36",
+        "model.head=gap",
+        "train.optimizer=adam",
+        "train.lr=0.05",
+        "train.epochs=6",
+        "data.batch_size=8",
+        *([f"cache.dir={env.cache}"] if cache else []),
+        *extra,
+    ]
     return [a for s in sets for a in ("--set", s)] + ["--quiet"]
 
 
@@ -61,10 +76,20 @@ def conv_counter(monkeypatch) -> list:
 
 # --- sweep -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("head", ["gap", "classifier6"])
 def test_sweep_grid_ranks_on_val_and_writes_a_run_folder_whose_best_yaml_trains(runner, env, head):
-    result = invoke(runner, "sweep", *options(env, f"model.head={head}"), "--grid", "train.lr=1e-5,0.05",
-                    "--grid", "train.weight_decay=0,1e-4", "--name", f"grid-{head}")
+    result = invoke(
+        runner,
+        "sweep",
+        *options(env, f"model.head={head}"),
+        "--grid",
+        "train.lr=1e-5,0.05",
+        "--grid",
+        "train.weight_decay=0,1e-4",
+        "--name",
+        f"grid-{head}",
+    )
     assert result.exit_code == 0, result.output
     folder = Path(f"runs/grid-{head}")
     assert {p.name for p in folder.iterdir()} == {"results.csv", "best.yaml", "sweep.png", "config.yaml"}
@@ -72,7 +97,11 @@ def test_sweep_grid_ranks_on_val_and_writes_a_run_folder_whose_best_yaml_trains(
     rows = read_csv(folder / "results.csv")
     assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
     assert sorted((float(r["train.lr"]), float(r["train.weight_decay"])) for r in rows) == [
-        (1e-5, 0.0), (1e-5, 1e-4), (0.05, 0.0), (0.05, 1e-4)]
+        (1e-5, 0.0),
+        (1e-5, 1e-4),
+        (0.05, 0.0),
+        (0.05, 1e-4),
+    ]
     accs = [float(r["val_acc"]) for r in rows]
     assert accs == sorted(accs, reverse=True) and accs[0] > 0.9 and float(rows[0]["train.lr"]) == 0.05
     assert all(r["status"] == "ok" and 1 <= int(r["epoch"]) <= 6 and float(r["seconds"]) > 0 for r in rows)
@@ -93,8 +122,9 @@ def test_sweep_grid_ranks_on_val_and_writes_a_run_folder_whose_best_yaml_trains(
 
 
 def test_save_best_saves_the_winning_head_without_training_it_again(runner, env):
-    result = invoke(runner, "sweep", *options(env, "output.weights=models/best.pt"), "--grid", "train.lr=1e-5,0.05",
-                    "--save-best")
+    result = invoke(
+        runner, "sweep", *options(env, "output.weights=models/best.pt"), "--grid", "train.lr=1e-5,0.05", "--save-best"
+    )
     assert result.exit_code == 0, result.output
     assert "Saved models/best.pt (sidecar models/best.json)" in result.stdout
     best = read_csv(Path("runs/sweep/results.csv"))[0]
@@ -107,8 +137,19 @@ def test_save_best_saves_the_winning_head_without_training_it_again(runner, env)
 
 def test_random_search_is_seeded_and_stays_in_its_ranges(runner, env):
     def values(seed: int) -> list[tuple[float, int]]:
-        result = invoke(runner, "sweep", *options(env), "--trials", "3", "--range", "train.lr=1e-4:1e-1:log",
-                        "--range", "train.epochs=1:3", "--seed", str(seed))
+        result = invoke(
+            runner,
+            "sweep",
+            *options(env),
+            "--trials",
+            "3",
+            "--range",
+            "train.lr=1e-4:1e-1:log",
+            "--range",
+            "train.epochs=1:3",
+            "--seed",
+            str(seed),
+        )
         assert result.exit_code == 0, result.output
         folder = Path(result.stdout.split("Wrote ")[1].split("/:")[0])
         rows = sorted(read_csv(folder / "results.csv"), key=lambda r: int(r["trial"]))
@@ -119,34 +160,45 @@ def test_random_search_is_seeded_and_stays_in_its_ranges(runner, env):
     assert all(1e-4 <= lr <= 1e-1 and 1 <= epochs <= 3 for lr, epochs in first)
 
 
-@pytest.mark.parametrize(("args", "names", "fix"), [
-    (["--grid", "model.arch=vgg11,vgg13"], ["--grid model.arch", "cached rows"], "once per model.arch value"),
-    (["--grid", "data.image_size=32,64"], ["--grid data.image_size", "cached rows"], "once per data.image_size value"),
-    (["--grid", "model.unfreeze=0,1"], ["--grid model.unfreeze", "cached rows"], "once per model.unfreeze value"),
-    (["--grid", "data.augment=none,light"], ["--grid data.augment", "cached rows"], "once per data.augment value"),
-    (["--range", "train.amp=0:1"], ["--range train.amp", "cached rows"], "once per train.amp value"),
-    (["--grid", "data.root=a,b"], ["--grid data.root", "cannot be swept"], "once per data.root value"),
-    (["--grid", "train.lrr=1,2"], ["--grid train.lrr", "unknown config key"], "'train.lr'"),
-    (["--range", "train.optimizer=0:1"], ["--range train.optimizer", "not a number"], "--grid train.optimizer"),
-    (["--range", "train.lr=1e-3:1e-1"], ["--range train.lr", "random search"], "--trials N"),
-    (["--range", "train.lr=0:1:log", "--trials", "2"], ["--range 'train.lr=0:1:log'"], "0 < LO < HI"),
-    (["--grid", "train.lr=0.1,-1"], ["trial 2", "train.lr", "-1"], "greater than 0"),
-    ([], ["sweep", "nothing to sweep"], "--grid KEY=V1,V2"),
-])
+@pytest.mark.parametrize(
+    ("args", "names", "fix"),
+    [
+        (["--grid", "model.arch=vgg11,vgg13"], ["--grid model.arch", "cached rows"], "once per model.arch value"),
+        (
+            ["--grid", "data.image_size=32,64"],
+            ["--grid data.image_size", "cached rows"],
+            "once per data.image_size value",
+        ),
+        (["--grid", "model.unfreeze=0,1"], ["--grid model.unfreeze", "cached rows"], "once per model.unfreeze value"),
+        (["--grid", "data.augment=none,light"], ["--grid data.augment", "cached rows"], "once per data.augment value"),
+        (["--range", "train.amp=0:1"], ["--range train.amp", "cached rows"], "once per train.amp value"),
+        (["--grid", "data.root=a,b"], ["--grid data.root", "cannot be swept"], "once per data.root value"),
+        (["--grid", "train.lrr=1,2"], ["--grid train.lrr", "unknown config key"], "'train.lr'"),
+        (["--range", "train.optimizer=0:1"], ["--range train.optimizer", "not a number"], "--grid train.optimizer"),
+        (["--range", "train.lr=1e-3:1e-1"], ["--range train.lr", "random search"], "--trials N"),
+        (["--range", "train.lr=0:1:log", "--trials", "2"], ["--range 'train.lr=0:1:log'"], "0 < LO < HI"),
+        (["--grid", "train.lr=0.1,-1"], ["trial 2", "train.lr", "-1"], "greater than 0"),
+        ([], ["sweep", "nothing to sweep"], "--grid KEY=V1,V2"),
+    ],
+)
 def test_sweep_refuses_what_it_cannot_do_in_one_line(runner, env, args, names, fix):
     assert_one_line_error(invoke(runner, "sweep", *options(env), *args), code=2, names=names, fix=fix)
 
 
-@pytest.mark.parametrize(("command", "setting", "word", "fix"), [
-    ("sweep", "cache.enabled=false", "cache.enabled is false", "cache.enabled: true"),
-    ("lr-find", "data.augment=light", "data.augment", "data.augment: none"),
-    ("kfold", "model.unfreeze=[block5]", "model.unfreeze", "model.unfreeze: 0"),
-    ("label-issues", "data.balance=sampler", "data.balance", "data.balance: weights"),
-])
+@pytest.mark.parametrize(
+    ("command", "setting", "word", "fix"),
+    [
+        ("sweep", "cache.enabled=false", "cache.enabled is false", "cache.enabled: true"),
+        ("lr-find", "data.augment=light", "data.augment", "data.augment: none"),
+        ("kfold", "model.unfreeze=[block5]", "model.unfreeze", "model.unfreeze: 0"),
+        ("label-issues", "data.balance=sampler", "data.balance", "data.balance: weights"),
+    ],
+)
 def test_every_command_refuses_a_config_without_cached_rows(runner, env, command, setting, word, fix):
     grid = ["--grid", "train.lr=0.1,0.2"] if command == "sweep" else []
-    assert_one_line_error(invoke(runner, command, *options(env, setting), *grid), code=2,
-                          names=[command, "feature cache", word], fix=fix)
+    assert_one_line_error(
+        invoke(runner, command, *options(env, setting), *grid), code=2, names=[command, "feature cache", word], fix=fix
+    )
 
 
 def test_the_test_split_is_never_extracted_let_alone_used_to_choose(runner, env, tmp_path):
@@ -158,7 +210,9 @@ def test_the_test_split_is_never_extracted_let_alone_used_to_choose(runner, env,
     result = invoke(runner, "sweep", *options(env, data=data, cache=False), "--grid", "train.lr=1e-6,0.05")
     assert result.exit_code == 0, result.output
     assert "holding out data.val_fraction=0.1" in result.stderr
-    assert "Extracting train features: 14 images" in result.stderr and "Extracting val features: 2 images" in result.stderr
+    assert (
+        "Extracting train features: 14 images" in result.stderr and "Extracting val features: 2 images" in result.stderr
+    )
     assert "test features" not in result.stderr
     assert load_config("runs/sweep/best.yaml").train.lr == 0.05
 
@@ -171,8 +225,18 @@ def test_trials_run_no_backbone_forward_after_the_one_extraction(runner, env, tm
     one_trial = len(calls)
     assert one_trial > 0  # the extraction
     calls.clear()
-    assert invoke(runner, "sweep", *options(env, f"cache.dir={tmp_path / 'fresh2'}"),
-                  "--grid", "train.lr=0.01,0.02,0.05", "--grid", "train.weight_decay=0,1e-4").exit_code == 0
+    assert (
+        invoke(
+            runner,
+            "sweep",
+            *options(env, f"cache.dir={tmp_path / 'fresh2'}"),
+            "--grid",
+            "train.lr=0.01,0.02,0.05",
+            "--grid",
+            "train.weight_decay=0,1e-4",
+        ).exit_code
+        == 0
+    )
     assert len(calls) == one_trial  # six trials: the same forwards as one
     calls.clear()
     for command in (["kfold", "--folds", "2"], ["lr-find", "--steps", "20"]):
@@ -182,6 +246,7 @@ def test_trials_run_no_backbone_forward_after_the_one_extraction(runner, env, tm
 
 
 # --- lr-find -----------------------------------------------------------------------------------------
+
 
 def test_lr_find_suggests_an_lr_within_the_range_and_plots_the_curve(runner, env):
     result = invoke(runner, "lr-find", *options(env), "--start", "1e-6", "--end", "1", "--steps", "60")
@@ -208,6 +273,7 @@ def test_lr_find_suggests_an_lr_within_the_range_and_plots_the_curve(runner, env
 # sequence of points ending at i (1 where no earlier point is higher); the end is the first i where L reaches
 # its maximum, start = end - L[end], and the pick is start + int(d / 3) + int(d / 3 / 2) with d = end - start:
 # about halfway down the fall. steepest: the left point of the segment whose loss falls fastest against log(lr).
+
 
 def _lrs(n: int) -> torch.Tensor:
     return torch.logspace(-6, 0, n, dtype=torch.float64)
@@ -270,6 +336,7 @@ def test_suggestions_read_the_curve_without_its_first_tenth_and_last_five_steps(
 
 # --- kfold -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("head", ["gap", "classifier6"])
 def test_kfold_writes_out_of_fold_probabilities_of_every_train_and_val_image(runner, env, head):
     result = invoke(runner, "kfold", *options(env, f"model.head={head}"), "--folds", "3")
@@ -297,9 +364,18 @@ def test_stratified_folds_are_seeded_balanced_and_cover_every_index():
 
 # --- label issues ------------------------------------------------------------------------------------
 
+
 def test_confident_learning_flags_the_confidently_other_and_ranks_by_self_confidence():
-    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7],  # labelled 0; the third looks like 1
-                          [0.1, 0.9], [0.2, 0.8], [0.6, 0.4]])  # labelled 1; the last leans to 0
+    probs = torch.tensor(
+        [
+            [0.9, 0.1],
+            [0.8, 0.2],
+            [0.3, 0.7],  # labelled 0; the third looks like 1
+            [0.1, 0.9],
+            [0.2, 0.8],
+            [0.6, 0.4],
+        ]
+    )  # labelled 1; the last leans to 0
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     # thresholds: t0 = mean(0.9, 0.8, 0.3) = 0.667, t1 = mean(0.9, 0.8, 0.4) = 0.7
     suspects = find_label_issues(probs, labels)
@@ -310,8 +386,11 @@ def test_confident_learning_flags_the_confidently_other_and_ranks_by_self_confid
 
 def test_label_issues_finds_planted_flips_and_moves_them_for_review(runner, env, tmp_path):
     data = make_folder(tmp_path / "noisy", {"train": {"cat": 10, "dog": 10, "owl": 10}}, seed=3)
-    planted = {data / "train" / "cat" / "flip.0.jpg": "dog", data / "train" / "owl" / "flip.1.jpg": "cat",
-               data / "train" / "dog" / "flip.2.jpg": "owl"}
+    planted = {
+        data / "train" / "cat" / "flip.0.jpg": "dog",
+        data / "train" / "owl" / "flip.1.jpg": "cat",
+        data / "train" / "dog" / "flip.2.jpg": "owl",
+    }
     for n, (path, looks_like) in enumerate(planted.items()):
         make_image(path, CLASS_COLOURS[looks_like], seed=700 + n)
     make_image(data / "test" / "cat" / "t.jpg", CLASS_COLOURS["cat"])
@@ -332,8 +411,12 @@ def test_label_issues_finds_planted_flips_and_moves_them_for_review(runner, env,
 
 
 def test_label_issues_will_not_move_into_the_data_it_reads(runner, env):
-    assert_one_line_error(invoke(runner, "label-issues", *options(env), "--move", env.data / "review"), code=6,
-                          names=[f"--move {env.data / 'review'}", "inside data.root"], fix="a folder outside it")
+    assert_one_line_error(
+        invoke(runner, "label-issues", *options(env), "--move", env.data / "review"),
+        code=6,
+        names=[f"--move {env.data / 'review'}", "inside data.root"],
+        fix="a folder outside it",
+    )
 
 
 def test_best_yaml_and_results_survive_a_diverging_trial(runner, env):
@@ -345,6 +428,7 @@ def test_best_yaml_and_results_survive_a_diverging_trial(runner, env):
 
 
 # --- the hooks that make many runs cheap ---------------------------------------------------------------
+
 
 def test_the_prefix_hash_is_remembered_for_an_unchanged_weights_file(env, tmp_path, monkeypatch):
     import vggft.features.cache
@@ -358,8 +442,14 @@ def test_the_prefix_hash_is_remembered_for_an_unchanged_weights_file(env, tmp_pa
 
     def folder(path: Path = weights, head: str = "gap") -> Path:
         hashed.clear()
-        cfg = load_config(None, [a for a in options(env, f"model.weights={path}", f"cache.dir={tmp_path / 'c'}",
-                                                    f"model.head={head}") if a not in ("--set", "--quiet")])
+        cfg = load_config(
+            None,
+            [
+                a
+                for a in options(env, f"model.weights={path}", f"cache.dir={tmp_path / 'c'}", f"model.head={head}")
+                if a not in ("--set", "--quiet")
+            ],
+        )
         return prepare(cfg, "test").source.cache.folder
 
     first = folder()

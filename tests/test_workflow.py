@@ -12,20 +12,22 @@ import pytest
 import torch
 from PIL import Image
 
-import vggft.training.loop
 import vggft.reporting.plots
+import vggft.training.loop
 from conftest import FAST, assert_one_line_error, invoke, make_folder
-from vggft.config.schema import ModelConfig, TrainConfig
 from vggft.config.loading import load_config
-from vggft.utils.errors import OutputError
-from vggft.model.inference import load_model
+from vggft.config.schema import ModelConfig, TrainConfig
 from vggft.model.build import build_model, conv_blocks
+from vggft.model.inference import load_model
 from vggft.training.optim import lr_factor, make_optimizer, make_scheduler
+from vggft.utils.errors import OutputError
+
 
 @pytest.fixture
 def pet_val(tmp_path):
-    return make_folder(tmp_path / "pet", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 2, "dog": 2},
-                                          "test": {"cat": 3, "dog": 4}})
+    return make_folder(
+        tmp_path / "pet", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 2, "dog": 2}, "test": {"cat": 3, "dog": 4}}
+    )
 
 
 def _png_ok(path: Path) -> None:
@@ -59,18 +61,26 @@ def test_run_folder_holds_everything(runner, pet_val):
     assert torch.equal(torch.rand(3), expected)
 
 
-@pytest.mark.parametrize("failure, said", [
-    (OutputError("runs/train/curves.png: could not be written (No space left on device); the previous file is "
-                 "unchanged"), "runs/train/curves.png: could not be written (No space left on device); the previous "
-                               "file is unchanged"),
-    (ValueError("no font"), "runs/train/curves.png: not drawn (ValueError: no font)"),
-])
+@pytest.mark.parametrize(
+    "failure, said",
+    [
+        (
+            OutputError(
+                "runs/train/curves.png: could not be written (No space left on device); the previous file is unchanged"
+            ),
+            "runs/train/curves.png: could not be written (No space left on device); the previous file is unchanged",
+        ),
+        (ValueError("no font"), "runs/train/curves.png: not drawn (ValueError: no font)"),
+    ],
+)
 @pytest.mark.parametrize("pipeline", [[], ["--set", "cache=off", "--set", "data.num_workers=1"]])
-def test_curves_that_cannot_be_drawn_are_said_once_the_weights_are_saved(runner, pet, monkeypatch, failure, said,
-                                                                         pipeline):
+def test_curves_that_cannot_be_drawn_are_said_once_the_weights_are_saved(
+    runner, pet, monkeypatch, failure, said, pipeline
+):
     """curves.png is drawn on a thread while the weights are written (on the main thread when loader workers
     are forked after it); when it cannot be drawn or written the run still ends well (its numbers are in
     metrics.csv), and says so in one line."""
+
     def fails(history, path, best_epoch=0):
         raise failure
 
@@ -98,8 +108,17 @@ def test_best_is_the_best_val_epoch_and_early_stopping_stops(runner, pet_val, mo
         return metrics
 
     monkeypatch.setattr(vggft.training.loop, "evaluate", scripted)
-    result = invoke(runner, "train", "--set", f"data.root={pet_val}", *FAST, "--set", "train.epochs=6",
-                    "--set", "train.early_stopping.patience=2")
+    result = invoke(
+        runner,
+        "train",
+        "--set",
+        f"data.root={pet_val}",
+        *FAST,
+        "--set",
+        "train.epochs=6",
+        "--set",
+        "train.early_stopping.patience=2",
+    )
     assert result.exit_code == 0, result.output
     assert "Early stopping: no better val accuracy for 2 epoch(s); best was epoch 2" in result.stderr
     assert "Epoch   4/6" in result.stderr and "Epoch   5/6" not in result.stderr
@@ -130,20 +149,34 @@ def _ctrl_c_in_epoch(monkeypatch, epoch: int):
     return real
 
 
-@pytest.mark.parametrize("pipeline", [
-    ["--set", "model.head=gap"],  # cached features, no workers
-    ["--set", "cache=off", "--set", "data.num_workers=1"],  # images through a persistent worker each epoch
-])
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        ["--set", "model.head=gap"],  # cached features, no workers
+        ["--set", "cache=off", "--set", "data.num_workers=1"],  # images through a persistent worker each epoch
+    ],
+)
 def test_interrupted_and_resumed_equals_uninterrupted(runner, pet_val, monkeypatch, pipeline):
-    args = ["--set", f"data.root={pet_val}", *FAST, "--set", "train.epochs=4", "--set", "train.momentum=0.9",
-            "--set", "train.scheduler=cosine", *pipeline]
+    args = [
+        "--set",
+        f"data.root={pet_val}",
+        *FAST,
+        "--set",
+        "train.epochs=4",
+        "--set",
+        "train.momentum=0.9",
+        "--set",
+        "train.scheduler=cosine",
+        *pipeline,
+    ]
     assert invoke(runner, "train", *args, "--set", "output.weights=full.pt").exit_code == 0
     real = _ctrl_c_in_epoch(monkeypatch, 3)
     result = invoke(runner, "train", *args, "--set", "output.weights=resumed.pt")
     assert result.exit_code == 130
     assert not multiprocessing.active_children()  # the persistent worker stopped with the run, not 5 s later
-    assert result.stderr.strip().splitlines()[-1] == ("Interrupted: runs/train2/last.pt holds epoch 2; "
-                                                      "go on with: vggft train --resume runs/train2/last.pt")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Interrupted: runs/train2/last.pt holds epoch 2; go on with: vggft train --resume runs/train2/last.pt"
+    )
     monkeypatch.setattr(vggft.training.loop, "train_one_epoch", real)
     result = invoke(runner, "train", "--resume", "runs/train2/last.pt", "-q")
     assert result.exit_code == 0, result.output
@@ -159,8 +192,12 @@ def test_resume_refuses_a_malicious_pickle(runner, tmp_path, evil_pickle):
     payload, marker = evil_pickle
     torch.save({"format": "vggft-checkpoint/1", "x": payload}, tmp_path / "last.pt")
     result = invoke(runner, "train", "--resume", tmp_path / "last.pt")
-    assert_one_line_error(result, code=4, names=["--resume", f"'{tmp_path / 'last.pt'}'", "pickled code or objects"],
-                          fix="a last.pt written by vggft train")
+    assert_one_line_error(
+        result,
+        code=4,
+        names=["--resume", f"'{tmp_path / 'last.pt'}'", "pickled code or objects"],
+        fix="a last.pt written by vggft train",
+    )
     assert not marker.exists()
 
 
@@ -195,8 +232,21 @@ def test_unfreeze_gets_its_own_learning_rate(runner, pet, monkeypatch):
     assert {id(p) for p in block["params"]} == {id(p) for m in conv_blocks(model)[4] for p in m.parameters()}
     # Two-stage: epoch 1 trains the head alone; its checkpoint already holds block5 (to restore it exactly).
     real = _ctrl_c_in_epoch(monkeypatch, 2)
-    result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "model.unfreeze=[block5]",
-                    "--set", "train.head_only_epochs=1", "--set", "train.epochs=2", "--set", "output.weights=u.pt")
+    result = invoke(
+        runner,
+        "train",
+        "--set",
+        f"data.root={pet}",
+        *FAST,
+        "--set",
+        "model.unfreeze=[block5]",
+        "--set",
+        "train.head_only_epochs=1",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "output.weights=u.pt",
+    )
     assert result.exit_code == 130, result.output
     monkeypatch.setattr(vggft.training.loop, "train_one_epoch", real)
     pretrained = torch.load(os.environ["TORCH_HOME"] + "/hub/checkpoints/vgg16-397923af.pth", weights_only=True)
@@ -211,8 +261,9 @@ def test_unfreeze_gets_its_own_learning_rate(runner, pet, monkeypatch):
 
 
 def test_eval_reports_topk_confusion_and_worst_mistakes(runner, tmp_path):
-    three = make_folder(tmp_path / "three", {"train": {"cat": 4, "dog": 4, "owl": 4},
-                                             "test": {"cat": 3, "dog": 2, "owl": 2}})
+    three = make_folder(
+        tmp_path / "three", {"train": {"cat": 4, "dog": 4, "owl": 4}, "test": {"cat": 3, "dog": 2, "owl": 2}}
+    )
     assert invoke(runner, "train", "--set", f"data.root={three}", *FAST).exit_code == 0
     result = invoke(runner, "eval", "--misclassified", "3", "--topk", "2", "--json", "-q")
     scores = json.loads(result.stdout)
@@ -225,7 +276,7 @@ def test_eval_reports_topk_confusion_and_worst_mistakes(runner, tmp_path):
     correct = int(lines[0].split("(")[1].split("/")[0])
     assert correct <= top2 <= 7
     assert "Confusion matrix (rows: true class)" in result.stdout
-    matrix = lines[lines.index("Confusion matrix (rows: true class)") + 2:][:3]
+    matrix = lines[lines.index("Confusion matrix (rows: true class)") + 2 :][:3]
     counts = [[int(x) for x in row.split()[1:]] for row in matrix]
     assert sum(map(sum, counts)) == 7 and [sum(r) for r in counts] == [3, 2, 2]
     assert sum(counts[i][i] for i in range(3)) == correct
@@ -239,16 +290,21 @@ def test_resume_refuses_to_stretch_a_onecycle_schedule(runner, pet):
     args = ["--set", f"data.root={pet}", *FAST, "--set", "train.scheduler=onecycle"]
     assert invoke(runner, "train", *args).exit_code == 0
     result = invoke(runner, "train", "--resume", "runs/train/last.pt", "--set", "train.epochs=4")
-    assert_one_line_error(result, code=2, after_notes=True, names=["train.epochs", "onecycle", "2 epochs"],
-                          fix="resume with that many")
+    assert_one_line_error(
+        result, code=2, after_notes=True, names=["train.epochs", "onecycle", "2 epochs"], fix="resume with that many"
+    )
 
 
 def test_a_run_checkpoint_as_model_weights_says_what_to_do(runner, pet):
     assert invoke(runner, "train", "--set", f"data.root={pet}", *FAST).exit_code == 0
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST, "--set", "model.weights=runs/train/last.pt")
-    assert_one_line_error(result, code=4, after_notes=True,
-                          names=["model.weights", "'runs/train/last.pt'", "run checkpoint", "not a state_dict"],
-                          fix="vggft train --resume runs/train/last.pt")
+    assert_one_line_error(
+        result,
+        code=4,
+        after_notes=True,
+        names=["model.weights", "'runs/train/last.pt'", "run checkpoint", "not a state_dict"],
+        fix="vggft train --resume runs/train/last.pt",
+    )
 
 
 def test_eval_scores_even_where_the_plot_cannot_go(runner, pet):

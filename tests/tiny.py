@@ -13,16 +13,24 @@ LETTER = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 WIDTH = {64: 4, 128: 8, 256: 8, 512: 16}  # channels of each block, narrowed
 
 
-def tiny_vgg(arch: str = "vgg16", *, num_classes: int = 1000, dropout: float = 0.5, init_weights: bool = True,
-             **_) -> VGG:
+def tiny_vgg(
+    arch: str = "vgg16", *, num_classes: int = 1000, dropout: float = 0.5, init_weights: bool = True, **_
+) -> VGG:
     """``arch``'s layout with narrow layers (made in the same order as tests/fixtures/format1/make.py)."""
     cfg = [v if v == "M" else WIDTH[v] for v in cfgs[LETTER[arch.removesuffix("_bn")]]]
     model = VGG.__new__(VGG)
     nn.Module.__init__(model)
     model.features = make_layers(cfg, batch_norm=arch.endswith("_bn"))
     model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
-    model.classifier = nn.Sequential(nn.Linear(64, 32), nn.ReLU(True), nn.Dropout(dropout), nn.Linear(32, 32),
-                                     nn.ReLU(True), nn.Dropout(dropout), nn.Linear(32, num_classes))
+    model.classifier = nn.Sequential(
+        nn.Linear(64, 32),
+        nn.ReLU(True),
+        nn.Dropout(dropout),
+        nn.Linear(32, 32),
+        nn.ReLU(True),
+        nn.Dropout(dropout),
+        nn.Linear(32, num_classes),
+    )
     return model
 
 
