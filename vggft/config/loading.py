@@ -14,6 +14,7 @@ import math
 import reprlib
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -49,7 +50,7 @@ def migrate_config(raw: dict[str, Any], note=None) -> dict[str, Any]:
     """``raw`` with renamed keys moved to their new names (``note(old, new)`` is told of each)."""
     for old, new in RENAMED_KEYS.items():
         *parents, leaf = old.split(".")
-        node = raw
+        node: Any = raw  # a nested section, or anything a hand-written file put there
         for name in parents:
             node = node.get(name) if isinstance(node, dict) else None
         if isinstance(node, dict) and leaf in node:
@@ -60,7 +61,7 @@ def migrate_config(raw: dict[str, Any], note=None) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> Config:
     """Defaults, then ``base`` (a resolved config from a sidecar), then the YAML file, then overrides.
 
     An error names where the bad value came from: the file, or ``--set``.
@@ -263,7 +264,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str
             continue
         key = f"{prefix}{name}"
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[name] = _build(hint, raw[name] if raw[name] is not None else {}, f"{key}.", source, origins)
             continue
         where = origins.get(key, source)

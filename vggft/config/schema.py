@@ -212,12 +212,15 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def all_keys(cls: type = None, prefix: str = "") -> list[str]:
+def all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
     """Every dotted key of the config, e.g. 'train.epochs'."""
     cls = cls or Config
-    keys = []
+    keys: list[str] = []
     for name, hint in typing.get_type_hints(cls).items():
-        keys += all_keys(hint, f"{prefix}{name}.") if dataclasses.is_dataclass(hint) else [f"{prefix}{name}"]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
     return keys
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,10 +107,16 @@ def check_destination(destination: Path, option: str = "--quarantine") -> None:
 
 def quarantine(report: DataReport, destination: Path, option: str = "--quarantine") -> list[tuple[Path, Path]]:
     """Move every unreadable file under ``destination``, keeping its path relative to data.root."""
+    return move_files([path for path, _ in report.bad], report.splits.root, destination, option)
+
+
+def move_files(
+    paths: Sequence[str], root: Path, destination: Path, option: str = "--quarantine"
+) -> list[tuple[Path, Path]]:
+    """Move each of ``paths`` under ``destination``, keeping its path relative to ``root`` (data.root)."""
     check_destination(destination, option)
     moved: list[tuple[Path, Path]] = []
-    root = report.splits.root
-    for path, _ in report.bad:
+    for path in paths:
         target = Path(destination) / os.path.relpath(path, root)
         candidate, n = target, 1
         while candidate.exists():  # never overwrite an earlier quarantined file

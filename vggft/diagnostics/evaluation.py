@@ -7,6 +7,7 @@ saved by the tutorial's script (class count read from the weights, class names f
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -65,7 +66,7 @@ def one_split(cfg: Config, record: dict | None, source: str, split: str) -> Data
 def evaluate_weights(
     weights: Path,
     config: Path | None = None,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     *,
     split: str = "test",
     topk: int = 5,
@@ -194,7 +195,8 @@ class _Plots:
     """Where eval's files go (``<folder>/<stem>.<kind>_<split>.<ext>``) and which were written."""
 
     def __init__(self, folder: Path, stem: str, split: str):
-        self.folder, self.stem, self.split, self.written = folder, stem, split, []
+        self.folder, self.stem, self.split = folder, stem, split
+        self.written: list[Path] = []
 
     def path(self, kind: str, ext: str, suffix: str = "") -> Path:
         return self.folder / f"{self.stem}.{kind}_{self.split}{suffix}.{ext}"

@@ -107,8 +107,10 @@ def _mapped_loads(cached: Path) -> Iterator[None]:
     try:
         from torch.utils.serialization import config
     except ImportError:  # before torch 2.5: read as before
-        config = None
-    if config is None or not _zip_format(cached):
+        mappable = False
+    else:
+        mappable = _zip_format(cached)
+    if not mappable:
         yield
         return
     before = config.load.mmap, config.load.mmap_flags

@@ -375,7 +375,7 @@ def format_report(report: DataReport) -> str:
     split = "train" if "train" in report.counts else "test"
     counts = {name: ok for name, (ok, _) in report.counts.get(split, {}).items()}
     if len(counts) > 1:
-        big, small = max(counts, key=counts.get), min(counts, key=counts.get)
+        big, small = max(counts, key=counts.__getitem__), min(counts, key=counts.__getitem__)
         if counts[big] == counts[small]:
             lines.append(f"Class balance ({split}): balanced, {counts[big]} images per class")
         else:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from vggft.config.schema import Config
-from vggft.data.check import DataReport, quarantine
+from vggft.data.check import move_files
 from vggft.data.images import open_rgb
 from vggft.data.transforms import eval_transform, normalization
 from vggft.training.train import make_run_folder
@@ -119,8 +119,7 @@ def label_issues(
         files.append(_grid(run, suspects[:show], cfg, Path(out) / "label_issues.png"))
     moved = []
     if move is not None and suspects:
-        report = DataReport(run.data.splits, {}, bad=[(run.samples[s.index][0], None) for s in suspects])
-        moved = quarantine(report, Path(move))
+        moved = move_files([run.samples[s.index][0] for s in suspects], run.data.splits.root, Path(move))
     return LabelIssues(run, suspects, Path(out), files, moved)
 
 

@@ -47,6 +47,12 @@ class Axis:
             value = rng.uniform(self.low, self.high)
         return str(round(value)) if self.integer else f"{value:.3g}"
 
+    @property
+    def listed(self) -> list[str]:
+        """A ``--grid`` axis's values (a ``--range`` axis has none: it is drawn from)."""
+        assert self.values is not None, f"{self.key} is a --range axis"
+        return self.values
+
 
 def check_key(key: str, option: str) -> None:
     """Refuse, in one line, a key that does not exist or cannot be swept on cached rows."""
@@ -129,13 +135,13 @@ def plan_trials(grid: list[Axis], ranges: list[Axis], trials: int | None, seed: 
     if trials is None:
         if ranges:
             raise ConfigError(f"--range {ranges[0].key}: random search needs --trials N (how many draws)")
-        combos = math.prod(len(axis.values) for axis in grid)
+        combos = math.prod(len(axis.listed) for axis in grid)
         if combos > MAX_TRIALS:
             raise ConfigError(
                 f"--grid: {combos} combinations is more than {MAX_TRIALS}; use fewer values, or "
                 "draw some with --trials N"
             )
-        return [dict(zip(keys, values, strict=False)) for values in itertools.product(*(axis.values for axis in grid))]
+        return [dict(zip(keys, values, strict=False)) for values in itertools.product(*(axis.listed for axis in grid))]
     rng = random.Random(seed)
     return [{axis.key: axis.draw(rng) for axis in axes} for _ in range(trials)]
 

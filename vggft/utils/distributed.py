@@ -33,7 +33,7 @@ class Group:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    side: object = field(default=None, compare=False, repr=False)  # a gloo group for barriers and check-ins
+    side: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)  # gloo, for barriers and check-ins
 
     @property
     def active(self) -> bool:
@@ -169,7 +169,9 @@ def process_group(device: torch.device) -> Iterator[tuple[Group, torch.device]]:
         raise DeviceError(f"train.device: {device.type} cannot run distributed; use cuda or cpu")
     try:
         dist.init_process_group(backend, timeout=_timeout())
-        group = Group(group.rank, group.world, group.local_rank, dist.new_group(backend="gloo"))
+        side = dist.new_group(backend="gloo")
+        assert isinstance(side, dist.ProcessGroup), "a group of every rank has this one as a member"
+        group = Group(group.rank, group.world, group.local_rank, side)
     except RuntimeError as err:
         if not is_timeout(err):
             raise
