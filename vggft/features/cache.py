@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torchvision import models
 
 from vggft.config.schema import Config
 from vggft.data.decode import TensorDecoder, device_batches, resolve_decode
 from vggft.data.loaders import ImageList
 from vggft.data.transforms import eval_transform, train_transform, transform_signature
 from vggft.features.fingerprints import holds_every_tensor, memoised
-from vggft.features.rows import Rows
+from vggft.features.rows import RowDataset, Rows
 from vggft.model.build import split_frozen_prefix
 from vggft.model.fingerprint import fingerprint
 from vggft.utils.device import autocast_factory, resolve_workers
@@ -92,20 +92,26 @@ class FeatureCache:
             return
         name = hashlib.sha1(json.dumps(namespace, sort_keys=True).encode()).hexdigest()[:20]
         self.folder = directory / "features" / name
-        self.writable = self._prepare(namespace)
+        self.writable = self._prepare(self.folder, namespace)
         self._index_shards()
 
-    def _prepare(self, namespace: dict) -> bool:
-        """Create the folder and its namespace.json; False where that cannot be done (said at the first
+    @property
+    def shard_folder(self) -> Path:
+        """``folder`` where the cache is kept on disk: only a cache with a folder has shards to read or write."""
+        assert self.folder is not None, "an in-memory feature cache has no shards"
+        return self.folder
+
+    def _prepare(self, folder: Path, namespace: dict) -> bool:
+        """Create ``folder`` and its namespace.json; False where that cannot be done (said at the first
         row that cannot be saved: a read-only cache that holds every row needed is no news)."""
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.folder):  # read-only mounts and permissions, as they are
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):  # read-only mounts and permissions, as they are
                 pass
-            if not (self.folder / "namespace.json").exists():
-                save_json(namespace, self.folder / "namespace.json")
+            if not (folder / "namespace.json").exists():
+                save_json(namespace, folder / "namespace.json")
         except OSError as err:
-            self._unsaved_reason = f"{self.folder}: {err.strerror or err}"
+            self._unsaved_reason = f"{folder}: {err.strerror or err}"
             return False
         except OutputError as err:
             self._unsaved_reason = str(err)
@@ -168,7 +174,7 @@ class FeatureCache:
             features = features.clone()
         self.rows.update(zip(keys, features, strict=False))
         if self.writable:
-            shard = self.folder / f"{time.time_ns()}-{os.getpid()}.pt"
+            shard = self.shard_folder / f"{time.time_ns()}-{os.getpid()}.pt"
             self._indexed.add(shard.name)
             try:
                 save_torch({"keys": keys, "features": features}, shard)
@@ -188,7 +194,7 @@ class FeatureCache:
 
     def __contains__(self, key: str) -> bool:
         if key not in self.rows and key in self._shard_of:
-            self._read(self.folder / self._shard_of[key])
+            self._read(self.shard_folder / self._shard_of[key])
         return key in self.rows
 
 
@@ -289,7 +295,7 @@ def _extract_missing(
         cache.add(pending_keys, torch.cat(pending))
 
 
-def cache_off_reason(cfg: Config, model: nn.Module | None = None, cut: str | None = None) -> tuple[str, str] | None:
+def cache_off_reason(cfg: Config, model: models.VGG | None = None, cut: str | None = None) -> tuple[str, str] | None:
     """(why, fix) when training cannot read cached rows; None when it can. From the config alone before a model
     is built; with the model (and where its frozen prefix ends), from what is really frozen."""
     if not cfg.cache.enabled:
@@ -331,13 +337,12 @@ class FeatureSource:
         self.cfg, self.device, self.precision, self.group = cfg, device, precision, group
         self.prefix, self.suffix, self.cut = split_frozen_prefix(model)
         self.workers = resolve_workers(cfg.data, device)
-        off = cache_off_reason(cfg, model, self.cut)
-        self.off_reason, self.off_fix = off if off is not None else (None, None)
+        self.off = cache_off_reason(cfg, model, self.cut)  # (why, fix) when the loop cannot read cached rows
         self.decode = resolve_decode(cfg.data.decode, device)  # for extraction; images for the loop: Pillow
         self.decoder = TensorDecoder(cfg.data) if self.decode != "pil" else None
         self.cache: FeatureCache | None = None
         self.prefix_weights: str | None = None  # the prefix's weights' fingerprint, when the cache needs it
-        if self.off_reason is None:
+        if self.off is None:
             self.prefix_weights = self._prefix_weights(model, weights_file)
             namespace = {
                 "arch": cfg.model.arch,
@@ -354,7 +359,8 @@ class FeatureSource:
             self.module = nn.Sequential(self.prefix, self.suffix)
             if rows_in_memory:
                 self.cache = FeatureCache(None, {}, row_width(self.suffix))
-        self.prefix.to(device, memory_format=torch.channels_last)
+        # torch's stubs lack Module.to's memory_format keyword (nn.Module.to accepts it at run time)
+        self.prefix.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.suffix.to(device)
 
     def _prefix_weights(self, model: nn.Module, weights_file: Path | None) -> str:
@@ -370,6 +376,11 @@ class FeatureSource:
         layout = [(k, tuple(v.shape), str(v.dtype)) for k, v in self.prefix.state_dict().items()]
         key = f"prefix weights|{file_key(str(weights_file))}|{self.prefix!r}|{layout}|{torch.__version__}"
         return memoised(key, cache_root(self.cfg.cache.dir), content)
+
+    @property
+    def off_reason(self) -> str | None:
+        """Why the loop does not read cached rows; None when it does."""
+        return self.off[0] if self.off is not None else None
 
     @property
     def cached(self) -> bool:
@@ -393,10 +404,11 @@ class FeatureSource:
         if self.cache is None or not self.cache.writable:
             return None
         missing = {key for key in (file_key(path) for path, _ in samples) if key not in self.cache}
-        return self.cache.folder, len(missing) * (row_width(self.suffix) or 0) * 4
+        return self.cache.shard_folder, len(missing) * (row_width(self.suffix) or 0) * 4
 
     def rows(self, samples: Sequence[tuple[str, int]], desc: str = "") -> Rows:
         """The prefix output of every sample: cached rows, extracting what the cache lacks (the slow part)."""
+        assert self.cache is not None, "rows come from a cache (cache.enabled, or rows_in_memory)"
         return extract_features(
             self.prefix,
             samples,
@@ -411,9 +423,11 @@ class FeatureSource:
             decoder=self.decoder,
         )
 
-    def dataset(self, samples: Sequence[tuple[str, int]], *, train: bool = False, desc: str = "") -> Dataset:
+    def dataset(
+        self, samples: Sequence[tuple[str, int]], *, train: bool = False, desc: str = ""
+    ) -> ImageList | RowDataset:
         """(input, label) pairs for the loop: rows (extracted now if missing) or images decoded each epoch."""
         if self.cache is None:
             return ImageList(samples, train_transform(self.cfg.data) if train else eval_transform(self.cfg.data))
         labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-        return TensorDataset(self.rows(samples, desc), labels)
+        return RowDataset(self.rows(samples, desc), labels)

@@ -37,7 +37,7 @@ def memoised(key: str, folder: Path, compute: Callable[[], str]) -> str:
     return value
 
 
-def holds_every_tensor(path: Path, model: nn.Module, part: nn.Module) -> bool:
+def holds_every_tensor(path: Path, model: nn.Module, part: nn.Sequential) -> bool:
     """Whether the state_dict file ``path`` has every tensor of ``part`` (layers of ``model``), so that a
     model just built from it took all of them from the file (a backbone-only file leaves some to random init)."""
     names = {id(module): name for name, module in model.named_modules()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.utils.data import Dataset
 
 
 class Rows:
@@ -65,3 +66,19 @@ class Rows:
 
     def __repr__(self) -> str:
         return f"Rows({len(self.items)} x {self.width}, {self.dtype})"
+
+
+class RowDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """``TensorDataset(rows, labels)`` for rows that may be a ``Rows``: item i is (row i, label i), so a
+    DataLoader gathers only the rows of the batch it asks for."""
+
+    def __init__(self, rows: Rows | torch.Tensor, labels: torch.Tensor):
+        if rows.size(0) != labels.size(0):
+            raise AssertionError("Size mismatch between tensors")  # TensorDataset's check and message
+        self.rows, self.labels = rows, labels
+
+    def __getitem__(self, index):
+        return self.rows[index], self.labels[index]
+
+    def __len__(self) -> int:
+        return self.labels.size(0)

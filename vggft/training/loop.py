@@ -14,10 +14,11 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from vggft.config.schema import TrainConfig
 from vggft.data.loaders import make_loader
@@ -147,7 +148,7 @@ class Loop:
     val_loader: DataLoader | None
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     precision: torch.dtype | None
     names: list[str]
@@ -155,7 +156,7 @@ class Loop:
     scaler: torch.amp.GradScaler | None = None
     backbone: list[nn.Parameter] = field(default_factory=list)  # thawed after cfg.head_only_epochs
     group: Group = SINGLE
-    sampler: object = None  # a DistributedSampler, told the epoch
+    sampler: DistributedSampler | None = None  # told the epoch
     threads: int | None = None  # torch's intra-op threads while it trains and validates (None: as they are)
 
 
@@ -288,20 +289,24 @@ class HeadFit:
     seconds: float
 
 
-def fresh_head(suffix: nn.Module, seed: int) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def fresh_head(suffix: ModuleT, seed: int) -> ModuleT:
     """A copy of ``suffix`` whose trainable layers are re-initialised from ``seed``; frozen layers shared
     by value. The global random state is left as it was."""
     head = copy.deepcopy(suffix)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in head.modules():
-            if hasattr(module, "reset_parameters") and any(p.requires_grad for p in module.parameters(recurse=False)):
-                module.reset_parameters()
+            reset = getattr(module, "reset_parameters", None)
+            if reset is not None and any(p.requires_grad for p in module.parameters(recurse=False)):
+                reset()
     return head
 
 
 def fit_head(
-    suffix: nn.Module,
+    suffix: nn.Sequential,
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor] | None,
     cfg: TrainConfig,

@@ -47,7 +47,9 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+def make_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """A scheduler stepped after every batch; its state_dict makes resuming exact."""
     if cfg.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(

@@ -9,6 +9,7 @@ the best val epoch back, tests it and saves weights and sidecar. Under torchrun 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,8 @@ import torch
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, Subset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, WeightedRandomSampler
+from torchvision import models
 
 from vggft.config.loading import load_config, resume_overrides_refused
 from vggft.config.schema import Config
@@ -69,7 +71,7 @@ RUN_FILES = "config.yaml, metrics.csv, last.pt, best.pt, curves.png"
 class TrainResult:
     weights: Path
     sidecar: Path
-    run_dir: Path
+    run_dir: Path | None  # None on the ranks other than 0, which write no run folder
     class_names: list[str]
     history: list[dict] = field(default_factory=list)
     test: Metrics | None = None
@@ -86,12 +88,18 @@ class Run:
     loop: Loop
     state: Progress
     generator: torch.Generator
-    run_dir: Path | None
-    test_loader: object
+    run_dir: Path | None  # set on rank 0 alone (the other ranks write nothing)
+    test_loader: DataLoader | None
     fingerprint: str
     start: int = 1
-    board: object = None  # a TensorBoardLog (output.tensorboard, rank 0)
+    board: tensorboard_log.TensorBoardLog | None = None  # output.tensorboard, rank 0
     curves: _Curves | None = None  # curves.png, drawn on a thread of its own (rank 0)
+
+    @property
+    def folder(self) -> Path:
+        """``run_dir``, where rank 0 writes: only rank 0 asks for it, once the run is set up."""
+        assert self.run_dir is not None, "only rank 0 has a run folder, from setup on"
+        return self.run_dir
 
     @property
     def split(self) -> dict | None:
@@ -121,12 +129,12 @@ def write_run_config(cfg: Config, folder: Path) -> None:
     save_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), folder / "config.yaml")
 
 
-def resume_config(checkpoint_path: Path, overrides: list[str] = ()) -> Config:
+def resume_config(checkpoint_path: Path, overrides: Sequence[str] = ()) -> Config:
     """The config a run was started with, under the ``--set`` overrides that can still take effect."""
     return read_resume(checkpoint_path, overrides)[0]
 
 
-def read_resume(checkpoint_path: Path, overrides: list[str] = ()) -> tuple[Config, dict]:
+def read_resume(checkpoint_path: Path, overrides: Sequence[str] = ()) -> tuple[Config, dict]:
     """``resume_config`` and the checkpoint itself, read once: pass it on to ``fit(checkpoint=...)``."""
     resume_overrides_refused(list(overrides))
     body = load_checkpoint(checkpoint_path)
@@ -216,13 +224,14 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group,
     fingerprint = frozen_fingerprint(model, trainable_state(model, loop.optimizer), source.prefix_weights)
     run = Run(cfg, splits, model, source, loop, Progress(), generator, None, test_loader, fingerprint)
     if body:
+        assert resume is not None, "a checkpoint body is read from --resume"
         _restore(run, body, Path(resume))
         if group.is_main:
-            write_run_config(cfg, run.run_dir)  # the resumed config: its --set overrides included
+            write_run_config(cfg, run.folder)  # the resumed config: its --set overrides included
     elif group.is_main:
         run.run_dir = make_run_folder(cfg)
     if group.is_main:
-        run.board = tensorboard_log.TensorBoardLog(run.run_dir) if cfg.output.tensorboard else None
+        run.board = tensorboard_log.TensorBoardLog(run.folder) if cfg.output.tensorboard else None
     return run
 
 
@@ -286,13 +295,13 @@ def _check_disk(cfg: Config, model: nn.Module, source: FeatureSource, splits: Da
 
 def _make_loop(
     cfg: Config,
-    model: nn.Module,
+    model: models.VGG,
     source: FeatureSource,
     splits: DataSplits,
     device: torch.device,
     precision,
     group: Group,
-) -> tuple[Loop, torch.Generator, object]:
+) -> tuple[Loop, torch.Generator, DataLoader | None]:
     datasets = {
         split: source.dataset(splits[split], train=split == "train", desc=split)
         for split in ("train", "val", "test")
@@ -301,12 +310,7 @@ def _make_loop(
     num_outputs = cfg.model.num_classes or len(splits.class_names)
     labels = torch.tensor([label for _, label in splits["train"]])
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    sampler = None
-    if cfg.data.balance == "sampler":
-        weights = class_weights(labels, num_outputs)[labels].double()
-        sampler = WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
-    if group.active:  # each rank a different part of every epoch (padded to equal lengths)
-        sampler = DistributedSampler(datasets["train"], group.world, group.rank, seed=cfg.train.seed)
+    sampler, distributed = _train_sampler(cfg, datasets["train"], labels, num_outputs, generator, group)
     workers = source.loader_workers
     train_loader = make_loader(
         datasets["train"],
@@ -330,7 +334,7 @@ def _make_loop(
         for split in ("val", "test")
         if split in datasets
     }
-    module = source.module
+    module: nn.Module = source.module
     if group.active:
         module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     loss_weights = class_weights(labels, num_outputs).to(device) if cfg.data.balance == "weights" else None
@@ -354,10 +358,29 @@ def _make_loop(
         scaler,
         backbone,
         group,
-        sampler if group.active else None,
+        distributed,
         threads=row_threads(device) if source.cached else None,
     )
     return loop, generator, shard.get("test")
+
+
+def _train_sampler(
+    cfg: Config, dataset: Dataset, labels: torch.Tensor, num_outputs: int, generator: torch.Generator, group: Group
+) -> tuple[Sampler[int] | None, DistributedSampler[int] | None]:
+    """The train loader's sampler (None: it shuffles), and again the one the loop tells the epoch, if any."""
+    if group.active:  # each rank a different part of every epoch (padded to equal lengths)
+        distributed: DistributedSampler[int] = DistributedSampler(dataset, group.world, group.rank, seed=cfg.train.seed)
+        return distributed, distributed
+    if cfg.data.balance == "sampler":
+        weights = class_weights(labels, num_outputs)[labels].double()
+        sampler = WeightedRandomSampler(
+            weights,  # type: ignore[arg-type]  # torch's stubs say Sequence[float]; it takes (and documents) a tensor
+            len(labels),
+            replacement=True,
+            generator=generator,
+        )
+        return sampler, None
+    return None, None
 
 
 def _restore(run: Run, body: dict, resume: Path) -> None:
@@ -382,8 +405,8 @@ def _restore(run: Run, body: dict, resume: Path) -> None:
         loop.scaler.load_state_dict(body["scaler"])
     run.run_dir = resume.parent
     if loop.group.is_main and run.state.best_state:  # best.pt is what last.pt says is best, whatever a kill left
-        save_checkpoint(run.run_dir / "best.pt", _best_body(run))
-    log.info(f"Resuming {run.run_dir} after epoch {body['epoch']}")
+        save_checkpoint(resume.parent / "best.pt", _best_body(run))
+    log.info(f"Resuming {resume.parent} after epoch {body['epoch']}")
 
 
 def _best_state(body: dict, resume: Path) -> dict[str, torch.Tensor]:
@@ -406,9 +429,9 @@ def _train(run: Run) -> Metrics | None:
             log.info(epoch_line(end.row, run.cfg.train.epochs))
             if main:
                 if end.improved:  # best.pt first: last.pt, written second, is the unit's authority
-                    save_checkpoint(run.run_dir / "best.pt", _best_body(run))
-                save_checkpoint(run.run_dir / "last.pt", _last_body(run))
-                _write_metrics(run.state.history, run.run_dir / "metrics.csv")
+                    save_checkpoint(run.folder / "best.pt", _best_body(run))
+                save_checkpoint(run.folder / "last.pt", _last_body(run))
+                _write_metrics(run.state.history, run.folder / "metrics.csv")
                 if run.board:
                     run.board.add_epoch(end.row)
             if end.stop:
@@ -422,13 +445,13 @@ def _train(run: Run) -> Metrics | None:
         ) from None
     except DivergedError as err:
         if run.curves is not None and run.state.history:
-            _draw_curves(run)
+            _draw_curves(run, run.curves)
             run.curves.wait()
         last = run.run_dir / "last.pt" if run.run_dir else None
         kept = f"; the last good epoch ({run.state.last_epoch}) is kept in {last}" if run.state.history else ""
         raise DivergedError(f"{err}{kept}") from None
     if run.curves is not None:
-        _draw_curves(run)
+        _draw_curves(run, run.curves)
     best = run.state.best
     if loop.val_loader is not None and restore_best(run.model, run.state):
         log.info(
@@ -476,8 +499,8 @@ def _write_metrics(history: list[dict], path: Path) -> None:
     save_csv(path, HISTORY_COLUMNS, ([row.get(column, "") for column in HISTORY_COLUMNS] for row in history))
 
 
-def _draw_curves(run: Run) -> None:
-    run.curves.draw(run.state.history, run.run_dir / "curves.png", run.state.best["epoch"])
+def _draw_curves(run: Run, curves: _Curves) -> None:
+    curves.draw(run.state.history, run.folder / "curves.png", run.state.best["epoch"])
 
 
 class _Curves:
@@ -521,9 +544,12 @@ class _Curves:
             futures_wait([self._drawn])
 
     def _warn(self, err: Exception) -> None:
-        if not isinstance(err, OutputError):
-            err = f"{self._path}: not drawn ({type(err).__name__}: {first_line(err)})"
-        log.warning(f"{err}; metrics.csv beside it holds the same numbers")
+        said = (
+            err
+            if isinstance(err, OutputError)
+            else f"{self._path}: not drawn ({type(err).__name__}: {first_line(err)})"
+        )
+        log.warning(f"{said}; metrics.csv beside it holds the same numbers")
 
 
 # --- finish -----------------------------------------------------------------------------------------
@@ -538,8 +564,8 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
     if run.board:
         if run.curves is not None:
             run.curves.wait()
-        run.board.close(run.state.history, test, run.state.best["epoch"], curves=run.run_dir / "curves.png")
-    replaced = _way_back(weights, run.run_dir)
+        run.board.close(run.state.history, test, run.state.best["epoch"], curves=run.folder / "curves.png")
+    replaced = _way_back(weights, run.folder)
     fit = _calibrate(run)
     save_trained(
         run.model,
@@ -551,7 +577,7 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
         metrics={
             "test": _sidecar_metrics(test),
             "history": run.state.history,
-            "run": str(run.run_dir),
+            "run": str(run.folder),
             "calibration": asdict(fit) if fit else None,
         },
     )
@@ -559,7 +585,7 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
         log.info(f"Replaced the earlier {weights}{replaced}")
     if run.curves is not None:
         run.curves.wait()
-    return TrainResult(weights, sidecar, run.run_dir, names, run.state.history, test)
+    return TrainResult(weights, sidecar, run.folder, names, run.state.history, test)
 
 
 SIDECAR_CONFUSION_MAX = 100  # classes whose confusion matrix the sidecar keeps (1,000 would be megabytes)

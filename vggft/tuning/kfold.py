@@ -62,7 +62,7 @@ def predict_probs(
 
 
 def out_of_fold(
-    suffix: nn.Module,
+    suffix: nn.Sequential,
     rows,
     labels: torch.Tensor,
     folds: list[list[int]],
@@ -130,7 +130,7 @@ def check_folds(folds: int, samples: Sequence[Sample], class_names: list[str]) -
         counts[class_names[label]] += 1
     small = {name: n for name, n in counts.items() if n < folds}
     if small:
-        name = min(small, key=small.get)
+        name = min(small, key=small.__getitem__)
         log.warning(
             f"--folds {folds}: class {name} has only {small[name]} image(s) in train+val, so some folds "
             "hold none of it out"

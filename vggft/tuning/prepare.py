@@ -17,6 +17,7 @@ from torch import nn
 from vggft.config.schema import Config
 from vggft.data import DataSplits, Sample, find_splits
 from vggft.features.cache import FeatureSource, cache_off_reason
+from vggft.features.rows import Rows
 from vggft.model.pretrained import pretrained_file
 from vggft.reporting.metrics import output_names
 from vggft.training.train import build_network, find_training_data
@@ -45,10 +46,10 @@ class PreparedData:
         return output_names(self.splits.class_names, self.cfg.model.num_classes or len(self.splits.class_names))
 
     @property
-    def suffix(self) -> nn.Module:
+    def suffix(self) -> nn.Sequential:
         return self.source.suffix
 
-    def rows(self, samples: Sequence[Sample], desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, samples: Sequence[Sample], desc: str) -> tuple[Rows, torch.Tensor]:
         """(rows, labels) of ``samples``: the cached prefix outputs, extracting the ones the cache lacks."""
         labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         return self.source.rows(samples, desc), labels
@@ -104,12 +105,12 @@ def prepare(cfg: Config, command: str) -> PreparedData:
         model, cfg, device, autocast_dtype(device, cfg.train.amp), weights_file=pretrained_file(cfg.model)
     )
     if not source.cached:
-        refuse_uncached(cfg, command, (source.off_reason, source.off_fix))
+        refuse_uncached(cfg, command, source.off)
     log.info(source.describe())
     return PreparedData(cfg, splits, model, source, device)
 
 
-def extract(data: PreparedData, groups: dict[str, Sequence[Sample]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def extract(data: PreparedData, groups: dict[str, Sequence[Sample]]) -> dict[str, tuple[Rows, torch.Tensor]]:
     """(rows, labels) for each named group of samples, after checking the new rows fit on disk."""
     wanted = [sample for samples in groups.values() for sample in samples]
     needs = data.source.bytes_to_write(wanted)
