@@ -8,9 +8,10 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeAlias
 
 import typer
+from typer.models import OptionInfo
 
 from vggft.utils.errors import Interrupted, VggftError
 
@@ -34,20 +35,17 @@ ConfigOpt = Annotated[
 ]
 
 
-def _set_option(example: str):
-    """--set, with an example that fits the command."""
-    return Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            "-s",
-            metavar="KEY=VALUE",
-            help=f"Override a config key (repeatable), e.g. --set {example}; every key: vggft configs --defaults.",
-        ),
-    ]
+def _set_option(example: str) -> OptionInfo:
+    """--set, with an example that fits the command: ``Annotated[list[str] | None, _set_option(...)]``."""
+    return typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help=f"Override a config key (repeatable), e.g. --set {example}; every key: vggft configs --defaults.",
+    )
 
 
-SetOpt = _set_option("train.epochs=1")
+SetOpt: TypeAlias = Annotated[list[str] | None, _set_option("train.epochs=1")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or progress lines.")]
 
 
@@ -75,14 +73,13 @@ def _no_flag_metavar() -> None:
     except ImportError:  # pragma: no cover - typer without its own core
         return
     shown = getattr(TyperOption, "display_type_rich", None)
-    if shown is None or getattr(shown, "vggft", False):
+    if shown is None or shown.__module__ == __name__:  # a typer without it, or patched already (by this module)
         return
 
     def display_type_rich(self, ctx):
         return None if self.is_flag else shown(self, ctx)
 
-    display_type_rich.vggft = True
-    TyperOption.display_type_rich = display_type_rich
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]  # a patch of typer's class
 
 
 _no_flag_metavar()
@@ -244,7 +241,7 @@ def train(
 def eval_(
     weights: WeightsOpt = Path("models/VGG16.pt"),
     config: ConfigOpt = None,
-    set_: _set_option("data.root=other/images") = None,
+    set_: Annotated[list[str] | None, _set_option("data.root=other/images")] = None,
     split: Annotated[Split, typer.Option(help="Which split to score.")] = Split.test,
     topk: Annotated[int, typer.Option(help="Also report acc@k for this k (1 or more).")] = 5,
     misclassified: Annotated[int, typer.Option(help="Save a grid of the N most confident mistakes (0: none).")] = 0,
@@ -316,7 +313,7 @@ def _echo_eval_extras(metrics) -> None:
 @_handle_errors
 def summary(
     config: ConfigOpt = None,
-    set_: _set_option("model.head=gap") = None,
+    set_: Annotated[list[str] | None, _set_option("model.head=gap")] = None,
     num_classes: Annotated[
         int | None, typer.Option(help="Classes of the new head (default: model.num_classes or 2).")
     ] = None,
@@ -333,7 +330,7 @@ def summary(
 @_handle_errors
 def show_batch(
     config: ConfigOpt = None,
-    set_: _set_option("data.augment=light") = None,
+    set_: Annotated[list[str] | None, _set_option("data.augment=light")] = None,
     split: Annotated[
         Split, typer.Option(help="Which split to draw from (train: with its augmentation).")
     ] = Split.train,
@@ -354,7 +351,7 @@ def show_batch(
 @_handle_errors
 def check_data(
     config: ConfigOpt = None,
-    set_: _set_option("data.root=path/to/images") = None,
+    set_: Annotated[list[str] | None, _set_option("data.root=path/to/images")] = None,
     quarantine: Annotated[
         Path | None, typer.Option(help="Move unreadable files here (paths kept); deletes nothing.")
     ] = None,
@@ -409,7 +406,7 @@ def predict(
     inputs: InputsArg,
     weights: WeightsOpt = Path("models/VGG16.pt"),
     config: ConfigOpt = None,
-    set_: _set_option("train.device=cpu") = None,
+    set_: Annotated[list[str] | None, _set_option("train.device=cpu")] = None,
     topk: Annotated[int, typer.Option(help="Classes to report per image, most probable first (1 or more).")] = 5,
     csv_path: Annotated[
         Path | None,
@@ -520,7 +517,7 @@ def export(
         typer.Option(help="Output file (default: beside the weights, VGG16.onnx, VGG16.pt2 or VGG16.torchscript.pt)."),
     ] = None,
     config: ConfigOpt = None,
-    set_: _set_option("data.image_size=160") = None,
+    set_: Annotated[list[str] | None, _set_option("data.image_size=160")] = None,
 ) -> None:
     """Export to ONNX, torch.export (.pt2) or TorchScript (normalised images in, logits out), checked against
     PyTorch."""
@@ -561,7 +558,7 @@ def _table(header: list[str], rows: list[list[str]], left: int = 0) -> None:
 @_handle_errors
 def sweep(
     config: ConfigOpt = None,
-    set_: _set_option("train.epochs=10") = None,
+    set_: Annotated[list[str] | None, _set_option("train.epochs=10")] = None,
     grid: Annotated[
         list[str] | None,
         typer.Option(
@@ -631,7 +628,7 @@ def sweep(
 @_handle_errors
 def lr_find(
     config: ConfigOpt = None,
-    set_: _set_option("train.optimizer=adam") = None,
+    set_: Annotated[list[str] | None, _set_option("train.optimizer=adam")] = None,
     start: Annotated[float, typer.Option(help="First learning rate.")] = 1e-7,
     end: Annotated[float, typer.Option(help="Last learning rate.")] = 10.0,
     steps: Annotated[
@@ -664,7 +661,7 @@ def lr_find(
 @_handle_errors
 def kfold(
     config: ConfigOpt = None,
-    set_: _set_option("model.head=gap") = None,
+    set_: Annotated[list[str] | None, _set_option("model.head=gap")] = None,
     folds: FoldsOpt = 5,
     seed: FoldSeedOpt = 0,
     name: NameOpt = None,
@@ -690,7 +687,7 @@ def kfold(
 @_handle_errors
 def label_issues(
     config: ConfigOpt = None,
-    set_: _set_option("data.root=path/to/images") = None,
+    set_: Annotated[list[str] | None, _set_option("data.root=path/to/images")] = None,
     folds: FoldsOpt = 5,
     seed: FoldSeedOpt = 0,
     out: Annotated[
