@@ -276,7 +276,16 @@ def eval_(
             f"acc@{k} {100 * metrics.topk_correct[k] / max(metrics.total, 1):.2f}% "
             f"({metrics.topk_correct[k]}/{metrics.total})"
         )
-    rows = metrics.per_class()
+    _echo_per_class(metrics.per_class())
+    typer.echo("Confusion matrix (rows: true class)")
+    typer.echo(metrics.confusion_table())
+    _echo_eval_extras(metrics)
+    for path in written:
+        typer.echo(f"Wrote {path}")
+
+
+def _echo_per_class(rows: list[dict]) -> None:
+    """eval's per-class table: images, correct, accuracy, precision and F1 of each class."""
     width = max(len("class"), *(len(r["class"]) for r in rows))
     typer.echo(f"{'class':<{width}}  {'images':>7}  {'correct':>7}  {'accuracy':>8}  {'precision':>9}  {'f1':>6}")
     for r in rows:  # precision of a class never predicted is undefined: n/a, not 0 %
@@ -285,11 +294,6 @@ def eval_(
             f"{r['class']:<{width}}  {r['support']:>7}  {r['correct']:>7}  {100 * r['accuracy']:>7.2f}%"
             f"  {precision}  {r['f1']:>6.3f}"
         )
-    typer.echo("Confusion matrix (rows: true class)")
-    typer.echo(metrics.confusion_table())
-    _echo_eval_extras(metrics)
-    for path in written:
-        typer.echo(f"Wrote {path}")
 
 
 def _echo_eval_extras(metrics) -> None:
@@ -596,12 +600,27 @@ def sweep(
     from vggft.tuning.sweep import sweep as run_sweep
 
     result = run_sweep(cfg, plans, save_best=save_best)
-    show = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    _echo_trials(result)
+    _wrote(result.run_dir, result.files)
+    typer.echo(f"Train it: vggft train --config {result.run_dir / 'best.yaml'}")
+    if result.weights is not None:
+        from vggft.model.weights import sidecar_path
+
+        typer.echo(f"Saved {result.weights} (sidecar {sidecar_path(result.weights)})")
+
+
+def _setting(value) -> str:
+    """A trial's value of a key as sweep prints it: a float to 3 significant digits."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _echo_trials(result) -> None:
+    """sweep's table of trials, best val accuracy first, then the best trial's settings."""
     rows = [
         [
             str(rank),
             str(t.number),
-            *(show(t.values[k]) for k in result.keys),
+            *(_setting(t.values[k]) for k in result.keys),
             f"{100 * t.val_acc:.2f}%" if t.status == "ok" else t.status,
             f"{t.val_loss:.4f}" if t.status == "ok" else "-",
             str(t.epoch),
@@ -613,15 +632,9 @@ def sweep(
     best = result.best
     typer.echo(
         f"Best: trial {best.number} ("
-        + ", ".join(f"{k}={show(v)}" for k, v in best.values.items())
+        + ", ".join(f"{k}={_setting(v)}" for k, v in best.values.items())
         + f"), val acc {100 * best.val_acc:.2f}%"
     )
-    _wrote(result.run_dir, result.files)
-    typer.echo(f"Train it: vggft train --config {result.run_dir / 'best.yaml'}")
-    if result.weights is not None:
-        from vggft.model.weights import sidecar_path
-
-        typer.echo(f"Saved {result.weights} (sidecar {sidecar_path(result.weights)})")
 
 
 @app.command("lr-find")
