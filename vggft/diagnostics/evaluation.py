@@ -80,6 +80,29 @@ def evaluate_weights(
     ``misclassified``/``top_losses``: grids of the N most confident mistakes / N highest-loss images (the
     latter with a CSV); ``explain`` draws Grad-CAM heatmaps of the predicted class on those grids.
     """
+    _check_options(topk, misclassified, top_losses, explain)
+    trained = load_model(weights, config, overrides)
+    device = resolve_device(trained.cfg.train.device)
+    prepare_backend(device)
+    record = trained.sidecar.get("split") if trained.sidecar else None
+    splits = align_labels(trained, one_split(trained.cfg, record, str(weights), split))
+    metrics = _score(trained, splits[split], split, device, topk)
+    out = _Plots(Path(plots_dir) if plots_dir else Path(weights).parent, Path(weights).stem, split)
+    _write_plots(
+        out,
+        metrics,
+        trained,
+        splits,
+        split,
+        misclassified=misclassified,
+        top_losses=top_losses,
+        explain=explain,
+        device=device,
+    )
+    return metrics, trained, out.written
+
+
+def _check_options(topk: int, misclassified: int, top_losses: int, explain: bool) -> None:
     check_option(topk >= 1, "--topk", "1 or more", topk)
     check_option(misclassified >= 0, "--misclassified", "0 (no grid) or more", misclassified)
     check_option(top_losses >= 0, "--top-losses", "0 (no grid) or more", top_losses)
@@ -88,13 +111,12 @@ def evaluate_weights(
             "--explain draws heatmaps on the --misclassified or --top-losses grid; add "
             "--misclassified N (or --top-losses N)"
         )
-    trained = load_model(weights, config, overrides)
+
+
+def _score(trained: TrainedModel, samples: list, split: str, device: torch.device, topk: int) -> Metrics:
+    """Every image of ``samples`` scored once, its logits kept, and the calibration before and after the
+    temperature."""
     cfg = trained.cfg
-    device = resolve_device(cfg.train.device)
-    prepare_backend(device)
-    record = trained.sidecar.get("split") if trained.sidecar else None
-    splits = align_labels(trained, one_split(cfg, record, str(weights), split))
-    samples = splits[split]
     precision = autocast_dtype(device, cfg.train.amp)
     source = FeatureSource(trained.model, cfg, device, precision)
     with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
@@ -117,19 +139,7 @@ def evaluate_weights(
     metrics.extra["calibration"] = calibration_summary(
         torch.cat(metrics.logits), torch.cat(metrics.labels), trained.temperature
     )
-    out = _Plots(Path(plots_dir) if plots_dir else Path(weights).parent, Path(weights).stem, split)
-    _write_plots(
-        out,
-        metrics,
-        trained,
-        splits,
-        split,
-        misclassified=misclassified,
-        top_losses=top_losses,
-        explain=explain,
-        device=device,
-    )
-    return metrics, trained, out.written
+    return metrics
 
 
 def _write_plots(
@@ -166,29 +176,44 @@ def _write_plots(
         True,
     )
     out.write("Reliability diagram PNG", save_reliability, metrics.extra["calibration"], out.path("reliability", "png"))
-    mistakes = metrics.worst_mistakes(misclassified)
-    if mistakes:
-        names = metrics.class_names
-        titles = [
-            f"true {names[t]}\npred {names[p]} ({c:.2f})\n{os.path.relpath(samples[i][0], splits.root)}"
-            for i, t, p, c in mistakes
-        ]
-        out.write(
-            "Mistakes grid",
-            _grid,
-            trained,
-            samples,
-            mistakes,
-            titles,
-            ["red"] * len(mistakes),
-            explain,
-            out.path("misclassified", "png"),
-            device,
-        )
-    elif misclassified > 0:
-        log.info(f"--misclassified: no mistakes on the {split} split, so no grid was written")
+    _mistakes(out, metrics, trained, splits, split, misclassified, explain, device)
     if top_losses:
         _top_losses(metrics, trained, samples, top_losses, explain, out, device)
+
+
+def _mistakes(
+    out: _Plots,
+    metrics: Metrics,
+    trained: TrainedModel,
+    splits: DataSplits,
+    split: str,
+    count: int,
+    explain: bool,
+    device: torch.device,
+) -> None:
+    """The grid of the ``count`` most confident mistakes, each titled with its classes and file."""
+    mistakes = metrics.worst_mistakes(count)
+    if not mistakes:
+        if count > 0:
+            log.info(f"--misclassified: no mistakes on the {split} split, so no grid was written")
+        return
+    samples, names = splits[split], metrics.class_names
+    titles = [
+        f"true {names[t]}\npred {names[p]} ({c:.2f})\n{os.path.relpath(samples[i][0], splits.root)}"
+        for i, t, p, c in mistakes
+    ]
+    out.write(
+        "Mistakes grid",
+        _grid,
+        trained,
+        samples,
+        mistakes,
+        titles,
+        ["red"] * len(mistakes),
+        explain,
+        out.path("misclassified", "png"),
+        device,
+    )
 
 
 class _Plots:

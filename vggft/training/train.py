@@ -302,38 +302,10 @@ def _make_loop(
     precision,
     group: Group,
 ) -> tuple[Loop, torch.Generator, DataLoader | None]:
-    datasets = {
-        split: source.dataset(splits[split], train=split == "train", desc=split)
-        for split in ("train", "val", "test")
-        if splits[split]
-    }
     num_outputs = cfg.model.num_classes or len(splits.class_names)
     labels = torch.tensor([label for _, label in splits["train"]])
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    sampler, distributed = _train_sampler(cfg, datasets["train"], labels, num_outputs, generator, group)
-    workers = source.loader_workers
-    train_loader = make_loader(
-        datasets["train"],
-        cfg.data.batch_size,
-        device=device,
-        num_workers=workers,
-        shuffle=True,
-        generator=generator,
-        sampler=sampler,
-        repeat=True,
-    )
-    # Evaluation shards are disjoint and unpadded: every image counted once, then summed over ranks.
-    shard = {
-        split: make_loader(
-            Subset(datasets[split], group.shard(range(len(datasets[split])))),
-            cfg.data.eval_batch_size,
-            device=device,
-            num_workers=workers,
-            repeat=split == "val",
-        )
-        for split in ("val", "test")
-        if split in datasets
-    }
+    train_loader, shard, distributed = _loaders(cfg, source, splits, labels, num_outputs, device, generator, group)
     module: nn.Module = source.module
     if group.active:
         module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -362,6 +334,50 @@ def _make_loop(
         threads=row_threads(device) if source.cached else None,
     )
     return loop, generator, shard.get("test")
+
+
+def _loaders(
+    cfg: Config,
+    source: FeatureSource,
+    splits: DataSplits,
+    labels: torch.Tensor,
+    num_outputs: int,
+    device: torch.device,
+    generator: torch.Generator,
+    group: Group,
+) -> tuple[DataLoader, dict[str, DataLoader], DistributedSampler[int] | None]:
+    """The endless train loader (shuffled, or drawn by ``data.balance: sampler``), the val and test loaders
+    over this process's shard, and the sampler the loop tells the epoch, if any."""
+    datasets = {
+        split: source.dataset(splits[split], train=split == "train", desc=split)
+        for split in ("train", "val", "test")
+        if splits[split]
+    }
+    sampler, distributed = _train_sampler(cfg, datasets["train"], labels, num_outputs, generator, group)
+    workers = source.loader_workers
+    train_loader = make_loader(
+        datasets["train"],
+        cfg.data.batch_size,
+        device=device,
+        num_workers=workers,
+        shuffle=True,
+        generator=generator,
+        sampler=sampler,
+        repeat=True,
+    )
+    # Evaluation shards are disjoint and unpadded: every image counted once, then summed over ranks.
+    shard: dict[str, DataLoader] = {
+        split: make_loader(
+            Subset(datasets[split], group.shard(range(len(datasets[split])))),
+            cfg.data.eval_batch_size,
+            device=device,
+            num_workers=workers,
+            repeat=split == "val",
+        )
+        for split in ("val", "test")
+        if split in datasets
+    }
+    return train_loader, shard, distributed
 
 
 def _train_sampler(
