@@ -66,12 +66,7 @@ def train_one_epoch(
             outputs = model(inputs)
             loss = criterion(outputs, labels)
         value = loss.item()
-        if not math.isfinite(value):
-            raise DivergedError(
-                f"the training loss became {value} at batch {step} of {desc.lower()}; the "
-                "settings make training diverge: lower train.lr (or train.momentum), or set "
-                "train.grad_clip"
-            )
+        _check_finite(value, step, desc)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -91,6 +86,16 @@ def train_one_epoch(
         correct += int((outputs.argmax(dim=1) == labels).sum())
         seen += len(labels)
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "seen": seen}
+
+
+def _check_finite(value: float, step: int, desc: str) -> None:
+    """DivergedError when batch ``step``'s loss ``value`` is NaN or infinite, with what to change."""
+    if not math.isfinite(value):
+        raise DivergedError(
+            f"the training loss became {value} at batch {step} of {desc.lower()}; the "
+            "settings make training diverge: lower train.lr (or train.momentum), or set "
+            "train.grad_clip"
+        )
 
 
 @torch.no_grad()
@@ -332,6 +337,42 @@ def fit_head(
     if steps is not None:
         assert steps.suffix is suffix, "a SharedSteps serves the heads of the suffix it was made for"
         module = steps.share(module)
+    loop = _head_loop(
+        module,
+        train,
+        val,
+        cfg,
+        names=names,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        balance=balance,
+        eval_batch_size=eval_batch_size,
+    )
+    state = Progress()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout
+        for end in run_epochs(loop, state):
+            log.debug(epoch_line(end.row, cfg.epochs))
+    restore_best(module, state)
+    return HeadFit(module.eval(), state.history, state.best, time.perf_counter() - started)
+
+
+def _head_loop(
+    module: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor] | None,
+    cfg: TrainConfig,
+    *,
+    names: list[str],
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    balance: str,
+    eval_batch_size: int,
+) -> Loop:
+    """What ``fit_head``'s epochs need for ``module``: loaders over the rows (the train shuffle drawn from
+    ``seed``), the loss (class-weighted if ``balance`` is "weights"), the optimizer and its schedule."""
     rows, labels = train
     generator = torch.Generator().manual_seed(seed)
     train_loader = make_loader(
@@ -341,7 +382,7 @@ def fit_head(
     weights = class_weights(labels, len(names)).to(device) if balance == "weights" else None
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, trainable)
-    loop = Loop(
+    return Loop(
         module,
         module,
         train_loader,
@@ -355,13 +396,6 @@ def fit_head(
         cfg,
         threads=row_threads(device),
     )
-    state = Progress()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # dropout
-        for end in run_epochs(loop, state):
-            log.debug(epoch_line(end.row, cfg.epochs))
-    restore_best(module, state)
-    return HeadFit(module.eval(), state.history, state.best, time.perf_counter() - started)
 
 
 def reduce_metrics(metrics: Metrics, group: Group) -> Metrics:
