@@ -21,7 +21,8 @@ from torch.utils.data import TensorDataset
 from vggft.config.schema import Config, TrainConfig
 from vggft.data import Sample
 from vggft.data.loaders import make_loader
-from vggft.training.loop import evaluate, fit_head
+from vggft.reporting.metrics import Metrics
+from vggft.training.loop import HeadFit, evaluate, fit_head
 from vggft.training.train import make_run_folder
 from vggft.tuning.prepare import PreparedData, extract, prepare
 from vggft.utils.errors import DataError, check_option
@@ -79,12 +80,9 @@ def out_of_fold(
     figures; a fresh copy of ``suffix`` trains on all folds but one and scores that one."""
     probs = torch.full((len(labels), len(names)), float("nan"))
     figures = []
-    everything = torch.arange(len(labels))
     for number, held in enumerate(folds, start=1):
         held_index = torch.tensor(held, dtype=torch.int64)
-        mask = torch.ones(len(labels), dtype=torch.bool)
-        mask[held_index] = False
-        train_index = everything[mask]
+        train_index = _all_but(held_index, len(labels))
         fit = fit_head(
             suffix,
             (take(rows, train_index), labels[train_index]),
@@ -106,20 +104,30 @@ def out_of_fold(
             batch_size=eval_batch_size,
         )
         probs[held_index] = fold_probs
-        figures.append(
-            {
-                "fold": number,
-                "images": metrics.total,
-                "correct": metrics.correct,
-                "accuracy": metrics.accuracy,
-                "seconds": fit.seconds,
-            }
-        )
+        figures.append(_fold_figures(number, metrics, fit))
         log.info(
             f"Fold {number}/{len(folds)}: acc {100 * metrics.accuracy:.2f}% ({metrics.correct}/{metrics.total}), "
             f"trained on {len(train_index)} images in {fit.seconds:.1f}s"
         )
     return probs, figures
+
+
+def _all_but(held_index: torch.Tensor, count: int) -> torch.Tensor:
+    """The indices 0..count-1 not in ``held_index``, in order: the rows a fold's head trains on."""
+    mask = torch.ones(count, dtype=torch.bool)
+    mask[held_index] = False
+    return torch.arange(count)[mask]
+
+
+def _fold_figures(number: int, metrics: Metrics, fit: HeadFit) -> dict:
+    """One fold's row of folds.csv: its held-out images, how many its head got right, and its training time."""
+    return {
+        "fold": number,
+        "images": metrics.total,
+        "correct": metrics.correct,
+        "accuracy": metrics.accuracy,
+        "seconds": fit.seconds,
+    }
 
 
 def check_folds(folds: int, samples: Sequence[Sample], class_names: list[str]) -> None:
