@@ -220,8 +220,7 @@ def extract_features(
     (data.decode: gpu) decodes JPEG batches on the device instead of Pillow and ``transform`` in workers.
     """
     keys = [file_key(path) for path, _ in samples]
-    missing = [(sample, key) for sample, key in zip(samples, keys, strict=False) if key not in cache]
-    missing = list({key: (sample, key) for sample, key in missing}.values())  # the same file twice: once
+    missing = _missing(samples, keys, cache)
     total_missing, started = len(missing), time.perf_counter()
     group.barrier()  # every rank has its list before any rank writes a shard: the lists agree
     missing = group.shard(missing)
@@ -239,18 +238,32 @@ def extract_features(
             decoder=decoder,
         )
     if total_missing and group.active:
-        group.barrier()  # every rank's shards are on disk
-        cache.reload()
-        if any(key not in cache for key in keys):
-            raise ConfigError(
-                f"cache.dir: '{cache.folder}' does not hold the features the other processes extracted; on "
-                "several machines it must be a shared folder every node sees (set cache.dir), or use cache: off"
-            )
+        _read_other_ranks(cache, keys, group)
     if total_missing:
         seconds = time.perf_counter() - started
         ranks = f" on {group.world} processes" if group.active else ""
         log.info(f"{desc}: {total_missing} images in {seconds:.1f}s ({total_missing / seconds:.2f} img/s){ranks}")
     return Rows([cache.rows[key] for key in keys])
+
+
+def _missing(
+    samples: Sequence[tuple[str, int]], keys: list[str], cache: FeatureCache
+) -> list[tuple[tuple[str, int], str]]:
+    """The (sample, key) pairs whose key the cache lacks, in order; a file listed twice is extracted once."""
+    missing = [(sample, key) for sample, key in zip(samples, keys, strict=False) if key not in cache]
+    return list({key: (sample, key) for sample, key in missing}.values())  # the same file twice: once
+
+
+def _read_other_ranks(cache: FeatureCache, keys: list[str], group: Group) -> None:
+    """Under torchrun, once every rank has extracted its share: index their shards, and check that the cache
+    now holds every key (ConfigError where the ranks do not share the folder)."""
+    group.barrier()  # every rank's shards are on disk
+    cache.reload()
+    if any(key not in cache for key in keys):
+        raise ConfigError(
+            f"cache.dir: '{cache.folder}' does not hold the features the other processes extracted; on "
+            "several machines it must be a shared folder every node sees (set cache.dir), or use cache: off"
+        )
 
 
 def _extract_missing(
