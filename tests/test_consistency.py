@@ -3,6 +3,7 @@ and the refusals of distributed training and check-data's exit codes."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,83 @@ def test_a_config_typo_is_answered_before_torch_is_imported(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
     ).stdout.split()
     assert out == ["2", "False"]
+
+
+SENSELESS_OPTIONS = [
+    (["train", "--nproc", "0"], "--nproc", "1 or more processes"),
+    (["eval", "--topk", "0"], "--topk", "1 or more"),
+    (["eval", "--top-losses", "-1"], "--top-losses", "0 (no grid) or more"),
+    (["eval", "--explain"], "--explain", "add --misclassified N"),
+    (["summary", "--num-classes", "0"], "--num-classes", "1 or more"),
+    (["show-batch", "--count", "0"], "--count", "1 or more images"),
+    (["check-data", "--max-imbalance", "1"], "--max-imbalance", "a ratio greater than 1"),
+    (["check-data", "--similarity", "0.5"], "--similarity", "add --near-duplicates"),
+    (["check-data", "--near-duplicates", "--similarity", "1.5"], "--similarity", "above 0 and at most 1"),
+    (["predict", "x.jpg", "--batch-size", "0"], "--batch-size", "1 or more images"),
+    (["explain", "x.jpg", "--batch-size", "0"], "--batch-size", "1 or more images"),
+    (["lr-find", "--steps", "5"], "--steps", "10 or more"),
+    (["lr-find", "--start", "1", "--end", "0.1"], "--start and --end", "0 < --start < --end"),
+    (["kfold", "--folds", "1"], "--folds", "2 or more"),
+    (["label-issues", "--show", "-1"], "--show", "0 (no grid) or more"),
+    (["make-demo", "--test-per-class", "0"], "--test-per-class", "1 or more images"),
+]
+
+
+def test_a_senseless_option_is_refused_before_the_config_is_read_or_torch_imported(tmp_path):
+    """Each command checks its options first: one line naming the option, exit 2, with no torch imported — and
+    before anything else that is wrong (here every command also gets a config file that does not exist)."""
+    commands = [
+        [*argv, "--config", "missing.yaml"] if argv[0] != "make-demo" else argv for argv, *_ in SENSELESS_OPTIONS
+    ]
+    code = (
+        "import json, sys; from typer.testing import CliRunner; from vggft.cli import app; "
+        f"results = [CliRunner().invoke(app, argv) for argv in {commands!r}]; "
+        "print(json.dumps([[r.exit_code, r.stderr] for r in results] + ['torch' in sys.modules]))"
+    )
+    env = {"PYTHONPATH": ":".join(source_path()), "PATH": "/usr/bin:/bin"}
+    with deadline(60):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    *results, torch_imported = json.loads(out.stdout)
+    assert torch_imported is False
+    for (argv, option, expected), (exit_code, stderr) in zip(SENSELESS_OPTIONS, results, strict=True):
+        lines = stderr.strip().splitlines()
+        assert exit_code == 2 and len(lines) == 1, (argv, stderr)
+        assert lines[0].startswith(f"error: {option}") and expected in lines[0], (argv, lines[0])
+
+
+def test_the_library_refuses_the_same_options_in_the_same_words(tmp_path):
+    """Python callers get the CLI's checks: each library function checks its own arguments before any work."""
+    from vggft.data.check import check_data
+    from vggft.data.demo import make_demo_data
+    from vggft.diagnostics.evaluation import evaluate_weights
+    from vggft.diagnostics.explain import explain
+    from vggft.diagnostics.preview import show_batch, summary
+    from vggft.model.inference import predict
+    from vggft.tuning.kfold import kfold
+    from vggft.tuning.label_issues import label_issues
+    from vggft.tuning.lr_find import lr_find
+    from vggft.utils.torchrun import launch_train
+
+    cfg, missing = load_config(), tmp_path / "missing.pt"
+    calls = {
+        "--nproc": lambda: launch_train(0, []),
+        "--topk": lambda: evaluate_weights(missing, topk=0),
+        "--top-losses": lambda: evaluate_weights(missing, top_losses=-1),
+        "--num-classes": lambda: summary(cfg, 0),
+        "--count": lambda: show_batch(cfg, count=0),
+        "--max-imbalance": lambda: check_data(cfg, max_imbalance=1.0),
+        "--batch-size": lambda: predict(missing, [], batch_size=0),
+        "--steps": lambda: lr_find(cfg, steps=5),
+        "--folds": lambda: kfold(cfg, 1),
+        "--show": lambda: label_issues(cfg, show=-1),
+        "--test-per-class": lambda: make_demo_data(tmp_path / "demo", 1, 0),
+    }
+    for option, call in calls.items():
+        with pytest.raises(ConfigError, match=f"^{option}: expected "):
+            call()
+    with pytest.raises(ConfigError, match="^--batch-size: expected 1 or more images"):
+        explain(missing, [], batch_size=0)
+    assert not (tmp_path / "demo").exists()
 
 
 def test_distributed_refusals(runner, pet, monkeypatch):

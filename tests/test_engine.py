@@ -1,5 +1,6 @@
-"""The engine: heads fitted again and again on rows in memory, plain-argument evaluation, the loop's options
-(optimizers, smoothing, clipping, bf16 on CPU, frozen BatchNorm), and errors raised inside loader workers."""
+"""The training loop (vggft/training/loop.py): heads fitted again and again on rows in memory, plain-argument
+evaluation, the loop's options (optimizers, smoothing, clipping, bf16 on CPU, frozen BatchNorm), and errors
+raised inside loader workers."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from conftest import FAST, invoke, make_folder
 from vggft.config.loading import load_config
 from vggft.config.schema import Config, ModelConfig, TrainConfig
 from vggft.data import prepare_data
+from vggft.data.folders import output_names
 from vggft.data.loaders import ImageList, make_loader
 from vggft.data.transforms import eval_transform
 from vggft.features.cache import FeatureSource
 from vggft.model.build import build_model, set_train_mode, split_frozen_prefix
-from vggft.reporting.metrics import output_names
-from vggft.training.loop import evaluate, fit_head, fresh_head
+from vggft.training.loop import HeadOptions, evaluate, fit_head, fresh_head
 from vggft.training.shared_steps import SharedSteps
 from vggft.utils.errors import DataError
 
@@ -48,10 +49,7 @@ def test_fit_head_many_times_on_the_same_rows(rows, monkeypatch):
     monkeypatch.setattr(nn.Conv2d, "forward", lambda self, x: calls.append(1) or real_forward(self, x))
     cfg = TrainConfig(epochs=3, lr=0.05, momentum=0.9)
     names = ["cat", "dog"]
-    fits = [
-        fit_head(suffix, train, test, cfg, names=names, batch_size=4, device=torch.device("cpu"), seed=s)
-        for s in (0, 0, 1)
-    ]
+    fits = [fit_head(suffix, train, test, cfg, HeadOptions(names, 4, torch.device("cpu"), seed=s)) for s in (0, 0, 1)]
     assert calls == []  # no image, no backbone: only the head ran
     assert [len(f.history) for f in fits] == [3, 3, 3] and all("val_acc" in f.history[0] for f in fits)
     same = [
@@ -64,7 +62,7 @@ def test_fit_head_many_times_on_the_same_rows(rows, monkeypatch):
     torch.manual_seed(7)
     expected = torch.rand(2)
     torch.manual_seed(7)
-    fit_head(suffix, train, None, cfg, names=names, batch_size=4, device=torch.device("cpu"))
+    fit_head(suffix, train, None, cfg, HeadOptions(names, 4, torch.device("cpu")))
     assert torch.equal(torch.rand(2), expected)  # the caller's random state is untouched
 
 
@@ -77,10 +75,10 @@ def test_heads_that_share_training_steps_are_bit_identical_to_heads_fitted_alone
     configs = [
         TrainConfig(epochs=2, lr=lr, weight_decay=wd, momentum=0.9) for lr, wd in ((0.5, 0), (0.1, 1e-4), (0.5, 1e-4))
     ]
-    alone = [fit_head(suffix, train, test, c, names=names, batch_size=4, device=cpu) for c in configs]
+    alone = [fit_head(suffix, train, test, c, HeadOptions(names, 4, cpu)) for c in configs]
     steps = SharedSteps(suffix)
     torch.manual_seed(3)
-    shared = [fit_head(suffix, train, test, c, names=names, batch_size=4, device=cpu, steps=steps) for c in configs]
+    shared = [fit_head(suffix, train, test, c, HeadOptions(names, 4, cpu), steps=steps) for c in configs]
     assert torch.equal(torch.rand(2), torch.manual_seed(3) and torch.rand(2))
     assert steps.computed == 2 * 3 and steps.taken == 2 * steps.computed  # 12 rows in batches of 4, 2 epochs
     timeless = lambda fit: [{k: v for k, v in row.items() if k != "seconds"} for row in fit.history]  # noqa: E731
@@ -93,7 +91,7 @@ def test_heads_that_share_training_steps_are_bit_identical_to_heads_fitted_alone
         assert list(a.module.state_dict()) == list(b.module.state_dict())
     for options in ({"seed": 1, "batch_size": 4}, {"batch_size": 3}):
         taken = steps.taken
-        fit_head(suffix, train, test, configs[0], names=names, device=cpu, steps=steps, **options)
+        fit_head(suffix, train, test, configs[0], HeadOptions(names, device=cpu, **options), steps=steps)
         assert steps.taken == taken
     # The same rows under another random state are computed; under the same one, taken.
     layers, batch = list(fresh_head(suffix, 0).train())[:4], train[0][:4]  # dropout on
@@ -227,7 +225,7 @@ def test_label_smoothing_and_clipping_change_the_result(rows):
     suffix, train, _ = rows
     base = TrainConfig(epochs=1, lr=0.5)
     heads = [
-        fit_head(suffix, train, None, cfg, names=["cat", "dog"], batch_size=4, device=torch.device("cpu")).module
+        fit_head(suffix, train, None, cfg, HeadOptions(["cat", "dog"], 4, torch.device("cpu"))).module
         for cfg in (
             base,
             TrainConfig(epochs=1, lr=0.5, label_smoothing=0.2),

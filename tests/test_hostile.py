@@ -252,7 +252,12 @@ def test_a_latin1_class_folder_trains_evaluates_predicts_and_checks(runner, tmp_
 def test_settings_vgg_cannot_run_are_one_config_line(runner, pet, command, override, names, fix):
     result = invoke(runner, command, "--set", f"data.root={pet}", "--set", override)
     assert_one_line_error(result, code=2, names=names, fix=fix)
-    assert not (pet.parent / "runs").exists()  # refused before any work
+
+
+def test_a_setting_vgg_cannot_run_stops_train_before_any_work(runner, pet):
+    result = invoke(runner, "train", "--set", f"data.root={pet}", "--set", "data.image_size=16")
+    assert result.exit_code == 2
+    assert not Path("runs").exists() and not Path("models").exists()
 
 
 def test_loader_workers_are_capped_at_the_batches():

@@ -189,9 +189,9 @@ def test_sweep_refuses_what_it_cannot_do_in_one_line(runner, env, args, names, f
     ("command", "setting", "word", "fix"),
     [
         ("sweep", "cache.enabled=false", "cache.enabled is false", "cache.enabled: true"),
-        ("lr-find", "data.augment=light", "data.augment", "data.augment: none"),
-        ("kfold", "model.unfreeze=[block5]", "model.unfreeze", "model.unfreeze: 0"),
-        ("label-issues", "data.balance=sampler", "data.balance", "data.balance: weights"),
+        ("lr-find", "data.augment=light", "changes the input every epoch", "data.augment: none"),
+        ("kfold", "model.unfreeze=[block5]", "features change every step", "model.unfreeze: 0"),
+        ("label-issues", "data.balance=sampler", "which these heads do not use", "data.balance: weights"),
     ],
 )
 def test_every_command_refuses_a_config_without_cached_rows(runner, env, command, setting, word, fix):

@@ -197,6 +197,9 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune: frozen backbone, new head; evaluate on test; save weights, sidecar and a run folder."""
+    from vggft.utils.torchrun import check_nproc
+
+    check_nproc(nproc)
     overrides = [*(set_ or []), *([f"output.name={name}"] if name else [])]
     if resume:
         if config is not None:
@@ -252,6 +255,9 @@ def eval_(
     quiet: QuietOpt = False,
 ) -> None:
     """acc@1 and acc@k over every image of the test split, per-class precision/recall/F1, confusion matrix."""
+    from vggft.config.options import check_eval
+
+    check_eval(topk, misclassified, top_losses, explain)
     _output(quiet)
     from vggft.diagnostics.evaluation import evaluate_weights
 
@@ -323,6 +329,9 @@ def summary(
     ] = None,
 ) -> None:
     """The torchinfo table of the model as configured; needs no data and no weights file."""
+    from vggft.config.options import check_summary
+
+    check_summary(num_classes)
     cfg = _config(config, set_)
     from vggft.diagnostics.preview import summary as model_summary
     from vggft.diagnostics.preview import summary_text
@@ -343,6 +352,9 @@ def show_batch(
     quiet: QuietOpt = False,
 ) -> None:
     """Save a PNG grid of one batch, de-normalised to real colours, titled with class names."""
+    from vggft.config.options import check_show_batch
+
+    check_show_batch(count)
     cfg = _config(config, set_)
     _output(quiet)
     from vggft.diagnostics.preview import show_batch as save_batch
@@ -378,6 +390,10 @@ def check_data(
 
     Exits 1 when it finds something that would break or bias training.
     """
+    from vggft.config.options import check_max_imbalance, check_similarity
+
+    check_max_imbalance(max_imbalance)
+    check_similarity(similarity, near_duplicates)
     cfg = _config(config, set_)
     _output(quiet)
     from vggft.data import check
@@ -386,10 +402,6 @@ def check_data(
     if quarantine is not None:
         check.check_destination(quarantine)  # before the scan: nothing half-done
 
-    if similarity is not None and not near_duplicates:
-        from vggft.utils.errors import ConfigError
-
-        raise ConfigError("--similarity: sets the threshold of --near-duplicates; add --near-duplicates")
     report = check.check_data(cfg, max_imbalance=max_imbalance)
     if near_duplicates:
         from vggft.diagnostics.near_duplicates import DEFAULT_SIMILARITY, find_near_duplicates
@@ -425,6 +437,9 @@ def predict(
     quiet: QuietOpt = False,
 ) -> None:
     """Classify images with saved weights, preprocessed exactly as in training; unreadable files are reported."""
+    from vggft.config.options import check_predict
+
+    check_predict(topk, batch_size)
     _output(quiet)
     from vggft.model.inference import predict as run_predict
 
@@ -464,6 +479,9 @@ def explain(
     quiet: QuietOpt = False,
 ) -> None:
     """Grad-CAM: where in each image the network found the evidence for a class (heatmap PNG and .npy map)."""
+    from vggft.config.options import check_batch_size
+
+    check_batch_size(batch_size)
     _output(quiet)
     from vggft.diagnostics.explain import explain as run_explain
 
@@ -523,8 +541,7 @@ def export(
     config: ConfigOpt = None,
     set_: Annotated[list[str] | None, _set_option("data.image_size=160")] = None,
 ) -> None:
-    """Export to ONNX, torch.export (.pt2) or TorchScript (normalised images in, logits out), checked against
-    PyTorch."""
+    """Export to ONNX, torch.export (.pt2) or TorchScript (normalised images in, logits out), checked against PyTorch."""  # noqa: E501
     from vggft.model.export import TOLERANCE
     from vggft.model.export import export as run_export
 
@@ -655,6 +672,9 @@ def lr_find(
     quiet: QuietOpt = False,
 ) -> None:
     """The learning-rate range test on cached rows: a loss-vs-lr plot and a suggested train.lr."""
+    from vggft.config.options import check_lr_find
+
+    check_lr_find(start, end, None if one_pass else steps)
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
@@ -681,6 +701,9 @@ def kfold(
     quiet: QuietOpt = False,
 ) -> None:
     """Stratified k-fold cross-validation on the cached rows: accuracy per fold, mean and std, out-of-fold CSV."""
+    from vggft.config.options import check_folds
+
+    check_folds(folds)
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
@@ -714,6 +737,9 @@ def label_issues(
     quiet: QuietOpt = False,
 ) -> None:
     """Images whose label looks wrong: confident learning on k-fold out-of-fold probabilities."""
+    from vggft.config.options import check_label_issues
+
+    check_label_issues(folds, show)
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
@@ -751,6 +777,9 @@ def make_demo(
     test_per_class: Annotated[int, typer.Option(help="Test images per class (sea, sun).")] = 10,
 ) -> None:
     """Write a small two-class image folder (train/ and test/, 64 px JPEGs) to try vggft offline."""
+    from vggft.config.options import check_demo
+
+    check_demo(train_per_class, test_per_class)
     from vggft.data.demo import make_demo_data
 
     typer.echo(str(make_demo_data(root, train_per_class, test_per_class)))

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vggft.config.options import check_max_imbalance
 from vggft.config.schema import Config
 from vggft.data.folders import SPLITS, DataSplits, find_splits
 from vggft.data.images import Verdict, VerdictLedger, inspect_all
-from vggft.utils.errors import OutputError, check_option
+from vggft.utils.errors import OutputError
 from vggft.utils.files import cache_root, check_folder
 
 
@@ -41,7 +42,7 @@ class DataReport:
     within_duplicates: list[list[tuple[str, str]]] = field(default_factory=list)
     imbalance: float = 1.0
     max_imbalance: float = 10.0
-    near_cross: list[NearGroup] = field(default_factory=list)  # filled by vggft.near_duplicates when asked
+    near_cross: list[NearGroup] = field(default_factory=list)  # filled by diagnostics.near_duplicates when asked
     near_within: list[NearGroup] = field(default_factory=list)
     near_threshold: float | None = None  # None: near-duplicates were not looked for
     near_checked: int = 0
@@ -63,12 +64,7 @@ class DataReport:
 
 
 def check_data(cfg: Config, *, max_imbalance: float = 10.0) -> DataReport:
-    check_option(
-        max_imbalance > 1,
-        "--max-imbalance",
-        "a ratio greater than 1 (largest / smallest class), e.g. 10",
-        max_imbalance,
-    )
+    check_max_imbalance(max_imbalance)
     splits = find_splits(cfg.data)
     cache = VerdictLedger(cache_root(cfg.cache.dir) if cfg.cache.enabled else None, splits.root)
     # What check-data is asked to check it decodes afresh (a cached verdict could be of older bytes).

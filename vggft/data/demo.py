@@ -11,7 +11,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from vggft.utils.errors import OutputError, check_option
+from vggft.config.options import check_demo
+from vggft.utils.errors import OutputError
 from vggft.utils.files import atomic_path
 
 CLASSES = ("sea", "sun")
@@ -42,8 +43,7 @@ def make_demo_data(
 
     A root that is a file, lies under a file, or cannot be written is an OutputError naming it.
     """
-    check_option(train_per_class >= 1, "--train-per-class", "1 or more images", train_per_class)
-    check_option(test_per_class >= 1, "--test-per-class", "1 or more images", test_per_class)
+    check_demo(train_per_class, test_per_class)
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise OutputError(f"make-demo: '{root}' is a file, not a folder; give a folder path such as data/demo")

@@ -324,3 +324,9 @@ def splits_from_record(record: dict, root: Path, source: str) -> DataSplits:
             f"(first: {missing[0]}); restore them, or train again to split afresh"
         )
     return DataSplits(root, "pool", class_names, splits)
+
+
+def output_names(class_names: list[str], num_outputs: int) -> list[str]:
+    """One name per model output: the classes, then ``unused_K`` for outputs beyond them
+    (``model.num_classes`` larger than the class folders), so every prediction has a name."""
+    return list(class_names) + [f"unused_{i}" for i in range(len(class_names), num_outputs)]

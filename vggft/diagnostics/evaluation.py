@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from vggft.config.options import check_eval
 from vggft.config.schema import Config
 from vggft.data import DataSplits, find_splits
 from vggft.data.images import drop_bad_images, open_rgb
@@ -24,7 +25,7 @@ from vggft.reporting.plots import save_confusion, save_image_grid, save_reliabil
 from vggft.training.calibration import calibration_summary
 from vggft.training.loop import evaluate
 from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
-from vggft.utils.errors import ConfigError, DataError, OutputError, WeightsError, check_option
+from vggft.utils.errors import DataError, OutputError, WeightsError
 from vggft.utils.files import cache_root, save_csv
 from vggft.utils.logs import log
 
@@ -80,7 +81,7 @@ def evaluate_weights(
     ``misclassified``/``top_losses``: grids of the N most confident mistakes / N highest-loss images (the
     latter with a CSV); ``explain`` draws Grad-CAM heatmaps of the predicted class on those grids.
     """
-    _check_options(topk, misclassified, top_losses, explain)
+    check_eval(topk, misclassified, top_losses, explain)
     trained = load_model(weights, config, overrides)
     device = resolve_device(trained.cfg.train.device)
     prepare_backend(device)
@@ -100,17 +101,6 @@ def evaluate_weights(
         device=device,
     )
     return metrics, trained, out.written
-
-
-def _check_options(topk: int, misclassified: int, top_losses: int, explain: bool) -> None:
-    check_option(topk >= 1, "--topk", "1 or more", topk)
-    check_option(misclassified >= 0, "--misclassified", "0 (no grid) or more", misclassified)
-    check_option(top_losses >= 0, "--top-losses", "0 (no grid) or more", top_losses)
-    if explain and not (misclassified or top_losses):
-        raise ConfigError(
-            "--explain draws heatmaps on the --misclassified or --top-losses grid; add "
-            "--misclassified N (or --top-losses N)"
-        )
 
 
 def _score(trained: TrainedModel, samples: list, split: str, device: torch.device, topk: int) -> Metrics:

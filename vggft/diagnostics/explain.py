@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vggft.config.options import check_batch_size
 from vggft.data.transforms import normalization
 from vggft.model.build import layer_sequence
 from vggft.model.inference import TrainedModel, collect_images, image_batches, load_model
@@ -118,8 +119,7 @@ def explain(
     """Grad-CAM of every image under ``inputs``: ``<stem>.cam.png`` (overlay) and ``<stem>.cam.npy`` (the map,
     float32, model-input size) in ``out``. One row per image, sorted by path: {"path", "class", "probability",
     "predicted", "predicted_probability", "overlay", "cam", "calibrated"}, or {"path", "error"}."""
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size: expected 1 or more, got {batch_size}")
+    check_batch_size(batch_size)
     paths = collect_images(inputs)
     trained = load_model(weights, config, list(overrides))
     wanted = class_index(trained, class_name)

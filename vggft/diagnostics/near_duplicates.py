@@ -16,6 +16,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from vggft.config.options import check_similarity
 from vggft.config.schema import Config
 from vggft.data.check import DataReport, NearGroup
 from vggft.features.cache import FeatureSource
@@ -104,8 +105,7 @@ def find_near_duplicates(cfg: Config, report: DataReport, similarity: float = DE
 
     Groups made only of byte-identical files are left out: the exact-duplicate check reports them.
     """
-    if not 0 < similarity <= 1:
-        raise ConfigError(f"--similarity: expected a cosine similarity above 0 and at most 1, got {similarity:g}")
+    check_similarity(similarity)
     members = [(split, path) for split, (path, _) in report.splits.all_samples() if report.verdicts[path].ok]
     report.near_threshold, report.near_checked = similarity, len(members)
     if len(members) < 2:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torchinfo
 
+from vggft.config.options import check_show_batch, check_summary
 from vggft.config.schema import Config
 from vggft.data import prepare_data
 from vggft.data.loaders import image_loader
@@ -15,12 +16,12 @@ from vggft.data.transforms import eval_transform, normalization, train_transform
 from vggft.model import build as networks
 from vggft.model.build import freeze, replace_head
 from vggft.reporting.plots import save_image_grid
-from vggft.utils.errors import DataError, check_option
+from vggft.utils.errors import DataError
 
 
 def summary(cfg: Config, num_classes: int | None = None) -> torchinfo.ModelStatistics:
     """The torchinfo table of the model as configured: architecture only, no data, no weights file."""
-    check_option(num_classes is None or num_classes >= 1, "--num-classes", "1 or more", num_classes)
+    check_summary(num_classes)
     classes = num_classes or cfg.model.num_classes or 2
     model = networks.vgg(cfg.model.arch, init_weights=False)  # looked up when called: tests swap the factory
     with torch.no_grad():
@@ -50,7 +51,7 @@ def summary_text(stats: torchinfo.ModelStatistics) -> str:
 
 def show_batch(cfg: Config, split: str = "train", out: Path | None = None, count: int | None = None) -> Path:
     """A PNG grid of one batch as the model sees it, de-normalised, each titled with its class."""
-    check_option(count is None or count >= 1, "--count", "1 or more images", count)
+    check_show_batch(count)
     splits, _ = prepare_data(cfg)
     samples = splits[split]
     if not samples:

@@ -213,7 +213,7 @@ def extract_features(
     decoder: TensorDecoder | None = None,
 ) -> Rows:
     """The prefix output for every sample, in order (views of the cache's rows, gathered per batch: see
-    ``vggft.rows``); only files the cache lacks go through the network.
+    ``features.rows``); only files the cache lacks go through the network.
 
     Under torchrun each rank extracts its own shard of the missing files into the shared cache folder,
     then every rank reads all of them: N processes extract N times faster and no file twice. ``decoder``

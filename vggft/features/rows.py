@@ -3,7 +3,8 @@
 The feature cache holds each row as a view into a shard (memory-mapped from disk, or the tensor just
 extracted). Stacking every row of a split into one tensor doubled the memory a data set needs (16 KB an
 image for classifier6: 32 GB at two million images instead of 16). ``Rows`` keeps the views and gathers
-a batch only when one is asked for, which is what a DataLoader over a ``TensorDataset`` does anyway.
+a batch only when one is asked for: ``RowDataset`` hands a DataLoader the rows of each batch, as a
+``TensorDataset`` would.
 """
 
 from __future__ import annotations

@@ -18,14 +18,14 @@ import torch
 from torch.utils.data import Dataset
 
 from vggft.config.loading import load_config
+from vggft.config.options import check_predict
 from vggft.config.schema import Config
-from vggft.data.folders import IMG_EXTENSIONS, display_name, images_in, note_skipped
+from vggft.data.folders import IMG_EXTENSIONS, display_name, images_in, note_skipped, output_names
 from vggft.data.images import DECODE_ERRORS, decode_failure, open_rgb
 from vggft.data.loaders import make_loader
 from vggft.data.transforms import eval_transform
 from vggft.model.build import describe_state_dict, freeze, model_from_weights
 from vggft.model.weights import read_weights, sidecar_path
-from vggft.reporting.metrics import output_names
 from vggft.utils.device import (
     autocast_dtype,
     autocast_factory,
@@ -34,7 +34,7 @@ from vggft.utils.device import (
     resolve_device,
     resolve_workers,
 )
-from vggft.utils.errors import DataError, WeightsError, check_option
+from vggft.utils.errors import DataError, WeightsError
 from vggft.utils.logs import progress
 
 
@@ -190,8 +190,7 @@ def predict(
     "temperature"}, or {"path", "top": [], "error", ...} for a file that cannot be decoded.
 
     With a temperature in the sidecar the probabilities are calibrated: softmax(logits / T)."""
-    check_option(topk >= 1, "--topk", "1 or more", topk)
-    check_option(batch_size >= 1, "--batch-size", "1 or more images", batch_size)
+    check_predict(topk, batch_size)
     paths = collect_images(inputs)
     trained = load_model(weights, config, list(overrides))
     names = trained.names

@@ -6,12 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-def output_names(class_names: list[str], num_outputs: int) -> list[str]:
-    """One name per model output: the classes, then ``unused_K`` for outputs beyond them
-    (``model.num_classes`` larger than the class folders), so every prediction has a name."""
-    return list(class_names) + [f"unused_{i}" for i in range(len(class_names), num_outputs)]
-
+from vggft.data.folders import output_names
 
 TABLE_WIDTH = 100  # a text confusion matrix wider than this is indexed (columns 0..n-1) with a legend
 LEGEND_NAME = 24  # row labels of an indexed table: the index and the name shortened to this

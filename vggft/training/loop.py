@@ -18,10 +18,11 @@ from typing import TypeVar
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from vggft.config.schema import TrainConfig
 from vggft.data.loaders import make_loader
+from vggft.features.rows import RowDataset
 from vggft.model.build import set_train_mode
 from vggft.model.checkpoints import trainable_state
 from vggft.reporting.metrics import Metrics
@@ -284,6 +285,19 @@ def class_weights(labels: torch.Tensor, num_outputs: int) -> torch.Tensor:
 # --- many heads on the same rows -------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class HeadOptions:
+    """How ``fit_head`` trains a head besides its ``TrainConfig``: the output names, the batch sizes, the
+    device, the seed of the shuffle and dropout (None: the config's), and ``data.balance``."""
+
+    names: list[str]
+    batch_size: int
+    device: torch.device
+    seed: int | None = None
+    balance: str = "none"
+    eval_batch_size: int = 256
+
+
 @dataclass
 class HeadFit:
     """A head trained by ``fit_head``: the module (best val epoch restored), its history and best epoch."""
@@ -315,40 +329,24 @@ def fit_head(
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor] | None,
     cfg: TrainConfig,
+    options: HeadOptions,
     *,
-    names: list[str],
-    batch_size: int,
-    device: torch.device,
-    seed: int | None = None,
-    balance: str = "none",
-    eval_batch_size: int = 256,
     steps: SharedSteps | None = None,
 ) -> HeadFit:
     """Train a fresh copy of ``suffix`` on rows and labels already in memory; return it with its history.
 
     Callable many times in one process: no image is read, no weight re-hashed. The shuffle and the
-    dropout draw from ``seed`` (default ``cfg.seed``), so the same call gives the same head. ``steps``: a
+    dropout draw from ``options.seed`` (default ``cfg.seed``), so the same call gives the same head. ``steps``: a
     ``SharedSteps`` of ``suffix`` shared by the calls (a sweep's trials): the head's frozen leading layers
     run once per step for all of them.
     """
-    seed = cfg.seed if seed is None else seed
+    seed = cfg.seed if options.seed is None else options.seed
     started = time.perf_counter()
-    module = fresh_head(suffix, seed).to(device)
+    module = fresh_head(suffix, seed).to(options.device)
     if steps is not None:
         assert steps.suffix is suffix, "a SharedSteps serves the heads of the suffix it was made for"
         module = steps.share(module)
-    loop = _head_loop(
-        module,
-        train,
-        val,
-        cfg,
-        names=names,
-        batch_size=batch_size,
-        device=device,
-        seed=seed,
-        balance=balance,
-        eval_batch_size=eval_batch_size,
-    )
+    loop = _head_loop(module, train, val, cfg, options, seed)
     state = Progress()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout
@@ -363,23 +361,19 @@ def _head_loop(
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor] | None,
     cfg: TrainConfig,
-    *,
-    names: list[str],
-    batch_size: int,
-    device: torch.device,
+    options: HeadOptions,
     seed: int,
-    balance: str,
-    eval_batch_size: int,
 ) -> Loop:
     """What ``fit_head``'s epochs need for ``module``: loaders over the rows (the train shuffle drawn from
-    ``seed``), the loss (class-weighted if ``balance`` is "weights"), the optimizer and its schedule."""
+    ``seed``), the loss (class-weighted if ``options.balance`` is "weights"), the optimizer and its schedule."""
+    names, device = options.names, options.device
     rows, labels = train
     generator = torch.Generator().manual_seed(seed)
     train_loader = make_loader(
-        TensorDataset(rows, labels), batch_size, device=device, shuffle=True, generator=generator
+        RowDataset(rows, labels), options.batch_size, device=device, shuffle=True, generator=generator
     )
-    val_loader = make_loader(TensorDataset(*val), eval_batch_size, device=device) if val is not None else None
-    weights = class_weights(labels, len(names)).to(device) if balance == "weights" else None
+    val_loader = make_loader(RowDataset(*val), options.eval_batch_size, device=device) if val is not None else None
+    weights = class_weights(labels, len(names)).to(device) if options.balance == "weights" else None
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, trainable)
     return Loop(

@@ -25,6 +25,7 @@ from torchvision import models
 from vggft.config.loading import load_config, resume_overrides_refused
 from vggft.config.schema import Config
 from vggft.data import DataSplits, prepare_data, split_record
+from vggft.data.folders import output_names
 from vggft.data.loaders import make_loader, stop_workers
 from vggft.features.cache import FeatureSource
 from vggft.model.build import build_model, parameter_counts
@@ -32,7 +33,7 @@ from vggft.model.checkpoints import check_frozen, load_checkpoint, save_checkpoi
 from vggft.model.fingerprint import frozen_fingerprint
 from vggft.model.pretrained import pretrained_file, pretrained_state_dict
 from vggft.model.weights import check_writable, save_trained, sidecar_path
-from vggft.reporting.metrics import Metrics, output_names
+from vggft.reporting.metrics import Metrics
 from vggft.training import tensorboard as tensorboard_log
 from vggft.training.calibration import TemperatureFit, fit_temperature
 from vggft.training.loop import (
@@ -104,6 +105,12 @@ class Run:
     @property
     def split(self) -> dict | None:
         return split_record(self.splits, self.cfg.data) if self.splits.layout == "pool" else None
+
+
+def check_run_folder(cfg: Config, default_name: str = "train") -> None:
+    """Before any work: the runs folder can be written and the run's name fits (a number may be added)."""
+    check_folder(cfg.output.runs_dir, "output.runs_dir", "choose another folder with --set output.runs_dir=PATH")
+    check_name_length(Path(cfg.output.runs_dir) / (cfg.output.name or default_name), "output.name (--name)", spare=4)
 
 
 def make_run_folder(cfg: Config, default_name: str = "train") -> Path:
@@ -208,9 +215,10 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group,
             "or start a new run"
         )
     check_writable(Path(cfg.output.weights))
-    check_folder(cfg.output.runs_dir, "output.runs_dir", "choose another folder with --set output.runs_dir=PATH")
-    if not resume:
-        check_name_length(Path(cfg.output.runs_dir) / (cfg.output.name or "train"), "output.name (--name)", spare=4)
+    if resume:  # the run folder is the run's own
+        check_folder(cfg.output.runs_dir, "output.runs_dir", "choose another folder with --set output.runs_dir=PATH")
+    else:
+        check_run_folder(cfg)
     prepare_backend(device)
     splits = find_training_data(cfg, body, resume, group)
     num_outputs = cfg.model.num_classes or len(splits.class_names)

@@ -16,16 +16,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
+from vggft.config.options import check_folds
 from vggft.config.schema import Config, TrainConfig
 from vggft.data import Sample
 from vggft.data.loaders import make_loader
+from vggft.features.rows import RowDataset
 from vggft.reporting.metrics import Metrics
-from vggft.training.loop import HeadFit, evaluate, fit_head
-from vggft.training.train import make_run_folder
+from vggft.training.loop import HeadFit, HeadOptions, evaluate, fit_head
+from vggft.training.train import check_run_folder, make_run_folder
 from vggft.tuning.prepare import PreparedData, extract, prepare
-from vggft.utils.errors import DataError, check_option
+from vggft.utils.errors import DataError
 from vggft.utils.files import save_csv
 from vggft.utils.logs import log
 
@@ -56,7 +57,7 @@ def predict_probs(
     module: nn.Module, rows, labels: torch.Tensor, *, names: list[str], device: torch.device, batch_size: int = 256
 ):
     """(probabilities [n, outputs], metrics) of a trained head on rows."""
-    loader = make_loader(TensorDataset(rows, labels), batch_size, device=device)
+    loader = make_loader(RowDataset(rows, labels), batch_size, device=device)
     metrics = evaluate(module, loader, device, names=names, keep=True, desc="Scoring")
     probs = torch.cat(metrics.probabilities) if metrics.probabilities else torch.empty(0, len(names))
     return probs, metrics
@@ -68,40 +69,24 @@ def out_of_fold(
     labels: torch.Tensor,
     folds: list[list[int]],
     cfg: TrainConfig,
-    *,
-    names: list[str],
-    batch_size: int,
-    device: torch.device,
-    seed: int | None = None,
-    balance: str = "none",
-    eval_batch_size: int = 256,
+    options: HeadOptions,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Out-of-fold class probabilities of every row ([n, len(names)], rows in input order) and each fold's
     figures; a fresh copy of ``suffix`` trains on all folds but one and scores that one."""
+    names = options.names
     probs = torch.full((len(labels), len(names)), float("nan"))
     figures = []
     for number, held in enumerate(folds, start=1):
         held_index = torch.tensor(held, dtype=torch.int64)
         train_index = _all_but(held_index, len(labels))
-        fit = fit_head(
-            suffix,
-            (take(rows, train_index), labels[train_index]),
-            None,
-            cfg,
-            names=names,
-            batch_size=batch_size,
-            device=device,
-            seed=seed,
-            balance=balance,
-            eval_batch_size=eval_batch_size,
-        )
+        fit = fit_head(suffix, (take(rows, train_index), labels[train_index]), None, cfg, options)
         fold_probs, metrics = predict_probs(
             fit.module,
             take(rows, held_index),
             labels[held_index],
             names=names,
-            device=device,
-            batch_size=eval_batch_size,
+            device=options.device,
+            batch_size=options.eval_batch_size,
         )
         probs[held_index] = fold_probs
         figures.append(_fold_figures(number, metrics, fit))
@@ -130,7 +115,7 @@ def _fold_figures(number: int, metrics: Metrics, fit: HeadFit) -> dict:
     }
 
 
-def check_folds(folds: int, samples: Sequence[Sample], class_names: list[str]) -> None:
+def check_fold_sizes(folds: int, samples: Sequence[Sample], class_names: list[str]) -> None:
     if folds > len(samples):
         raise DataError(f"--folds {folds}: only {len(samples)} images in train+val; use at most {len(samples)} folds")
     counts = {name: 0 for name in class_names}
@@ -172,13 +157,13 @@ class FoldRun:
 
 def run_folds(cfg: Config, folds: int, seed: int, command: str) -> FoldRun:
     """Extract train+val once, then out-of-fold probabilities of every image."""
-    check_option(folds >= 2, "--folds", "2 or more", folds)  # before the extraction
+    check_folds(folds)  # before the extraction
     data = prepare(cfg, command)
     samples = data.splits["train"] + data.splits["val"]
-    check_folds(folds, samples, data.splits.class_names)
+    check_fold_sizes(folds, samples, data.splits.class_names)
     rows, labels = extract(data, {"train+val": samples})["train+val"]
     split = stratified_folds(labels.tolist(), folds, seed)
-    probs, figures = out_of_fold(data.suffix, rows, labels, split, cfg.train, **data.fit_options())
+    probs, figures = out_of_fold(data.suffix, rows, labels, split, cfg.train, data.fit_options())
     fold_of = [0] * len(samples)
     for number, members in enumerate(split, start=1):
         for index in members:
@@ -198,6 +183,7 @@ def write_oof(run: FoldRun, path: Path) -> Path:
 
 def kfold(cfg: Config, folds: int, seed: int = 0) -> tuple[FoldRun, Path, list[Path]]:
     """``vggft kfold``: per-fold accuracy and out-of-fold probabilities, written to a run folder."""
+    check_run_folder(cfg, "kfold")
     run = run_folds(cfg, folds, seed, "kfold")
     folder = make_run_folder(cfg, "kfold")
     fold_csv = save_csv(

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
+from vggft.config.options import check_label_issues
 from vggft.config.schema import Config
-from vggft.data.check import move_files
+from vggft.data.check import check_destination, move_files
 from vggft.data.images import open_rgb
 from vggft.data.transforms import eval_transform, normalization
-from vggft.training.train import make_run_folder
+from vggft.training.train import check_run_folder, make_run_folder
 from vggft.tuning.kfold import FoldRun, run_folds, write_oof
-from vggft.utils.errors import OutputError, check_option
+from vggft.utils.errors import OutputError
 from vggft.utils.files import save_csv
 
 TOLERANCE = 1e-6  # cleanlab's slack on the threshold comparison, and on the given label's argmax
@@ -87,12 +88,16 @@ def label_issues(
 ) -> LabelIssues:
     """Out-of-fold probabilities, confident learning, then the ranked CSV, a grid PNG and the OOF CSV in
     ``out`` (default a new run folder); ``move`` moves the suspects there for review, deleting nothing."""
-    check_option(show >= 0, "--show", "0 (no grid) or more", show)
+    check_label_issues(folds, show)
+    if out is None:
+        check_run_folder(cfg, "label_issues")
     if move is not None and Path(move).resolve().is_relative_to(Path(cfg.data.root).resolve()):
         raise OutputError(
             f"--move {move}: is inside data.root, where the moved images would be found again; "
             "choose a folder outside it"
         )
+    if move is not None:
+        check_destination(Path(move), "--move")  # before the folds: nothing half-done
     run = run_folds(cfg, folds, seed, "label-issues")
     suspects = find_label_issues(run.probs, run.labels)
     if out is None:
@@ -119,7 +124,7 @@ def label_issues(
         files.append(_grid(run, suspects[:show], cfg, Path(out) / "label_issues.png"))
     moved = []
     if move is not None and suspects:
-        moved = move_files([run.samples[s.index][0] for s in suspects], run.data.splits.root, Path(move))
+        moved = move_files([run.samples[s.index][0] for s in suspects], run.data.splits.root, Path(move), "--move")
     return LabelIssues(run, suspects, Path(out), files, moved)
 
 

@@ -19,16 +19,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
+from vggft.config.options import check_lr_find
 from vggft.config.schema import Config
 from vggft.data.loaders import make_loader
+from vggft.features.rows import RowDataset
 from vggft.model.build import set_train_mode
 from vggft.training.loop import class_weights, cpu_threads, fresh_head, row_threads, to_device
 from vggft.training.optim import make_optimizer
-from vggft.training.train import make_run_folder
+from vggft.training.train import check_run_folder, make_run_folder
 from vggft.tuning.prepare import extract, prepare
-from vggft.utils.errors import ConfigError, check_option
+from vggft.utils.errors import ConfigError
 from vggft.utils.files import save_csv
 from vggft.utils.logs import log, progress
 
@@ -74,7 +75,7 @@ def range_test(
     optimizer = make_optimizer(replace(cfg.train, lr=start), [p for p in module.parameters() if p.requires_grad])
     generator = torch.Generator().manual_seed(seed)
     loader = make_loader(
-        TensorDataset(rows, labels), cfg.data.batch_size, device=device, shuffle=True, generator=generator
+        RowDataset(rows, labels), cfg.data.batch_size, device=device, shuffle=True, generator=generator
     )
     steps = steps or len(loader)
     weights = class_weights(labels, len(names)).to(device) if cfg.data.balance == "weights" else None
@@ -168,10 +169,8 @@ def lr_find(
     cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int | None = 100, suggestion: str = "valley"
 ) -> LrFind:
     """``vggft lr-find``: the range test on the train split's cached rows, its CSV and PNG in a run folder."""
-    check_option(0 < start < end, "--start and --end", "0 < --start < --end", f"--start {start:g} --end {end:g}")
-    check_option(
-        steps is None or steps >= 10, "--steps", "10 or more (the first tenth and the last five are not used)", steps
-    )
+    check_lr_find(start, end, steps)
+    check_run_folder(cfg, "lr_find")
     if suggestion not in SUGGESTIONS:
         raise ConfigError(f"--suggest: expected one of {', '.join(SUGGESTIONS)}, got {suggestion!r}")
     data = prepare(cfg, "lr-find")

@@ -16,10 +16,11 @@ from torch import nn
 
 from vggft.config.schema import Config
 from vggft.data import DataSplits, Sample, find_splits
+from vggft.data.folders import output_names
 from vggft.features.cache import FeatureSource, cache_off_reason
 from vggft.features.rows import Rows
 from vggft.model.pretrained import pretrained_file
-from vggft.reporting.metrics import output_names
+from vggft.training.loop import HeadOptions
 from vggft.training.train import build_network, find_training_data
 from vggft.utils.device import autocast_dtype, prepare_backend, resolve_device
 from vggft.utils.distributed import SINGLE
@@ -54,17 +55,12 @@ class PreparedData:
         labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         return self.source.rows(samples, desc), labels
 
-    def fit_options(self, cfg: Config | None = None) -> dict:
-        """The keyword arguments of ``training.loop.fit_head`` that come from a (trial's) config."""
+    def fit_options(self, cfg: Config | None = None) -> HeadOptions:
+        """How ``training.loop.fit_head`` trains a head under this (or a trial's) config."""
         cfg = cfg or self.cfg
-        return {
-            "names": self.names,
-            "batch_size": cfg.data.batch_size,
-            "device": self.device,
-            "seed": cfg.train.seed,
-            "balance": cfg.data.balance,
-            "eval_batch_size": cfg.data.eval_batch_size,
-        }
+        return HeadOptions(
+            self.names, cfg.data.batch_size, self.device, cfg.train.seed, cfg.data.balance, cfg.data.eval_batch_size
+        )
 
 
 def refuse_uncached(cfg: Config, command: str, reason: tuple[str, str] | None) -> None:

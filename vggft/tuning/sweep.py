@@ -22,7 +22,7 @@ from vggft.data import split_record
 from vggft.model.weights import check_writable, save_trained, sidecar_path
 from vggft.training.loop import HeadFit, fit_head
 from vggft.training.shared_steps import SharedSteps
-from vggft.training.train import make_run_folder
+from vggft.training.train import check_run_folder, make_run_folder
 from vggft.tuning.prepare import PreparedData, extract, prepare, with_val_split
 from vggft.tuning.sweep_plan import dotted, trial_configs
 from vggft.utils.errors import DivergedError, Interrupted
@@ -72,6 +72,7 @@ def sweep(cfg: Config, plans: list[dict[str, str]], *, save_best: bool = False) 
     if save_best:
         for trial in trials:
             check_writable(Path(trial.cfg.output.weights))
+    check_run_folder(cfg, "sweep")
     data = prepare(cfg, "sweep")
     pairs = extract(data, {"train": data.splits["train"], "val": data.splits["val"]})
     run_dir = make_run_folder(cfg, "sweep")
@@ -97,7 +98,7 @@ def _run_trials(data: PreparedData, pairs: dict, result: SweepResult) -> dict[st
         values = ", ".join(f"{k}={_show(v)}" for k, v in trial.values.items())
         try:
             fit = fit_head(
-                data.suffix, pairs["train"], pairs["val"], trial.cfg.train, **data.fit_options(trial.cfg), steps=steps
+                data.suffix, pairs["train"], pairs["val"], trial.cfg.train, data.fit_options(trial.cfg), steps=steps
             )
         except DivergedError as err:
             trial.status = "diverged"

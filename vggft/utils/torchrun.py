@@ -21,6 +21,11 @@ def environment_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def check_nproc(nproc: int) -> None:
+    """``--nproc``: here, not in ``config.options``, because the launcher sits below the config stage."""
+    check_option(nproc >= 1, "--nproc", "1 or more processes", nproc)
+
+
 def launch_train(nproc: int, train_args: list[str], *, debug: bool = False) -> int:
     """Run ``vggft train train_args`` in ``nproc`` processes; return 0, or the exit code of a failed one.
 
@@ -30,7 +35,7 @@ def launch_train(nproc: int, train_args: list[str], *, debug: bool = False) -> i
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    check_option(nproc >= 1, "--nproc", "1 or more processes", nproc)
+    check_nproc(nproc)
     if environment_world() > 1:
         raise ConfigError("--nproc: already running under torchrun; drop --nproc (torchrun starts the processes)")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
