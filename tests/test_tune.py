@@ -201,6 +201,18 @@ def test_every_command_refuses_a_config_without_cached_rows(runner, env, command
     )
 
 
+@pytest.mark.parametrize("command", ["sweep", "lr-find", "kfold", "label-issues"])
+def test_every_command_refuses_a_runs_folder_it_cannot_write_before_any_work(runner, env, command, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    grid = ["--grid", "train.lr=0.1,0.2"] if command == "sweep" else []
+    result = invoke(runner, command, *options(env, f"output.runs_dir={blocker}"), *grid)
+    assert_one_line_error(
+        result, code=6, after_notes=True, names=["output.runs_dir", str(blocker)], fix="another folder"
+    )
+    assert "Extracting" not in result.stderr and "Data:" not in result.stderr  # before the data is even listed
+
+
 def test_the_test_split_is_never_extracted_let_alone_used_to_choose(runner, env, tmp_path):
     """The test labels here are swapped: scored on test, the head that learns nothing would win."""
     data = make_folder(tmp_path / "swapped", {"train": {"cat": 8, "dog": 8}})
