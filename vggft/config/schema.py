@@ -147,16 +147,19 @@ class TrainConfig:
     backbone_lr: float | None = _check(_positive, default=None)
     """Learning rate of unfrozen backbone blocks; null: lr / 10."""
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    """sgd: the PyTorch tutorial's (with momentum and nesterov below); adam; adamw (decoupled weight decay)."""
     momentum: float = _check(_non_negative, default=0.0)
     """SGD momentum."""
     nesterov: bool = False
     """Nesterov momentum (sgd with momentum > 0)."""
     weight_decay: float = _check(_non_negative, default=0.0)
+    """L2 penalty of the optimizer (adamw: decoupled from the gradient), on every trainable parameter."""
     scheduler: Literal["none", "cosine", "step", "onecycle"] = "none"
     """cosine: to 0 over the epochs after warmup; step: x gamma every step_size epochs; onecycle: torch's
     OneCycleLR peaking at lr. All step every batch."""
     warmup_epochs: int = _check(_non_negative, default=0)
-    """Linear warmup from 0 to lr over this many epochs (cosine, step)."""
+    """Linear warmup from 0 to lr over this many epochs, then the scheduler (none: lr stays); not with onecycle,
+    which warms up by itself."""
     step_size: int = _check(_positive, default=10)
     """Epochs between learning-rate drops of scheduler step."""
     gamma: float = _check(_positive, default=0.1)
