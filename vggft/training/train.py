@@ -107,10 +107,17 @@ class Run:
         return split_record(self.splits, self.cfg.data) if self.splits.layout == "pool" else None
 
 
-def check_run_folder(cfg: Config, default_name: str = "train") -> None:
-    """Before any work: the runs folder can be written and the run's name fits (a number may be added)."""
-    check_folder(cfg.output.runs_dir, "output.runs_dir", "choose another folder with --set output.runs_dir=PATH")
-    check_name_length(Path(cfg.output.runs_dir) / (cfg.output.name or default_name), "output.name (--name)", spare=4)
+RUNS_DIR_FIX = "choose another folder with --set output.runs_dir=PATH"
+
+
+def check_run_folder(cfg: Config, default_name: str = "train", *, new: bool = True) -> None:
+    """Before any work: the runs folder can be written and, for a ``new`` run (a resumed one has its folder),
+    the run's name fits (a number may be added)."""
+    check_folder(cfg.output.runs_dir, "output.runs_dir", RUNS_DIR_FIX)
+    if new:
+        check_name_length(
+            Path(cfg.output.runs_dir) / (cfg.output.name or default_name), "output.name (--name)", spare=4
+        )
 
 
 def make_run_folder(cfg: Config, default_name: str = "train") -> Path:
@@ -125,8 +132,7 @@ def make_run_folder(cfg: Config, default_name: str = "train") -> Path:
         folder.mkdir(parents=True)
     except OSError as err:
         raise OutputError(
-            f"output.runs_dir: cannot make the run folder '{folder}' ({err.strerror}); "
-            "choose another folder with --set output.runs_dir=PATH"
+            f"output.runs_dir: cannot make the run folder '{folder}' ({err.strerror}); {RUNS_DIR_FIX}"
         ) from None
     write_run_config(cfg, folder)
     return folder
@@ -215,10 +221,7 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group,
             "or start a new run"
         )
     check_writable(Path(cfg.output.weights))
-    if resume:  # the run folder is the run's own
-        check_folder(cfg.output.runs_dir, "output.runs_dir", "choose another folder with --set output.runs_dir=PATH")
-    else:
-        check_run_folder(cfg)
+    check_run_folder(cfg, new=not resume)
     prepare_backend(device)
     splits = find_training_data(cfg, body, resume, group)
     num_outputs = cfg.model.num_classes or len(splits.class_names)
