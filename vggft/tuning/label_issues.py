@@ -91,13 +91,13 @@ def label_issues(
     check_label_issues(folds, show)
     if out is None:
         check_run_folder(cfg, "label_issues")
-    if move is not None and Path(move).resolve().is_relative_to(Path(cfg.data.root).resolve()):
-        raise OutputError(
-            f"--move {move}: is inside data.root, where the moved images would be found again; "
-            "choose a folder outside it"
-        )
-    if move is not None:
-        check_destination(Path(move), "--move")  # before the folds: nothing half-done
+    if move is not None:  # before the folds: nothing half-done
+        if Path(move).resolve().is_relative_to(Path(cfg.data.root).resolve()):
+            raise OutputError(
+                f"--move {move}: is inside data.root, where the moved images would be found again; "
+                "choose a folder outside it"
+            )
+        check_destination(Path(move), "--move")
     run = run_folds(cfg, folds, seed, "label-issues")
     suspects = find_label_issues(run.probs, run.labels)
     if out is None:

@@ -63,7 +63,7 @@ class PreparedData:
         )
 
 
-def refuse_uncached(cfg: Config, command: str, reason: tuple[str, str] | None) -> None:
+def refuse_uncached(command: str, reason: tuple[str, str] | None) -> None:
     if reason is not None:
         why, fix = reason
         raise ConfigError(f"{command}: trains every head on the feature cache's rows, but {why}; {fix}")
@@ -83,10 +83,9 @@ def with_val_split(cfg: Config, command: str) -> Config:
 
 def prepare(cfg: Config, command: str) -> PreparedData:
     """Data, model and feature source as ``vggft train`` sets them up; nothing extracted yet."""
-    refuse_uncached(cfg, command, cache_off_reason(cfg))  # before any work
+    refuse_uncached(command, cache_off_reason(cfg))  # before any work
     if cfg.data.balance == "sampler":
         refuse_uncached(
-            cfg,
             command,
             (
                 "data.balance is 'sampler', which these heads do not use",
@@ -101,7 +100,7 @@ def prepare(cfg: Config, command: str) -> PreparedData:
         model, cfg, device, autocast_dtype(device, cfg.train.amp), weights_file=pretrained_file(cfg.model)
     )
     if not source.cached:
-        refuse_uncached(cfg, command, source.off)
+        refuse_uncached(command, source.off)
     log.info(source.describe())
     return PreparedData(cfg, splits, model, source, device)
 
