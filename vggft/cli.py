@@ -13,6 +13,8 @@ from typing import Annotated, TypeAlias
 import typer
 from typer.models import OptionInfo
 
+from vggft.config import options
+from vggft.utils import torchrun
 from vggft.utils.errors import Interrupted, VggftError
 
 app = typer.Typer(
@@ -121,9 +123,7 @@ def _handle_errors(command):
 
 
 def _rank() -> int:
-    from vggft.utils.torchrun import environment_rank
-
-    return environment_rank()
+    return torchrun.environment_rank()
 
 
 def _config(config: Path | None, overrides: list[str] | None):
@@ -197,9 +197,7 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune: frozen backbone, new head; evaluate on test; save weights, sidecar and a run folder."""
-    from vggft.utils.torchrun import check_nproc
-
-    check_nproc(nproc)
+    torchrun.check_nproc(nproc)
     overrides = [*(set_ or []), *([f"output.name={name}"] if name else [])]
     if resume:
         if config is not None:
@@ -220,8 +218,6 @@ def train(
     _check_pretrained(cfg)
     _output(quiet)
     if nproc != 1:
-        from vggft.utils.torchrun import launch_train
-
         args = [
             *(["--config", str(config)] if config else []),
             *[a for v in set_ or [] for a in ("--set", v)],
@@ -229,7 +225,7 @@ def train(
             *(["--resume", str(resume)] if resume else []),
             *(["--quiet"] if quiet else []),
         ]
-        raise typer.Exit(launch_train(nproc, args, debug=_state["debug"]))  # the config is valid
+        raise typer.Exit(torchrun.launch_train(nproc, args, debug=_state["debug"]))  # the config is valid
     from vggft.training.train import RUN_FILES, fit
 
     result = fit(cfg, resume=resume, checkpoint=checkpoint)
@@ -255,9 +251,7 @@ def eval_(
     quiet: QuietOpt = False,
 ) -> None:
     """acc@1 and acc@k over every image of the test split, per-class precision/recall/F1, confusion matrix."""
-    from vggft.config.options import check_eval
-
-    check_eval(topk, misclassified, top_losses, explain)
+    options.check_eval(topk, misclassified, top_losses, explain)
     _output(quiet)
     from vggft.diagnostics.evaluation import evaluate_weights
 
@@ -329,9 +323,7 @@ def summary(
     ] = None,
 ) -> None:
     """The torchinfo table of the model as configured; needs no data and no weights file."""
-    from vggft.config.options import check_summary
-
-    check_summary(num_classes)
+    options.check_summary(num_classes)
     cfg = _config(config, set_)
     from vggft.diagnostics.preview import summary as model_summary
     from vggft.diagnostics.preview import summary_text
@@ -352,9 +344,7 @@ def show_batch(
     quiet: QuietOpt = False,
 ) -> None:
     """Save a PNG grid of one batch, de-normalised to real colours, titled with class names."""
-    from vggft.config.options import check_show_batch
-
-    check_show_batch(count)
+    options.check_show_batch(count)
     cfg = _config(config, set_)
     _output(quiet)
     from vggft.diagnostics.preview import show_batch as save_batch
@@ -390,10 +380,8 @@ def check_data(
 
     Exits 1 when it finds something that would break or bias training.
     """
-    from vggft.config.options import check_max_imbalance, check_similarity
-
-    check_max_imbalance(max_imbalance)
-    check_similarity(similarity, near_duplicates)
+    options.check_max_imbalance(max_imbalance)
+    options.check_similarity(similarity, near_duplicates)
     cfg = _config(config, set_)
     _output(quiet)
     from vggft.data import check
@@ -437,9 +425,7 @@ def predict(
     quiet: QuietOpt = False,
 ) -> None:
     """Classify images with saved weights, preprocessed exactly as in training; unreadable files are reported."""
-    from vggft.config.options import check_predict
-
-    check_predict(topk, batch_size)
+    options.check_predict(topk, batch_size)
     _output(quiet)
     from vggft.model.inference import predict as run_predict
 
@@ -479,9 +465,7 @@ def explain(
     quiet: QuietOpt = False,
 ) -> None:
     """Grad-CAM: where in each image the network found the evidence for a class (heatmap PNG and .npy map)."""
-    from vggft.config.options import check_batch_size
-
-    check_batch_size(batch_size)
+    options.check_batch_size(batch_size)
     _output(quiet)
     from vggft.diagnostics.explain import explain as run_explain
 
@@ -672,9 +656,7 @@ def lr_find(
     quiet: QuietOpt = False,
 ) -> None:
     """The learning-rate range test on cached rows: a loss-vs-lr plot and a suggested train.lr."""
-    from vggft.config.options import check_lr_find
-
-    check_lr_find(start, end, None if one_pass else steps)
+    options.check_lr_find(start, end, None if one_pass else steps)
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
@@ -701,9 +683,7 @@ def kfold(
     quiet: QuietOpt = False,
 ) -> None:
     """Stratified k-fold cross-validation on the cached rows: accuracy per fold, mean and std, out-of-fold CSV."""
-    from vggft.config.options import check_folds
-
-    check_folds(folds)
+    options.check_folds(folds)
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
@@ -737,9 +717,7 @@ def label_issues(
     quiet: QuietOpt = False,
 ) -> None:
     """Images whose label looks wrong: confident learning on k-fold out-of-fold probabilities."""
-    from vggft.config.options import check_label_issues
-
-    check_label_issues(folds, show)
+    options.check_label_issues(folds, show)
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
@@ -777,9 +755,7 @@ def make_demo(
     test_per_class: Annotated[int, typer.Option(help="Test images per class (sea, sun).")] = 10,
 ) -> None:
     """Write a small two-class image folder (train/ and test/, 64 px JPEGs) to try vggft offline."""
-    from vggft.config.options import check_demo
-
-    check_demo(train_per_class, test_per_class)
+    options.check_demo(train_per_class, test_per_class)
     from vggft.data.demo import make_demo_data
 
     typer.echo(str(make_demo_data(root, train_per_class, test_per_class)))
