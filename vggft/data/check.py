@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vggft.config.options import check_max_imbalance
 from vggft.config.schema import Config
-from vggft.data.folders import SPLITS, DataSplits, find_splits
+from vggft.data.folders import SPLITS, DataSplits, find_splits, unlearnable
 from vggft.data.images import Verdict, VerdictLedger, inspect_all
 from vggft.utils.errors import OutputError
 from vggft.utils.files import cache_root, check_folder
@@ -50,6 +50,8 @@ class DataReport:
     @property
     def problems(self) -> list[str]:
         found = []
+        if (why := unlearnable(self.splits)) is not None:
+            found.append(why)
         if self.bad:
             found.append(f"{len(self.bad)} unreadable image(s)")
         if self.cross_duplicates:

@@ -272,6 +272,50 @@ def _pool_layout(root: Path, data: DataConfig, skipped: Skipped) -> DataSplits:
     return DataSplits(root, "pool", class_names, splits)
 
 
+# Folder names that hold splits, not classes: as class names they mean data.root is one level off.
+SPLIT_LIKE = frozenset({"train", "training", "test", "testing", "eval", "evaluation", *VAL_NAMES})
+
+
+def unlearnable(splits: DataSplits) -> str | None:
+    """Why ``splits`` cannot train a classifier (fewer than two classes, or split folders taken for classes),
+    as one line naming the folder and the fix; None when there is nothing to say."""
+    where = splits.root if splits.layout == "pool" else splits.root / ("train" if splits["train"] else "test")
+    names = splits.class_names
+    split_like = [name for name in names if name.lower() in SPLIT_LIKE]
+    if split_like:
+        return (
+            f"{where}: the class folders {', '.join(split_like)} are named like splits, not classes; vggft looks "
+            "for train/ and test/ (lowercase) holding one folder per class: rename them, or set data.root to "
+            "the folder that holds the class folders"
+        )
+    if len(names) >= 2:
+        return None
+    inner = splits.root / names[0]
+    if splits.layout == "pool" and _has_folders(inner):
+        return (
+            f"{where}: one class folder, '{names[0]}', with folders inside it; data.root looks one level too "
+            f"high: set data.root to {inner}"
+        )
+    return (
+        f"{where}: only one class, '{names[0]}'; a classifier learns nothing from one class (every answer is "
+        "right): add a folder per class, at least two"
+    )
+
+
+def _has_folders(folder: Path) -> bool:
+    try:
+        return any(entry.is_dir() for entry in folder.iterdir())
+    except OSError:
+        return False
+
+
+def check_learnable(splits: DataSplits) -> None:
+    """Refuse data that cannot train a classifier (see ``unlearnable``), exit 3."""
+    reason = unlearnable(splits)
+    if reason is not None:
+        raise DataError(reason)
+
+
 def _stratified_take(samples: list[Sample], fraction: float, seed: str) -> tuple[list[Sample], list[Sample]]:
     """Move ``fraction`` of each class (at least one where a class has two or more) out of ``samples``."""
     by_class: dict[int, list[Sample]] = {}

@@ -359,7 +359,8 @@ def _members(members: list[tuple[str, str]], rel, shown: int = 8) -> str:
 def format_report(report: DataReport) -> str:
     splits = report.splits
     rel = lambda p: os.path.relpath(p, splits.root)  # noqa: E731
-    lines = [f"{splits.root} ({splits.layout} layout): {len(splits.class_names)} classes"]
+    n = len(splits.class_names)
+    lines = [f"{splits.root} ({splits.layout} layout): {n} class{'' if n == 1 else 'es'}"]
     width = max([5, *(len(n) for n in splits.class_names)])
     lines.append(f"{'split':<6} {'class':<{width}} {'usable':>7} {'bad':>5}")
     for split, per_class in report.counts.items():

@@ -249,7 +249,7 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group,
 def find_training_data(cfg: Config, body: dict | None, resume: Path | None, group: Group) -> DataSplits:
     """The splits a run trains on (a resumed run's own pool split from its checkpoint ``body``), checked."""
     with main_first(group):  # rank 0 decodes every image first; the others then read its verdict cache
-        splits, _ = prepare_data(cfg, body.get("split") if body else None, f"--resume {resume}")
+        splits, _ = prepare_data(cfg, body.get("split") if body else None, f"--resume {resume}", to_train=True)
     if not splits["train"]:
         raise DataError(
             f"{splits.root}: no train/ folder; training needs train/<class>/ images "
