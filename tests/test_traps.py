@@ -3,11 +3,19 @@ that points the wrong way. Each trap gets one line that says what happened and w
 
 from __future__ import annotations
 
+import argparse
 import os
+from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from conftest import assert_one_line_error, invoke, make_folder
+from tiny import tiny_vgg
+from vggft.config.schema import ModelConfig
+from vggft.model.build import build_model
+from vggft.model.pretrained import pretrained_state_dict
 
 TRAINING = [
     ["train"],
@@ -57,3 +65,74 @@ def test_split_folders_taken_for_classes_are_called_splits(runner, tmp_path):
     assert_one_line_error(result, code=3, names=["Test, Train", "named like splits"], fix="train/ and test/")
     checked = invoke(runner, "check-data", *_sets(pool))
     assert checked.exit_code == 1 and "named like splits" in checked.stdout
+
+
+# --- weights files: folders, other tools' checkpoints, heads that get replaced ---------------------------
+
+
+def test_a_folder_given_as_weights_names_the_weights_inside_it(runner, tmp_path, pet):
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("VGG16.pt", "old.pth", "notes.txt"):
+        (models / name).write_bytes(b"")
+    for args, what in (
+        (["eval", "--weights", models], "--weights"),
+        (["train", "--set", f"data.root={pet}", "--set", f"model.weights={models}"], "model.weights"),
+    ):
+        result = invoke(runner, *args)
+        line = assert_one_line_error(
+            result, code=4, names=[what, str(models), "is a folder", "VGG16.pt, old.pth"], after_notes=True
+        )
+        assert "notes.txt" not in line and "not found" not in line
+
+
+def _wrapped(tmp_path, name: str, body: dict) -> Path:
+    path = tmp_path / name
+    torch.save(body, path)
+    return path
+
+
+def test_other_tools_checkpoints_give_model_weights_their_state_dict(tmp_path, notes):
+    torch.manual_seed(5)
+    state_dict = tiny_vgg("vgg16").state_dict()
+    files = {
+        "model": _wrapped(  # torchvision's reference scripts, their argparse options beside the model
+            tmp_path, "ref.pth", {"model": state_dict, "epoch": 3, "args": argparse.Namespace(lr=0.1)}
+        ),
+        "state_dict": _wrapped(  # Lightning: the LightningModule's attribute name before every key
+            tmp_path, "lightning.ckpt", {"state_dict": {f"model.{k}": v for k, v in state_dict.items()}, "epoch": 1}
+        ),
+        "model_state_dict": _wrapped(tmp_path, "tutorial.pt", {"model_state_dict": state_dict, "loss": 0.3}),
+    }
+    for key, path in files.items():
+        loaded = pretrained_state_dict(ModelConfig(weights=str(path)))
+        assert loaded.keys() == state_dict.keys() and all(torch.equal(loaded[k], state_dict[k]) for k in loaded)
+        [note] = notes()
+        assert f"under '{key}'" in note and str(path) in note
+        assert ("'model.' prefix" in note) == (key == "state_dict")
+
+
+def test_eval_names_the_key_of_a_wrapped_state_dict(runner, tmp_path):
+    path = _wrapped(tmp_path, "ref.pth", {"model": tiny_vgg("vgg16").state_dict(), "epoch": 3})
+    result = invoke(runner, "eval", "--weights", path)
+    assert_one_line_error(result, code=4, names=[str(path), "under 'model'"], fix="['model']")
+
+
+def test_a_trained_head_in_model_weights_is_said_to_be_replaced(tmp_path, notes):
+    model = tiny_vgg("vgg16")
+    model.classifier[6] = nn.Linear(32, 10)
+    path = _wrapped(tmp_path, "ten.pth", model.state_dict())
+    build_model(ModelConfig(weights=str(path)), 2, pretrained_state_dict(ModelConfig(weights=str(path))))
+    assert any("10-class head" in n and "new 2-class head replaces it" in n for n in notes())
+    imagenet = _wrapped(tmp_path, "imagenet.pth", tiny_vgg("vgg16").state_dict())  # the recipe: no note
+    build_model(ModelConfig(weights=str(imagenet)), 2, pretrained_state_dict(ModelConfig(weights=str(imagenet))))
+    assert notes() == []
+
+
+def test_features_only_weights_warn_that_classifier6_trains_on_random_layers(tmp_path, notes):
+    features = {k: v for k, v in tiny_vgg("vgg16").state_dict().items() if k.startswith("features.")}
+    path = _wrapped(tmp_path, "features.pth", features)
+    build_model(ModelConfig(weights=str(path)), 2, pretrained_state_dict(ModelConfig(weights=str(path))))
+    assert any("classifier.0 and classifier.3 start random" in n and "model.head: gap" in n for n in notes())
+    build_model(ModelConfig(weights=str(path), head="gap"), 2, pretrained_state_dict(ModelConfig(weights=str(path))))
+    assert notes() == []

@@ -126,10 +126,10 @@ class ModelConfig:
 
 
 def weights_is_file(weights: str) -> bool:
-    """Whether a ``model.weights`` value names a file (a .pth/.pt/.bin name, a path, or anything that exists)
+    """Whether a ``model.weights`` value names a file (a .pth/.pt/.bin/.ckpt name, a path, or anything that exists)
     rather than a torchvision weights name such as IMAGENET1K_V1."""
     path = Path(weights).expanduser()
-    return path.suffix in (".pth", ".pt", ".bin") or os.sep in weights or path.exists()
+    return path.suffix in (".pth", ".pt", ".bin", ".ckpt") or os.sep in weights or path.exists()
 
 
 @dataclass

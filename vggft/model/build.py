@@ -14,7 +14,9 @@ from torchvision import models
 
 from vggft.config.schema import ARCHS, Arch, ModelConfig
 from vggft.utils.errors import ConfigError, WeightsError, first_line
+from vggft.utils.logs import log
 
+IMAGENET_CLASSES = 1000
 CONV_COUNT = {"vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}
 Head = Literal["classifier6", "gap"]  # model.head
 
@@ -84,10 +86,28 @@ def build_model(cfg: ModelConfig, num_classes: int, state_dict: dict | None) -> 
             ) from None
         if backbone_only and any(p.is_meta for p in model.features.parameters()):
             raise WeightsError(f"model.weights: '{source}' holds no {cfg.arch} backbone weights")
+        _note_head_in_file(state_dict, cfg, num_classes)
     replace_head(model, cfg.head, num_classes)
     _materialize(model)
     freeze(model, cfg)
     return model
+
+
+def _note_head_in_file(state_dict: dict, cfg: ModelConfig, num_classes: int) -> None:
+    """Say what happens to a head the weights file brings (a 1000-class ImageNet head is replaced as the
+    recipe says, without a word), and when classifier6's frozen layers have no weights to start from."""
+    head = state_dict.get("classifier.6.weight")
+    if head is not None and head.shape[0] != IMAGENET_CLASSES:
+        log.info(
+            f"model.weights: '{cfg.weights}' has a trained {head.shape[0]}-class head; a new {num_classes}-class "
+            "head replaces it (to use that head as it is: vggft eval or predict --weights with the file)"
+        )
+    elif cfg.head == "classifier6" and "classifier.0.weight" not in state_dict:
+        log.warning(
+            f"model.weights: '{cfg.weights}' holds no classifier weights, so classifier.0 and classifier.3 start "
+            "random and stay frozen under model.head: classifier6; set model.head: gap to train on the backbone's "
+            "pooled features instead"
+        )
 
 
 def _materialize(model: nn.Module) -> None:

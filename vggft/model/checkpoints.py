@@ -14,7 +14,7 @@ from vggft.config.loading import config_from_dict, migrate_config
 from vggft.model.build import build_model
 from vggft.model.fingerprint import FROZEN_SCHEME, frozen_fingerprint, legacy_frozen_fingerprint
 from vggft.model.pretrained import pretrained_state_dict
-from vggft.model.safe_load import safe_load
+from vggft.model.safe_load import check_weights_file, safe_load
 from vggft.utils.errors import WeightsError
 from vggft.utils.files import save_torch
 
@@ -48,8 +48,7 @@ def save_checkpoint(path: Path, body: dict) -> None:
 def load_checkpoint(path: Path, what: str = "--resume") -> dict:
     """A training checkpoint, read with weights_only=True (a pickle that would run code is refused)."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{what}: '{path}' not found; pass runs/<name>/last.pt of an earlier run")
+    check_weights_file(path, what, "pass runs/<name>/last.pt of an earlier run")
     return checked_checkpoint(safe_load(path, what, "pass a last.pt written by vggft train"), path, what)
 
 

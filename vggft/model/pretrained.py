@@ -15,7 +15,7 @@ import torch
 from torchvision import models
 
 from vggft.config.schema import ModelConfig, weights_is_file
-from vggft.model.safe_load import read_state_dict
+from vggft.model.safe_load import check_weights_file, read_state_dict
 from vggft.utils.errors import VggftError, WeightsError, first_line
 from vggft.utils.logs import progress_enabled
 
@@ -26,12 +26,13 @@ def pretrained_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
         return None
     path = Path(cfg.weights).expanduser()
     if weights_is_file(cfg.weights):
-        if not path.is_file():
-            raise WeightsError(
-                f"model.weights: file '{path}' not found; point it at a local .pth state_dict, "
-                "use a torchvision name such as IMAGENET1K_V1, or null for random init"
-            )
-        state_dict = read_state_dict(path, "model.weights")
+        check_weights_file(
+            path,
+            "model.weights",
+            "point it at a local .pth state_dict, use a torchvision name such as IMAGENET1K_V1, "
+            "or null for random init",
+        )
+        state_dict = read_state_dict(path, "model.weights", wrapped=True)
         if "format" in state_dict:
             raise WeightsError(
                 f"model.weights: '{path}' is a run checkpoint (last.pt/best.pt), not a state_dict; continue that "
@@ -81,19 +82,27 @@ def _torchvision_state_dict(arch: str, name: str) -> dict[str, torch.Tensor]:
         # torchvision's own loader: it looks in $TORCH_HOME/hub/checkpoints/ first, then downloads. Its tqdm
         # bar only where vggft's progress goes (not under --quiet; in a terminal, not frames in a log file).
         bar = progress_enabled() and sys.stderr.isatty()
-        with _mapped_loads(cached):
+        # torch.hub says 'Downloading: ...' on stdout, which is kept for a command's result: a note, on stderr.
+        with _mapped_loads(cached), contextlib.redirect_stdout(sys.stderr):
             return weights.get_state_dict(progress=bar, check_hash=True, weights_only=True)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
         reason = getattr(err, "reason", err)
         raise WeightsError(
-            f"model.weights: {arch} {weights.name} is not at {cached} and could not be downloaded ({reason}); "
-            "copy the file there, set model.weights to a local .pth file, or use model.weights: null"
+            f"model.weights: {arch} {weights.name} is not at {cached} ({_torch_home()}) and could not be "
+            f"downloaded ({reason}); copy the file there or set TORCH_HOME to the folder whose hub/checkpoints/ "
+            "holds it, set model.weights to a local .pth file, or use model.weights: null"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise WeightsError(
             f"{cached}: unreadable pretrained weights ({first_line(err)}); delete it to download again, "
             "or set model.weights to another file"
         ) from None
+
+
+def _torch_home() -> str:
+    """Where torchvision's hub folder comes from, for a message: TORCH_HOME, or its default."""
+    home = os.environ.get("TORCH_HOME")
+    return f"TORCH_HOME is {home}" if home else "TORCH_HOME is not set, so torch looks under ~/.cache/torch"
 
 
 @contextlib.contextmanager

@@ -4,13 +4,17 @@ text, which changes between versions."""
 
 from __future__ import annotations
 
+import argparse
 import pickletools
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vggft.utils.errors import WeightsError, first_line
+from vggft.utils.logs import log
 
 STATE_DICT_FIX = "load only plain state_dict files (torch.save(model.state_dict(), ...))"
 
@@ -49,18 +53,46 @@ def _is_safe_global(name: str) -> bool:
         "builtins.bytearray",
         "builtins.slice",
         "builtins.complex",
+        "argparse.Namespace",
     )
+
+
+WEIGHT_SUFFIXES = (".pt", ".pth")
+LISTED = 5  # weights files a refusal names from a folder
+
+
+def check_weights_file(path: Path, what: str, fix: str) -> None:
+    """``path`` is a regular file; else a WeightsError naming ``what``: not found, or a folder (with the
+    weights files inside it, so the fix is one copy away), or not a regular file (a FIFO, a device)."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        try:
+            inside = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        except OSError:
+            inside = []
+        listed = ", ".join(inside[:LISTED]) + (f" and {len(inside) - LISTED} more" if len(inside) > LISTED else "")
+        found = f"the weights files in it: {listed}" if inside else "it holds no .pt or .pth file"
+        raise WeightsError(f"{what}: '{path}' is a folder, not a file ({found}); {fix}")
+    problem = "is not a regular file" if path.exists() else "not found"
+    raise WeightsError(f"{what}: '{path}' {problem}; {fix}")
+
+
+# Beyond tensors and containers, what other tools' checkpoints hold that is safe to rebuild: the argparse
+# options torchvision's reference scripts save beside the model ("args"), a plain attribute bag.
+SAFE_CLASSES: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [argparse.Namespace]
 
 
 def safe_load(path: Path, what: str, fix: str, *, mmap: bool = False):
     """``torch.load(weights_only=True)``; a pickle that would run code, or an unreadable file, is a WeightsError."""
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as err:
-            if not mmap or "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+        with torch.serialization.safe_globals(SAFE_CLASSES):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as err:
+                if not mmap or "mmap" not in str(err):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except Exception as err:
         raise WeightsError(f"{what}: '{path}' {_refusal(path, err)}; {fix}") from None
 
@@ -85,11 +117,61 @@ def _refusal(path: Path, err: Exception) -> str:
     return "is not a file written by torch.save"
 
 
-def read_state_dict(path: Path, what: str) -> dict:
-    """A plain state_dict, or a vggft run checkpoint (returned whole), read without unpickling code."""
+# Where other tools keep the model's state_dict in their training checkpoints: torchvision's reference
+# scripts ("model"), timm and PyTorch Lightning ("state_dict"), the PyTorch tutorials ("model_state_dict").
+WRAPPER_KEYS = ("model_state_dict", "state_dict", "model", "net")
+VGG_PARTS = ("features.", "classifier.")
+
+
+def _is_state_dict(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _vgg_prefix(keys: list[str]) -> str:
+    """What every key carries before VGG's own names ('model.' from Lightning, 'module.' from DDP), or ''."""
+    first = keys[0]
+    for part in VGG_PARTS:
+        at = first.find(part)
+        if at == 0 or (at > 0 and first[at - 1] == "."):
+            prefix = first[:at]
+            if all(key.startswith(prefix) for key in keys):
+                return prefix
+    return ""
+
+
+def unwrap(loaded: dict) -> tuple[str, str, dict] | None:
+    """(key, prefix, state_dict) of a state_dict inside another tool's checkpoint, its names' common prefix
+    removed; None when ``loaded`` holds none under ``WRAPPER_KEYS``."""
+    for key in WRAPPER_KEYS:
+        inner = loaded.get(key)
+        if isinstance(inner, dict) and _is_state_dict(inner):
+            prefix = _vgg_prefix(list(inner))
+            return key, prefix, {name[len(prefix) :]: tensor for name, tensor in inner.items()}
+    return None
+
+
+def read_state_dict(path: Path, what: str, *, wrapped: bool = False) -> dict:
+    """A plain state_dict, or a vggft run checkpoint (returned whole), read without unpickling code. With
+    ``wrapped``, a state_dict inside another tool's checkpoint too (see ``unwrap``); the key is noted."""
     loaded = safe_load(path, what, STATE_DICT_FIX, mmap=True)
     if isinstance(loaded, dict) and str(loaded.get("format", "")).startswith("vggft-checkpoint"):
         return loaded
-    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise WeightsError(f"{what}: '{path}' is not a state_dict (a mapping of names to tensors)")
-    return loaded
+    if _is_state_dict(loaded):
+        return loaded
+    found = unwrap(loaded) if isinstance(loaded, dict) else None
+    if found is None:
+        keys = f" (its keys: {', '.join(map(str, list(loaded)[:6]))})" if isinstance(loaded, dict) and loaded else ""
+        raise WeightsError(
+            f"{what}: '{path}' is not a state_dict (a mapping of names to tensors){keys}; "
+            f"save one with torch.save(model.state_dict(), ...)"
+        )
+    key, prefix, state_dict = found
+    if not wrapped:
+        raise WeightsError(
+            f"{what}: '{path}' is a training checkpoint with its state_dict under '{key}'; to fine-tune from "
+            f"it set model.weights to it (vggft reads that key), or save the state_dict alone: "
+            f"torch.save(torch.load('{path}')['{key}'], 'weights.pth')"
+        )
+    stripped = f", names without their '{prefix}' prefix" if prefix else ""
+    log.info(f"{what}: '{path}' is a training checkpoint; using its state_dict under '{key}'{stripped}")
+    return state_dict

@@ -17,7 +17,7 @@ from vggft import __version__
 from vggft.config.loading import migrate_config
 from vggft.config.schema import Config
 from vggft.model.checkpoints import checked_checkpoint, rebuild_from_checkpoint
-from vggft.model.safe_load import read_state_dict
+from vggft.model.safe_load import check_weights_file, read_state_dict
 from vggft.utils.errors import OutputError, WeightsError
 from vggft.utils.files import check_name_length, existing_parent, file_digest, save_json, save_torch
 
@@ -155,8 +155,7 @@ class SavedWeights:
 def read_weights(weights: Path) -> SavedWeights:
     """A weights file with its sidecar, or a run's last.pt/best.pt rebuilt into full weights."""
     weights = Path(weights)
-    if not weights.is_file():
-        raise WeightsError(f"--weights: '{weights}' not found; pass the .pt file that vggft train saved")
+    check_weights_file(weights, "--weights", "pass the .pt file that vggft train saved")
     state_dict = read_state_dict(weights, "--weights")
     if "format" in state_dict:  # read_state_dict returns a run checkpoint whole
         body = checked_checkpoint(state_dict, weights, "--weights")
