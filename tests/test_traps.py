@@ -136,3 +136,42 @@ def test_features_only_weights_warn_that_classifier6_trains_on_random_layers(tmp
     assert any("classifier.0 and classifier.3 start random" in n and "model.head: gap" in n for n in notes())
     build_model(ModelConfig(weights=str(path), head="gap"), 2, pretrained_state_dict(ModelConfig(weights=str(path))))
     assert notes() == []
+
+
+# --- names from other tools; the summary's class count --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "given, meant",
+    [
+        ("train.learning_rate=0.01", "train.lr"),
+        ("lr0=0.01", "train.lr"),
+        ("imgsz=64", "data.image_size"),
+        ("data.img_size=64", "data.image_size"),
+        ("batch=8", "data.batch_size"),
+        ("bs=8", "data.batch_size"),
+        ("epochs=3", "train.epochs"),
+        ("lr=0.1", "train.lr"),
+        ("device=cpu", "train.device"),
+        ("model=vgg16", "model.arch"),
+    ],
+)
+def test_names_from_other_tools_get_the_vggft_key(runner, given, meant):
+    result = invoke(runner, "train", "--set", given)
+    assert_one_line_error(result, code=2, names=[given.split("=")[0]], fix=f"did you mean '{meant}'?")
+
+
+def test_summary_takes_the_class_count_from_data_root(runner, tmp_path):
+    data = make_folder(tmp_path / "three", {"train": {"cat": 1, "dog": 1, "owl": 1}, "test": {"cat": 1}})
+    result = invoke(runner, "summary", "--set", f"data.root={data}")
+    assert result.exit_code == 0, result.output
+    assert f"a head for 3 classes (the class folders in {data}" in result.stderr
+    assert _head_row(result.stdout).split()[3:5] == ["[1,", "3]"]
+    fallback = invoke(runner, "summary", "--set", f"data.root={tmp_path / 'none'}")
+    assert "a head for 2 classes (none found in data.root" in fallback.stderr
+    assert _head_row(fallback.stdout).split()[3:5] == ["[1,", "2]"]
+
+
+def _head_row(table: str) -> str:
+    """torchinfo's row of the last Linear layer (the new head)."""
+    return [line for line in table.splitlines() if "Linear" in line][-1]

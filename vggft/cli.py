@@ -319,12 +319,17 @@ def summary(
     config: ConfigOpt = None,
     set_: Annotated[list[str] | None, _set_option("model.head=gap")] = None,
     num_classes: Annotated[
-        int | None, typer.Option(help="Classes of the new head (default: model.num_classes or 2).")
+        int | None,
+        typer.Option(
+            help="Classes of the new head (default: model.num_classes, or the class folders in data.root, or 2)."
+        ),
     ] = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """The torchinfo table of the model as configured; needs no data and no weights file."""
     options.check_summary(num_classes)
     cfg = _config(config, set_)
+    _output(quiet)
     from vggft.diagnostics.preview import summary as model_summary
     from vggft.diagnostics.preview import summary_text
 

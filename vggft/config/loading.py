@@ -250,8 +250,11 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
 
 def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str]) -> Any:
     if not isinstance(raw, dict):
-        where = origins.get(prefix.rstrip("."), source)
-        raise ConfigError(f"{where}: {prefix.rstrip('.')}: expected a mapping of keys, got {_show(raw)}")
+        section = prefix.rstrip(".")
+        meant = FOREIGN_KEYS.get(section, "")
+        hint = f"; did you mean '{meant}'?" if meant.startswith(f"{section}.") else ""
+        where = origins.get(section, source)
+        raise ConfigError(f"{where}: {section}: expected a mapping of keys, got {_show(raw)}{hint}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
@@ -278,8 +281,36 @@ def _build(cls: type, raw: Any, prefix: str, source: str, origins: dict[str, str
     return cls(**values)
 
 
+# What other tools call a setting (Ultralytics, timm, Keras, Lightning, torchvision's reference scripts) ->
+# the vggft key it means: spelling-alike matching would answer 'learning_rate' with 'train.calibrate'.
+FOREIGN_KEYS = {
+    **dict.fromkeys(("learning_rate", "lr0", "base_lr", "lr"), "train.lr"),
+    **dict.fromkeys(("imgsz", "img_size", "input_size", "size", "resolution", "image_size"), "data.image_size"),
+    **dict.fromkeys(("batch", "bs", "batch_size", "train_batch_size"), "data.batch_size"),
+    **dict.fromkeys(("epochs", "num_epochs", "max_epochs", "n_epochs"), "train.epochs"),
+    **dict.fromkeys(("device", "devices", "gpu", "gpus", "accelerator"), "train.device"),
+    **dict.fromkeys(("arch", "architecture", "backbone", "model_name"), "model.arch"),
+    **dict.fromkeys(("pretrained", "weights", "checkpoint"), "model.weights"),
+    **dict.fromkeys(("data", "data_dir", "dataset", "root", "data_path", "directory"), "data.root"),
+    **dict.fromkeys(("opt", "optim", "optimizer"), "train.optimizer"),
+    **dict.fromkeys(("wd", "weight_decay"), "train.weight_decay"),
+    **dict.fromkeys(("workers", "num_workers", "j"), "data.num_workers"),
+    **dict.fromkeys(("nc", "num_classes"), "model.num_classes"),
+    **dict.fromkeys(("sched", "lr_scheduler", "scheduler"), "train.scheduler"),
+    **dict.fromkeys(("smoothing", "label_smoothing"), "train.label_smoothing"),
+    **dict.fromkeys(("mixed_precision", "precision", "amp"), "train.amp"),
+    "patience": "train.early_stopping.patience",
+    "drop": "model.dropout",
+    "model": "model.arch",  # Ultralytics' model=yolov8n-cls.pt, timm's --model vgg16
+}
+
+
 def _suggest(name: str, cls: type, prefix: str) -> str:
-    """'; did you mean ...?' from the keys of this section, then from every key (a key in the wrong section)."""
+    """'; did you mean ...?' from other tools' names for a setting, then the keys of this section, then every
+    key (a key in the wrong section)."""
+    foreign = FOREIGN_KEYS.get(name.rsplit(".", 1)[-1].lower().replace("-", "_"))
+    if foreign is not None and foreign != name:
+        return f"; did you mean '{foreign}'?"
     section = [f"{prefix}{f.name}" for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(name, section, n=1)
     if not close:

@@ -10,19 +10,21 @@ import torchinfo
 
 from vggft.config.options import check_show_batch, check_summary
 from vggft.config.schema import Config
-from vggft.data import prepare_data
+from vggft.data import find_splits, prepare_data
 from vggft.data.loaders import image_loader
 from vggft.data.transforms import eval_transform, normalization, train_transform
 from vggft.model import build as networks
 from vggft.model.build import freeze, replace_head
 from vggft.reporting.plots import save_image_grid
 from vggft.utils.errors import DataError
+from vggft.utils.logs import log
 
 
 def summary(cfg: Config, num_classes: int | None = None) -> torchinfo.ModelStatistics:
     """The torchinfo table of the model as configured: architecture only, no data, no weights file."""
     check_summary(num_classes)
-    classes = num_classes or cfg.model.num_classes or 2
+    classes, why = summary_classes(cfg, num_classes)
+    log.info(f"Summary: a head for {classes} classes ({why})")
     model = networks.vgg(cfg.model.arch, init_weights=False)  # looked up when called: tests swap the factory
     with torch.no_grad():
         for param in model.parameters():  # defined values for the shape-only forward pass
@@ -38,6 +40,20 @@ def summary(cfg: Config, num_classes: int | None = None) -> torchinfo.ModelStati
         depth=2,
         col_names=("output_size", "num_params", "trainable"),
     )
+
+
+def summary_classes(cfg: Config, num_classes: int | None) -> tuple[int, str]:
+    """(classes of the summarised head, where the number came from): --num-classes, model.num_classes, the
+    class folders under data.root (listed, not decoded), else 2 with the reason."""
+    if num_classes:
+        return num_classes, "--num-classes"
+    if cfg.model.num_classes:
+        return cfg.model.num_classes, "model.num_classes"
+    try:
+        names = find_splits(cfg.data).class_names
+    except DataError as err:
+        return 2, f"none found in data.root: {str(err).split(';')[0]}; give --num-classes"
+    return len(names), f"the class folders in {cfg.data.root}; --num-classes to change"
 
 
 UNIT_PREFIX = {"MEGABYTES": "millions", "GIGABYTES": "billions", "TERABYTES": "trillions"}
