@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from conftest import FAST, assert_error_says, assert_one_line_error, invoke, make_image, tiny_subprocess_env
 from vggft.data.images import inspect_image, open_rgb
@@ -149,24 +150,56 @@ def _load_pt2(path: Path):
     return program.module(), json.loads(extra["vggft.json"])
 
 
+T = 2.5  # the calibration temperature written into a copy of the module's sidecar
+
+
+@pytest.fixture(scope="module")
+def calibrated_copy(trained) -> Path:
+    """The module's weights beside a copy of their sidecar that holds temperature T (its digest covers the
+    weights only), in a folder beside models/, so that _pet finds the images."""
+    weights = trained.parent.parent / "calibrated" / "VGG16.pt"
+    weights.parent.mkdir()
+    shutil.copy(trained, weights)
+    sidecar = json.loads(trained.with_suffix(".json").read_text())
+    weights.with_suffix(".json").write_text(json.dumps({**sidecar, "temperature": T}))
+    return weights
+
+
+def _calibrated(weights: Path, logits: torch.Tensor) -> torch.Tensor:
+    """What vggft predict reports for these logits: softmax(logits / T)."""
+    trained = load_model(weights)
+    assert trained.temperature == T
+    return trained.probabilities(logits)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:'torch.load' received a zip file that looks like a TorchScript:UserWarning")
 @pytest.mark.parametrize(("fmt", "load"), [("pt2", _load_pt2), ("torchscript", _load_torchscript)])
-def test_export_torch_formats(runner, trained, tmp_path, fmt, load):
+def test_export_torch_formats(runner, calibrated_copy, tmp_path, fmt, load):
     out = tmp_path / f"m.{fmt}"
-    result = invoke(runner, "export", "--weights", trained, "--format", fmt, "--out", out)
+    result = invoke(runner, "export", "--weights", calibrated_copy, "--format", fmt, "--out", out)
     assert result.exit_code == 0, result.output
     match = EXPORTED.fullmatch(result.stdout.strip())
     assert match and match[1] == str(out) and float(match[2]) <= 1e-4
     model, meta = load(out)
     assert meta["class_names"] == ["cat", "dog"] and meta["image_size"] == 32 and meta["mean"][0] == 0.485
-    batch, expected = _real_batch(trained)  # batch of 3, exported with 2: the batch axis is free
+    assert meta["format"] == "vggft-export/2" and meta["temperature"] == T
+    batch, expected = _real_batch(calibrated_copy)  # batch of 3, exported with 2: the batch axis is free
     with torch.inference_mode():
-        assert torch.allclose(model(batch), expected, atol=1e-4, rtol=0)
+        logits, probabilities = model(batch)
+    assert torch.allclose(logits, expected, atol=1e-4, rtol=0)
+    assert torch.allclose(probabilities, _calibrated(calibrated_copy, expected), atol=1e-5, rtol=0)
     # Refuses to overwrite the weights it reads.
-    result = invoke(runner, "export", "--weights", trained, "--format", fmt, "--out", trained)
+    result = invoke(runner, "export", "--weights", calibrated_copy, "--format", fmt, "--out", calibrated_copy)
     assert_one_line_error(
-        result, code=6, names=["--out", f"'{trained}'", "would overwrite the weights"], fix="choose another path"
+        result,
+        code=6,
+        names=["--out", f"'{calibrated_copy}'", "would overwrite the weights"],
+        fix="choose another path",
     )
+    # predict runs no archive that loads through pickle (either is refused, by name or by its pickle).
+    result = invoke(runner, "predict", _pet(calibrated_copy) / "test", "--weights", out, "-q")
+    assert_one_line_error(result, code=4, names=[f"'{out}'", "pickle"])
 
 
 def test_export_onnx_without_the_extra_says_what_to_install(runner, trained, monkeypatch):
@@ -176,7 +209,7 @@ def test_export_onnx_without_the_extra_says_what_to_install(runner, trained, mon
         result,
         code=1,
         names=["--format onnx", "onnxruntime not installed"],
-        fix="pip install onnx onnxscript onnxruntime",
+        fix='pip install "vggft[onnx]"',
     )
     assert not trained.with_name("VGG16.onnx").exists()
     # Without --format, export picks the format torch alone can write.
@@ -189,22 +222,96 @@ def test_export_onnx_without_the_extra_says_what_to_install(runner, trained, mon
         out.unlink(missing_ok=True)
 
 
-def test_export_onnx(runner, trained, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+@pytest.fixture(scope="module")
+def exported_onnx(calibrated_copy):
+    """``vggft export --weights <calibrated_copy>`` (onnx, the default where its packages are), run once for the
+    module: (the CLI's result, the path it should have written)."""
+    pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
-    result = invoke(runner, "export", "--weights", trained)  # onnx, the default where its packages are
+    return invoke(CliRunner(), "export", "--weights", calibrated_copy), calibrated_copy.with_name("VGG16.onnx")
+
+
+def test_export_onnx_carries_the_temperature(exported_onnx, calibrated_copy):
+    """Both outputs, logits and probabilities = softmax(logits / T), agree with PyTorch and with what vggft
+    predict reports; the metadata says T. (vggft-export/1 had logits only: softmax of them was not what
+    predict said.)"""
+    import onnxruntime as ort
+
+    result, out = exported_onnx
     assert "ONNX packages" not in result.stderr
     assert result.exit_code == 0, result.output
-    out = trained.with_name("VGG16.onnx")
     match = EXPORTED.fullmatch(result.stdout.strip())
     assert match and match[1] == str(out) and float(match[2]) <= 1e-4
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     meta = json.loads(session.get_modelmeta().custom_metadata_map["vggft"])
-    assert meta["class_names"] == ["cat", "dog"] and meta["image_size"] == 32
-    batch, expected = _real_batch(trained)  # batch of 3: the batch axis is dynamic
-    (logits,) = session.run(["logits"], {"images": batch.numpy()})
+    assert meta["class_names"] == ["cat", "dog"] and meta["image_size"] == 32 and meta["temperature"] == T
+    batch, expected = _real_batch(calibrated_copy)  # batch of 3: the batch axis is dynamic
+    logits, probabilities = session.run(["logits", "probabilities"], {"images": batch.numpy()})
     assert torch.allclose(torch.from_numpy(logits), expected, atol=1e-4, rtol=0)
+    calibrated = _calibrated(calibrated_copy, expected)
+    assert torch.allclose(torch.from_numpy(probabilities), calibrated, atol=1e-5, rtol=0)
+    assert (calibrated - expected.softmax(1)).abs().max() > 1e-3  # T matters for these images
+
+
+def test_predict_with_the_onnx_file_prints_what_the_pt_prints(runner, exported_onnx, calibrated_copy):
+    _, onnx_file = exported_onnx
+    test = _pet(calibrated_copy) / "test"
+    by_pt = _predict_json(runner, test, "--weights", calibrated_copy)
+    by_onnx = _predict_json(runner, test, "--weights", onnx_file)
+    assert len(by_onnx) == len(by_pt) == 7
+    for pt, ox in zip(by_pt, by_onnx, strict=True):
+        assert (ox["path"], ox["calibrated"], ox["temperature"]) == (pt["path"], True, T)
+        assert [t["class"] for t in ox["top"]] == [t["class"] for t in pt["top"]]
+        assert [t["probability"] for t in ox["top"]] == pytest.approx([t["probability"] for t in pt["top"]], abs=1e-5)
+    texts = [invoke(runner, "predict", test, "--weights", w, "--topk", "1", "-q") for w in (calibrated_copy, onnx_file)]
+    assert [r.exit_code for r in texts] == [0, 0]
+    digits = re.compile(r"\d\.\d{4}")  # the same table, to the printed digits' float error
+    assert digits.sub("P", texts[1].stdout) == digits.sub("P", texts[0].stdout)
+    assert f"(calibrated probabilities, temperature {T:.3f})" in texts[1].stdout
+    result = invoke(runner, "predict", test, "--weights", onnx_file, "--set", "train.device=cpu")
+    assert_one_line_error(
+        result, code=2, names=["--config/--set", f"'{onnx_file}'"], fix="leave --config and --set out"
+    )
+
+
+def _foreign_onnx(path: Path, metadata: str | None) -> Path:
+    """A one-node ONNX model (images -> logits) that vggft export did not write, with ``metadata`` if given."""
+    from onnx import TensorProto, helper, save
+
+    io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 2]) for name in ("images", "logits")]
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["logits"])], "foreign", io[:1], io[1:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if metadata is not None:
+        helper.set_model_props(model, {"vggft": metadata})
+    save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("metadata", "says"),
+    [(None, "no vggft metadata"), ('{"format": "vggft-export/1"}', "format 'vggft-export/1'"), ("{", "format None")],
+)
+def test_predict_with_an_onnx_file_vggft_did_not_write_is_one_line(runner, trained, tmp_path, metadata, says):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    foreign = _foreign_onnx(tmp_path / "foreign.onnx", metadata)
+    result = invoke(runner, "predict", _pet(trained) / "test", "--weights", foreign, "-q")
+    assert_one_line_error(result, code=4, names=[f"'{foreign}'", says], fix="vggft export --weights MODEL.pt")
+
+
+def test_predict_with_an_onnx_file_without_onnxruntime_says_what_to_install(runner, trained, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime then fails
+    onnx_file = trained.with_name("absent-runtime.onnx")
+    onnx_file.write_bytes(b"")  # never read: the runtime is missing first
+    try:
+        result = invoke(runner, "predict", _pet(trained) / "test", "--weights", onnx_file, "-q")
+    finally:
+        onnx_file.unlink()
+    assert_one_line_error(
+        result, code=1, names=[f"'{onnx_file}'", "onnxruntime (not installed)"], fix='pip install "vggft[onnx]"'
+    )
 
 
 def test_inference_imports_nothing_of_training(trained):

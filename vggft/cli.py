@@ -413,7 +413,12 @@ def check_data(
 @_handle_errors
 def predict(
     inputs: InputsArg,
-    weights: WeightsOpt = Path("models/VGG16.pt"),
+    weights: Annotated[
+        Path,
+        typer.Option(
+            "--weights", "-w", help="Weights saved by vggft or the tutorial, or an .onnx file from vggft export."
+        ),
+    ] = Path("models/VGG16.pt"),
     config: ConfigOpt = None,
     set_: Annotated[list[str] | None, _set_option("train.device=cpu")] = None,
     topk: Annotated[int, typer.Option(help="Classes to report per image, most probable first (1 or more).")] = 5,
@@ -429,10 +434,11 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Classify images with saved weights, preprocessed exactly as in training; unreadable files are reported."""
+    """Classify images with saved weights (or their ONNX export), preprocessed exactly as in training; unreadable
+    files are reported."""
     options.check_predict(topk, batch_size)
     _output(quiet)
-    from vggft.model.inference import predict as run_predict
+    from vggft.model.exported import predict as run_predict
 
     rows = run_predict(weights, inputs, config, set_ or [], topk=topk, batch_size=batch_size)
     if csv_path is not None:
@@ -530,7 +536,8 @@ def export(
     config: ConfigOpt = None,
     set_: Annotated[list[str] | None, _set_option("data.image_size=160")] = None,
 ) -> None:
-    """Export to ONNX, torch.export (.pt2) or TorchScript (normalised images in, logits out), checked against PyTorch."""  # noqa: E501
+    """Export to ONNX, torch.export (.pt2) or TorchScript (normalised images in; logits and calibrated probabilities
+    out), checked against PyTorch."""
     from vggft.model.export import TOLERANCE
     from vggft.model.export import export as run_export
 

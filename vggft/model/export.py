@@ -3,11 +3,13 @@
 ONNX (any ONNX runtime) and torch.export's ``.pt2`` (``torch.export.load``, AOTInductor) are the
 first-class formats; TorchScript stays as an option while torch has it (``torch.jit`` is deprecated
 upstream). The exported file takes a float batch (N, 3, S, S), normalised as in training, and returns
-logits. What a server needs to prepare images and name classes (size, mean, std, class names)
-travels inside the file: ONNX metadata property ``vggft``, extra file ``vggft.json`` of a .pt2 or
-TorchScript archive. The export is written to a temporary file, reloaded, run on a seeded random
-batch of another batch size and compared with the PyTorch model; only a file within tolerance
-replaces the output.
+two outputs: ``logits`` and ``probabilities``, softmax(logits / T) with the calibration temperature T of
+the sidecar folded into the graph (T = 1 without one): the numbers ``vggft predict`` reports. What a server
+needs to prepare images and name classes (size, resize, mean, std, class names, temperature) travels
+inside the file: ONNX metadata property ``vggft``, extra file ``vggft.json`` of a .pt2 or TorchScript
+archive. The export is written to a temporary file, reloaded, run on a seeded random batch of another
+batch size and compared with the PyTorch model, both outputs; only a file within tolerance replaces the
+output.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from vggft.data.transforms import transform_signature
-from vggft.model.inference import TrainedModel, load_model
+from vggft.data.transforms import preprocessing
+from vggft.model.inference import TrainedModel, calibrated_softmax, load_model
 from vggft.model.weights import sidecar_path
 from vggft.utils.errors import ConfigError, OutputError, VggftError, WeightsError, first_line
 from vggft.utils.files import atomic_path
@@ -29,6 +31,8 @@ from vggft.utils.files import atomic_path
 FORMATS = ("onnx", "pt2", "torchscript")
 SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".torchscript.pt"}
 TOLERANCE = 1e-4
+EXPORT_FORMAT = "vggft-export/2"  # 2: the probabilities output and the temperature (1 had logits only)
+OUTPUTS = ("logits", "probabilities")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # torch.onnx.export needs onnxscript since torch 2.9
 
 
@@ -68,25 +72,26 @@ def export(
         if missing:
             raise MissingExtraError(
                 f"--format onnx: needs the optional packages {', '.join(ONNX_PACKAGES)} "
-                f"({', '.join(missing)} not installed); pip install {' '.join(ONNX_PACKAGES)}"
+                f'({", ".join(missing)} not installed); pip install "vggft[onnx]" '
+                f"(or pip install {' '.join(ONNX_PACKAGES)})"
             )
     weights = Path(weights)
     out = Path(out) if out is not None else default_output(weights, fmt)
     _check_output(out, weights)
     trained = load_model(weights, config, list(overrides))
-    model = trained.model.cpu().eval()
+    model = WithProbabilities(trained.model.cpu().eval(), trained.temperature).eval()
     size = trained.cfg.data.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     # A different batch size from the traced one: the check also proves the batch axis is free.
     check = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        expected = model(check).float()
+        expected = model(check)
     metadata = json.dumps(_metadata(trained))
 
     writer = {"onnx": _onnx, "pt2": _pt2, "torchscript": _torchscript}[fmt]
     with atomic_path(out) as tmp:
         got = writer(model, example, check, tmp, metadata)
-        diff = float((got - expected).abs().max())
+        diff = max(float((g.float() - e.float()).abs().max()) for g, e in zip(got, expected, strict=True))
         if not diff <= TOLERANCE:  # also catches NaN
             other = "pt2" if fmt == "onnx" else "onnx"
             raise WeightsError(
@@ -103,22 +108,37 @@ def _check_output(out: Path, weights: Path) -> None:
         raise OutputError(f"--out: '{out}' would overwrite the weights or their sidecar; choose another path")
 
 
+class WithProbabilities(torch.nn.Module):
+    """``model`` with a second output: (logits, softmax(logits / T)), T the calibration temperature (None: 1),
+    a constant of the exported graph."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float | None):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(images)
+        return logits, calibrated_softmax(logits, self.temperature)
+
+
 def _metadata(trained: TrainedModel) -> dict:
     names = trained.names
     return {
-        "format": "vggft-export/1",
+        "format": EXPORT_FORMAT,
         "weights_file": trained.path.name,
         "arch": trained.cfg.model.arch,
         "head": trained.cfg.model.head,
         "num_classes": trained.num_classes,
         "class_names": names,
+        "temperature": trained.temperature,  # null: none was fitted; probabilities is then plain softmax
         "input": "images: float32 (N, 3, image_size, image_size), RGB in [0, 1], then (x - mean) / std",
-        "output": "logits: float32 (N, num_classes); softmax for probabilities",
-        **transform_signature(trained.cfg.data),  # image_size, resize, mean, std
+        "outputs": "logits: float32 (N, num_classes); probabilities: softmax(logits / temperature), "
+        "temperature 1 when null (what vggft predict reports)",
+        **preprocessing(trained.cfg.data),  # image_size, resize, normalize, mean, std
     }
 
 
-def _pt2(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
+def _pt2(model, example, check, tmp: Path, metadata: str) -> tuple[torch.Tensor, ...]:
     """torch.export's ExportedProgram with a free batch axis, saved with torch.export.save and loaded back."""
     try:
         program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
@@ -127,20 +147,20 @@ def _pt2(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
     torch.export.save(program, str(tmp), extra_files={"vggft.json": metadata})
     loaded = torch.export.load(str(tmp))
     with torch.inference_mode():
-        return loaded.module()(check).float()
+        return tuple(loaded.module()(check))
 
 
-def _torchscript(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
+def _torchscript(model, example, check, tmp: Path, metadata: str) -> tuple[torch.Tensor, ...]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still the format asked for
         traced = torch.jit.trace(model, example, check_trace=False)
         torch.jit.save(traced, str(tmp), _extra_files={"vggft.json": metadata})
         loaded = torch.jit.load(str(tmp), map_location="cpu")
     with torch.inference_mode():
-        return loaded(check).float()
+        return tuple(loaded(check))
 
 
-def _onnx(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
+def _onnx(model, example, check, tmp: Path, metadata: str) -> tuple[torch.Tensor, ...]:
     import onnxruntime
 
     with warnings.catch_warnings():
@@ -153,7 +173,7 @@ def _onnx(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
                 verbose=False,
                 external_data=False,
                 input_names=["images"],
-                output_names=["logits"],
+                output_names=list(OUTPUTS),
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
             )
         except Exception as err:  # the exporter raises many types; one line for the user
@@ -164,5 +184,4 @@ def _onnx(model, example, check, tmp: Path, metadata: str) -> torch.Tensor:
     program.model.metadata_props["vggft"] = metadata
     program.save(str(tmp), external_data=False)  # one self-contained file
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(["logits"], {"images": check.numpy()})
-    return torch.from_numpy(logits).float()
+    return tuple(torch.from_numpy(out) for out in session.run(list(OUTPUTS), {"images": check.numpy()}))

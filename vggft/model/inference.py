@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from vggft.config.loading import load_config
 from vggft.config.options import check_predict
-from vggft.config.schema import Config
+from vggft.config.schema import Config, DataConfig
 from vggft.data.folders import IMG_EXTENSIONS, display_name, images_in, note_skipped, output_names
 from vggft.data.images import DECODE_ERRORS, decode_failure, open_rgb
 from vggft.data.loaders import make_loader
@@ -61,7 +61,13 @@ class TrainedModel:
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated probabilities, softmax(logits / T), when the sidecar holds a temperature; else softmax."""
-        return torch.softmax(logits.float() / (self.temperature or 1.0), dim=1)
+        return calibrated_softmax(logits, self.temperature)
+
+
+def calibrated_softmax(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
+    """softmax(logits / T) over the classes (T None: plain softmax): what predict reports, and what an exported
+    file's ``probabilities`` output computes."""
+    return torch.softmax(logits.float() / (temperature or 1.0), dim=1)
 
 
 def load_model(weights: Path, config: Path | None = None, overrides: Sequence[str] = ()) -> TrainedModel:
@@ -157,6 +163,13 @@ def _empty(path: str) -> bool:
         return False
 
 
+def image_loader(paths: list[str], data: DataConfig, batch_size: int, device: torch.device) -> DataLoader:
+    """Batches of (images preprocessed as ``data``'s eval transform, zeros for a file that cannot be decoded;
+    every file's error, '' if none), in the order of ``paths``; loader workers as data.num_workers says."""
+    dataset = _Images(paths, eval_transform(data), data.image_size)
+    return make_loader(dataset, batch_size, device=device, num_workers=resolve_workers(data, device))
+
+
 @contextlib.contextmanager
 def image_batches(
     trained: TrainedModel, paths: list[str], batch_size: int, desc: str
@@ -169,8 +182,7 @@ def image_batches(
     device = resolve_device(cfg.train.device)
     prepare_backend(device)
     trained.model.to(device)
-    dataset = _Images(paths, eval_transform(cfg.data), cfg.data.image_size)
-    loader = make_loader(dataset, batch_size, device=device, num_workers=resolve_workers(cfg.data, device))
+    loader = image_loader(paths, cfg.data, batch_size, device)
     batches = (
         (images.to(device, non_blocking=True), errors) for images, errors in progress(loader, desc=desc, unit="batch")
     )
@@ -202,17 +214,21 @@ def predict(
         for images, errors in batches:
             with autocast():
                 logits = trained.model(images)
-            probs, indices = trained.probabilities(logits).topk(k, dim=1)
-            for p_row, i_row, error in zip(probs.tolist(), indices.tolist(), errors, strict=True):
-                path = paths[len(rows)]
-                if error:
-                    rows.append({"path": path, "top": [], "error": error, **calibration})
-                else:
-                    rows.append(
-                        {
-                            "path": path,
-                            "top": [{"class": names[i], "probability": p} for p, i in zip(p_row, i_row, strict=True)],
-                            **calibration,
-                        }
-                    )
+            rows += top_rows(paths[len(rows) :], trained.probabilities(logits), errors, names, k, calibration)
+    return rows
+
+
+def top_rows(
+    paths: Sequence[str], probs: torch.Tensor, errors: list[str], names: list[str], k: int, calibration: dict
+) -> list[dict]:
+    """predict's rows for one batch: the file ``paths[i]`` with its ``k`` most probable classes (``probs[i]``),
+    or with its error; ``calibration`` ({"calibrated", "temperature"}) in each."""
+    values, indices = probs.topk(k, dim=1)
+    rows: list[dict] = []
+    for path, p_row, i_row, error in zip(paths, values.tolist(), indices.tolist(), errors, strict=False):
+        if error:
+            rows.append({"path": path, "top": [], "error": error, **calibration})
+        else:
+            top = [{"class": names[i], "probability": p} for p, i in zip(p_row, i_row, strict=True)]
+            rows.append({"path": path, "top": top, **calibration})
     return rows
