@@ -16,8 +16,8 @@ from conftest import CLASS_COLOURS, assert_one_line_error, invoke, make_folder, 
 from tiny import tiny_vgg
 from vggft.config.loading import load_config
 from vggft.tuning.kfold import stratified_folds
-from vggft.tuning.label_issues import find_label_issues
-from vggft.tuning.lr_find import RangeTest, steepest, suggest, valley
+from vggft.tuning.label_issues import find_label_issues, too_weak
+from vggft.tuning.lr_find import BETA, RangeTest, advice, steepest, suggest, valley
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -267,15 +267,15 @@ def test_lr_find_suggests_an_lr_within_the_range_and_plots_the_curve(runner, env
     lr = float(line.split("=")[1])
     assert 1e-6 <= lr <= 1
     suggested = dict(part.split() for part in result.stdout.split("Suggestions: ")[1].splitlines()[0].split(", "))
-    assert set(suggested) == {"valley", "steepest"} and all(1e-6 <= float(v) <= 1 for v in suggested.values())
-    assert f"{float(suggested['valley']):.2g}" == line.split("=")[1]
+    assert set(suggested) == {"cliff", "valley", "steepest"} and all(1e-7 <= float(v) <= 1 for v in suggested.values())
+    assert f"{float(suggested['cliff']):.2g}" == line.split("=")[1]  # the default: cliff
     folder = Path("runs/lr_find")
     assert (folder / "lr_find.png").read_bytes().startswith(PNG)
     rows = read_csv(folder / "lr_find.csv")
     lrs = [float(r["lr"]) for r in rows]
     assert 10 <= len(rows) <= 60 and lrs == sorted(lrs) and math.isclose(lrs[0], 1e-6, rel_tol=1e-4)
     assert float(rows[-1]["lr"]) < 1  # the schedule approaches --end without reaching it
-    # The suggestions printed are those of the curve in the CSV (valley and steepest: tested below).
+    # The suggestions printed are those of the curve in the CSV (cliff, valley and steepest: tested below).
     smoothed = [float(r["smoothed_loss"]) for r in rows]
     again = suggest(RangeTest(lrs=lrs, losses=smoothed, smoothed=smoothed, planned=60))
     assert {name: f"{lr:.2e}" for name, (lr, _) in again.items()} == suggested
@@ -343,7 +343,72 @@ def test_suggestions_read_the_curve_without_its_first_tenth_and_last_five_steps(
     picks = suggest(RangeTest(lrs=lrs, losses=smoothed, smoothed=smoothed, planned=steps))
     # Read: flat at steps 4..9 (0..5 read), the fall at 10..29 (6..25 read), a rise at 30..34. valley: L ends
     # at 25 with 21, start 4, d = 21: 4 + 7 + 3 = 14, step 18. steepest: the 0.3 fall, read index 16, step 20.
-    assert picks == {"valley": (lrs[18], smoothed[18]), "steepest": (lrs[20], smoothed[20])}
+    # cliff: the minimum (0.7) at step 29, the climb at 30: a tenth of lrs[29], marked on the curve at the
+    # step nearest it (a decade is 40 / 6 = 6.7 steps: step 22).
+    assert picks == {
+        "cliff": (lrs[29] / 10, smoothed[22]),
+        "valley": (lrs[18], smoothed[18]),
+        "steepest": (lrs[20], smoothed[20]),
+    }
+
+
+def _measured_lrs(steps: int = 100) -> list[float]:
+    return [1e-7 * (10 / 1e-7) ** (step / steps) for step in range(steps)]  # lr-find's default range
+
+
+def test_on_a_flat_curve_that_then_climbs_cliff_reads_the_climb_where_valley_picks_an_lr_decades_too_low():
+    """The curve of a frozen random vgg11 on digits (scripts/lr_advice.py): the loss stays at chance, drifting
+    down by a hair (here 0.02 % a step, 0.5 % in all), until the lr is too high and it climbs. valley's longest
+    falling stretch is the whole flat drift, so it lands decades below anything that trains (on digits with
+    Adam, 2.3e-4 where a sweep's best was 1e-2); cliff reads the one feature there is, the climb at step 62."""
+    lrs = _measured_lrs()
+    flat = [2.31 - 0.0002 * step for step in range(63)]
+    smoothed = flat + [flat[-1] * (1 + 0.02 * k**2) for k in range(1, 38)]
+    picks = suggest(RangeTest(lrs=lrs, losses=smoothed, smoothed=smoothed, planned=100))
+    assert picks["cliff"][0] == pytest.approx(lrs[62] / 10)  # 9.1e-4: a decade below the edge
+    assert picks["valley"][0] < lrs[62] / 100  # 5.2e-5, step 34: over two decades below the edge
+
+
+def _smoothed(raw: list[float]) -> list[float]:
+    """The bias-corrected moving average lr-find plots and reads."""
+    average, out = 0.0, []
+    for step, value in enumerate(raw):
+        average = BETA * average + (1 - BETA) * value
+        out.append(average / (1 - BETA ** (step + 1)))
+    return out
+
+
+def test_a_curve_that_neither_falls_nor_climbs_gives_no_lr():
+    """Nothing happened between --start and --end (the head did not move in the steps given): the smoothed loss
+    stays within 1 % of its minimum, or within the raw loss's batch-to-batch noise (its jitter) where that is
+    larger, and the curve has nothing to read: no lr is suggested, and advice says why."""
+    lrs = _measured_lrs()
+    wavy = [2.303 + 0.004 * math.sin(step) for step in range(100)]  # 0.35 % up and down, no noise
+    noise = torch.randn(100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    raw = [1.1 + 0.045 * float(e) for e in noise]  # 4 % noise: the smoothed loss wanders by more than 1 %
+    noisy = RangeTest(lrs=lrs, losses=raw, smoothed=_smoothed(raw), planned=100)
+    _, read = noisy.trimmed()
+    assert read.max() > 1.01 * read.min() and 0.03 < noisy.jitter() < 0.06
+    for test in (RangeTest(lrs=lrs, losses=wavy, smoothed=wavy, planned=100), noisy):
+        assert suggest(test) == {}
+        assert "neither fell nor climbed" in advice(*test.trimmed(), test.jitter())
+    climbing = [2.0 * 1.05**step for step in range(100)]  # 5 % a step from the first: --start was too high
+    test = RangeTest(lrs=lrs, losses=climbing, smoothed=climbing, planned=100)
+    assert suggest(test) == {} and "lower --start" in advice(*test.trimmed(), test.jitter())
+    # Flat, then the same climb: the climb's edge is read.
+    flat_then_climbing = wavy[:60] + [2.303 * 1.05**step for step in range(40)]
+    test = RangeTest(lrs=lrs, losses=flat_then_climbing, smoothed=flat_then_climbing, planned=100)
+    assert advice(*test.trimmed(), test.jitter()) == "" and lrs[55] < 10 * suggest(test)["cliff"][0] < lrs[61]
+
+
+def test_lr_find_says_when_the_curve_gives_no_usable_advice(runner, env):
+    """An lr range far too low to move the head: no number, one line why, exit 0 with the plot and CSV written
+    (the curve is the result, and a sweep can go on from there)."""
+    result = invoke(runner, "lr-find", *options(env), "--start", "1e-12", "--end", "1e-10", "--steps", "40")
+    assert result.exit_code == 0, result.output
+    assert "No usable advice: the smoothed loss neither fell nor climbed" in result.stdout
+    assert "--set train.lr" not in result.stdout and "Suggest" not in result.stdout
+    assert (Path("runs/lr_find") / "lr_find.csv").exists()
 
 
 # --- kfold -------------------------------------------------------------------------------------------
@@ -420,6 +485,36 @@ def test_label_issues_finds_planted_flips_and_moves_them_for_review(runner, env,
         assert not path.exists() and (review / path.relative_to(data)).is_file()
     assert f"Moved {len(flagged)} file(s) to {review}" in result.stdout
     assert len(list(data.rglob("*.jpg"))) == 34 - len(flagged)
+
+
+def test_a_model_too_weak_to_judge_labels_moves_nothing_without_force(runner, env, tmp_path):
+    data = tmp_path / "same"
+    for name in ("cat", "dog", "owl"):  # one colour for all three: no model can tell them apart
+        for i in range(8):
+            make_image(data / "train" / name / f"{name}.{i}.jpg", CLASS_COLOURS["cat"], seed=40 * len(name) + i)
+    make_image(data / "test" / "cat" / "t.jpg", CLASS_COLOURS["cat"])
+    review, out = tmp_path / "review", tmp_path / "out"
+    result = invoke(runner, "label-issues", *options(env, data=data), "--folds", "3", "--out", out, "--move", review)
+    line = assert_one_line_error(
+        result,
+        code=1,
+        after_notes=True,
+        allow_stdout=True,  # the findings, written and printed before the refusal to move
+        names=["too weak to judge labels", "out-of-fold acc@1"],
+        fix="--force",
+    )
+    assert "moved nothing" in line and not review.exists() and len(list(data.rglob("*.jpg"))) == 25
+    assert read_csv(out / "label_issues.csv") and "suspected label issue(s)" in result.stdout  # the findings stay
+    forced = invoke(runner, "label-issues", *options(env, data=data), "--folds", "3", "--move", review, "--force")
+    assert forced.exit_code == 0 and "too weak" in forced.stderr and "Moved" in forced.stdout, forced.output
+    assert len(list(review.rglob("*.jpg"))) == 25 - len(list(data.rglob("*.jpg")))
+
+
+def test_weak_model_thresholds_name_what_tripped_them():
+    assert too_weak(0.95, 3, 100) is None
+    assert too_weak(0.66, 12, 100) is None  # the weakest good model measured (precision 58 %)
+    assert "below 60%" in too_weak(0.38, 10, 100) and "flags" not in too_weak(0.38, 10, 100)
+    assert "flags 50.0% of the images, more than 15%" in too_weak(0.9, 50, 100)
 
 
 def test_label_issues_will_not_move_into_the_data_it_reads(runner, env):

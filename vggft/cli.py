@@ -57,11 +57,6 @@ class Split(str, Enum):
     test = "test"
 
 
-class Suggestion(str, Enum):
-    valley = "valley"
-    steepest = "steepest"
-
-
 class ExportFormat(str, Enum):
     onnx = "onnx"
     pt2 = "pt2"
@@ -663,7 +658,14 @@ def lr_find(
     one_pass: Annotated[
         bool, typer.Option("--one-pass", help="One pass over the train rows instead of --steps.")
     ] = False,
-    suggest: Annotated[Suggestion, typer.Option(help="Which suggestion to print.")] = Suggestion.valley,
+    suggest: Annotated[
+        str,
+        typer.Option(
+            metavar="<cliff|valley|steepest>",
+            help="Which suggestion to print: cliff (a tenth of the lr where the loss starts to climb), or fastai's "
+            "valley or steepest.",
+        ),
+    ] = "cliff",
     name: NameOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -674,13 +676,16 @@ def lr_find(
     _output(quiet)
     from vggft.tuning.lr_find import lr_find as run_lr_find
 
-    found = run_lr_find(cfg, start=start, end=end, steps=None if one_pass else steps, suggestion=suggest.value)
+    found = run_lr_find(cfg, start=start, end=end, steps=None if one_pass else steps, suggestion=suggest)
     test = found.test
     stopped = f"; {test.stopped}" if test.stopped else ""
     typer.echo(f"Range test: {len(test.lrs)} steps, lr {start:.0e} to {test.lrs[-1]:.2e}{stopped}")
-    typer.echo("Suggestions: " + ", ".join(f"{n} {lr:.2e}" for n, (lr, _) in found.suggestions.items()))
-    typer.echo(f"Suggested lr ({found.chosen}): {found.lr:.2g}; use it with:")
-    typer.echo(f"  --set train.lr={found.lr:.2g}")
+    if found.lr is None:  # exit 0 all the same: the curve (plot, CSV) is the result, and it is written
+        typer.echo(f"No usable advice: {found.advice}")
+    else:
+        typer.echo("Suggestions: " + ", ".join(f"{n} {lr:.2e}" for n, (lr, _) in found.suggestions.items()))
+        typer.echo(f"Suggested lr ({found.chosen}): {found.lr:.2g}; use it with:")
+        typer.echo(f"  --set train.lr={found.lr:.2g}")
     _wrote(found.run_dir, found.files)
 
 
@@ -725,17 +730,24 @@ def label_issues(
     move: Annotated[
         Path | None, typer.Option(help="Move the suspects here for review (paths kept); deletes nothing.")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="--move even when the model is too weak to judge labels.")
+    ] = False,
     name: NameOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Images whose label looks wrong: confident learning on k-fold out-of-fold probabilities."""
+    """Images whose label looks wrong: confident learning on k-fold out-of-fold probabilities.
+
+    Exits 1, moving nothing, when --move is given and the model is too weak to judge labels (--force moves anyway).
+    """
     options.check_label_issues(folds, show)
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
     from vggft.tuning.label_issues import label_issues as find
+    from vggft.utils.logs import log
 
-    found = find(cfg, folds=folds, seed=seed, out=out, show=show, move=move)
+    found = find(cfg, folds=folds, seed=seed, out=out, show=show, move=move, force=force)
     names = found.run.data.names
     rows = [
         [found.run.samples[s.index][0], names[s.given], names[s.suggested], f"{s.confidence:.3f}"]
@@ -755,6 +767,10 @@ def label_issues(
             f"Moved {len(found.moved)} file(s) to {move} for review (paths kept relative to "
             f"{found.run.data.splits.root}; nothing deleted)"
         )
+    if found.held_back:
+        raise VggftError(f"label-issues: {found.weak}; --move moved nothing (--force moves the suspects anyway)")
+    if found.weak:
+        log.warning(f"label-issues: {found.weak}")
 
 
 @app.command("make-demo")

@@ -27,6 +27,11 @@ from vggft.utils.errors import OutputError
 from vggft.utils.files import save_csv
 
 TOLERANCE = 1e-6  # cleanlab's slack on the threshold comparison, and on the given label's argmax
+# When the suspects are mostly the model's own mistakes. Measured with scripts/bench_label_weak.py (42 runs,
+# docs/commands.md): every run under 60 % out-of-fold accuracy had a precision of 44 % or less, the good ones
+# (precision 50 % or more) started at 66 % and flagged at most 12 % of the images; weak ones flagged up to 93 %.
+WEAK_ACCURACY = 0.6  # out-of-fold acc@1 below this: the model is too weak to judge labels
+WEAK_FLAGGED = 0.15  # more of the images flagged than this: a backstop for mass accusation at fair accuracy
 
 
 @dataclass
@@ -74,6 +79,25 @@ def find_label_issues(probs: torch.Tensor, labels: torch.Tensor) -> list[Suspect
     return sorted(suspects, key=lambda s: (s.self_confidence, s.margin, s.index))
 
 
+def too_weak(accuracy: float, flagged: int, images: int) -> str | None:
+    """Why a model cannot be trusted to judge labels (out-of-fold ``accuracy``, ``flagged`` of ``images``
+    suspected), or None: confident learning's suspects are the images the model gets wrong, so a weak model
+    accuses mostly its own mistakes."""
+    reasons = []
+    if accuracy < WEAK_ACCURACY:
+        reasons.append(f"out-of-fold acc@1 {100 * accuracy:.1f}% is below {100 * WEAK_ACCURACY:.0f}%")
+    share = flagged / images if images else 0.0
+    if share > WEAK_FLAGGED:
+        reasons.append(f"it flags {100 * share:.1f}% of the images, more than {100 * WEAK_FLAGGED:.0f}%")
+    if not reasons:
+        return None
+    return (
+        f"the model is too weak to judge labels ({'; '.join(reasons)}): most suspects are its own mistakes; "
+        "make it stronger first (pretrained model.weights, a larger data.image_size, vggft lr-find for train.lr, "
+        "more train.epochs) and run label-issues again"
+    )
+
+
 @dataclass
 class LabelIssues:
     run: FoldRun
@@ -81,13 +105,23 @@ class LabelIssues:
     out: Path
     files: list[Path]
     moved: list[tuple[Path, Path]]
+    weak: str | None = None  # why the model is too weak to judge labels (``too_weak``); None: it is not
+    held_back: bool = False  # --move was asked for, and the suspects were not moved because the model is weak
 
 
 def label_issues(
-    cfg: Config, *, folds: int = 5, seed: int = 0, out: Path | None = None, show: int = 16, move: Path | None = None
+    cfg: Config,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    out: Path | None = None,
+    show: int = 16,
+    move: Path | None = None,
+    force: bool = False,
 ) -> LabelIssues:
     """Out-of-fold probabilities, confident learning, then the ranked CSV, a grid PNG and the OOF CSV in
-    ``out`` (default a new run folder); ``move`` moves the suspects there for review, deleting nothing."""
+    ``out`` (default a new run folder); ``move`` moves the suspects there for review, deleting nothing, unless
+    the model is too weak to judge labels (``too_weak``) and not ``force``."""
     check_label_issues(folds, show)
     if out is None:
         check_run_folder(cfg, "label_issues")
@@ -122,10 +156,12 @@ def label_issues(
     files = [csv_path, write_oof(run, Path(out) / "oof.csv")]
     if suspects and show > 0:
         files.append(_grid(run, suspects[:show], cfg, Path(out) / "label_issues.png"))
+    weak = too_weak(run.mean, len(suspects), len(run.samples))
+    held_back = move is not None and bool(suspects) and weak is not None and not force
     moved = []
-    if move is not None and suspects:
+    if move is not None and suspects and not held_back:
         moved = move_files([run.samples[s.index][0] for s in suspects], run.data.splits.root, Path(move), "--move")
-    return LabelIssues(run, suspects, Path(out), files, moved)
+    return LabelIssues(run, suspects, Path(out), files, moved, weak, held_back)
 
 
 def _grid(run: FoldRun, suspects: list[Suspect], cfg: Config, path: Path) -> Path:

@@ -4,11 +4,20 @@ A fresh head trains with the learning rate growing exponentially from ``start`` 
 batches (cycling through the train rows, or one pass over them), the loss smoothed by an exponential
 moving average (beta 0.98, bias-corrected); the test stops once the smoothed loss exceeds 4x its minimum
 (or is not finite). As fastai does, the first tenth of the steps and the last five are left out before
-suggesting, and two suggestions are made:
+suggesting, and three suggestions are made:
 
+- ``cliff`` (the default): a tenth of the lr at the cliff's edge, the last point before the smoothed loss
+  climbs ``margin`` above its minimum: ``RISE`` (1 %) of it, or the raw loss's batch-to-batch noise
+  (``RangeTest.jitter``) where that is larger; the last point read if it never does. It reads the one feature
+  that a curve staying flat until the loss blows up has, where fastai's picks land in the flat stretch's
+  noise (measured in docs/performance.md with scripts/lr_advice.py);
 - ``valley``: the longest stretch over which the loss keeps falling (its longest decreasing subsequence),
-  and the point about halfway along it (fastai's default);
-- ``steepest``: where the loss falls fastest against log(lr).
+  and the point about halfway along it (fastai's default, kept as the reference);
+- ``steepest``: where the loss falls fastest against log(lr) (fastai's ``steep``).
+
+When the curve gives no usable advice, no suggestion is made (``advice`` says why): the smoothed loss
+neither fell nor climbed ``margin`` off its minimum over the steps read (nothing happened: the range or the
+steps were too short), or it climbed from the first point read (``start`` was already too high).
 """
 
 from __future__ import annotations
@@ -35,7 +44,10 @@ from vggft.utils.logs import log, progress
 
 BETA = 0.98
 DIVERGED = 4.0
-SUGGESTIONS = ("valley", "steepest")
+SUGGESTIONS = ("cliff", "valley", "steepest")
+# The smoothed loss has fallen (climbed) once it lies this fraction of its minimum, or one jitter, above that
+# minimum somewhere before (after) it: see margin.
+RISE = 0.01
 
 
 @dataclass
@@ -49,11 +61,20 @@ class RangeTest:
     def trimmed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lrs, smoothed losses) the suggestions read: without the first tenth and the last five steps."""
         lrs, losses = torch.tensor(self.lrs, dtype=torch.float64), torch.tensor(self.smoothed, dtype=torch.float64)
-        finite = torch.isfinite(losses)
-        if not finite.all():
-            cut = int((~finite).nonzero()[0])
-            lrs, losses = lrs[:cut], losses[:cut]
-        return lrs[self.planned // 10 : -5], losses[self.planned // 10 : -5]
+        return lrs[self._read()], losses[self._read()]
+
+    def jitter(self) -> float:
+        """The batch-to-batch noise (standard deviation) of the raw loss over the steps read, from its second
+        differences, which a steady fall or climb leaves alone: for noise of sd s, they have sd sqrt(6) s and
+        their median size is 0.674 of that."""
+        raw = torch.tensor(self.losses, dtype=torch.float64)[self._read()]
+        second = raw[2:] - 2 * raw[1:-1] + raw[:-2]
+        return float(second.abs().median()) / (0.674 * math.sqrt(6)) if len(second) else 0.0
+
+    def _read(self) -> slice:
+        finite = torch.isfinite(torch.tensor(self.smoothed, dtype=torch.float64))
+        cut = int((~finite).nonzero()[0]) if not finite.all() else len(self.smoothed)
+        return slice(self.planned // 10, max(cut - 5, 0))
 
 
 def range_test(
@@ -140,16 +161,57 @@ def steepest(lrs: torch.Tensor, losses: torch.Tensor) -> int:
     return int(slopes.argmin())
 
 
-def suggest(test: RangeTest) -> dict[str, tuple[float, float]]:
-    """name -> (lr, smoothed loss there)."""
+def margin(losses: torch.Tensor, jitter: float = 0.0) -> float:
+    """How far above its minimum the smoothed loss must be to count as having fallen or climbed: ``RISE`` of the
+    minimum, or the raw loss's ``jitter`` (``RangeTest.jitter``) where that is larger."""
+    return max(RISE * float(losses.min()), jitter)
+
+
+def cliff(lrs: torch.Tensor, losses: torch.Tensor, jitter: float = 0.0) -> int:
+    """Index of the cliff's edge: the last point before the loss first climbs ``margin`` above its minimum after
+    it (the last point when it never does)."""
+    low = int(losses.argmin())
+    above = (losses[low:] > losses[low] + margin(losses, jitter)).nonzero()
+    return low + int(above[0]) - 1 if len(above) else len(losses) - 1
+
+
+def advice(lrs: torch.Tensor, losses: torch.Tensor, jitter: float = 0.0) -> str:
+    """Why the curve gives no usable advice, or '' when it does."""
+    low, by = int(losses.argmin()), margin(losses, jitter)
+    floor = float(losses[low])
+    fell, climbed = bool((losses[:low] > floor + by).any()), bool((losses[low:] > floor + by).any())
+    if not fell and not climbed:
+        return (
+            f"the smoothed loss neither fell nor climbed (it stayed within {by:.2g} of {floor:.4g} from lr "
+            f"{float(lrs[0]):.1e} to {float(lrs[-1]):.1e}); raise --end or --steps, or sweep train.lr instead"
+        )
+    if cliff(lrs, losses, jitter) == 0:
+        return f"the smoothed loss climbed from the first lr read ({float(lrs[0]):.1e}) on; lower --start"
+    return ""
+
+
+def _trimmed(test: RangeTest) -> tuple[torch.Tensor, torch.Tensor]:
     lrs, losses = test.trimmed()
     if len(lrs) < 3:
         raise ConfigError(
             f"lr-find: only {len(test.lrs)} steps before the loss diverged ({test.stopped or 'too few steps'}), "
             "too few to suggest from; raise --steps, or lower --end"
         )
+    return lrs, losses
+
+
+def suggest(test: RangeTest) -> dict[str, tuple[float, float]]:
+    """name -> (lr, smoothed loss there); empty when the curve gives no usable advice (see ``advice``)."""
+    lrs, losses = _trimmed(test)
+    if advice(lrs, losses, test.jitter()):
+        return {}
+    edge = cliff(lrs, losses, test.jitter())
+    below = int((lrs.log() - math.log(float(lrs[edge]) / 10)).abs().argmin())  # the lr read nearest a tenth
     picks = {"valley": valley(lrs, losses), "steepest": steepest(lrs, losses)}
-    return {name: (float(lrs[i]), float(losses[i])) for name, i in picks.items()}
+    return {
+        "cliff": (float(lrs[edge]) / 10, float(losses[below])),
+        **{name: (float(lrs[i]), float(losses[i])) for name, i in picks.items()},
+    }
 
 
 @dataclass
@@ -159,14 +221,16 @@ class LrFind:
     chosen: str
     run_dir: Path
     files: list[Path]
+    advice: str = ""  # why the curve gives no usable advice (then no suggestions); '' when it does
 
     @property
-    def lr(self) -> float:
-        return self.suggestions[self.chosen][0]
+    def lr(self) -> float | None:
+        """The chosen suggestion; None when the curve gives no usable advice."""
+        return self.suggestions[self.chosen][0] if self.suggestions else None
 
 
 def lr_find(
-    cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int | None = 100, suggestion: str = "valley"
+    cfg: Config, *, start: float = 1e-7, end: float = 10.0, steps: int | None = 100, suggestion: str = "cliff"
 ) -> LrFind:
     """``vggft lr-find``: the range test on the train split's cached rows, its CSV and PNG in a run folder."""
     check_lr_find(start, end, steps)
@@ -181,6 +245,7 @@ def lr_find(
     if test.stopped:
         log.info(f"lr-find: {test.stopped}")
     suggestions = suggest(test)
+    why = "" if suggestions else advice(*test.trimmed(), test.jitter())
     run_dir = make_run_folder(cfg, "lr_find")
     csv_path = save_csv(
         run_dir / "lr_find.csv",
@@ -196,4 +261,4 @@ def lr_find(
     png = save_lr_plot(
         test.lrs[shown], test.losses[shown], test.smoothed[shown], suggestions, suggestion, run_dir / "lr_find.png"
     )
-    return LrFind(test, suggestions, suggestion, run_dir, [png, csv_path, run_dir / "config.yaml"])
+    return LrFind(test, suggestions, suggestion, run_dir, [png, csv_path, run_dir / "config.yaml"], why)
