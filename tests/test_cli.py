@@ -128,6 +128,13 @@ def test_the_real_vgg16_trains_saves_and_evaluates(runner, pet, tmp_path):
         assert "Epoch   2/2" in result.stderr and "Epoch" not in result.stdout
         result = invoke(runner, "eval", "-w", "out/m.pt", "-q")
         assert result.exit_code == 0 and result.stdout.startswith("acc@1") and "/7)" in result.stdout
+        # output.full_weights: false keeps what training changed: under 1 % of the whole, the same scores
+        light = ["--set", "output.full_weights=false", "--set", "output.weights=out/light.pt"]
+        assert invoke(runner, "train", "--set", f"data.root={pet}", *FAST, *light).exit_code == 0
+        size = (tmp_path / "out" / "light.pt").stat().st_size
+        assert size < (tmp_path / "out" / "m.pt").stat().st_size / 100
+        scored = invoke(runner, "eval", "-w", "out/light.pt", "-q").stdout
+        assert scored.replace("out/light.", "out/m.") == result.stdout
     finally:
         (tmp_path / "out" / "m.pt").unlink(missing_ok=True)  # 537 MB: not left in pytest's temp folder
 

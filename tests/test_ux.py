@@ -120,7 +120,9 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(runner, pet, monk
     assert result.exit_code == 0, result.output
     assert "\r" not in result.stderr
     lines = result.stderr.splitlines()
-    assert len(lines) > 10 and all(re.fullmatch(r"Checking images: \d+/19 img", line) for line in lines)
+    progress = re.compile(r"Checking images: \d+/19 img \(\d+%\), [\d.]+ (img/s|s/img)(, ETA [\dhms.]+)?")
+    assert len(lines) > 10 and all(progress.fullmatch(line) for line in lines[:-1]), lines
+    assert re.fullmatch(r"Done in [\d.]+s", lines[-1])  # the wall time, last
 
 
 def test_curves_have_whole_epoch_ticks_and_the_best_epoch(monkeypatch, tmp_path):

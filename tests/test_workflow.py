@@ -81,7 +81,7 @@ def test_curves_that_cannot_be_drawn_are_said_once_the_weights_are_saved(
     are forked after it); when it cannot be drawn or written the run still ends well (its numbers are in
     metrics.csv), and says so in one line."""
 
-    def fails(history, path, best_epoch=0):
+    def fails(history, path, best_epoch=0, title=""):
         raise failure
 
     monkeypatch.setattr(vggft.reporting.plots, "save_curves", fails)

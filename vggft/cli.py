@@ -6,6 +6,7 @@ import functools
 import gc
 import json
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, TypeAlias
@@ -20,11 +21,12 @@ from vggft.utils.errors import Interrupted, VggftError
 app = typer.Typer(
     help="Fine-tune ImageNet-pretrained VGG networks on a folder of labelled images.",
     no_args_is_help=True,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
-_state = {"debug": False}
+_state = {"debug": False, "verbose": False}
 
 ConfigOpt = Annotated[
     Path | None,
@@ -48,6 +50,58 @@ def _set_option(example: str) -> OptionInfo:
 
 
 SetOpt: TypeAlias = Annotated[list[str] | None, _set_option("train.epochs=1")]
+
+# The keys people change most, as flags of their own: each is exactly the --set it stands for (the same
+# checks; errors name the flag). Parameter name -> (flag, config key, metavar).
+SHORT_FLAGS = {
+    "data": ("--data", "data.root", "DIR"),
+    "epochs": ("--epochs", "train.epochs", "N"),
+    "lr": ("--lr", "train.lr", "FLOAT"),
+    "batch_size": ("--batch-size", "data.batch_size", "N"),
+    "image_size": ("--image-size", "data.image_size", "PX"),
+    "arch": ("--arch", "model.arch", "NAME"),
+    "weights_from": ("--weights-from", "model.weights", "NAME|FILE"),
+    "device": ("--device", "train.device", "DEVICE"),
+    "seed": ("--seed", "train.seed", "N"),
+}
+
+
+def _flag(param: str) -> OptionInfo:
+    flag, key, metavar = SHORT_FLAGS[param]
+    return typer.Option(flag, metavar=metavar, help=f"Same as --set {key}=VALUE.", rich_help_panel="Shortcuts")
+
+
+DataFlag = Annotated[str | None, _flag("data")]
+EpochsFlag = Annotated[str | None, _flag("epochs")]
+LrFlag = Annotated[str | None, _flag("lr")]
+BatchSizeFlag = Annotated[str | None, _flag("batch_size")]
+ImageSizeFlag = Annotated[str | None, _flag("image_size")]
+ArchFlag = Annotated[str | None, _flag("arch")]
+WeightsFromFlag = Annotated[str | None, _flag("weights_from")]
+DeviceFlag = Annotated[str | None, _flag("device")]
+SeedFlag = Annotated[str | None, _flag("seed")]
+
+
+def _with_flags(set_: list[str] | None, arguments: dict) -> list[str]:
+    """--set's overrides, then one per short flag given among a command's ``arguments`` (its ``locals()``); a
+    flag and a --set of the same key is refused rather than one silently winning. A flag's value is the text
+    typed (a str); a command's own option of the same name (predict's --batch-size, kfold's --seed) is parsed
+    by typer (an int) and is not a flag."""
+    from vggft.config.loading import Override, parse_override
+    from vggft.utils.errors import ConfigError
+
+    overrides = list(set_ or [])
+    keys = {parse_override(text)[0] for text in overrides}
+    for param, (flag, key, _) in SHORT_FLAGS.items():
+        value = arguments.get(param)
+        if not isinstance(value, str):
+            continue
+        if key in keys:
+            raise ConfigError(f"{flag} and --set {key}: both set {key}; give one of them")
+        overrides.append(Override(key, value, flag, literal=key == "data.root"))  # a path is not YAML
+    return overrides
+
+
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or progress lines.")]
 
 
@@ -117,6 +171,22 @@ def _handle_errors(command):
     return wrapper
 
 
+def _timed(command):
+    """The command's wall time as the last note on stderr, for the commands that take a while."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        started = time.monotonic()
+        result = command(*args, **kwargs)
+        from vggft.utils.logs import duration, log
+
+        if _rank() == 0:
+            log.info(f"Done in {duration(time.monotonic() - started)}")
+        return result
+
+    return wrapper
+
+
 def _rank() -> int:
     return torchrun.environment_rank()
 
@@ -132,7 +202,7 @@ def _output(quiet: bool) -> None:
     """Notes and progress go to stderr; stdout carries the command's result alone."""
     from vggft.utils.logs import configure
 
-    configure(progress=not quiet)
+    configure(progress=not quiet, details=_state["verbose"])
 
 
 def _err(message: str) -> None:
@@ -169,29 +239,90 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+EXAMPLES = {
+    "train": [
+        "vggft train --config pet --data data/pets --epochs 5 --lr 1e-3",
+        "vggft train --config keras_gap --data data/flowers --image-size 160 --name flowers",
+        "vggft train --resume runs/flowers/last.pt --epochs 10",
+    ],
+    "eval": [
+        "vggft eval --weights models/VGG16.pt --data data/pets",
+        "vggft eval -w models/VGG16.pt --split val --top-losses 16 --explain",
+    ],
+    "summary": ["vggft summary --config keras_gap", "vggft summary --arch vgg11 --image-size 64 --num-classes 10"],
+    "show-batch": [
+        "vggft show-batch --config pet --data data/pets",
+        "vggft show-batch --split test --count 16 --out batch.png",
+    ],
+    "check-data": [
+        "vggft check-data --data data/pets",
+        "vggft check-data --data data/pets --near-duplicates --quarantine data/bad",
+    ],
+    "predict": [
+        "vggft predict photos/ --weights models/VGG16.pt --topk 3",
+        "vggft predict cat.jpg --weights models/VGG16.onnx --json",
+    ],
+    "explain": ["vggft explain cat.jpg --weights models/VGG16.pt", "vggft explain photos/ --class dog --out cams/"],
+    "export": ["vggft export --weights models/VGG16.pt", "vggft export --weights models/VGG16.pt --format pt2"],
+    "sweep": [
+        "vggft sweep --config pet --data data/pets --grid train.lr=1e-4,1e-3,1e-2",
+        "vggft sweep --range train.lr=1e-5:1e-1:log --trials 8 --save-best",
+    ],
+    "lr-find": [
+        "vggft lr-find --config pet --data data/pets",
+        "vggft lr-find --data data/pets --set train.optimizer=adam --suggest steepest",
+    ],
+    "kfold": ["vggft kfold --config pet --data data/pets --folds 5"],
+    "label-issues": ["vggft label-issues --data data/pets", "vggft label-issues --data data/pets --move review/"],
+    "make-demo": ["vggft make-demo data/demo && vggft train --config demo"],
+    "configs": ["vggft configs", "vggft configs --defaults > my.yaml"],
+}
+
+
+def _examples(command: str) -> str:
+    """The foot of a command's --help: its examples, one per paragraph (typer rewraps a paragraph)."""
+    return "Examples:\n\n" + "\n\n".join(EXAMPLES[command])
+
+
 @app.callback()
 def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also the notes on vggft's internals (cache, shared steps).")
+    ] = False,
     version: Annotated[
-        bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
+        bool,
+        typer.Option("--version", "-V", help="Print the version and exit.", callback=_print_version, is_eager=True),
     ] = False,
 ) -> None:
     _state["debug"] = debug
+    _state["verbose"] = verbose
     if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8 is printed as its bytes, as ls does
         sys.stdout.reconfigure(errors="surrogateescape")
 
 
-@app.command()
+@app.command(epilog=_examples("train"))
 @_handle_errors
+@_timed
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    data: DataFlag = None,
+    epochs: EpochsFlag = None,
+    lr: LrFlag = None,
+    batch_size: BatchSizeFlag = None,
+    image_size: ImageSizeFlag = None,
+    arch: ArchFlag = None,
+    weights_from: WeightsFromFlag = None,
+    device: DeviceFlag = None,
+    seed: SeedFlag = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under output.runs_dir.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Go on from a run's last.pt (its config, --set on top).")] = None,
     nproc: Annotated[int, typer.Option(help="Processes to train with (torch.distributed.run on this machine).")] = 1,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune: frozen backbone, new head; evaluate on test; save weights, sidecar and a run folder."""
+    set_ = _with_flags(set_, locals())
     torchrun.check_nproc(nproc)
     overrides = [*(set_ or []), *([f"output.name={name}"] if name else [])]
     if resume:
@@ -230,12 +361,15 @@ def train(
         typer.echo(f"Saved {result.weights} (sidecar {result.sidecar}); run folder {result.run_dir}: {RUN_FILES}")
 
 
-@app.command("eval")
+@app.command("eval", epilog=_examples("eval"))
 @_handle_errors
+@_timed
 def eval_(
     weights: WeightsOpt = Path("models/VGG16.pt"),
     config: ConfigOpt = None,
     set_: Annotated[list[str] | None, _set_option("data.root=other/images")] = None,
+    data: DataFlag = None,
+    device: DeviceFlag = None,
     split: Annotated[Split, typer.Option(help="Which split to score.")] = Split.test,
     topk: Annotated[int, typer.Option(help="Also report acc@k for this k (1 or more).")] = 5,
     misclassified: Annotated[int, typer.Option(help="Save a grid of the N most confident mistakes (0: none).")] = 0,
@@ -246,6 +380,7 @@ def eval_(
     quiet: QuietOpt = False,
 ) -> None:
     """acc@1 and acc@k over every image of the test split, per-class precision/recall/F1, confusion matrix."""
+    set_ = _with_flags(set_, locals())
     options.check_eval(topk, misclassified, top_losses, explain)
     _output(quiet)
     from vggft.diagnostics.evaluation import evaluate_weights
@@ -308,11 +443,14 @@ def _echo_eval_extras(metrics) -> None:
     typer.echo(line)
 
 
-@app.command()
+@app.command(epilog=_examples("summary"))
 @_handle_errors
 def summary(
     config: ConfigOpt = None,
     set_: Annotated[list[str] | None, _set_option("model.head=gap")] = None,
+    data: DataFlag = None,
+    image_size: ImageSizeFlag = None,
+    arch: ArchFlag = None,
     num_classes: Annotated[
         int | None,
         typer.Option(
@@ -322,6 +460,7 @@ def summary(
     quiet: QuietOpt = False,
 ) -> None:
     """The torchinfo table of the model as configured; needs no data and no weights file."""
+    set_ = _with_flags(set_, locals())
     options.check_summary(num_classes)
     cfg = _config(config, set_)
     _output(quiet)
@@ -331,19 +470,26 @@ def summary(
     typer.echo(summary_text(model_summary(cfg, num_classes)))
 
 
-@app.command("show-batch")
+@app.command("show-batch", epilog=_examples("show-batch"))
 @_handle_errors
 def show_batch(
     config: ConfigOpt = None,
     set_: Annotated[list[str] | None, _set_option("data.augment=light")] = None,
+    data: DataFlag = None,
+    image_size: ImageSizeFlag = None,
+    batch_size: BatchSizeFlag = None,
     split: Annotated[
         Split, typer.Option(help="Which split to draw from (train: with its augmentation).")
     ] = Split.train,
-    out: Annotated[Path | None, typer.Option(help="PNG path (default: beside output.weights).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="PNG path, or a folder for batch_<split>.png (default: a new run folder, runs/show_batch)."),
+    ] = None,
     count: Annotated[int | None, typer.Option(help="Images in the grid (default: data.batch_size).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Save a PNG grid of one batch, de-normalised to real colours, titled with class names."""
+    set_ = _with_flags(set_, locals())
     options.check_show_batch(count)
     cfg = _config(config, set_)
     _output(quiet)
@@ -353,11 +499,13 @@ def show_batch(
     typer.echo(str(path))
 
 
-@app.command("check-data")
+@app.command("check-data", epilog=_examples("check-data"))
 @_handle_errors
+@_timed
 def check_data(
     config: ConfigOpt = None,
     set_: Annotated[list[str] | None, _set_option("data.root=path/to/images")] = None,
+    data: DataFlag = None,
     quarantine: Annotated[
         Path | None, typer.Option(help="Move unreadable files here (paths kept); deletes nothing.")
     ] = None,
@@ -380,6 +528,7 @@ def check_data(
 
     Exits 1 when it finds something that would break or bias training.
     """
+    set_ = _with_flags(set_, locals())
     options.check_max_imbalance(max_imbalance)
     options.check_similarity(similarity, near_duplicates)
     cfg = _config(config, set_)
@@ -404,7 +553,7 @@ def check_data(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(epilog=_examples("predict"))
 @_handle_errors
 def predict(
     inputs: InputsArg,
@@ -416,6 +565,7 @@ def predict(
     ] = Path("models/VGG16.pt"),
     config: ConfigOpt = None,
     set_: Annotated[list[str] | None, _set_option("train.device=cpu")] = None,
+    device: DeviceFlag = None,
     topk: Annotated[int, typer.Option(help="Classes to report per image, most probable first (1 or more).")] = 5,
     csv_path: Annotated[
         Path | None,
@@ -431,6 +581,7 @@ def predict(
 ) -> None:
     """Classify images with saved weights (or their ONNX export), preprocessed exactly as in training; unreadable
     files are reported."""
+    set_ = _with_flags(set_, locals())
     options.check_predict(topk, batch_size)
     _output(quiet)
     from vggft.model.exported import predict as run_predict
@@ -453,7 +604,7 @@ def predict(
         (_err if as_json else typer.echo)(f"Wrote {csv_path}")
 
 
-@app.command()
+@app.command(epilog=_examples("explain"))
 @_handle_errors
 def explain(
     inputs: InputsArg,
@@ -466,11 +617,13 @@ def explain(
     ),
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    device: DeviceFlag = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward and backward pass.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Grad-CAM: where in each image the network found the evidence for a class (heatmap PNG and .npy map)."""
+    set_ = _with_flags(set_, locals())
     options.check_batch_size(batch_size)
     _output(quiet)
     from vggft.diagnostics.explain import explain as run_explain
@@ -511,7 +664,7 @@ def _write_predictions_csv(rows: list[dict], path: Path) -> None:
     save_csv(path, ["path", "rank", "class", "probability", "error"], (line for r in rows for line in lines(r)))
 
 
-@app.command()
+@app.command(epilog=_examples("export"))
 @_handle_errors
 def export(
     weights: WeightsOpt = Path("models/VGG16.pt"),
@@ -544,7 +697,7 @@ NameOpt = Annotated[str | None, typer.Option(help="Run folder name under output.
 
 
 FoldsOpt = Annotated[int, typer.Option(help="Number of folds (stratified) over train+val.")]
-FoldSeedOpt = Annotated[int, typer.Option(help="Seed of the fold assignment.")]
+FoldSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the fold assignment (train.seed: --set).")]
 
 
 def _wrote(folder: Path, files: list[Path]) -> None:
@@ -566,11 +719,20 @@ def _table(header: list[str], rows: list[list[str]], left: int = 0) -> None:
         )
 
 
-@app.command()
+@app.command(epilog=_examples("sweep"))
 @_handle_errors
+@_timed
 def sweep(
     config: ConfigOpt = None,
     set_: Annotated[list[str] | None, _set_option("train.epochs=10")] = None,
+    data: DataFlag = None,
+    epochs: EpochsFlag = None,
+    lr: LrFlag = None,
+    batch_size: BatchSizeFlag = None,
+    image_size: ImageSizeFlag = None,
+    arch: ArchFlag = None,
+    weights_from: WeightsFromFlag = None,
+    device: DeviceFlag = None,
     grid: Annotated[
         list[str] | None,
         typer.Option(
@@ -590,7 +752,7 @@ def sweep(
     trials: Annotated[
         int | None, typer.Option(help="Random search: this many seeded draws over the --range and --grid values.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random draws.")] = 0,
+    draw_seed: Annotated[int, typer.Option("--seed", help="Seed of the random draws (train.seed: --set).")] = 0,
     save_best: Annotated[
         bool, typer.Option("--save-best", help="Save the best trial's model at output.weights (no further training).")
     ] = False,
@@ -598,11 +760,12 @@ def sweep(
     quiet: QuietOpt = False,
 ) -> None:
     """Train one head per setting on the cached rows (one extraction), rank them on val, write best.yaml."""
+    set_ = _with_flags(set_, locals())
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     from vggft.tuning.sweep_plan import parse_grid, parse_range, plan_trials, trial_configs
 
-    plans = plan_trials([parse_grid(g) for g in grid or []], [parse_range(r) for r in range_ or []], trials, seed)
+    plans = plan_trials([parse_grid(g) for g in grid or []], [parse_range(r) for r in range_ or []], trials, draw_seed)
     trial_configs(cfg, plans)  # a bad value is refused before torch is imported
     _output(quiet)
     from vggft.tuning.sweep import sweep as run_sweep
@@ -645,11 +808,21 @@ def _echo_trials(result) -> None:
     )
 
 
-@app.command("lr-find")
+@app.command("lr-find", epilog=_examples("lr-find"))
 @_handle_errors
+@_timed
 def lr_find(
     config: ConfigOpt = None,
     set_: Annotated[list[str] | None, _set_option("train.optimizer=adam")] = None,
+    data: DataFlag = None,
+    epochs: EpochsFlag = None,
+    lr: LrFlag = None,
+    batch_size: BatchSizeFlag = None,
+    image_size: ImageSizeFlag = None,
+    arch: ArchFlag = None,
+    weights_from: WeightsFromFlag = None,
+    device: DeviceFlag = None,
+    seed: SeedFlag = None,
     start: Annotated[float, typer.Option(help="First learning rate.")] = 1e-7,
     end: Annotated[float, typer.Option(help="Last learning rate.")] = 10.0,
     steps: Annotated[
@@ -670,6 +843,7 @@ def lr_find(
     quiet: QuietOpt = False,
 ) -> None:
     """The learning-rate range test on cached rows: a loss-vs-lr plot and a suggested train.lr."""
+    set_ = _with_flags(set_, locals())
     options.check_lr_find(start, end, None if one_pass else steps)
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
@@ -689,24 +863,34 @@ def lr_find(
     _wrote(found.run_dir, found.files)
 
 
-@app.command()
+@app.command(epilog=_examples("kfold"))
 @_handle_errors
+@_timed
 def kfold(
     config: ConfigOpt = None,
     set_: Annotated[list[str] | None, _set_option("model.head=gap")] = None,
+    data: DataFlag = None,
+    epochs: EpochsFlag = None,
+    lr: LrFlag = None,
+    batch_size: BatchSizeFlag = None,
+    image_size: ImageSizeFlag = None,
+    arch: ArchFlag = None,
+    weights_from: WeightsFromFlag = None,
+    device: DeviceFlag = None,
     folds: FoldsOpt = 5,
-    seed: FoldSeedOpt = 0,
+    fold_seed: FoldSeedOpt = 0,
     name: NameOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Stratified k-fold cross-validation on the cached rows: accuracy per fold, mean and std, out-of-fold CSV."""
+    set_ = _with_flags(set_, locals())
     options.check_folds(folds)
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
     _output(quiet)
     from vggft.tuning.kfold import kfold as run_kfold
 
-    run, folder, files = run_kfold(cfg, folds, seed)
+    run, folder, files = run_kfold(cfg, folds, fold_seed)
     for f in run.figures:
         typer.echo(f"fold {f['fold']}: acc@1 {100 * f['accuracy']:.2f}% ({f['correct']}/{f['images']})")
     typer.echo(
@@ -716,13 +900,22 @@ def kfold(
     _wrote(folder, files)
 
 
-@app.command("label-issues")
+@app.command("label-issues", epilog=_examples("label-issues"))
 @_handle_errors
+@_timed
 def label_issues(
     config: ConfigOpt = None,
     set_: Annotated[list[str] | None, _set_option("data.root=path/to/images")] = None,
+    data: DataFlag = None,
+    epochs: EpochsFlag = None,
+    lr: LrFlag = None,
+    batch_size: BatchSizeFlag = None,
+    image_size: ImageSizeFlag = None,
+    arch: ArchFlag = None,
+    weights_from: WeightsFromFlag = None,
+    device: DeviceFlag = None,
     folds: FoldsOpt = 5,
-    seed: FoldSeedOpt = 0,
+    fold_seed: FoldSeedOpt = 0,
     out: Annotated[
         Path | None, typer.Option(help="Folder for the CSVs and the PNG (default: a new run folder).")
     ] = None,
@@ -740,6 +933,7 @@ def label_issues(
 
     Exits 1, moving nothing, when --move is given and the model is too weak to judge labels (--force moves anyway).
     """
+    set_ = _with_flags(set_, locals())
     options.check_label_issues(folds, show)
     cfg = _config(config, _named(set_, name))
     _check_pretrained(cfg)
@@ -747,7 +941,7 @@ def label_issues(
     from vggft.tuning.label_issues import label_issues as find
     from vggft.utils.logs import log
 
-    found = find(cfg, folds=folds, seed=seed, out=out, show=show, move=move, force=force)
+    found = find(cfg, folds=folds, seed=fold_seed, out=out, show=show, move=move, force=force)
     names = found.run.data.names
     rows = [
         [found.run.samples[s.index][0], names[s.given], names[s.suggested], f"{s.confidence:.3f}"]
@@ -773,7 +967,7 @@ def label_issues(
         log.warning(f"label-issues: {found.weak}")
 
 
-@app.command("make-demo")
+@app.command("make-demo", epilog=_examples("make-demo"))
 @_handle_errors
 def make_demo(
     root: Annotated[Path, typer.Argument(help="Where to write the demo image folder (made if missing).")] = Path(
@@ -789,7 +983,7 @@ def make_demo(
     typer.echo(str(make_demo_data(root, train_per_class, test_per_class)))
 
 
-@app.command("configs")
+@app.command("configs", epilog=_examples("configs"))
 @_handle_errors
 def configs(
     show: Annotated[
@@ -821,6 +1015,47 @@ def configs(
     for name in presets.names():
         typer.echo(f"{name:<{width}}  {presets.description(name)}")
     typer.echo("Use one with --config NAME; print it with vggft configs --show NAME; every key: --defaults")
+
+
+class RunKind(str, Enum):
+    train = "train"
+    sweep = "sweep"
+    kfold = "kfold"
+    label_issues = "label_issues"
+    lr_find = "lr_find"
+
+
+EXAMPLES["runs"] = ["vggft runs", "vggft runs --sort -test_acc --kind train", "vggft runs --json > runs.json"]
+
+
+@app.command("runs", epilog=_examples("runs"))
+@_handle_errors
+def runs(
+    config: ConfigOpt = None,
+    set_: Annotated[list[str] | None, _set_option("output.runs_dir=other/runs")] = None,
+    sort: Annotated[
+        str | None,
+        typer.Option(metavar="[-]COLUMN", help="Sort by this column of the table (-COLUMN: descending); default date."),
+    ] = None,
+    kind: Annotated[RunKind | None, typer.Option(help="Only the runs of this command.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print every run, with its results and config, as JSON.")
+    ] = False,
+) -> None:
+    """The runs under output.runs_dir as a table: settings that differ, val and test acc@1, seconds."""
+    cfg = _config(config, set_)
+    from vggft.reporting.runs import list_runs, table
+
+    listing = list_runs(cfg.output.runs_dir, kind=kind.value if kind else None, sort=sort)
+    for broken in listing.broken:
+        _err(f"{broken.path}: not listed: {broken.reason}")
+    if as_json:
+        typer.echo(json.dumps(listing.to_dict(), indent=2, default=str))
+    elif listing.rows:
+        header, rows = table(listing)
+        _table(header, rows, left=6)
+    else:
+        _err(f"No runs in {listing.runs_dir}" + (f" of kind {kind.value}" if kind else ""))
 
 
 def run() -> None:

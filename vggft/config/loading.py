@@ -78,7 +78,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
         key, value = parse_override(override)
         key = RENAMED_KEYS.get(key, key)
         _set_dotted(raw, key, value)
-        origins[key] = "--set"
+        origins[key] = origin(override)
     return config_from_dict(raw, source, origins)
 
 
@@ -174,10 +174,29 @@ def resume_overrides_refused(overrides: list[str]) -> None:
     for override in overrides:
         key, _ = parse_override(override)
         if key not in RESUMABLE_KEYS:
+            named = f"--set {key}" if origin(override) == "--set" else f"{origin(override)} ({key})"
             raise ConfigError(
-                f"--set {key}: cannot change when resuming (the run's optimizer, data and model were set up with "
+                f"{named}: cannot change when resuming (the run's optimizer, data and model were set up with "
                 f"the old value); resume accepts {', '.join(RESUMABLE_KEYS)}; start a new run to change {key}"
             )
+
+
+class Override(str):
+    """A ``KEY=VALUE`` that came from a short flag (``--lr 0.01`` is ``train.lr=0.01``): errors name ``flag``
+    where a ``--set`` would be named; ``literal`` takes the value as written (a path), not as YAML."""
+
+    flag: str
+    literal: bool
+
+    def __new__(cls, key: str, value: str, flag: str, literal: bool = False) -> Override:
+        override = super().__new__(cls, f"{key}={value}")
+        override.flag, override.literal = flag, literal
+        return override
+
+
+def origin(override: str) -> str:
+    """What an override is called in messages: its short flag, or --set."""
+    return getattr(override, "flag", "--set")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -185,6 +204,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.epochs=1")
+    if getattr(text, "literal", False):
+        return key, value
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:

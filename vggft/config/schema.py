@@ -193,7 +193,11 @@ class CacheConfig:
 @dataclass
 class OutputConfig:
     weights: str = "models/VGG16.pt"
-    """The plain state_dict; a sidecar with the same stem and .json records the rest."""
+    """The trained weights; a sidecar with the same stem and .json records the rest."""
+    full_weights: bool = True
+    """true: output.weights is the whole network as a plain state_dict (the tutorial's own code loads it;
+    537 MB for VGG-16). false: only what training changed (the head: kilobytes) with the frozen part's
+    fingerprint; eval, predict, explain and export rebuild the rest from model.weights and check it."""
     runs_dir: str = "runs"
     """Each train writes runs_dir/<name>/: config, metrics.csv, last.pt, best.pt, plots."""
     name: str | None = None

@@ -24,7 +24,13 @@ from vggft.reporting.metrics import Metrics
 from vggft.reporting.plots import save_confusion, save_image_grid, save_reliability
 from vggft.training.calibration import calibration_summary
 from vggft.training.loop import evaluate
-from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
+from vggft.utils.device import (
+    autocast_dtype,
+    environment_line,
+    out_of_memory_hint,
+    prepare_backend,
+    resolve_device,
+)
 from vggft.utils.errors import DataError, OutputError, WeightsError
 from vggft.utils.files import cache_root, save_csv
 from vggft.utils.logs import log
@@ -87,6 +93,7 @@ def evaluate_weights(
     prepare_backend(device)
     record = trained.sidecar.get("split") if trained.sidecar else None
     splits = align_labels(trained, one_split(trained.cfg, record, str(weights), split))
+    log.info(environment_line("eval", device, autocast_dtype(device, trained.cfg.train.amp)))
     metrics = _score(trained, splits[split], split, device, topk)
     out = _Plots(Path(plots_dir) if plots_dir else Path(weights).parent, Path(weights).stem, split)
     _write_plots(
@@ -145,7 +152,6 @@ def _write_plots(
     device: torch.device,
 ) -> None:
     """The files beside the scores: confusion matrices, reliability diagram, the mistakes and top-losses grids."""
-    samples = splits[split]
     title = f"{trained.path.name} on the {split} split: {metrics.summary_line()}"
     out.write(
         "Confusion matrix PNG",
@@ -168,7 +174,7 @@ def _write_plots(
     out.write("Reliability diagram PNG", save_reliability, metrics.extra["calibration"], out.path("reliability", "png"))
     _mistakes(out, metrics, trained, splits, split, misclassified, explain, device)
     if top_losses:
-        _top_losses(metrics, trained, samples, top_losses, explain, out, device)
+        _top_losses(metrics, trained, splits, split, top_losses, explain, out, device)
 
 
 def _mistakes(
@@ -189,8 +195,7 @@ def _mistakes(
         return
     samples, names = splits[split], metrics.class_names
     titles = [
-        f"true {names[t]}\npred {names[p]} ({c:.2f})\n{os.path.relpath(samples[i][0], splits.root)}"
-        for i, t, p, c in mistakes
+        f"true {names[t]}\npred {names[p]} ({c:.2f})\n{_shown_path(samples[i][0], splits)}" for i, t, p, c in mistakes
     ]
     out.write(
         "Mistakes grid",
@@ -245,10 +250,24 @@ def _grid(
     return save_image_grid(images, titles, mean, std, path, title_colors=colors, heatmaps=heatmaps)
 
 
+def _shown_path(path: str, splits: DataSplits) -> str:
+    """An image's path as a grid tile shows it: relative to the data root."""
+    return os.path.relpath(path, splits.root)
+
+
 def _top_losses(
-    metrics: Metrics, trained: TrainedModel, samples, count: int, explain: bool, out: _Plots, device: torch.device
+    metrics: Metrics,
+    trained: TrainedModel,
+    splits: DataSplits,
+    split: str,
+    count: int,
+    explain: bool,
+    out: _Plots,
+    device: torch.device,
 ) -> None:
-    """The ``count`` highest-loss images: a CSV (path, true, predicted, probability, loss) and a grid."""
+    """The ``count`` highest-loss images: a CSV (path, true, predicted, probability, loss) and a grid, each tile
+    titled with its classes, loss and file (as the mistakes grid's are)."""
+    samples = splits[split]
     worst = metrics.top_losses(count)
     names = metrics.class_names
     rows = [
@@ -257,7 +276,10 @@ def _top_losses(
     ]
     metrics.extra["top_losses"] = rows
     out.write("Top-losses CSV", _write_csv, rows, out.path("top_losses", "csv"))
-    titles = [f"true {r['true']}\npred {r['predicted']} {r['probability']:.2f}\nloss {r['loss']:.2f}" for r in rows]
+    titles = [
+        f"true {names[t]}\npred {names[p]} {c:.2f}\nloss {loss:.2f}\n{_shown_path(samples[i][0], splits)}"
+        for i, t, p, c, loss in worst
+    ]
     colors = ["green" if r["true"] == r["predicted"] else "red" for r in rows]
     out.write(
         "Top-losses grid",

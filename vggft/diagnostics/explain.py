@@ -118,7 +118,8 @@ def explain(
 ) -> list[dict]:
     """Grad-CAM of every image under ``inputs``: ``<stem>.cam.png`` (overlay) and ``<stem>.cam.npy`` (the map,
     float32, model-input size) in ``out``. One row per image, sorted by path: {"path", "class", "probability",
-    "predicted", "predicted_probability", "overlay", "cam", "calibrated"}, or {"path", "error"}."""
+    "predicted", "predicted_probability", "overlay", "cam", "calibrated", "evidence"} ("evidence": false when
+    the map is all zero), or {"path", "error"}."""
     check_batch_size(batch_size)
     paths = collect_images(inputs)
     trained = load_model(weights, config, list(overrides))
@@ -156,7 +157,7 @@ def _make_folder(out: Path) -> None:
 
 
 def _write_one(trained: TrainedModel, image: torch.Tensor, cams: Cams, j: int, out: Path, stem: str, path: str) -> dict:
-    from vggft.reporting.plots import save_cam_overlay
+    from vggft.reporting.plots import NO_EVIDENCE, save_cam_overlay
 
     probs = trained.probabilities(cams.logits[j : j + 1])[0]
     names = trained.names
@@ -164,8 +165,9 @@ def _write_one(trained: TrainedModel, image: torch.Tensor, cams: Cams, j: int, o
     title = f"{names[chosen]} {float(probs[chosen]):.2f}"
     if chosen != predicted:
         title += f" (predicted {names[predicted]} {float(probs[predicted]):.2f})"
-    if not cams.maps[j].any():
-        title += "\nno positive evidence for this class anywhere: the map is all zero"
+    evidence = bool(cams.maps[j].any())
+    if not evidence:
+        title += f"\n{NO_EVIDENCE}: the Grad-CAM map is all zero"
     cam_path = out / f"{stem}.cam.npy"
     with atomic_path(cam_path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, cams.maps[j].numpy().astype(np.float32))
@@ -180,4 +182,5 @@ def _write_one(trained: TrainedModel, image: torch.Tensor, cams: Cams, j: int, o
         "overlay": str(overlay),
         "cam": str(cam_path),
         "calibrated": trained.temperature is not None,
+        "evidence": evidence,
     }

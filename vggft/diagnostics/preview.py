@@ -16,6 +16,7 @@ from vggft.data.transforms import eval_transform, normalization, train_transform
 from vggft.model import build as networks
 from vggft.model.build import freeze, replace_head
 from vggft.reporting.plots import save_image_grid
+from vggft.training.train import check_run_folder, make_run_folder
 from vggft.utils.errors import DataError
 from vggft.utils.logs import log
 
@@ -66,8 +67,11 @@ def summary_text(stats: torchinfo.ModelStatistics) -> str:
 
 
 def show_batch(cfg: Config, split: str = "train", out: Path | None = None, count: int | None = None) -> Path:
-    """A PNG grid of one batch as the model sees it, de-normalised, each titled with its class."""
+    """A PNG grid of one batch as the model sees it, de-normalised, each titled with its class: ``out`` (a PNG
+    path, or a folder to hold ``batch_<split>.png``), else a new run folder (runs/show_batch, ...)."""
     check_show_batch(count)
+    if out is None:
+        check_run_folder(cfg, SHOW_BATCH)
     splits, _ = prepare_data(cfg)
     samples = splits[split]
     if not samples:
@@ -85,5 +89,18 @@ def show_batch(cfg: Config, split: str = "train", out: Path | None = None, count
     )
     images, labels = next(iter(loader))
     mean, std = normalization(cfg.data)
-    out = Path(out) if out else Path(cfg.output.weights).parent / f"batch_{split}.png"
-    return save_image_grid(images, [splits.class_names[i] for i in labels.tolist()], mean, std, out)
+    path = batch_path(cfg, split, out)
+    return save_image_grid(images, [splits.class_names[i] for i in labels.tolist()], mean, std, path)
+
+
+SHOW_BATCH = "show_batch"  # the run folder's name when output.name gives none
+
+
+def batch_path(cfg: Config, split: str, out: Path | None) -> Path:
+    """Where show-batch writes: ``out`` when it names a PNG; inside it when it is a folder (one that exists, or a
+    name without a suffix); with no ``out``, in a new run folder, made now that the grid is drawn."""
+    name = f"batch_{split}.png"
+    if out is None:
+        return make_run_folder(cfg, SHOW_BATCH) / name
+    out = Path(out)
+    return out / name if out.is_dir() or not out.suffix else out

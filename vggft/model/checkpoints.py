@@ -40,6 +40,9 @@ def trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
     return state
 
 
+LIGHT_KIND = "weights"  # output.weights with output.full_weights: false: the trained tensors, the rest rebuilt
+
+
 def save_checkpoint(path: Path, body: dict) -> None:
     """``body`` (epoch, model, optimizer, ... as ``training.train`` builds it) under the current format."""
     save_torch({"format": CHECKPOINT_FORMAT, "vggft_version": __version__, **body}, path)

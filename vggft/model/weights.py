@@ -16,7 +16,14 @@ from torch import nn
 from vggft import __version__
 from vggft.config.loading import migrate_config
 from vggft.config.schema import Config
-from vggft.model.checkpoints import checked_checkpoint, rebuild_from_checkpoint
+from vggft.model.checkpoints import (
+    CHECKPOINT_FORMAT,
+    LIGHT_KIND,
+    checked_checkpoint,
+    rebuild_from_checkpoint,
+    trainable_state,
+)
+from vggft.model.fingerprint import frozen_fingerprint
 from vggft.model.safe_load import check_weights_file, read_state_dict
 from vggft.utils.errors import OutputError, WeightsError
 from vggft.utils.files import check_name_length, existing_parent, file_digest, save_json, save_torch
@@ -65,9 +72,12 @@ def save_trained(
     metrics: dict | None = None,
     split: dict | None = None,
     temperature: float | None = None,
+    trainable: dict[str, torch.Tensor] | None = None,
+    frozen: str | None = None,
 ) -> Path:
     """Write the weights, then the sidecar that records their digest (and a pool's ``split``, and the softmax
-    ``temperature`` fitted on val, if any), each atomically.
+    ``temperature`` fitted on val, if any), each atomically. With ``output.full_weights: false`` the weights
+    file holds the ``trainable`` tensors and the ``frozen`` part's fingerprint only (``light_body``).
 
     A kill between the two renames leaves new weights beside the old sidecar: its digest no longer
     matches, and loading says so instead of naming the classes wrongly.
@@ -75,7 +85,10 @@ def save_trained(
     from vggft.data.transforms import preprocessing
 
     weights = Path(weights)
-    digest = save_torch(plain_state_dict(model), weights, sha256=True)
+    body = (
+        plain_state_dict(model) if cfg.output.full_weights else light_body(model, cfg, class_names, trainable, frozen)
+    )
+    digest = save_torch(body, weights, sha256=True)
     config = cfg.to_dict()
     config["data"]["root"] = str(Path(cfg.data.root).resolve())  # usable from any working folder
     sidecar = {
@@ -97,6 +110,25 @@ def save_trained(
     path = sidecar_path(weights)
     save_json(sidecar, path)
     return path
+
+
+def light_body(
+    model: nn.Module, cfg: Config, class_names: list[str], trainable: dict | None, frozen: str | None
+) -> dict:
+    """What training changed (``trainable``, by default every parameter that learns) and the fingerprint of
+    the rest (``frozen``), with the config that rebuilds the rest from model.weights: a checkpoint of its own
+    kind, read like a run's best.pt."""
+    trainable = trainable if trainable is not None else trainable_state(model)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "vggft_version": __version__,
+        "kind": LIGHT_KIND,
+        "config": cfg.to_dict(),
+        "class_names": class_names,
+        "base_weights": cfg.model.weights,  # where the frozen part comes from: a torchvision name or a file
+        "frozen_fingerprint": frozen or frozen_fingerprint(model, trainable),
+        "model": trainable,
+    }
 
 
 def read_sidecar(weights: Path) -> dict | None:
@@ -126,6 +158,17 @@ def read_sidecar(weights: Path) -> dict | None:
     if fmt == "vggft-weights/1":
         body["split"] = _legacy_split(weights, body.get("split_manifest"))
     return body
+
+
+def _rebuild_light(body: dict, weights: Path) -> nn.Module:
+    """The whole network of weights saved with output.full_weights: false; what is missing, in one line."""
+    try:
+        return rebuild_from_checkpoint(body, weights, "--weights")
+    except WeightsError as err:
+        raise WeightsError(
+            f"--weights: '{weights}' holds the trained layers only (output.full_weights: false), the rest comes "
+            f"from model.weights '{body.get('base_weights')}': {err}"
+        ) from None
 
 
 def _legacy_split(weights: Path, manifest: str | None) -> dict | None:
@@ -159,6 +202,8 @@ def read_weights(weights: Path) -> SavedWeights:
     state_dict = read_state_dict(weights, "--weights")
     if "format" in state_dict:  # read_state_dict returns a run checkpoint whole
         body = checked_checkpoint(state_dict, weights, "--weights")
+        if body.get("kind") == LIGHT_KIND:
+            return SavedWeights(plain_state_dict(_rebuild_light(body, weights)), read_sidecar(weights), weights)
         model = rebuild_from_checkpoint(body, weights, "--weights")
         sidecar = {"class_names": body["class_names"], "config": body["config"], "split": body.get("split")}
         return SavedWeights(plain_state_dict(model), sidecar, weights)

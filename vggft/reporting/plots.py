@@ -64,6 +64,7 @@ def _wrap(line: str, width: int) -> list[str]:
 
 
 CAM_ALPHA = 0.45  # how much of the picture shows through a Grad-CAM heatmap
+NO_EVIDENCE = "no evidence for this class"  # a Grad-CAM map that is all zero: nothing to tint the picture with
 
 
 def save_image_grid(
@@ -76,21 +77,22 @@ def save_image_grid(
     heatmaps: torch.Tensor | None = None,
 ) -> Path:
     """Normalised image tensors back to real colours, one titled cell each (a heatmap in [0, 1] over each
-    when ``heatmaps`` is given), saved as PNG."""
+    when ``heatmaps`` is given; an all-zero one leaves the picture untinted and its title says so), saved as PNG."""
     pixels = denormalize(images, mean, std).permute(0, 2, 3, 1).numpy()
     count = len(pixels)
     cols = min(count, 5)
     if count % cols and count % 4 == 0:
         cols = 4  # 8 or 12 images fill whole rows of four
     rows = math.ceil(count / cols)
-    titles = [fit_title(t) for t in titles]
+    evidence = [heatmaps is None or bool(heatmaps[i].any()) for i in range(count)]
+    titles = [fit_title(t if shown else f"{t}\n{NO_EVIDENCE}") for t, shown in zip(titles, evidence, strict=True)]
     title_lines = max(t.count("\n") + 1 for t in titles)
     fig, axes = _subplots(rows, cols, figsize=(2.6 * cols, (2.6 + 0.2 * title_lines) * rows), squeeze=False)
     for index, ax in enumerate(axes.flat):
         ax.axis("off")
         if index < count:
             ax.imshow(pixels[index])
-            if heatmaps is not None:
+            if heatmaps is not None and evidence[index]:
                 ax.imshow(heatmaps[index].numpy(), cmap="jet", alpha=CAM_ALPHA, vmin=0, vmax=1)
             color = title_colors[index] if title_colors else "black"
             ax.set_title(titles[index], fontsize=9, color=color)
@@ -99,17 +101,21 @@ def save_image_grid(
 
 
 def save_cam_overlay(image: torch.Tensor, cam: torch.Tensor, mean, std, title: str, path: Path) -> Path:
-    """The image as the model saw it, and the same image under its Grad-CAM heatmap, with a colour bar."""
+    """The image as the model saw it, and the same image under its Grad-CAM heatmap, with a colour bar; an
+    all-zero map tints nothing: the picture is shown as it is, titled NO_EVIDENCE."""
     pixels = denormalize(image[None], mean, std)[0].permute(1, 2, 0).numpy()
     fig, (left, right) = _subplots(1, 2, figsize=(8, 4.3))
     left.imshow(pixels)
     left.set_title("model input", fontsize=9)
     right.imshow(pixels)
-    shown = right.imshow(cam.numpy(), cmap="jet", alpha=CAM_ALPHA, vmin=0, vmax=1)
-    right.set_title("Grad-CAM", fontsize=9)
+    if cam.any():
+        shown = right.imshow(cam.numpy(), cmap="jet", alpha=CAM_ALPHA, vmin=0, vmax=1)
+        right.set_title("Grad-CAM", fontsize=9)
+        fig.colorbar(shown, ax=right, fraction=0.046, pad=0.04)
+    else:
+        right.set_title(f"Grad-CAM: {NO_EVIDENCE}", fontsize=9)
     for ax in (left, right):
         ax.axis("off")
-    fig.colorbar(shown, ax=right, fraction=0.046, pad=0.04)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
@@ -163,8 +169,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def save_curves(history: list[dict], path: Path, best_epoch: int = 0) -> Path:
-    """Loss and accuracy per epoch, train and (when there is one) val; the best val epoch marked."""
+def save_curves(history: list[dict], path: Path, best_epoch: int = 0, title: str = "") -> Path:
+    """Loss and accuracy per epoch, train and (when there is one) val; the best val epoch marked; ``title``
+    (the run's name, arch and head) above both."""
     from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
@@ -184,6 +191,8 @@ def save_curves(history: list[dict], path: Path, best_epoch: int = 0) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     acc_ax.set_ylim(0, 1.02)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -9,6 +9,7 @@ the best val epoch back, tests it and saves weights and sidecar. Under torchrun 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -29,13 +30,14 @@ from vggft.data.folders import output_names
 from vggft.data.loaders import make_loader, stop_workers
 from vggft.features.cache import FeatureSource
 from vggft.model.build import build_model, parameter_counts
-from vggft.model.checkpoints import check_frozen, load_checkpoint, save_checkpoint, trainable_state
+from vggft.model.checkpoints import LIGHT_KIND, check_frozen, load_checkpoint, save_checkpoint, trainable_state
 from vggft.model.fingerprint import frozen_fingerprint
 from vggft.model.pretrained import pretrained_file, pretrained_state_dict
 from vggft.model.weights import check_writable, save_trained, sidecar_path
 from vggft.reporting.metrics import Metrics
+from vggft.reporting.runs import save_results, weights_record
 from vggft.training import tensorboard as tensorboard_log
-from vggft.training.calibration import TemperatureFit, fit_temperature
+from vggft.training.calibration import TemperatureFit, expected_calibration_error, fit_temperature
 from vggft.training.loop import (
     HISTORY_COLUMNS,
     Loop,
@@ -50,7 +52,7 @@ from vggft.training.loop import (
 )
 from vggft.training.optim import make_optimizer, make_scheduler
 from vggft.utils import rng
-from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
+from vggft.utils.device import autocast_dtype, environment_line, out_of_memory_hint, prepare_backend, resolve_device
 from vggft.utils.distributed import Group, is_peer_failure, is_timeout, main_first, process_group, stalled
 from vggft.utils.errors import (
     ConfigError,
@@ -151,6 +153,11 @@ def read_resume(checkpoint_path: Path, overrides: Sequence[str] = ()) -> tuple[C
     """``resume_config`` and the checkpoint itself, read once: pass it on to ``fit(checkpoint=...)``."""
     resume_overrides_refused(list(overrides))
     body = load_checkpoint(checkpoint_path)
+    if body.get("kind") == LIGHT_KIND:
+        raise WeightsError(
+            f"--resume: '{checkpoint_path}' is a run's saved weights (output.full_weights: false), not its "
+            "last.pt; go on with runs/<name>/last.pt of that run, or start a new run"
+        )
     if body.get("kind") == "best":
         raise WeightsError(
             f"--resume: '{checkpoint_path}' is the run's best epoch ({body['epoch']}), kept for "
@@ -164,6 +171,7 @@ def fit(cfg: Config, *, resume: Path | None = None, checkpoint: dict | None = No
     """Train as configured (or go on from a run's last.pt), evaluate on test, save weights and sidecar.
 
     ``checkpoint``: the body of ``resume``, when ``read_resume`` has read it already."""
+    started = time.monotonic()  # the run's seconds in results.json
     device = resolve_device(cfg.train.device)
     if cfg.output.tensorboard:
         tensorboard_log.require()  # before any work
@@ -180,7 +188,7 @@ def fit(cfg: Config, *, resume: Path | None = None, checkpoint: dict | None = No
             try:
                 with memory:
                     test = _train(run)
-                return _finish(run, test)
+                return _finish(run, test, started)
             finally:
                 stop_workers(run.loop.train_loader, run.loop.val_loader)
                 if run.curves is not None:
@@ -223,7 +231,8 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group,
     check_writable(Path(cfg.output.weights))
     check_run_folder(cfg, new=not resume)
     prepare_backend(device)
-    splits = find_training_data(cfg, body, resume, group)
+    header = environment_line("train", device, autocast_dtype(device, cfg.train.amp))
+    splits = find_training_data(cfg, body, resume, group, header=header)
     num_outputs = cfg.model.num_classes or len(splits.class_names)
     model = build_network(cfg, num_outputs, group, device)
     precision = autocast_dtype(device, cfg.train.amp)
@@ -246,8 +255,11 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group,
     return run
 
 
-def find_training_data(cfg: Config, body: dict | None, resume: Path | None, group: Group) -> DataSplits:
-    """The splits a run trains on (a resumed run's own pool split from its checkpoint ``body``), checked."""
+def find_training_data(
+    cfg: Config, body: dict | None, resume: Path | None, group: Group, *, header: str = ""
+) -> DataSplits:
+    """The splits a run trains on (a resumed run's own pool split from its checkpoint ``body``), checked; the
+    log's ``header`` comes once they are (a refusal before it stays one line)."""
     with main_first(group):  # rank 0 decodes every image first; the others then read its verdict cache
         splits, _ = prepare_data(cfg, body.get("split") if body else None, f"--resume {resume}", to_train=True)
     if not splits["train"]:
@@ -271,6 +283,8 @@ def find_training_data(cfg: Config, body: dict | None, resume: Path | None, grou
             "val/ folder, set data.val_fraction (e.g. 0.1), or remove early_stopping.patience"
         )
     sizes = ", ".join(f"{split} {len(splits[split])}" for split in ("train", "val", "test") if splits[split])
+    if header:
+        log.info(header)
     log.info(f"Data: {splits.root} ({splits.layout}), {len(splits.class_names)} classes, {sizes} images")
     return splits
 
@@ -486,8 +500,11 @@ def _train(run: Run) -> Metrics | None:
         )
     if run.test_loader is None:
         return None
+    keep = not loop.group.active  # the test probabilities, for results.json's ECE (one process holds them all)
     return reduce_metrics(
-        evaluate(loop.module, run.test_loader, loop.device, loop.precision, names=loop.names, desc="Testing"),
+        evaluate(
+            loop.module, run.test_loader, loop.device, loop.precision, names=loop.names, keep=keep, desc="Testing"
+        ),
         loop.group,
     )
 
@@ -527,7 +544,9 @@ def _write_metrics(history: list[dict], path: Path) -> None:
 
 
 def _draw_curves(run: Run, curves: _Curves) -> None:
-    curves.draw(run.state.history, run.folder / "curves.png", run.state.best["epoch"])
+    model = run.cfg.model
+    title = f"{run.folder.name}: {model.arch}, {model.head} head"  # which run, when several sit side by side
+    curves.draw(run.state.history, run.folder / "curves.png", run.state.best["epoch"], title)
 
 
 class _Curves:
@@ -543,17 +562,17 @@ class _Curves:
         self._drawn: Future | None = None
         self._path: Path | None = None
 
-    def draw(self, history: list[dict], path: Path, best_epoch: int) -> None:
+    def draw(self, history: list[dict], path: Path, best_epoch: int, title: str = "") -> None:
         from vggft.reporting.plots import save_curves
 
         self._path = path
         if self.on_thread:
             pool = ThreadPoolExecutor(1, thread_name_prefix="vggft-curves")
-            self._drawn = pool.submit(save_curves, list(history), path, best_epoch)
+            self._drawn = pool.submit(save_curves, list(history), path, best_epoch, title)
             pool.shutdown(wait=False)  # the run goes on; wait() and settle() join the drawing
             return
         try:
-            save_curves(history, path, best_epoch=best_epoch)
+            save_curves(history, path, best_epoch=best_epoch, title=title)
         except Exception as err:
             self._warn(err)
 
@@ -582,7 +601,7 @@ class _Curves:
 # --- finish -----------------------------------------------------------------------------------------
 
 
-def _finish(run: Run, test: Metrics | None) -> TrainResult:
+def _finish(run: Run, test: Metrics | None, started: float) -> TrainResult:
     weights = Path(run.cfg.output.weights)
     sidecar = sidecar_path(weights)
     names = run.splits.class_names
@@ -601,6 +620,8 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
         names,
         split=run.split,
         temperature=fit.temperature if fit else None,
+        trainable=trainable_state(run.model, run.loop.optimizer),
+        frozen=run.fingerprint,
         metrics={
             "test": _sidecar_metrics(test),
             "history": run.state.history,
@@ -612,7 +633,41 @@ def _finish(run: Run, test: Metrics | None) -> TrainResult:
         log.info(f"Replaced the earlier {weights}{replaced}")
     if run.curves is not None:
         run.curves.wait()
+    _write_results(run, test, weights, sidecar, time.monotonic() - started)
     return TrainResult(weights, sidecar, run.folder, names, run.state.history, test)
+
+
+def _write_results(run: Run, test: Metrics | None, weights: Path, sidecar: Path, seconds: float) -> None:
+    """results.json, the run folder's last file: test and best val figures, the weights saved and their digest.
+    (The test ECE is uncalibrated, as eval's first figure; null under torchrun, where no process holds every
+    test probability.)"""
+    best = run.state.best
+    row = next((r for r in run.state.history if r["epoch"] == best["epoch"]), {})
+    best_val = {"epoch": best["epoch"], "accuracy": best["val_acc"], "loss": row.get("val_loss")}
+    scores: dict | None = None
+    if test is not None:
+        scores = {
+            "accuracy": test.accuracy,
+            "loss": test.loss,
+            "ece": expected_calibration_error(torch.cat(test.probabilities), torch.cat(test.labels))
+            if test.logits
+            else None,
+            "images": test.total,
+            "correct": test.correct,
+        }
+    save_results(
+        run.folder,
+        "train",
+        seconds,
+        run.cfg,
+        classes=run.cfg.model.num_classes or len(run.splits.class_names),
+        images={split: len(run.splits[split]) for split in ("train", "val", "test")},
+        epochs=run.state.last_epoch,
+        resumed=run.start > 1,  # seconds are then this command's alone
+        best_val=best_val if run.loop.val_loader is not None else None,
+        test=scores,
+        weights=weights_record(weights, sidecar),
+    )
 
 
 SIDECAR_CONFUSION_MAX = 100  # classes whose confusion matrix the sidecar keeps (1,000 would be megabytes)

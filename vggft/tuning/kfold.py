@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,13 @@ from vggft.data import Sample
 from vggft.data.loaders import make_loader
 from vggft.features.rows import RowDataset
 from vggft.reporting.metrics import Metrics
+from vggft.reporting.runs import save_results
 from vggft.training.loop import HeadFit, HeadOptions, evaluate, fit_head
 from vggft.training.train import check_run_folder, make_run_folder
 from vggft.tuning.prepare import PreparedData, extract, prepare
 from vggft.utils.errors import DataError
 from vggft.utils.files import save_csv
-from vggft.utils.logs import log
+from vggft.utils.logs import log, progress
 
 
 def stratified_folds(labels: Sequence[int], folds: int, seed: int = 0) -> list[list[int]]:
@@ -76,7 +78,7 @@ def out_of_fold(
     names = options.names
     probs = torch.full((len(labels), len(names)), float("nan"))
     figures = []
-    for number, held in enumerate(folds, start=1):
+    for number, held in enumerate(progress(folds, desc="Folds", unit="fold"), start=1):
         held_index = torch.tensor(held, dtype=torch.int64)
         train_index = _all_but(held_index, len(labels))
         fit = fit_head(suffix, (take(rows, train_index), labels[train_index]), None, cfg, options)
@@ -89,11 +91,7 @@ def out_of_fold(
             batch_size=options.eval_batch_size,
         )
         probs[held_index] = fold_probs
-        figures.append(_fold_figures(number, metrics, fit))
-        log.info(
-            f"Fold {number}/{len(folds)}: acc {100 * metrics.accuracy:.2f}% ({metrics.correct}/{metrics.total}), "
-            f"trained on {len(train_index)} images in {fit.seconds:.1f}s"
-        )
+        figures.append(_fold_figures(number, metrics, fit))  # printed once, by the caller, with the others
     return probs, figures
 
 
@@ -183,6 +181,7 @@ def write_oof(run: FoldRun, path: Path) -> Path:
 
 def kfold(cfg: Config, folds: int, seed: int = 0) -> tuple[FoldRun, Path, list[Path]]:
     """``vggft kfold``: per-fold accuracy and out-of-fold probabilities, written to a run folder."""
+    started = time.monotonic()
     check_run_folder(cfg, "kfold")
     run = run_folds(cfg, folds, seed, "kfold")
     folder = make_run_folder(cfg, "kfold")
@@ -191,4 +190,7 @@ def kfold(cfg: Config, folds: int, seed: int = 0) -> tuple[FoldRun, Path, list[P
         ["fold", "images", "correct", "accuracy", "seconds"],
         ([f["fold"], f["images"], f["correct"], f"{f['accuracy']:.6f}", f"{f['seconds']:.2f}"] for f in run.figures),
     )
-    return run, folder, [write_oof(run, folder / "oof.csv"), fold_csv, folder / "config.yaml"]
+    files = [write_oof(run, folder / "oof.csv"), fold_csv, folder / "config.yaml"]
+    figures = {"folds": folds, "images": len(run.samples), "cv_acc": run.mean, "cv_std": run.std}
+    save_results(folder, "kfold", time.monotonic() - started, cfg, **figures)
+    return run, folder, files

@@ -11,6 +11,7 @@ one. Suspects are ranked by self-confidence (the probability of the given label)
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from vggft.config.schema import Config
 from vggft.data.check import check_destination, move_files
 from vggft.data.images import open_rgb
 from vggft.data.transforms import eval_transform, normalization
+from vggft.reporting.runs import save_results
 from vggft.training.train import check_run_folder, make_run_folder
 from vggft.tuning.kfold import FoldRun, run_folds, write_oof
 from vggft.utils.errors import OutputError
@@ -122,6 +124,7 @@ def label_issues(
     """Out-of-fold probabilities, confident learning, then the ranked CSV, a grid PNG and the OOF CSV in
     ``out`` (default a new run folder); ``move`` moves the suspects there for review, deleting nothing, unless
     the model is too weak to judge labels (``too_weak``) and not ``force``."""
+    started = time.monotonic()
     check_label_issues(folds, show)
     if out is None:
         check_run_folder(cfg, "label_issues")
@@ -158,10 +161,17 @@ def label_issues(
         files.append(_grid(run, suspects[:show], cfg, Path(out) / "label_issues.png"))
     weak = too_weak(run.mean, len(suspects), len(run.samples))
     held_back = move is not None and bool(suspects) and weak is not None and not force
+    _save_summary(Path(out), cfg, run, len(suspects), weak, time.monotonic() - started)
     moved = []
     if move is not None and suspects and not held_back:
         moved = move_files([run.samples[s.index][0] for s in suspects], run.data.splits.root, Path(move), "--move")
     return LabelIssues(run, suspects, Path(out), files, moved, weak, held_back)
+
+
+def _save_summary(out: Path, cfg: Config, run: FoldRun, suspects: int, weak: str | None, seconds: float) -> None:
+    """results.json: what ``vggft runs`` lists of a label-issues run."""
+    figures = {"folds": len(run.figures), "images": len(run.samples), "cv_acc": run.mean, "suspects": suspects}
+    save_results(out, "label_issues", seconds, cfg, **figures, too_weak=weak)
 
 
 def _grid(run: FoldRun, suspects: list[Suspect], cfg: Config, path: Path) -> Path:

@@ -22,7 +22,7 @@ from vggft.features.rows import Rows
 from vggft.model.pretrained import pretrained_file
 from vggft.training.loop import HeadOptions
 from vggft.training.train import build_network, find_training_data
-from vggft.utils.device import autocast_dtype, prepare_backend, resolve_device
+from vggft.utils.device import autocast_dtype, environment_line, prepare_backend, resolve_device
 from vggft.utils.distributed import SINGLE
 from vggft.utils.errors import ConfigError
 from vggft.utils.files import check_free_space
@@ -94,7 +94,8 @@ def prepare(cfg: Config, command: str) -> PreparedData:
         )
     device = resolve_device(cfg.train.device)
     prepare_backend(device)
-    splits = find_training_data(cfg, None, None, SINGLE)
+    header = environment_line(command, device, autocast_dtype(device, cfg.train.amp))
+    splits = find_training_data(cfg, None, None, SINGLE, header=header)
     model = build_network(cfg, cfg.model.num_classes or len(splits.class_names), SINGLE, device)
     source = FeatureSource(
         model, cfg, device, autocast_dtype(device, cfg.train.amp), weights_file=pretrained_file(cfg.model)

@@ -11,6 +11,7 @@ whole VGG is hundreds of megabytes, so one per trial would be absurd).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import yaml
 from vggft.config.schema import Config
 from vggft.data import split_record
 from vggft.model.weights import check_writable, save_trained, sidecar_path
+from vggft.reporting.runs import save_results, weights_record
 from vggft.training.loop import HeadFit, fit_head
 from vggft.training.shared_steps import SharedSteps
 from vggft.training.train import check_run_folder, make_run_folder
@@ -27,7 +29,7 @@ from vggft.tuning.prepare import PreparedData, extract, prepare, with_val_split
 from vggft.tuning.sweep_plan import dotted, trial_configs
 from vggft.utils.errors import DivergedError, Interrupted
 from vggft.utils.files import save_csv, save_text
-from vggft.utils.logs import log
+from vggft.utils.logs import log, progress
 
 RESULT_FILES = ("results.csv", "best.yaml", "sweep.png", "config.yaml")
 
@@ -65,6 +67,7 @@ class SweepResult:
 
 def sweep(cfg: Config, plans: list[dict[str, str]], *, save_best: bool = False) -> SweepResult:
     """Train one head per planned trial on the cached rows; rank them on val; write the run folder."""
+    started = time.monotonic()
     cfg = with_val_split(cfg, "sweep")
     configs = trial_configs(cfg, plans)  # every trial checked before any work
     keys = list(plans[0])
@@ -85,6 +88,10 @@ def sweep(cfg: Config, plans: list[dict[str, str]], *, save_best: bool = False) 
     result.files += [_write_best_yaml(result), _plot(result), run_dir / "config.yaml"]
     if save_best:
         result.weights = _save_best(data, result, best_state)
+    best = {"trial": result.best.number, "values": result.best.values, "epoch": result.best.epoch}
+    best.update(val_acc=result.best.val_acc, val_loss=result.best.val_loss)
+    saved = weights_record(result.weights, sidecar_path(result.weights)) if result.weights else None
+    save_results(run_dir, "sweep", time.monotonic() - started, cfg, trials=len(trials), best=best, weights=saved)
     return result
 
 
@@ -94,7 +101,7 @@ def _run_trials(data: PreparedData, pairs: dict, result: SweepResult) -> dict[st
     best: Trial | None = None
     total = len(result.trials)
     steps = SharedSteps(data.suffix)
-    for trial in result.trials:
+    for trial in progress(result.trials, desc="Trials", unit="trial"):  # the results: the caller's table
         values = ", ".join(f"{k}={_show(v)}" for k, v in trial.values.items())
         try:
             fit = fit_head(
@@ -110,15 +117,11 @@ def _run_trials(data: PreparedData, pairs: dict, result: SweepResult) -> dict[st
             ) from None
         else:
             _record(trial, fit)
-            log.info(
-                f"Trial {trial.number}/{total} ({values}): val acc {100 * trial.val_acc:.2f}%, "
-                f"val loss {trial.val_loss:.4f} (epoch {trial.epoch}, {trial.seconds:.1f}s)"
-            )
             if best is None or trial.rank_key < best.rank_key:
                 best, best_state = trial, _trainable_state(fit)
         _write_results(result, ranked=False)
     if steps.taken:
-        log.info(
+        log.debug(
             f"The head's frozen layers ran {steps.computed} training steps for the trials and lent "
             f"{steps.taken} more from them ({steps.bytes / 2**20:.0f} MiB kept)"
         )

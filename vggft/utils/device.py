@@ -54,6 +54,21 @@ def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     return None
 
 
+PRECISION = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def environment_line(command: str, device: torch.device, precision: torch.dtype | None) -> str:
+    """A log's header: the command, the versions that decide its numbers, device, precision and threads."""
+    import torchvision
+
+    from vggft import __version__
+
+    return (
+        f"vggft {__version__} {command}: torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"device {device}, {PRECISION.get(precision, str(precision))}, {torch.get_num_threads()} CPU threads"
+    )
+
+
 def autocast_factory(
     device: torch.device, dtype: torch.dtype | None
 ) -> Callable[[], contextlib.AbstractContextManager]:
