@@ -166,3 +166,27 @@ def test_a_base_config_is_left_as_it_was():
     cfg = load_config(None, ["train.epochs=7", "data.root=elsewhere"], base=base)
     assert cfg.train.epochs == 7 and cfg.data.root == "elsewhere"
     assert yaml.safe_dump(base) == before
+
+
+@pytest.mark.parametrize(
+    "text, key, first, again",
+    [
+        ("train:\n  epochs: 1\n  lr: 0.01\ndata:\n  root: x\ntrain:\n  epochs: 5\n", "train", 1, 6),
+        ("train:\n  lr: 0.01\n  epochs: 2\n  lr: 0.1\n", "lr", 2, 4),
+    ],
+)
+def test_a_key_given_twice_in_a_yaml_file_is_refused_naming_both_lines(runner, tmp_path, text, key, first, again):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    result = invoke(runner, "train", "--config", path)
+    assert_one_line_error(
+        result, code=2, names=[str(path), f"line {again}", f"'{key}'", f"first at line {first}"], fix="keep one"
+    )
+
+
+def test_keys_a_yaml_merge_brings_in_may_still_be_overridden(tmp_path):
+    path = tmp_path / "merged.yaml"
+    path.write_text("train: &base\n  epochs: 1\n  lr: 0.01\nmodel:\n  head: gap\n")
+    assert load_config(path).train.epochs == 1
+    path.write_text("data:\n  root: x\ntrain:\n  <<: {epochs: 1, lr: 0.01}\n  epochs: 3\n")
+    assert load_config(path).train.epochs == 3 and load_config(path).train.lr == 0.01

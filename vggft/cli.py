@@ -407,8 +407,7 @@ def eval_(
             f"({metrics.topk_correct[k]}/{metrics.total})"
         )
     _echo_per_class(metrics.per_class())
-    typer.echo("Confusion matrix (rows: true class)")
-    typer.echo(metrics.confusion_table())
+    _echo_confusion(metrics, written)
     _echo_eval_extras(metrics)
     for path in written:
         typer.echo(f"Wrote {path}")
@@ -424,6 +423,24 @@ def _echo_per_class(rows: list[dict]) -> None:
             f"{r['class']:<{width}}  {r['support']:>7}  {r['correct']:>7}  {100 * r['accuracy']:>7.2f}%"
             f"  {precision}  {r['f1']:>6.3f}"
         )
+
+
+def _echo_confusion(metrics, written: list[Path]) -> None:
+    """The confusion matrix as text while it can be read on a screen; past the classes its picture draws, the
+    CSV written beside the picture holds it (2,000 classes would print 24 MB of rows 12,000 characters wide)."""
+    from vggft.reporting.plots import CONFUSION_DRAWN
+
+    n = len(metrics.class_names)
+    if n <= CONFUSION_DRAWN:
+        typer.echo("Confusion matrix (rows: true class)")
+        typer.echo(metrics.confusion_table())
+        return
+    pictures = [
+        p for p in written if p.name.endswith(".png") and ".confusion_" in p.name and "normalized" not in p.name
+    ]
+    where = [p.with_suffix(".csv") for p in pictures if p.with_suffix(".csv").is_file()]
+    held = f"all of it in {where[0]}" if where else "vggft eval --json holds all of it"
+    typer.echo(f"Confusion matrix: {n} classes, too many to print ({held}); the most confused pairs follow")
 
 
 def _echo_eval_extras(metrics) -> None:

@@ -213,6 +213,29 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, parsed
 
 
+class _RepeatedKey(Exception):
+    def __init__(self, key: str, first: int, again: int):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping: PyYAML keeps the later silently, so
+    a second ``train:`` section would drop the whole first one. Keys brought in by a merge (``<<: *base``)
+    may still be overridden, as YAML means them to be."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            line = key_node.start_mark.line + 1
+            if key_node.value in seen:
+                raise _RepeatedKey(key_node.value, seen[key_node.value], line)
+            seen[key_node.value] = line
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         from vggft.config.presets import find, names
@@ -228,7 +251,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"(at most {MAX_CONFIG_BYTES:,}); pass the YAML file of settings"
         )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader: no objects
+    except _RepeatedKey as err:
+        raise ConfigError(
+            f"{path}: line {err.again}: '{err.key}' is given again (first at line {err.first}), and the later "
+            "one would silently replace the earlier; keep one of them"
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file; --config takes a YAML file") from None
     except RecursionError:
