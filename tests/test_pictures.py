@@ -14,6 +14,7 @@ import torch
 
 import vggft.reporting.plots
 from conftest import FAST, invoke
+from vggft.model.weights import reseal_sidecar
 
 NO_EVIDENCE = "no evidence for this class"
 
@@ -62,6 +63,7 @@ def _dead(weights: Path, folder: Path) -> Path:
     sidecar = json.loads(weights.with_suffix(".json").read_text())  # the class names; the new file's hash
     sidecar.update(weights_file=dead.name, weights_sha256=hashlib.sha256(dead.read_bytes()).hexdigest())
     dead.with_suffix(".json").write_text(json.dumps(sidecar))
+    reseal_sidecar(dead)  # an intended edit
     return dead
 
 

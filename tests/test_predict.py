@@ -18,6 +18,7 @@ from conftest import FAST, assert_error_says, assert_one_line_error, invoke, mak
 from vggft.data.images import inspect_image, open_rgb
 from vggft.data.transforms import eval_transform
 from vggft.model.inference import load_model
+from vggft.model.weights import reseal_sidecar
 
 
 def _pet(weights: Path) -> Path:
@@ -155,13 +156,14 @@ T = 2.5  # the calibration temperature written into a copy of the module's sidec
 
 @pytest.fixture(scope="module")
 def calibrated_copy(trained) -> Path:
-    """The module's weights beside a copy of their sidecar that holds temperature T (its digest covers the
-    weights only), in a folder beside models/, so that _pet finds the images."""
+    """The module's weights beside a copy of their sidecar that holds temperature T (an intended edit, so
+    resealed), in a folder beside models/, so that _pet finds the images."""
     weights = trained.parent.parent / "calibrated" / "VGG16.pt"
     weights.parent.mkdir()
     shutil.copy(trained, weights)
     sidecar = json.loads(trained.with_suffix(".json").read_text())
     weights.with_suffix(".json").write_text(json.dumps({**sidecar, "temperature": T}))
+    reseal_sidecar(weights)
     return weights
 
 

@@ -274,6 +274,7 @@ EXAMPLES = {
     ],
     "kfold": ["vggft kfold --config pet --data data/pets --folds 5"],
     "label-issues": ["vggft label-issues --data data/pets", "vggft label-issues --data data/pets --move review/"],
+    "sidecar": ["vggft sidecar -w models/VGG16.pt", "vggft sidecar -w models/VGG16.pt --accept"],
     "make-demo": ["vggft make-demo data/demo && vggft train --config demo"],
     "configs": ["vggft configs", "vggft configs --defaults > my.yaml"],
 }
@@ -982,6 +983,28 @@ def label_issues(
         raise VggftError(f"label-issues: {found.weak}; --move moved nothing (--force moves the suspects anyway)")
     if found.weak:
         log.warning(f"label-issues: {found.weak}")
+
+
+@app.command(epilog=_examples("sidecar"))
+@_handle_errors
+def sidecar(
+    weights: WeightsOpt = Path("models/VGG16.pt"),
+    accept: Annotated[
+        bool, typer.Option("--accept", help="Accept a hand edit: check every field again, then record its digest.")
+    ] = False,
+) -> None:
+    """Check the sidecar beside the weights (class names, preprocessing, temperature, its own digest)."""
+    from vggft.model.weights import read_weights, reseal_sidecar, sidecar_path
+
+    if accept:
+        typer.echo(f"Accepted {reseal_sidecar(weights)}: its fields pass every check, and its digest is recorded")
+        return
+    saved = read_weights(weights)
+    if saved.sidecar is None:
+        typer.echo(f"{weights}: no sidecar beside it (the weights alone are read)")
+        return
+    sealed = "sealed" if "sidecar_sha256" in saved.sidecar else "from a vggft before sealing: checked field by field"
+    typer.echo(f"{sidecar_path(weights)}: belongs to {weights} and passes every check ({sealed})")
 
 
 @app.command("make-demo", epilog=_examples("make-demo"))

@@ -10,7 +10,6 @@ so the rows match the .pt's (same top-k; probabilities within float error). Only
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from vggft.model.export import EXPORT_FORMAT, OUTPUTS, MissingExtraError
 from vggft.model.inference import collect_images, image_loader, top_rows
 from vggft.model.inference import predict as predict_weights
 from vggft.model.safe_load import check_weights_file
+from vggft.model.weights import TEMPERATURE_RANGE
 from vggft.utils.errors import ConfigError, WeightsError, first_line
 from vggft.utils.logs import progress
 
@@ -100,15 +100,16 @@ def _metadata(path: Path, text: str | None) -> dict:
             f"--weights: '{path}' has vggft metadata of format {fmt!r}, not {EXPORT_FORMAT} (an older export has "
             f"no probabilities output, a newer vggft wrote it); {EXPORT_FIX}"
         )
+    low, high = TEMPERATURE_RANGE  # what a sidecar may hold, so what an export of it holds
     try:
         names, temperature = [str(name) for name in meta["class_names"]], meta["temperature"]
         data = DataConfig(image_size=meta["image_size"], resize=meta["resize"], normalize=meta["normalize"])
         ok = (
-            len(names) == meta["num_classes"] > 0
+            len(names) == len(set(names)) == meta["num_classes"] > 0
             and _positive_int(data.image_size)
             and (data.resize is None or _positive_int(data.resize))
             and data.normalize in ("imagenet", "symmetric")
-            and (temperature is None or (type(temperature) in (int, float) and 0 < temperature < math.inf))
+            and (temperature is None or (type(temperature) in (int, float) and low <= temperature <= high))
         )
     except (KeyError, TypeError):
         ok = False

@@ -25,7 +25,7 @@ from vggft.data.images import DECODE_ERRORS, decode_failure, open_rgb
 from vggft.data.loaders import make_loader
 from vggft.data.transforms import eval_transform
 from vggft.model.build import describe_state_dict, freeze, model_from_weights
-from vggft.model.weights import read_weights, sidecar_path
+from vggft.model.weights import read_weights
 from vggft.utils.device import (
     autocast_dtype,
     autocast_factory,
@@ -71,7 +71,8 @@ def calibrated_softmax(logits: torch.Tensor, temperature: float | None) -> torch
 
 
 def load_model(weights: Path, config: Path | None = None, overrides: Sequence[str] = ()) -> TrainedModel:
-    """Weights plus their sidecar (if any), the sidecar's config under ``--config``/``--set``."""
+    """Weights plus their sidecar (if any), the sidecar's config under ``--config``/``--set``. read_weights has
+    checked the sidecar: its own digest, and each field (temperature, class names, config) against the weights."""
     saved = read_weights(weights)
     state_dict, sidecar, weights = saved.state_dict, saved.sidecar, saved.path
     try:
@@ -80,12 +81,6 @@ def load_model(weights: Path, config: Path | None = None, overrides: Sequence[st
         raise WeightsError(f"--weights: '{weights}' is not VGG weights vggft can use: {err}") from None
     except (KeyError, IndexError):
         raise WeightsError(f"--weights: '{weights}' is not a VGG state_dict") from None
-    if sidecar and sidecar.get("num_classes", num_classes) != num_classes:
-        raise WeightsError(
-            f"{sidecar_path(weights)}: describes a {sidecar['num_classes']}-class model but '{weights}' "
-            f"has a {num_classes}-class head (the files come from different runs, or a save was cut short); "
-            "train again, or delete the sidecar to evaluate the weights alone"
-        )
     base = sidecar["config"] if sidecar else {"model": {"arch": arch, "head": head}}
     cfg = load_config(config, list(overrides), base=base)
     # What the file holds wins over what a config says about it.
@@ -97,19 +92,7 @@ def load_model(weights: Path, config: Path | None = None, overrides: Sequence[st
         raise WeightsError(f"--weights: '{weights}' does not load into {arch} ({str(err).splitlines()[0]})") from None
     freeze(model, cfg.model)  # the same frozen prefix as in training, so cached features are shared
     class_names = [display_name(name) for name in sidecar["class_names"]] if sidecar else None
-    _check_temperature(sidecar, weights)
     return TrainedModel(model, cfg, class_names, num_classes, sidecar, Path(weights))
-
-
-def _check_temperature(sidecar: dict | None, weights: Path) -> None:
-    value = sidecar.get("temperature") if sidecar else None
-    if value is not None and not (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
-    ):
-        raise WeightsError(
-            f"{sidecar_path(weights)}: temperature {value!r} is not a positive number; "
-            "train again, or remove the temperature key to use uncalibrated probabilities"
-        )
 
 
 def collect_images(inputs: Sequence[Path]) -> list[str]:

@@ -1,11 +1,16 @@
 """Trained weights and their sidecar, written as one unit: the weights first, then the sidecar, which records
 the weights' SHA-256; loading checks it, so a crash between the two renames is caught, never mislabelled.
-The format versions read here keep older files loadable."""
+The sidecar vouches for itself too: ``sidecar_sha256`` is the SHA-256 of its own content (which holds the
+weights' digest), so a hand edit is named as one; ``reseal_sidecar`` accepts an intended edit. Every field is
+range-checked on every load, sealed or not. The format versions read here keep older files loadable."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
+import reprlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +19,9 @@ import torch
 from torch import nn
 
 from vggft import __version__
-from vggft.config.loading import migrate_config
+from vggft.config.loading import config_from_dict, migrate_config
 from vggft.config.schema import Config
+from vggft.model.build import describe_state_dict
 from vggft.model.checkpoints import (
     CHECKPOINT_FORMAT,
     LIGHT_KIND,
@@ -25,7 +31,7 @@ from vggft.model.checkpoints import (
 )
 from vggft.model.fingerprint import frozen_fingerprint
 from vggft.model.safe_load import check_weights_file, read_state_dict
-from vggft.utils.errors import OutputError, WeightsError
+from vggft.utils.errors import ConfigError, OutputError, WeightsError
 from vggft.utils.files import check_name_length, existing_parent, file_digest, save_json, save_torch
 
 WEIGHTS_FORMAT = "vggft-weights/2"
@@ -33,6 +39,14 @@ WEIGHTS_FORMAT = "vggft-weights/2"
 
 # Formats this version reads: 1 (vggft 0.1: no digest, split in a separate manifest file) and 2.
 READABLE_WEIGHTS = ("vggft-weights/1", WEIGHTS_FORMAT)
+
+# The sidecar's digest of its own content. A sidecar without it (written before vggft sealed them) is read as
+# before, range checks and all.
+SEAL_KEY = "sidecar_sha256"
+
+# The temperatures a sidecar may hold: the calibration fit's search range (training.calibration.LOG_T_RANGE),
+# so every temperature vggft train stores lies inside, and softmax(logits / T) stays finite.
+TEMPERATURE_RANGE = (1e-3, 1e3)
 
 
 def sidecar_path(weights: Path) -> Path:
@@ -108,7 +122,45 @@ def save_trained(
         "metrics": metrics or {},
     }
     path = sidecar_path(weights)
-    save_json(sidecar, path)
+    save_json(sealed(sidecar), path)
+    return path
+
+
+def sidecar_digest(body: dict) -> str:
+    """SHA-256 of a sidecar's content less its own digest: canonical JSON (sorted keys, no spaces, UTF-8), so a
+    re-indented file is the same sidecar. It covers weights_sha256, which binds it to the weights."""
+    content = {key: value for key, value in body.items() if key != SEAL_KEY}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def sealed(body: dict) -> dict:
+    """``body`` as its file will read back (JSON types), with its digest (``SEAL_KEY``) last."""
+    plain = json.loads(json.dumps({key: value for key, value in body.items() if key != SEAL_KEY}, default=str))
+    return {**plain, SEAL_KEY: sidecar_digest(plain)}
+
+
+def accept_hint(weights: Path) -> str:
+    """How to accept an intended edit of the sidecar of ``weights``."""
+    return f"vggft sidecar --accept -w {weights}"
+
+
+def reseal_sidecar(weights: Path) -> Path:
+    """Accept a hand edit of the sidecar of ``weights``: check it as every load does (each field, and against
+    these very weights), then record the digest of what it now says. Returns the sidecar's path."""
+    weights = Path(weights)
+    path = sidecar_path(weights)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no sidecar beside '{weights}' to accept; train again to write one")
+    saved = read_weights(weights, check_seal=False)  # every check a load makes but the seal's
+    if saved.sidecar is None or "format" not in saved.sidecar:
+        raise WeightsError(
+            f"--weights: '{weights}' is a run checkpoint, which holds its class names and config itself; nothing "
+            "to accept: pass the weights that vggft train saved (output.weights)"
+        )
+    body = _read_body(path)  # as on disk: no renamed keys moved, no split manifest read in
+    body.setdefault("weights_sha256", file_digest(weights))
+    save_json(sealed(body), path)
     return path
 
 
@@ -131,11 +183,33 @@ def light_body(
     }
 
 
-def read_sidecar(weights: Path) -> dict | None:
-    """The sidecar of ``weights`` (None if there is none), checked to belong to these very weights."""
+def read_sidecar(weights: Path, outputs: int | None = None, *, check_seal: bool = True) -> dict | None:
+    """The sidecar of ``weights`` (None if there is none), checked to belong to these very weights (whose head
+    has ``outputs`` outputs, if known), each field in range, and (``check_seal``) not edited by hand."""
     path = sidecar_path(weights)
     if not path.is_file():
         return None
+    body = _read_body(path)
+    expected = body.get("weights_sha256")
+    if expected and file_digest(weights) != expected:
+        raise WeightsError(
+            f"{path}: belongs to other weights than '{weights}' (their SHA-256 differs: the files come from "
+            "different runs, or a save was cut short); train again, or delete the sidecar to use the weights alone"
+        )
+    check_sidecar(body, weights, outputs)
+    if check_seal and SEAL_KEY in body and body[SEAL_KEY] != sidecar_digest(body):
+        raise WeightsError(
+            f"{path}: edited by hand since vggft wrote it (its {SEAL_KEY} no longer matches what it says); "
+            f"undo the edit, or accept it: {accept_hint(weights)}"
+        )
+    body["config"] = migrate_config(body["config"])
+    if body["format"] == "vggft-weights/1":
+        body["split"] = _legacy_split(weights, body.get("split_manifest"))
+    return body
+
+
+def _read_body(path: Path) -> dict:
+    """A sidecar file's JSON, as written: a vggft sidecar of a format this version reads."""
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -148,16 +222,83 @@ def read_sidecar(weights: Path) -> dict | None:
             f"{path}: sidecar format '{fmt}' is newer than this vggft {__version__} reads "
             f"({', '.join(READABLE_WEIGHTS)}); upgrade vggft"
         )
-    expected = body.get("weights_sha256")
-    if expected and file_digest(weights) != expected:
-        raise WeightsError(
-            f"{path}: belongs to other weights than '{weights}' (their SHA-256 differs: the files come from "
-            "different runs, or a save was cut short); train again, or delete the sidecar to use the weights alone"
-        )
-    body["config"] = migrate_config(body["config"])
-    if fmt == "vggft-weights/1":
-        body["split"] = _legacy_split(weights, body.get("split_manifest"))
     return body
+
+
+def check_sidecar(body: dict, weights: Path, outputs: int | None = None) -> None:
+    """Each field a load uses, in range (one line naming the file, the field and its value): the temperature,
+    the class names (distinct, one per output of the head), the config and the preprocessing it records."""
+    path = sidecar_path(weights)
+    check_temperature(body.get("temperature"), path)
+    names = _check_names(body["class_names"], path)
+    try:
+        cfg = config_from_dict(migrate_config(copy.deepcopy(body["config"])), f"{path}: config")
+    except ConfigError as err:
+        raise WeightsError(f"{err}; undo the edit, or train again") from None
+    _check_preprocessing(body, cfg, path)
+    _check_outputs(body, names, cfg, weights, outputs)
+
+
+def check_temperature(value: object, path: Path) -> None:
+    """None (no temperature fitted) or a number in TEMPERATURE_RANGE."""
+    low, high = TEMPERATURE_RANGE
+    if value is None:
+        return
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high):
+        raise WeightsError(
+            f"{path}: temperature {value!r} is not a number from {low:g} to {high:g} (the range vggft fits it in); "
+            "train again, or remove the temperature key to use uncalibrated probabilities"
+        )
+
+
+def _check_names(names: object, path: Path) -> list[str]:
+    """Distinct, non-empty strings."""
+    fix = "undo the edit, or train again"
+    if not isinstance(names, list) or not names:
+        raise WeightsError(f"{path}: class_names is {reprlib.repr(names)}, not a list of names; {fix}")
+    seen: set[str] = set()
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise WeightsError(f"{path}: class_names holds {reprlib.repr(name)}, not a class name; {fix}")
+        if name in seen:
+            raise WeightsError(f"{path}: class_names names {name!r} twice; {fix}")
+        seen.add(name)
+    return names
+
+
+def _check_preprocessing(body: dict, cfg: Config, path: Path) -> None:
+    """The eval transform recorded beside the config (image_size, resize, normalize, mean, std) is the config's:
+    vggft preprocesses as the config says, so a top-level value that disagrees would mislead a reader."""
+    from vggft.data.transforms import preprocessing
+
+    for key, value in preprocessing(cfg.data).items():
+        if key in body and body[key] != value:
+            raise WeightsError(
+                f"{path}: {key} {body[key]!r} disagrees with the config's {value!r} (config.data, which the eval "
+                "transform follows); undo the edit, or make the two agree"
+            )
+
+
+def _check_outputs(body: dict, names: list[str], cfg: Config, weights: Path, outputs: int | None) -> None:
+    """num_classes is the head's; one class name per output (fewer only where model.num_classes asked for a
+    larger head: its spare outputs are unused_K)."""
+    path, declared = sidecar_path(weights), body.get("num_classes")
+    if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared < 1):
+        raise WeightsError(f"{path}: num_classes {declared!r} is not a count of classes; undo the edit, or train again")
+    if outputs is not None and declared is not None and declared != outputs:
+        raise WeightsError(
+            f"{path}: describes a {declared}-class model but '{weights}' has a {outputs}-class head (the files come "
+            "from different runs, or a save was cut short); train again, or delete the sidecar to evaluate the "
+            "weights alone"
+        )
+    heads = outputs if outputs is not None else declared
+    if heads is None or len(names) == heads or (len(names) < heads and cfg.model.num_classes == heads):
+        return
+    count = f"{len(names)} name{'s' if len(names) != 1 else ''}"
+    raise WeightsError(
+        f"{path}: class_names has {count} for the {heads} outputs of the head of '{weights}' (one name per output); "
+        "undo the edit, or train again"
+    )
 
 
 def _rebuild_light(body: dict, weights: Path) -> nn.Module:
@@ -195,16 +336,26 @@ class SavedWeights:
         return self.sidecar.get("split") if self.sidecar else None
 
 
-def read_weights(weights: Path) -> SavedWeights:
-    """A weights file with its sidecar, or a run's last.pt/best.pt rebuilt into full weights."""
+def read_weights(weights: Path, *, check_seal: bool = True) -> SavedWeights:
+    """A weights file with its sidecar (each field checked; ``check_seal``: and not edited by hand), or a run's
+    last.pt/best.pt rebuilt into full weights."""
     weights = Path(weights)
     check_weights_file(weights, "--weights", "pass the .pt file that vggft train saved")
     state_dict = read_state_dict(weights, "--weights")
     if "format" in state_dict:  # read_state_dict returns a run checkpoint whole
         body = checked_checkpoint(state_dict, weights, "--weights")
         if body.get("kind") == LIGHT_KIND:
-            return SavedWeights(plain_state_dict(_rebuild_light(body, weights)), read_sidecar(weights), weights)
+            full = plain_state_dict(_rebuild_light(body, weights))
+            return SavedWeights(full, read_sidecar(weights, _head_outputs(full), check_seal=check_seal), weights)
         model = rebuild_from_checkpoint(body, weights, "--weights")
         sidecar = {"class_names": body["class_names"], "config": body["config"], "split": body.get("split")}
         return SavedWeights(plain_state_dict(model), sidecar, weights)
-    return SavedWeights(state_dict, read_sidecar(weights), weights)
+    return SavedWeights(state_dict, read_sidecar(weights, _head_outputs(state_dict), check_seal=check_seal), weights)
+
+
+def _head_outputs(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The number of outputs of a VGG state_dict's head (None: no VGG; loading says so in its own words)."""
+    try:
+        return describe_state_dict(state_dict)[2]
+    except (WeightsError, KeyError, IndexError):
+        return None
