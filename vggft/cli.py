@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -554,19 +555,19 @@ def check_data(
     from vggft.data import check
     from vggft.reporting.plots import format_report
 
-    if quarantine is not None:
-        check.check_destination(quarantine)  # before the scan: nothing half-done
+    if quarantine is not None:  # before the scan: nothing half-done; data.root locked from the scan to the moves
+        check.check_move_destination(quarantine, cfg.data.root, "--quarantine")
+    with check.moving_out(cfg.data.root, "--quarantine") if quarantine is not None else contextlib.nullcontext():
+        report = check.check_data(cfg, max_imbalance=max_imbalance)
+        if near_duplicates:
+            from vggft.diagnostics.near_duplicates import DEFAULT_SIMILARITY, find_near_duplicates
 
-    report = check.check_data(cfg, max_imbalance=max_imbalance)
-    if near_duplicates:
-        from vggft.diagnostics.near_duplicates import DEFAULT_SIMILARITY, find_near_duplicates
-
-        find_near_duplicates(cfg, report, DEFAULT_SIMILARITY if similarity is None else similarity)
-    typer.echo(format_report(report))
-    if quarantine is not None and report.bad:
-        moved = check.quarantine(report, quarantine)
-        report.bad = []  # no longer in the data
-        typer.echo(f"Moved {len(moved)} unreadable file(s) to {quarantine}")
+            find_near_duplicates(cfg, report, DEFAULT_SIMILARITY if similarity is None else similarity)
+        typer.echo(format_report(report))
+        if quarantine is not None and report.bad:
+            moved = check.quarantine(report, quarantine)
+            report.bad = []  # no longer in the data
+            typer.echo(f"Moved {len(moved)} unreadable file(s) to {quarantine}")
     if report.problems:
         raise typer.Exit(1)
 
@@ -944,6 +945,10 @@ def label_issues(
     force: Annotated[
         bool, typer.Option("--force", help="--move even when the model is too weak to judge labels.")
     ] = False,
+    undo: Annotated[
+        Path | None,
+        typer.Option(metavar="RUN", help="Put back what --move moved, as listed in RUN/moves.csv (nothing else runs)."),
+    ] = None,
     name: NameOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -951,6 +956,9 @@ def label_issues(
 
     Exits 1, moving nothing, when --move is given and the model is too weak to judge labels (--force moves anyway).
     """
+    if undo is not None:
+        _output(quiet)
+        return _undo_moves(undo, move)
     set_ = _with_flags(set_, locals())
     options.check_label_issues(folds, show)
     cfg = _config(config, _named(set_, name))
@@ -977,12 +985,29 @@ def label_issues(
     if found.moved:
         typer.echo(
             f"Moved {len(found.moved)} file(s) to {move} for review (paths kept relative to "
-            f"{found.run.data.splits.root}; nothing deleted)"
+            f"{found.run.data.splits.root}; nothing deleted); vggft label-issues --undo {found.out} puts them back"
         )
     if found.held_back:
         raise VggftError(f"label-issues: {found.weak}; --move moved nothing (--force moves the suspects anyway)")
     if found.weak:
         log.warning(f"label-issues: {found.weak}")
+
+
+def _undo_moves(run: Path, move: Path | None) -> None:
+    """label-issues --undo RUN: the files RUN's --move moved, back where they were."""
+    if move is not None:
+        from vggft.utils.errors import ConfigError
+
+        raise ConfigError("--undo: puts back what an earlier --move moved; give it without --move")
+    from vggft.data.check import undo_moves
+    from vggft.tuning.label_issues import MOVES_FILE
+    from vggft.utils.logs import log
+
+    record = run / MOVES_FILE if run.is_dir() else run
+    back, gone = undo_moves(record)
+    typer.echo(f"Put back {len(back)} file(s) listed in {record}" if back else f"Nothing to put back ({record})")
+    if gone:
+        log.warning(f"{gone} moved file(s) are no longer where {record} says they went (reviewed?); left as they are")
 
 
 @app.command(epilog=_examples("sidecar"))

@@ -65,6 +65,7 @@ from vggft.utils.errors import (
     first_line,
 )
 from vggft.utils.files import check_folder, check_free_space, check_name_length, save_csv, save_text
+from vggft.utils.locks import train_locks
 from vggft.utils.logs import log, silence
 
 RUN_FILES = "config.yaml, metrics.csv, last.pt, best.pt, curves.png"
@@ -127,15 +128,19 @@ def make_run_folder(cfg: Config, default_name: str = "train") -> Path:
     config it ran with."""
     base = cfg.output.name or default_name
     folder, n = Path(cfg.output.runs_dir) / base, 1
-    while folder.exists():
-        n += 1
-        folder = Path(cfg.output.runs_dir) / f"{base}{n}"
-    try:
-        folder.mkdir(parents=True)
-    except OSError as err:
-        raise OutputError(
-            f"output.runs_dir: cannot make the run folder '{folder}' ({err.strerror}); {RUNS_DIR_FIX}"
-        ) from None
+    while True:
+        try:
+            folder.mkdir(parents=True)
+            break
+        except FileExistsError:  # an earlier run's, or another's that took this name just now: the next number
+            if not folder.exists():  # a file where a parent folder belongs
+                raise OutputError(f"output.runs_dir: cannot make the run folder '{folder}'; {RUNS_DIR_FIX}") from None
+            n += 1
+            folder = Path(cfg.output.runs_dir) / f"{base}{n}"
+        except OSError as err:
+            raise OutputError(
+                f"output.runs_dir: cannot make the run folder '{folder}' ({err.strerror}); {RUNS_DIR_FIX}"
+            ) from None
     write_run_config(cfg, folder)
     return folder
 
@@ -175,7 +180,7 @@ def fit(cfg: Config, *, resume: Path | None = None, checkpoint: dict | None = No
     device = resolve_device(cfg.train.device)
     if cfg.output.tensorboard:
         tensorboard_log.require()  # before any work
-    with process_group(device) as (group, device):
+    with process_group(device) as (group, device), train_locks(cfg.output.weights, resume, enabled=group.is_main):
         if group.active:
             _check_distributed(cfg)
         if not group.is_main:

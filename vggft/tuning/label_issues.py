@@ -19,13 +19,13 @@ import torch
 
 from vggft.config.options import check_label_issues
 from vggft.config.schema import Config
-from vggft.data.check import check_destination, move_files
+from vggft.data.check import MoveLog, check_move_destination, move_files, moving_out
 from vggft.data.images import open_rgb
 from vggft.data.transforms import eval_transform, normalization
 from vggft.reporting.runs import save_results
 from vggft.training.train import check_run_folder, make_run_folder
 from vggft.tuning.kfold import FoldRun, run_folds, write_oof
-from vggft.utils.errors import OutputError
+from vggft.utils.errors import Interrupted, OutputError, VggftError
 from vggft.utils.files import save_csv
 
 TOLERANCE = 1e-6  # cleanlab's slack on the threshold comparison, and on the given label's argmax
@@ -34,6 +34,7 @@ TOLERANCE = 1e-6  # cleanlab's slack on the threshold comparison, and on the giv
 # (precision 50 % or more) started at 66 % and flagged at most 12 % of the images; weak ones flagged up to 93 %.
 WEAK_ACCURACY = 0.6  # out-of-fold acc@1 below this: the model is too weak to judge labels
 WEAK_FLAGGED = 0.15  # more of the images flagged than this: a backstop for mass accusation at fair accuracy
+MOVES_FILE = "moves.csv"  # in the run folder: what --move moved (--undo puts it back)
 
 
 @dataclass
@@ -123,18 +124,26 @@ def label_issues(
 ) -> LabelIssues:
     """Out-of-fold probabilities, confident learning, then the ranked CSV, a grid PNG and the OOF CSV in
     ``out`` (default a new run folder); ``move`` moves the suspects there for review, deleting nothing, unless
-    the model is too weak to judge labels (``too_weak``) and not ``force``."""
-    started = time.monotonic()
+    the model is too weak to judge labels (``too_weak``) and not ``force``. The moves are listed in
+    ``out``/moves.csv before the first one (``undo_moves`` puts them back), and data.root is locked from before
+    the folds to the last move: a second ``--move`` on the same data is refused before any work."""
     check_label_issues(folds, show)
     if out is None:
         check_run_folder(cfg, "label_issues")
-    if move is not None:  # before the folds: nothing half-done
-        if Path(move).resolve().is_relative_to(Path(cfg.data.root).resolve()):
-            raise OutputError(
-                f"--move {move}: is inside data.root, where the moved images would be found again; "
-                "choose a folder outside it"
-            )
-        check_destination(Path(move), "--move")
+    if move is None:
+        return _label_issues(cfg, folds, seed, out, show)
+    check_move_destination(Path(move), cfg.data.root, "--move")  # before the folds: nothing half-done
+    with moving_out(cfg.data.root, "--move"):
+        found = _label_issues(cfg, folds, seed, out, show)
+        found.held_back = bool(found.suspects) and found.weak is not None and not force
+        if found.suspects and not found.held_back:
+            found.moved = _move(found, Path(move))
+    return found
+
+
+def _label_issues(cfg: Config, folds: int, seed: int, out: Path | None, show: int) -> LabelIssues:
+    """The folds and what they find, written to ``out`` (a new run folder if None)."""
+    started = time.monotonic()
     run = run_folds(cfg, folds, seed, "label-issues")
     suspects = find_label_issues(run.probs, run.labels)
     if out is None:
@@ -160,12 +169,42 @@ def label_issues(
     if suspects and show > 0:
         files.append(_grid(run, suspects[:show], cfg, Path(out) / "label_issues.png"))
     weak = too_weak(run.mean, len(suspects), len(run.samples))
-    held_back = move is not None and bool(suspects) and weak is not None and not force
     _save_summary(Path(out), cfg, run, len(suspects), weak, time.monotonic() - started)
-    moved = []
-    if move is not None and suspects and not held_back:
-        moved = move_files([run.samples[s.index][0] for s in suspects], run.data.splits.root, Path(move), "--move")
-    return LabelIssues(run, suspects, Path(out), files, moved, weak, held_back)
+    return LabelIssues(run, suspects, Path(out), files, [], weak)
+
+
+def _move(found: LabelIssues, destination: Path) -> list[tuple[Path, Path]]:
+    """Move the suspects to ``destination``, listed first in the run's moves.csv; stopped or failed midway, the
+    line says how to put back what moved."""
+    record = found.out / MOVES_FILE
+    samples = found.run.samples
+    undo = f"put them back with: vggft label-issues --undo {found.out}"
+    try:
+        moved = move_files(
+            [samples[s.index][0] for s in found.suspects],
+            found.run.data.splits.root,
+            destination,
+            "--move",
+            record=record,
+        )
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"Interrupted: {_moved_so_far(record)} of {len(found.suspects)} file(s) were moved to {destination}, "
+            f"listed in {record}; {undo}"
+        ) from None
+    except OutputError as err:
+        raise OutputError(f"{err}; {undo}" if _moved_so_far(record) else str(err)) from None
+    found.files.append(record)
+    return moved
+
+
+def _moved_so_far(record: Path) -> int:
+    """The files ``record`` lists as moved, or as planned and found at their destination (moved as it stopped)."""
+    try:
+        rows = MoveLog.read(record, "--move").rows.values()
+    except VggftError:
+        return 0
+    return sum(row[2] == "moved" or (row[2] == "planned" and Path(row[1]).exists()) for row in rows)
 
 
 def _save_summary(out: Path, cfg: Config, run: FoldRun, suspects: int, weak: str | None, seconds: float) -> None:
