@@ -4,8 +4,9 @@ On a GPU a frozen VGG forward outruns Pillow by an order of magnitude, so the fi
 decode-bound. With ``data.decode: gpu`` the workers only read file bytes; each batch of JPEGs is decoded
 by ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA, libjpeg-turbo on the CPU) and resized,
 cropped and normalised there as tensors. A file the batched decoder cannot take as it is (not a JPEG,
-CMYK, progressive, 12-bit, EXIF-rotated, or rejected by the decoder) goes through Pillow instead, exactly
-as ``data.decode: pil`` would treat it; each such fallback is counted and the count is logged once.
+CMYK, progressive, 12-bit, EXIF-rotated, too large to decode whole, or rejected by the decoder) goes through
+Pillow instead, exactly as ``data.decode: pil`` would treat it (a huge JPEG read reduced); each such fallback
+is counted and the count is logged once.
 
 Tensor resizing rounds slightly differently from Pillow's, so features differ a little between the two
 paths: the resolved path is part of the feature-cache key (``resolve_decode``).
@@ -20,9 +21,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from PIL import Image
 
 from vggft.config.schema import DataConfig
-from vggft.data.images import ImageRefused, open_regular
+from vggft.data.images import MAX_DECODE_BYTES, ImageRefused, open_regular
 from vggft.data.loaders import ImageList, image_loader, make_loader
 from vggft.data.transforms import eval_transform, normalization
 from vggft.utils.errors import ConfigError, DataError
@@ -117,6 +119,8 @@ def _segment_reason(marker: int, body: bytes) -> str:
             return "CMYK"
         if body[5] not in (1, 3):
             return f"{body[5]} channels"
+        if _too_large(int.from_bytes(body[3:5], "big"), int.from_bytes(body[1:3], "big")):
+            return "too large to decode whole"
     if marker == 0xE1 and body.startswith(b"Exif\0\0"):
         orientation = _exif_orientation(body[6:])
         if orientation is None:
@@ -126,6 +130,14 @@ def _segment_reason(marker: int, body: bytes) -> str:
     if marker == 0xE1 and b"tiff:Orientation" in body:  # Pillow reads an XMP orientation too
         return "EXIF-rotated"
     return ""
+
+
+def _too_large(width: int, height: int) -> bool:
+    """Whether Pillow might read this JPEG reduced (draft) rather than whole: past PIL's pixel limit, or past the
+    decode budget at the 8 bytes a pixel Pillow counts for RGB. decode_jpeg would decode it whole (3 bytes a pixel,
+    a batch at once): a 30000x30000 JPEG is 2.7 GB."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return bool(limit and width * height > limit) or 8 * width * height > MAX_DECODE_BYTES
 
 
 def _exif_orientation(tiff: bytes) -> int | None:

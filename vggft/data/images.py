@@ -14,13 +14,16 @@ import io
 import json
 import os
 import stat
+import threading
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from vggft.config.schema import DataConfig
 from vggft.data.folders import SPLITS, DataSplits, not_regular
@@ -31,6 +34,15 @@ from vggft.utils.logs import log, progress
 WHITE = (255, 255, 255)
 MAX_ASPECT = 50  # longer side over shorter: Resize(256) of an 80000x1 strip would be 256 x 20,480,000 pixels
 MAX_FILE_BYTES = 256 << 20  # no photo is larger; a link to /dev/zero or a disk image is not a photo
+# What one decode may hold at its peak (decode_bytes), judged from the header before any pixel is decoded. A 50 MP
+# photo, the largest people fine-tune on, takes 400 MB (4 bytes a pixel as Pillow keeps RGB, twice for an EXIF
+# rotation); a 706 KB 9400x9400 16-bit RGBA PNG took 2 GB (now 707 MB: refused). A larger JPEG is read reduced.
+MAX_DECODE_BYTES = 512 << 20
+# What all decodes of one process hold at once: inspect_all's threads share it (two images at the cap, or many small
+# ones, at a time). DataLoader workers are processes: each decodes one image at a time under its own budget, so a
+# loader holds at most MAX_DECODE_BYTES x num_workers (plus its batches).
+TOTAL_DECODE_BYTES = 2 * MAX_DECODE_BYTES
+ALPHA_MODES = ("RGBA", "LA", "PA")
 
 
 class ImageRefused(ValueError):
@@ -77,27 +89,123 @@ def size_problem(width: int, height: int) -> str | None:
     return None
 
 
-def _bounded(image: Image.Image) -> None:
-    """Refuse a size that would take unbounded memory to decode or resize; a huge JPEG is read reduced
-    (draft: 1/2, 1/4 or 1/8 scale, decided before any pixel is decoded) to fit PIL's pixel limit."""
-    width, height = image.size
+class ByteBudget:
+    """At most ``total`` bytes held at once by the decodes of this process; a decode waits until its share is free."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.reset()
+
+    def reset(self) -> None:
+        """A fresh, unheld budget (a forked child: a DataLoader worker holds none of its parent's decodes)."""
+        self.used = 0
+        self._free = threading.Condition()
+
+    @contextmanager
+    def hold(self, amount: int) -> Iterator[None]:
+        amount = min(amount, self.total)
+        with self._free:
+            self._free.wait_for(lambda: self.used + amount <= self.total)
+            self.used += amount
+        try:
+            yield
+        finally:
+            with self._free:
+                self.used -= amount
+                self._free.notify_all()
+
+
+DECODE_BUDGET = ByteBudget(TOTAL_DECODE_BYTES)
+os.register_at_fork(after_in_child=DECODE_BUDGET.reset)
+
+
+def decode_bytes(image: Image.Image, size: tuple[int, int] | None = None) -> int:
+    """The bytes decoding ``image`` (opened, not loaded) at ``size`` and making it RGB holds at its peak.
+
+    Pillow keeps 1 byte a pixel for L, P and 1, 2 for I;16, 4 for I, F, RGB and every other multi-band mode
+    (``stored``). to_rgb holds the decoded pixels and then either a rotated copy (EXIF) or what it converts:
+    the 4-byte RGB result, plus an RGBA copy for LA/PA/transparent P, plus the pixels as bytes and as float32
+    for 16-bit and float modes. RGB is returned as it is.
+    """
+    width, height = size or image.size
+    mode = image.mode
+    try:
+        info = ImageMode.getmode(mode)
+        stored = int(info.typestr[-1]) if len(info.bands) == 1 else 4
+    except (KeyError, ValueError):
+        stored = 4
+    if mode == "RGB":
+        work = 0
+    elif mode == "RGBA":
+        work = 4  # the RGB result; the pixels are their own mask
+    elif mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        work = 8
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        work = stored + 4
+    else:
+        work = 4
+    return width * height * (stored + max(stored, work))
+
+
+def _coefficient_bytes(image: Image.Image) -> int:
+    """A progressive JPEG's coefficients, which libjpeg holds whole (2 bytes each, per block of every
+    component at its own sampling), whatever scale it is read at."""
+    if image.format != "JPEG" or not image.info.get("progressive"):
+        return 0
+    layers = getattr(image, "layer", None) or [("", 1, 1, 0)] * len(image.getbands())
+    most = max(h for _, h, _, _ in layers) * max(v for _, _, v, _ in layers)
+    return 2 * image.size[0] * image.size[1] * sum(h * v for _, h, v, _ in layers) // most
+
+
+def _fits(image: Image.Image, size: tuple[int, int], extra: int) -> bool:
     budget = Image.MAX_IMAGE_PIXELS
-    if budget and width * height > budget and image.format == "JPEG":
-        scale = next((s for s in (2, 4, 8) if -(-width // s) * -(-height // s) <= budget), None)
+    return (not budget or size[0] * size[1] <= budget) and decode_bytes(image, size) + extra <= MAX_DECODE_BYTES
+
+
+def _bounded(image: Image.Image) -> int:
+    """The bytes decoding ``image`` will hold, or ImageRefused when that or its pixels are past the limits;
+    a JPEG too large is read reduced instead (draft: 1/2, 1/4 or 1/8 scale, the least that fits, decided
+    before any pixel is decoded)."""
+    width, height = image.size
+    extra = _coefficient_bytes(image)
+    if image.format == "JPEG" and not _fits(image, image.size, extra):
+        scale = next((s for s in (2, 4, 8) if _fits(image, (-(-width // s), -(-height // s)), extra)), None)
         if scale is not None:
-            image.draft(image.mode, (width // scale, height // scale))
+            image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
     problem = size_problem(*image.size)
     if problem:
         raise ImageRefused("unsupported", problem)
+    need = decode_bytes(image) + extra
+    if need > MAX_DECODE_BYTES:
+        width, height = image.size
+        raise ImageRefused(
+            "unsupported",
+            f"{width}x{height} {image.mode} = {human_size(need)} is too much to decode "
+            f"(at most {human_size(MAX_DECODE_BYTES)})",
+        )
+    return need
+
+
+def _open(handle) -> Image.Image:
+    """Image.open; a JPEG past twice PIL's pixel limit (which Image.open refuses) is opened all the same, its
+    header only, for _bounded to read it reduced."""
+    try:
+        return Image.open(handle)
+    except Image.DecompressionBombError:
+        handle.seek(0)
+        if handle.read(3) != b"\xff\xd8\xff":
+            raise
+        handle.seek(0)
+        return JpegImagePlugin.JpegImageFile(handle)
 
 
 def _decode(handle) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked here instead
-        with Image.open(handle) as image:
-            _bounded(image)
-            image.load()
-            return to_rgb(image)
+        with _open(handle) as image:
+            with DECODE_BUDGET.hold(_bounded(image)):
+                image.load()
+                return to_rgb(image)
 
 
 def open_rgb(path: str | Path) -> Image.Image:
@@ -107,24 +215,34 @@ def open_rgb(path: str | Path) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` upright (EXIF orientation, in place) as 8-bit RGB: transparency on white, deeper greys scaled."""
     try:
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a picture that needs no turn
     except Exception:  # a broken EXIF block must not lose an otherwise good picture
         pass
     if image.mode == "RGB":
         return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, WHITE + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        rgb = Image.new("RGB", rgba.size, WHITE)
+        rgb.paste(rgba, mask=rgba)  # the pixels alpha_composite on opaque white gives, without two RGBA copies
+        return rgb
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode != "F" and pixels.max(initial=0) > 255 else 255.0
-        if image.mode == "F":
-            top = max(float(pixels.max(initial=0)), 1.0)
-        gray = np.clip(pixels / top * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
+        return _deep_to_rgb(image)
     return image.convert("RGB")
+
+
+def _deep_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grey scaled by the 16-bit depth, 65535 white, whatever the picture holds:
+    a dark frame stays darker than a bright one. Float images carry no depth: their brightest pixel is white."""
+    pixels = np.array(image, dtype=np.float32)  # a writable copy, even of F
+    top = max(float(pixels.max(initial=0)), 1.0) if image.mode == "F" else 65535.0
+    pixels *= 255.0 / top
+    np.clip(pixels, 0, 255, out=pixels)
+    np.rint(pixels, out=pixels)
+    gray = pixels.astype(np.uint8)
+    del pixels  # before the RGB result is made: decode_bytes counts one of them at a time
+    return Image.fromarray(gray).convert("RGB")
 
 
 @dataclass(frozen=True)
