@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import reprlib
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -379,8 +380,30 @@ _NO = object()
 def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
     result = _try_convert(value, hint)
     if result is _NO:
-        raise ConfigError(f"{source}: {key}: expected {describe_type(hint)}, got {_show(value)}")
+        why = _not_finite(value) if _takes_numbers(hint) else ""
+        raise ConfigError(f"{source}: {key}: expected {describe_type(hint)}, got {_show(value)}{why}")
     return result
+
+
+def _takes_numbers(hint: Any) -> bool:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return any(_takes_numbers(option) for option in typing.get_args(hint))
+    return hint in (int, float)
+
+
+def _not_finite(value: Any) -> str:
+    """Why a number is refused all the same: 1e400 overflows (float reads it as inf); inf and nan are no amounts."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    except OverflowError:  # an int beyond any float
+        number = math.inf
+    if math.isinf(number) and not (isinstance(value, float) or "inf" in str(value).lower()):
+        return f", which overflows (numbers stop at ±{sys.float_info.max:.1e})"
+    return ", which is not a finite number" if not math.isfinite(number) else ""
 
 
 def _try_convert(value: Any, hint: Any) -> Any:

@@ -11,6 +11,7 @@ whole VGG is hundreds of megabytes, so one per trial would be absurd).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from vggft.training.train import check_run_folder, make_run_folder
 from vggft.tuning.prepare import PreparedData, extract, prepare, with_val_split
 from vggft.tuning.sweep_plan import dotted, trial_configs
 from vggft.utils.errors import DivergedError, Interrupted
-from vggft.utils.files import save_csv, save_text
+from vggft.utils.files import remove_stale_temporaries, save_csv, save_text
 from vggft.utils.logs import log, progress
 
 RESULT_FILES = ("results.csv", "best.yaml", "sweep.png", "config.yaml")
@@ -79,20 +80,57 @@ def sweep(cfg: Config, plans: list[dict[str, str]], *, save_best: bool = False) 
     data = prepare(cfg, "sweep")
     pairs = extract(data, {"train": data.splits["train"], "val": data.splits["val"]})
     run_dir = make_run_folder(cfg, "sweep")
+    _remove_stale_temporaries(run_dir.parent)
     result = SweepResult(run_dir, trials, keys)
+    try:
+        _trials_and_files(data, pairs, result, save_best)
+        best = {"trial": result.best.number, "values": result.best.values, "epoch": result.best.epoch}
+        best.update(val_acc=result.best.val_acc, val_loss=result.best.val_loss)
+        saved = weights_record(result.weights, sidecar_path(result.weights)) if result.weights else None
+        save_results(run_dir, "sweep", time.monotonic() - started, cfg, trials=len(trials), best=best, weights=saved)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_line(result, data)) from None
+    return result
+
+
+def _trials_and_files(data: PreparedData, pairs: dict, result: SweepResult, save_best: bool) -> None:
+    """Every trial, then the run folder's files (and the best trial's model with ``save_best``)."""
     best_state = _run_trials(data, pairs, result)
-    result.trials = sorted(trials, key=lambda t: t.rank_key)
+    result.trials = sorted(result.trials, key=lambda t: t.rank_key)
     result.files = [_write_results(result, ranked=True)]
     if result.best.status != "ok":
         raise DivergedError(f"sweep: every trial diverged (see {result.files[0]}); lower train.lr (or its range)")
-    result.files += [_write_best_yaml(result), _plot(result), run_dir / "config.yaml"]
+    result.files += [_write_best_yaml(result), _plot(result), result.run_dir / "config.yaml"]
     if save_best:
         result.weights = _save_best(data, result, best_state)
-    best = {"trial": result.best.number, "values": result.best.values, "epoch": result.best.epoch}
-    best.update(val_acc=result.best.val_acc, val_loss=result.best.val_loss)
-    saved = weights_record(result.weights, sidecar_path(result.weights)) if result.weights else None
-    save_results(run_dir, "sweep", time.monotonic() - started, cfg, trials=len(trials), best=best, weights=saved)
-    return result
+
+
+def _remove_stale_temporaries(runs_dir: Path) -> None:
+    """The temporary folders that killed commands left in the run folders (a sweep's run folder is never
+    written again, so the writes into it would not find them): removed as ``atomic_path`` removes its own."""
+    try:
+        folders = [entry.path for entry in os.scandir(runs_dir) if entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    for folder in folders:
+        remove_stale_temporaries(Path(folder))
+
+
+def _interrupted_line(result: SweepResult, data: PreparedData) -> str:
+    """Ctrl-C: what results.csv holds, the best trial so far, and how to go on."""
+    total, csv = len(result.trials), result.run_dir / "results.csv"
+    done = [t for t in result.trials if t.status != "pending"]
+    again = f"run the same vggft sweep command again for all {total} trials"
+    if data.source.cache is not None and data.source.cache.writable:
+        again += " (the features are cached: it goes straight to the trials)"
+    if not done:
+        return f"Interrupted during trial 1 of {total}: no trial ended, so {csv} is not written; {again}"
+    ok = sorted((t for t in done if t.status == "ok"), key=lambda t: t.rank_key)
+    values = ", ".join(f"{k}={_show(v)}" for k, v in ok[0].values.items()) if ok else ""
+    best = f"best so far trial {ok[0].number} ({values}), val acc {100 * ok[0].val_acc:.2f}%" if ok else "all diverged"
+    if len(done) == total:
+        return f"Interrupted after all {total} trials, writing the run folder: {csv} holds them ({best}); {again}"
+    return f"Interrupted after {len(done)} of {total} trials: {csv} holds their results ({best}); {again}"
 
 
 def _run_trials(data: PreparedData, pairs: dict, result: SweepResult) -> dict[str, torch.Tensor]:
@@ -110,11 +148,6 @@ def _run_trials(data: PreparedData, pairs: dict, result: SweepResult) -> dict[st
         except DivergedError as err:
             trial.status = "diverged"
             log.warning(f"Trial {trial.number}/{total} ({values}): diverged ({str(err).split(';')[0]})")
-        except KeyboardInterrupt:
-            done = trial.number - 1
-            raise Interrupted(
-                f"Interrupted after {done} of {total} trials; their results are in {result.run_dir / 'results.csv'}"
-            ) from None
         else:
             _record(trial, fit)
             if best is None or trial.rank_key < best.rank_key:

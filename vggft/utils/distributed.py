@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from vggft.utils.errors import ConfigError, DeviceError, VggftError, first_line
-from vggft.utils.torchrun import environment_rank, environment_world
+from vggft.utils.errors import ConfigError, DeviceError, Interrupted, VggftError, first_line
+from vggft.utils.torchrun import LAUNCHER_ENV, PEER_EXIT, environment_rank, environment_world
 
 TIMEOUT_ENV = "VGGFT_DIST_TIMEOUT"  # seconds a process waits for the others before the job fails
 DEFAULT_TIMEOUT = 300.0  # a stopped or hung process is named within minutes, not an hour
 SETUP_FACTOR = 12  # around data preparation and extraction one rank may legitimately work alone longer
+RESUME = "vggft train --resume "  # how a Ctrl-C line ends that says how to go on
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
 
 
@@ -146,27 +147,17 @@ def stalled(group: Group, err: BaseException) -> StalledError:
 
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[tuple[Group, torch.device]]:
-    """Join the job torchrun started (nccl on CUDA, gloo on CPU) and pick this rank's device; leave it after."""
+    """Join the job torchrun started (nccl on CUDA, gloo on CPU) and pick this rank's device; leave it after.
+
+    Rank 0 speaks for the job: Ctrl-C is said by it alone, with the ``--nproc`` that resumes the run; under
+    ``vggft train --nproc`` a rank whose collective broke because another died leaves without a word
+    (``PEER_EXIT``), and the launcher names the one that died."""
     world = environment_world()
     if world <= 1:
         yield SINGLE, device
         return
     group = Group(environment_rank(), world, int(os.environ.get("LOCAL_RANK", "0") or 0))
-    if device.type == "cuda":
-        if group.local_rank >= torch.cuda.device_count():
-            err = DeviceError(
-                f"train.device: local rank {group.local_rank} needs a GPU but this node has "
-                f"{torch.cuda.device_count()}; start at most that many processes per node"
-            )
-            err.rank_specific = True  # rank 0 has a GPU and would not say it
-            raise err
-        device = torch.device("cuda", group.local_rank)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    elif device.type == "cpu":
-        backend = "gloo"
-    else:
-        raise DeviceError(f"train.device: {device.type} cannot run distributed; use cuda or cpu")
+    device, backend = _rank_device(group, device)
     try:
         dist.init_process_group(backend, timeout=_timeout())
         side = dist.new_group(backend="gloo")
@@ -182,8 +173,53 @@ def process_group(device: torch.device) -> Iterator[tuple[Group, torch.device]]:
         ) from None
     try:
         yield group, device
+    except (KeyboardInterrupt, VggftError) as err:
+        instead = _leaving(group, err)
+        if instead is err:
+            raise
+        raise instead from None
     finally:
         dist.destroy_process_group()
+
+
+def _rank_device(group: Group, device: torch.device) -> tuple[torch.device, str]:
+    """This rank's device and the backend for it."""
+    if device.type == "cpu":
+        return device, "gloo"
+    if device.type != "cuda":
+        raise DeviceError(f"train.device: {device.type} cannot run distributed; use cuda or cpu")
+    if group.local_rank >= torch.cuda.device_count():
+        err = DeviceError(
+            f"train.device: local rank {group.local_rank} needs a GPU but this node has "
+            f"{torch.cuda.device_count()}; start at most that many processes per node"
+        )
+        err.rank_specific = True  # rank 0 has a GPU and would not say it
+        raise err
+    device = torch.device("cuda", group.local_rank)
+    torch.cuda.set_device(device)
+    return device, "nccl"
+
+
+def _leaving(group: Group, err: BaseException) -> BaseException:
+    """What leaves the job instead of ``err``: Ctrl-C's line on rank 0 with the ``--nproc`` that resumes,
+    and a quiet exit where another rank or the launcher says it (the error itself otherwise)."""
+    if isinstance(err, (KeyboardInterrupt, Interrupted)):
+        if not group.is_main:
+            return SystemExit(Interrupted.exit_code)  # rank 0 says what is kept and how to go on
+        return Interrupted(_with_nproc(str(err), group)) if isinstance(err, Interrupted) else err
+    peer = type(err) is VggftError and err.__context__ is not None and is_peer_failure(err.__context__)
+    if peer and os.environ.get(LAUNCHER_ENV):
+        return SystemExit(PEER_EXIT)  # the launcher names the process that died (vggft.utils.torchrun)
+    return err
+
+
+def _with_nproc(message: str, group: Group) -> str:
+    """A resume command at the end of ``message`` with the ``--nproc`` of this job (one node: several
+    nodes resume with their own launcher's command)."""
+    one_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) == group.world
+    if one_node and message.rpartition(RESUME)[1] and "--nproc" not in message.rpartition(RESUME)[2]:
+        return f"{message} --nproc {group.world}"
+    return message
 
 
 def is_peer_failure(err: BaseException) -> bool:
