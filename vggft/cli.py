@@ -972,9 +972,16 @@ def label_issues(
     _check_pretrained(cfg)
     _output(quiet)
     from vggft.tuning.label_issues import label_issues as find
-    from vggft.utils.logs import log
 
     found = find(cfg, folds=folds, seed=fold_seed, out=out, show=show, move=move, force=force)
+    _echo_label_issues(found, show, move)
+
+
+def _echo_label_issues(found, show: int, move: Path | None) -> None:
+    """label-issues' table and summary on stdout; a model too weak to judge labels: a warning, or (when --move
+    was held back) the error."""
+    from vggft.utils.logs import log
+
     names = found.run.data.names
     rows = [
         [found.run.samples[s.index][0], names[s.given], names[s.suggested], f"{s.confidence:.3f}"]
