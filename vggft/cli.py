@@ -262,6 +262,7 @@ EXAMPLES = {
     "predict": [
         "vggft predict photos/ --weights models/VGG16.pt --topk 3",
         "vggft predict cat.jpg --weights models/VGG16.onnx --json",
+        "vggft predict photos/ --weights models/VGG16.pt --coverage 0.9",
     ],
     "explain": ["vggft explain cat.jpg --weights models/VGG16.pt", "vggft explain photos/ --class dog --out cams/"],
     "export": ["vggft export --weights models/VGG16.pt", "vggft export --weights models/VGG16.pt --format pt2"],
@@ -276,6 +277,10 @@ EXAMPLES = {
     "kfold": ["vggft kfold --config pet --data data/pets --folds 5"],
     "label-issues": ["vggft label-issues --data data/pets", "vggft label-issues --data data/pets --move review/"],
     "sidecar": ["vggft sidecar -w models/VGG16.pt", "vggft sidecar -w models/VGG16.pt --accept"],
+    "calibrate": [
+        "vggft calibrate -w models/VGG16.pt",
+        "vggft calibrate -w models/VGG16.pt --data data/more --split val",
+    ],
     "make-demo": ["vggft make-demo data/demo && vggft train --config demo"],
     "configs": ["vggft configs", "vggft configs --defaults > my.yaml"],
 }
@@ -378,12 +383,19 @@ def eval_(
     top_losses: Annotated[int, typer.Option(help="Save a grid and a CSV of the N highest-loss images (0: none).")] = 0,
     explain: Annotated[bool, typer.Option("--explain", help="Draw Grad-CAM heatmaps on those grids.")] = False,
     plots: Annotated[Path | None, typer.Option(help="Folder for the PNGs (default: beside the weights).")] = None,
+    coverage: Annotated[
+        float | None,
+        typer.Option(help="Also report the empirical coverage and mean size of the conformal sets at this level."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """acc@1 and acc@k over every image of the test split, per-class precision/recall/F1, confusion matrix."""
     set_ = _with_flags(set_, locals())
     options.check_eval(topk, misclassified, top_losses, explain)
+    from vggft.model.conformal import check_coverage
+
+    check_coverage(coverage)
     _output(quiet)
     from vggft.diagnostics.evaluation import evaluate_weights
 
@@ -397,6 +409,7 @@ def eval_(
         plots_dir=plots,
         top_losses=top_losses,
         explain=explain,
+        coverage=coverage,
     )
     if as_json:
         typer.echo(json.dumps({**metrics.to_dict(), "files": [str(p) for p in written]}, indent=2))
@@ -460,6 +473,25 @@ def _echo_eval_extras(metrics) -> None:
     else:
         line += " (the sidecar holds no temperature: trained without a val split, or train.calibrate: false)"
     typer.echo(line)
+    if "coverage" in metrics.extra:
+        _echo_coverage(metrics.extra["coverage"])
+
+
+def _echo_coverage(report: dict) -> None:
+    """eval --coverage: the sets' coverage and mean size, overall and per class."""
+    target = report["target"]
+    if "missing" in report:
+        typer.echo(f"Coverage: {report['missing']}")
+        return
+    typer.echo(
+        f"Conformal sets ({report['method']}, target coverage {target:.0%}, marginal: over images, not per class): "
+        f"coverage {100 * report['coverage']:.2f}%, mean set size {report['mean_size']:.2f}, "
+        f"{report['empty']} empty, {report['images']} images"
+    )
+    width = max(len("class"), *(len(r["class"]) for r in report["per_class"]))
+    typer.echo(f"  {'class':<{width}}  {'images':>7}  {'coverage':>8}  {'mean size':>9}")
+    for r in report["per_class"]:
+        typer.echo(f"  {r['class']:<{width}}  {r['images']:>7}  {100 * r['coverage']:>7.2f}%  {r['mean_size']:>9.2f}")
 
 
 @app.command(epilog=_examples("summary"))
@@ -591,21 +623,31 @@ def predict(
         typer.Option(
             "--csv",
             help="Also write path,rank,class,probability,error rows here (error: why a file could not be "
-            "read; its other columns empty).",
+            "read; its other columns empty), then novelty,novel,set (the set ;-separated).",
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (1 or more).")] = 32,
+    coverage: Annotated[
+        float | None,
+        typer.Option(
+            help="Also give each image's conformal set: the classes that hold the true one with this probability "
+            "(0.50 to 0.99; averaged over images), from the sidecar's calibration."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Classify images with saved weights (or their ONNX export), preprocessed exactly as in training; unreadable
-    files are reported."""
+    files are reported. Each image gets a novelty score, flagged when unlike the training images."""
     set_ = _with_flags(set_, locals())
     options.check_predict(topk, batch_size)
+    from vggft.model.conformal import check_coverage
+
+    check_coverage(coverage)
     _output(quiet)
     from vggft.model.exported import predict as run_predict
 
-    rows = run_predict(weights, inputs, config, set_ or [], topk=topk, batch_size=batch_size)
+    rows = run_predict(weights, inputs, config, set_ or [], topk=topk, batch_size=batch_size, coverage=coverage)
     if csv_path is not None:
         _write_predictions_csv(rows, csv_path)
     name_width = max([len("top-1")] + [len(t["class"]) for r in rows for t in r["top"][:1]])
@@ -616,7 +658,7 @@ def predict(
     def line(r: dict) -> str:
         best, *others = r["top"]
         rest = "  ".join(f"{t['class']} {t['probability']:.4f}" for t in others)
-        return f"{best['class']:<{name_width}}  {best['probability']:.4f}  {rest}".rstrip()
+        return f"{best['class']:<{name_width}}  {best['probability']:.4f}  {rest}{_trust_text(r, coverage)}".rstrip()
 
     _echo_rows(rows, as_json, f"{'top-1':<{name_width}}  {'prob':>6}  others{calibrated}", line)
     if csv_path is not None:
@@ -671,16 +713,42 @@ def _echo_rows(rows: list[dict], as_json: bool, header: str, line) -> None:
         _err(f"{failed} of {len(rows)} file(s) could not be read as images")
 
 
+def _trust_text(r: dict, coverage: float | None) -> str:
+    """predict's set and novelty for one row: '  set 90%: a, b', '  unsure: any of a, b, c', '  NOVEL (12.3)'."""
+    text = ""
+    if "set" in r:
+        names = ", ".join(r["set"])
+        if r.get("unsure"):
+            text += f"  unsure: any of {names}"
+        elif not r["set"]:
+            text += f"  set {coverage:.0%}: none (no class likely enough)"
+        else:
+            text += f"  set {coverage:.0%}: {names}"
+    if "novelty" in r:
+        text += f"  {'NOVEL' if r['novel'] else 'novelty'} {r['novelty']:.1f}"
+    return text
+
+
 def _write_predictions_csv(rows: list[dict], path: Path) -> None:
+    """path,rank,class,probability,error rows; then novelty,novel,set where the weights give any of them."""
     from vggft.utils.files import save_csv
 
+    trusted = any("novelty" in r or "set" in r for r in rows)
+
     def lines(r: dict) -> list[list]:
-        errors = [[r["path"], "", "", "", r["error"]]] if "error" in r else []
+        trust = [
+            f"{r['novelty']:.6g}" if "novelty" in r else "",
+            str(r["novel"]).lower() if "novel" in r else "",
+            ";".join(r["set"]) if "set" in r else "",
+        ][: 3 if trusted else 0]
+        errors = [[r["path"], "", "", "", r["error"], *trust]] if "error" in r else []
         return errors + [
-            [r["path"], rank, t["class"], f"{t['probability']:.6f}", ""] for rank, t in enumerate(r["top"], start=1)
+            [r["path"], rank, t["class"], f"{t['probability']:.6f}", "", *trust]
+            for rank, t in enumerate(r["top"], start=1)
         ]
 
-    save_csv(path, ["path", "rank", "class", "probability", "error"], (line for r in rows for line in lines(r)))
+    header = ["path", "rank", "class", "probability", "error"] + (["novelty", "novel", "set"] if trusted else [])
+    save_csv(path, header, (line for r in rows for line in lines(r)))
 
 
 @app.command(epilog=_examples("export"))
@@ -1044,6 +1112,44 @@ def sidecar(
         return
     sealed = "sealed" if "sidecar_sha256" in saved.sidecar else "from a vggft before sealing: checked field by field"
     typer.echo(f"{sidecar_path(weights)}: belongs to {weights} and passes every check ({sealed})")
+
+
+@app.command(epilog=_examples("calibrate"))
+@_handle_errors
+def calibrate(
+    weights: WeightsOpt = Path("models/VGG16.pt"),
+    config: ConfigOpt = None,
+    set_: Annotated[list[str] | None, _set_option("data.root=other/images")] = None,
+    data: DataFlag = None,
+    device: DeviceFlag = None,
+    split: Annotated[Split, typer.Option(help="Which split to calibrate on (never test).")] = Split.val,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was stored as JSON.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fit the temperature, the conformal thresholds and the novelty statistics on a split and store them in
+    the sidecar (what train does with a val split), for weights trained without one."""
+    set_ = _with_flags(set_, locals())
+    _output(quiet)
+    from vggft.diagnostics.calibrate import calibrate_weights
+
+    stored = calibrate_weights(weights, config, set_ or [], split=split.value)
+    if as_json:
+        typer.echo(json.dumps(stored, indent=2))
+        return
+    t = stored["temperature"]
+    q = stored["conformal"]["thresholds"]
+    novelty = stored["novelty"]
+    typer.echo(
+        f"Calibrated on {stored['images']} {stored['split']} images: temperature "
+        + (f"{t:.3f}" if t is not None else "none (the fit ran to the edge of its range)")
+        + f"; conformal {stored['conformal']['method']} thresholds 90% {q['0.90']}, 95% {q['0.95']}"
+    )
+    if novelty:
+        typer.echo(
+            f"Novelty: {novelty['score']} on {novelty['dims']}-d penultimate rows of {stored['train_images']} train "
+            f"images; threshold {novelty['threshold']} ({novelty['pass_rate']:.0%} of {stored['split']} images pass)"
+        )
+    typer.echo(f"Wrote {stored['sidecar']}")
 
 
 @app.command("make-demo", epilog=_examples("make-demo"))

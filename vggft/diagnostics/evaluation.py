@@ -19,6 +19,7 @@ from vggft.data.images import drop_bad_images, open_rgb
 from vggft.data.loaders import make_loader
 from vggft.data.transforms import eval_transform, normalization
 from vggft.features.cache import FeatureSource
+from vggft.model.conformal import check_coverage, level_key, prediction_sets, set_coverage
 from vggft.model.inference import TrainedModel, load_model
 from vggft.reporting.metrics import Metrics
 from vggft.reporting.plots import save_confusion, save_image_grid, save_reliability
@@ -81,13 +82,16 @@ def evaluate_weights(
     plots_dir: Path | None = None,
     top_losses: int = 0,
     explain: bool = False,
+    coverage: float | None = None,
 ) -> tuple[Metrics, TrainedModel, list[Path]]:
     """acc@1 (and per-class figures, confused pairs, calibration) of saved weights on every image of ``split``.
 
     ``misclassified``/``top_losses``: grids of the N most confident mistakes / N highest-loss images (the
-    latter with a CSV); ``explain`` draws Grad-CAM heatmaps of the predicted class on those grids.
+    latter with a CSV); ``explain`` draws Grad-CAM heatmaps of the predicted class on those grids; ``coverage``:
+    the conformal sets' empirical coverage and mean size (``extra["coverage"]``).
     """
     check_eval(topk, misclassified, top_losses, explain)
+    check_coverage(coverage)
     trained = load_model(weights, config, overrides)
     device = resolve_device(trained.cfg.train.device)
     prepare_backend(device)
@@ -95,6 +99,8 @@ def evaluate_weights(
     splits = align_labels(trained, one_split(trained.cfg, record, str(weights), split))
     log.info(environment_line("eval", device, autocast_dtype(device, trained.cfg.train.amp)))
     metrics = _score(trained, splits[split], split, device, topk)
+    if coverage is not None:
+        metrics.extra["coverage"] = coverage_summary(trained, metrics, coverage)
     out = _Plots(Path(plots_dir) if plots_dir else Path(weights).parent, Path(weights).stem, split)
     _write_plots(
         out,
@@ -137,6 +143,22 @@ def _score(trained: TrainedModel, samples: list, split: str, device: torch.devic
         torch.cat(metrics.logits), torch.cat(metrics.labels), trained.temperature
     )
     return metrics
+
+
+def coverage_summary(trained: TrainedModel, metrics: Metrics, coverage: float) -> dict:
+    """Empirical coverage and mean size of the conformal sets at ``coverage`` on the scored split, overall and
+    per class (the guarantee is marginal: over images, not per class); {"missing": why} without a calibration."""
+    conformal = (trained.sidecar or {}).get("conformal")
+    if not conformal:
+        return {
+            "target": coverage,
+            "missing": f"no conformal calibration in the sidecar; vggft calibrate -w {trained.path}",
+        }
+    threshold = conformal["thresholds"].get(level_key(coverage))
+    probs = trained.probabilities(torch.cat(metrics.logits))
+    sets = prediction_sets(probs, threshold, conformal["method"])
+    report = set_coverage(sets, torch.cat(metrics.labels), trained.names)
+    return {"target": coverage, "method": conformal["method"], "threshold": threshold, **report}
 
 
 def _write_plots(

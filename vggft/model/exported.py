@@ -143,11 +143,14 @@ def predict(
     overrides: Sequence[str] = (),
     topk: int = 5,
     batch_size: int = 32,
+    coverage: float | None = None,
 ) -> list[dict]:
     """``vggft predict``: with saved weights (vggft.model.inference.predict), or with an exported file, which
-    carries its own preprocessing, so ``--config``/``--set`` are refused there."""
+    carries its own preprocessing, so ``--config``/``--set`` are refused there (and ``coverage``: not yet)."""
     if not is_exported(weights):
-        return predict_weights(weights, inputs, config, overrides, topk=topk, batch_size=batch_size)
+        return predict_weights(weights, inputs, config, overrides, topk=topk, batch_size=batch_size, coverage=coverage)
+    if coverage is not None:
+        raise ConfigError(f"--coverage: '{weights}' is an exported file; pass the .pt weights it came from")
     if config is not None or overrides:
         raise ConfigError(
             f"--config/--set: '{weights}' is an exported file, which carries its own preprocessing and runs on "

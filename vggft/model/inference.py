@@ -25,7 +25,9 @@ from vggft.data.images import DECODE_ERRORS, decode_failure, open_rgb
 from vggft.data.loaders import make_loader
 from vggft.data.transforms import eval_transform
 from vggft.model.build import describe_state_dict, freeze, model_from_weights
-from vggft.model.weights import read_weights
+from vggft.model.conformal import DEFAULT_METHOD, check_coverage, level_key, prediction_sets
+from vggft.model.novelty import mahalanobis_score, penultimate_rows
+from vggft.model.weights import read_novelty_stats, read_weights
 from vggft.utils.device import (
     autocast_dtype,
     autocast_factory,
@@ -35,7 +37,7 @@ from vggft.utils.device import (
     resolve_workers,
 )
 from vggft.utils.errors import DataError, WeightsError
-from vggft.utils.logs import progress
+from vggft.utils.logs import log, progress
 
 
 @dataclass
@@ -180,25 +182,77 @@ def predict(
     overrides: Sequence[str] = (),
     topk: int = 5,
     batch_size: int = 32,
+    coverage: float | None = None,
 ) -> list[dict]:
     """One row per image, sorted by path: {"path", "top": [{"class", "probability"}, ...], "calibrated",
-    "temperature"}, or {"path", "top": [], "error", ...} for a file that cannot be decoded.
+    "temperature"}, or {"path", "top": [], "error", ...} for a file that cannot be decoded. With novelty
+    statistics in the sidecar, "novelty" and "novel" too; with ``coverage``, "set": the conformal set.
 
     With a temperature in the sidecar the probabilities are calibrated: softmax(logits / T)."""
     check_predict(topk, batch_size)
+    check_coverage(coverage)
     paths = collect_images(inputs)
     trained = load_model(weights, config, list(overrides))
+    trust = Trust.of(trained, coverage)
     names = trained.names
     k = min(topk, trained.num_classes)
     rows: list[dict] = []
     calibration = {"calibrated": trained.temperature is not None, "temperature": trained.temperature}
     with image_batches(trained, paths, batch_size, "Predicting") as (batches, device), torch.inference_mode():
         autocast = autocast_factory(device, autocast_dtype(device, trained.cfg.train.amp))  # as vggft eval scores
-        for images, errors in batches:
-            with autocast():
-                logits = trained.model(images)
-            rows += top_rows(paths[len(rows) :], trained.probabilities(logits), errors, names, k, calibration)
+        with penultimate_rows(trained.model) as penultimate:
+            for images, errors in batches:
+                penultimate.clear()
+                with autocast():
+                    logits = trained.model(images)
+                probs = trained.probabilities(logits)
+                batch = top_rows(paths[len(rows) :], probs, errors, names, k, calibration)
+                rows += trust.annotate(batch, probs, torch.cat(penultimate), names)
     return rows
+
+
+@dataclass
+class Trust:
+    """What predict adds to each row: the conformal set at ``coverage`` (``threshold`` None: every class) and
+    the novelty score and flag (``stats`` None: none)."""
+
+    coverage: float | None
+    method: str
+    threshold: float | None
+    stats: dict[str, torch.Tensor] | None
+    novelty_threshold: float | None
+
+    @classmethod
+    def of(cls, trained: TrainedModel, coverage: float | None) -> Trust:
+        """From the sidecar. With ``coverage`` asked, one note line says what is missing (without, weights
+        that have neither predict as before, silently)."""
+        sidecar = trained.sidecar or {}
+        conformal = sidecar.get("conformal")
+        stats, missing = read_novelty_stats(trained.path, trained.sidecar)
+        lacking = ([] if conformal else ["no conformal calibration (no sets)"]) + ([missing] if missing else [])
+        if coverage is not None and lacking:
+            log.info(f"Note: {'; '.join(lacking)}; vggft calibrate -w {trained.path} adds them")
+        coverage = coverage if conformal else None
+        threshold = conformal["thresholds"].get(level_key(coverage)) if coverage is not None and conformal else None
+        novelty = sidecar.get("novelty") or {}
+        method = conformal["method"] if conformal else DEFAULT_METHOD
+        return cls(coverage, method, threshold, stats, novelty.get("threshold"))
+
+    def annotate(
+        self, rows: list[dict], probs: torch.Tensor, penultimate: torch.Tensor, names: list[str]
+    ) -> list[dict]:
+        sets = prediction_sets(probs, self.threshold, self.method) if self.coverage is not None else None
+        scores = mahalanobis_score(penultimate, self.stats).tolist() if self.stats is not None else None
+        for index, row in enumerate(rows):
+            if "error" in row:
+                continue
+            if sets is not None:
+                row["set"] = [names[c] for c in sets[index]]
+                row["unsure"] = len(sets[index]) == len(names)  # the set of every class says nothing
+            if scores is not None:
+                row["novelty"] = scores[index]
+                row["novel"] = self.novelty_threshold is not None and scores[index] > self.novelty_threshold
+        return rows
 
 
 def top_rows(

@@ -88,6 +88,7 @@ def save_trained(
     temperature: float | None = None,
     trainable: dict[str, torch.Tensor] | None = None,
     frozen: str | None = None,
+    trust: TrustRecord | None = None,
 ) -> Path:
     """Write the weights, then the sidecar that records their digest (and a pool's ``split``, and the softmax
     ``temperature`` fitted on val, if any), each atomically. With ``output.full_weights: false`` the weights
@@ -118,12 +119,78 @@ def save_trained(
         **preprocessing(cfg.data),
         "split": split,
         "temperature": temperature,
+        **trust_fields(weights, trust),
         "config": config,
         "metrics": metrics or {},
     }
     path = sidecar_path(weights)
     save_json(sealed(sidecar), path)
     return path
+
+
+@dataclass
+class TrustRecord:
+    """What tells when not to trust an answer: the conformal thresholds (``model.conformal.fit_conformal``), the
+    novelty record (``score``, ``threshold``, ...) and its statistics (Mahalanobis tensors), or None each."""
+
+    conformal: dict | None
+    novelty: dict | None
+    stats: dict[str, torch.Tensor] | None = None
+
+
+def novelty_path(weights: Path) -> Path:
+    """Where the novelty statistics of ``weights`` live: VGG16.pt -> VGG16.novelty.pt."""
+    return Path(weights).with_suffix(".novelty.pt")
+
+
+def trust_fields(weights: Path, trust: TrustRecord | None) -> dict:
+    """The sidecar's ``conformal`` and ``novelty`` fields; writes the statistics file first (its name and
+    SHA-256 go into the novelty record, so the sealed sidecar vouches for it)."""
+    if trust is None:
+        return {"conformal": None, "novelty": None}
+    novelty = dict(trust.novelty) if trust.novelty else None
+    if novelty is not None and trust.stats is not None:
+        path = novelty_path(weights)
+        stats = {key: value.detach().float().cpu().contiguous() for key, value in trust.stats.items()}
+        digest = save_torch(stats, path, sha256=True)
+        novelty.update(stats_file=path.name, stats_sha256=digest)
+    return {"conformal": trust.conformal, "novelty": novelty}
+
+
+def store_trust(weights: Path, temperature: float | None, trust: TrustRecord) -> Path:
+    """Write ``trust`` (and ``temperature``) into the sidecar of ``weights`` (checked as every load does) and
+    seal it again: what ``vggft calibrate`` does. Returns the sidecar's path."""
+    weights = Path(weights)
+    read_weights(weights)  # the sidecar as it is must pass every check, its seal included
+    path = sidecar_path(weights)
+    body = _read_body(path)
+    body.update(temperature=temperature, **trust_fields(weights, trust))
+    check_sidecar(sealed(body), weights)
+    save_json(sealed(body), path)
+    return path
+
+
+def read_novelty_stats(weights: Path, sidecar: dict | None) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """(the novelty statistics, None), or (None, what is missing) for weights without them. A file that is there
+    but is not the one the sidecar records is an error."""
+    record = (sidecar or {}).get("novelty")
+    if not record:
+        return None, "no novelty statistics (weights trained without a val split, or before vggft kept them)"
+    if "stats_file" not in record:
+        return None, None
+    path = Path(weights).parent / record["stats_file"]
+    if not path.is_file():
+        return None, f"no novelty statistics: {path} is missing"
+    if file_digest(path) != record.get("stats_sha256"):
+        raise WeightsError(
+            f"{path}: not the novelty statistics the sidecar of '{weights}' records (their SHA-256 differs); "
+            f"run vggft calibrate -w {weights} to write them again"
+        )
+    try:
+        stats = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file is one line
+        raise WeightsError(f"{path}: unreadable novelty statistics ({type(err).__name__})") from None
+    return stats, None
 
 
 def sidecar_digest(body: dict) -> str:
@@ -231,6 +298,7 @@ def check_sidecar(body: dict, weights: Path, outputs: int | None = None) -> None
     path = sidecar_path(weights)
     check_temperature(body.get("temperature"), path)
     names = _check_names(body["class_names"], path)
+    check_trust(body, path)
     try:
         cfg = config_from_dict(migrate_config(copy.deepcopy(body["config"])), f"{path}: config")
     except ConfigError as err:
@@ -249,6 +317,51 @@ def check_temperature(value: object, path: Path) -> None:
             f"{path}: temperature {value!r} is not a number from {low:g} to {high:g} (the range vggft fits it in); "
             "train again, or remove the temperature key to use uncalibrated probabilities"
         )
+
+
+def _number(value: object, low: float, high: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_trust(body: dict, path: Path) -> None:
+    """``conformal``: a known score, a count, and a threshold in [0, 1] (or null: every class) per known
+    coverage level; ``novelty``: a known score, a pass rate in (0, 1), a finite threshold (or null), and for
+    Mahalanobis the statistics file's name and SHA-256."""
+    from vggft.model.conformal import COVERAGE_LEVELS, METHODS, level_key
+
+    fix = "undo the edit, or run vggft calibrate again"
+    conformal, novelty = body.get("conformal"), body.get("novelty")
+    if conformal is not None:
+        levels = {level_key(c) for c in COVERAGE_LEVELS}
+        thresholds = conformal.get("thresholds") if isinstance(conformal, dict) else None
+        if (
+            not isinstance(thresholds, dict)
+            or conformal.get("method") not in METHODS
+            or not _number(conformal.get("count"), 1, float("inf"))
+            or not set(thresholds) <= levels
+            or not all(v is None or _number(v, 0.0, 1.0 + 1e-6) for v in thresholds.values())
+        ):
+            raise WeightsError(f"{path}: conformal {reprlib.repr(conformal)} is not a conformal calibration; {fix}")
+    if novelty is not None and not _novelty_ok(novelty):
+        raise WeightsError(f"{path}: novelty {reprlib.repr(novelty)} is not a novelty record; {fix}")
+
+
+def _novelty_ok(novelty: object) -> bool:
+    from vggft.model.novelty import SCORES
+
+    if not isinstance(novelty, dict):
+        return False
+    threshold, stats_file = novelty.get("threshold"), novelty.get("stats_file")
+    if novelty.get("score") == "mahalanobis" and not (
+        isinstance(stats_file, str) and stats_file and Path(stats_file).name == stats_file
+    ):
+        return False
+    return (
+        novelty.get("score") in SCORES
+        and _number(novelty.get("pass_rate"), 1e-9, 1 - 1e-9)
+        and (threshold is None or _number(threshold, -1e30, 1e30))
+        and (stats_file is None or isinstance(novelty.get("stats_sha256"), str))
+    )
 
 
 def _check_names(names: object, path: Path) -> list[str]:

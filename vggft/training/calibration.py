@@ -6,7 +6,8 @@ by minimising the negative log-likelihood; the predicted class never changes (ar
 only how sure the probabilities say it is. ECE sums, over 15 equal-width confidence bins, the gap
 between accuracy and mean confidence, weighted by the share of images in the bin.
 
-Pure tensor code: nothing here reads a file or imports training code.
+``fit_trust`` adds, on the same val outputs, the conformal thresholds and the novelty record (model.conformal,
+model.novelty). Pure tensor code: nothing here reads a file or imports training code.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from vggft.model.conformal import fit_conformal
+from vggft.model.inference import calibrated_softmax
+from vggft.model.novelty import PASS_RATE, fit_gaussian, mahalanobis_score, novelty_threshold
+from vggft.model.weights import TrustRecord
 
 ECE_BINS = 15
 # The search range of T; a fit that ends on a bound means the val split is separable (T -> 0) or the
@@ -133,3 +139,29 @@ def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, temperature:
 
 def _bins_dict(table: Reliability) -> dict:
     return {"counts": table.counts, "accuracy": table.accuracy, "confidence": table.confidence}
+
+
+def fit_trust(
+    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    train: tuple[torch.Tensor, torch.Tensor] | None,
+    temperature: float | None,
+    classes: int,
+) -> TrustRecord:
+    """The conformal thresholds on the val (logits, labels) under the temperature, and the novelty record: the
+    Mahalanobis statistics of the ``train`` (penultimate rows, labels), its threshold on the val rows (without
+    rows on either side: no novelty record)."""
+    logits, labels, rows = val
+    conformal = fit_conformal(calibrated_softmax(logits, temperature), labels)
+    if train is None or rows is None or not len(train[1]):
+        return TrustRecord(conformal, None)
+    stats = fit_gaussian(train[0], train[1], classes)
+    threshold = novelty_threshold(mahalanobis_score(rows, stats))
+    novelty = {
+        "score": "mahalanobis",
+        "dims": int(stats["projection"].shape[1]),
+        "threshold": threshold,
+        "pass_rate": PASS_RATE,
+        "count": len(labels),
+        "train_count": len(train[1]),
+    }
+    return TrustRecord(conformal, novelty, stats)

@@ -32,12 +32,13 @@ from vggft.features.cache import FeatureSource
 from vggft.model.build import build_model, parameter_counts
 from vggft.model.checkpoints import LIGHT_KIND, check_frozen, load_checkpoint, save_checkpoint, trainable_state
 from vggft.model.fingerprint import frozen_fingerprint
+from vggft.model.novelty import penultimate_rows
 from vggft.model.pretrained import pretrained_file, pretrained_state_dict
-from vggft.model.weights import check_writable, save_trained, sidecar_path
+from vggft.model.weights import TrustRecord, check_writable, save_trained, sidecar_path
 from vggft.reporting.metrics import Metrics
 from vggft.reporting.runs import save_results, weights_record
 from vggft.training import tensorboard as tensorboard_log
-from vggft.training.calibration import TemperatureFit, expected_calibration_error, fit_temperature
+from vggft.training.calibration import TemperatureFit, expected_calibration_error, fit_temperature, fit_trust
 from vggft.training.loop import (
     HISTORY_COLUMNS,
     Loop,
@@ -617,7 +618,7 @@ def _finish(run: Run, test: Metrics | None, started: float) -> TrainResult:
             run.curves.wait()
         run.board.close(run.state.history, test, run.state.best["epoch"], curves=run.folder / "curves.png")
     replaced = _way_back(weights, run.folder)
-    fit = _calibrate(run)
+    fit, trust = _calibrate(run)
     save_trained(
         run.model,
         weights,
@@ -627,6 +628,7 @@ def _finish(run: Run, test: Metrics | None, started: float) -> TrainResult:
         temperature=fit.temperature if fit else None,
         trainable=trainable_state(run.model, run.loop.optimizer),
         frozen=run.fingerprint,
+        trust=trust,
         metrics={
             "test": _sidecar_metrics(test),
             "history": run.state.history,
@@ -706,22 +708,15 @@ def _way_back(weights: Path, this_run: Path) -> str | None:
     )
 
 
-def _calibrate(run: Run) -> TemperatureFit | None:
-    """The softmax temperature that minimises the NLL on the whole val split (rank 0 alone, not its shard)."""
+def _calibrate(run: Run) -> tuple[TemperatureFit | None, TrustRecord | None]:
+    """The softmax temperature that minimises the NLL on the whole val split (rank 0 alone, not its shard), and
+    on the same val outputs the conformal thresholds and the novelty record (statistics from the train rows)."""
     loop = run.loop
     if not run.cfg.train.calibrate or loop.val_loader is None:
-        return None
+        return None, None
     val = loop.val_loader.dataset
-    loader = make_loader(
-        val.dataset if isinstance(val, Subset) else val,
-        run.cfg.data.eval_batch_size,
-        device=loop.device,
-        num_workers=run.source.loader_workers,
-    )
-    kept = evaluate(
-        run.source.module, loader, loop.device, loop.precision, names=loop.names, keep=True, desc="Calibrating"
-    )
-    fit = fit_temperature(torch.cat(kept.logits), torch.cat(kept.labels))
+    logits, labels, rows = _outputs(run, val.dataset if isinstance(val, Subset) else val, "Calibrating")
+    fit = fit_temperature(logits, labels)
     log.info(
         f"Calibration: temperature {fit.temperature:.3f} fitted on {fit.count} val images "
         f"(val NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f})"
@@ -731,5 +726,20 @@ def _calibrate(run: Run) -> TemperatureFit | None:
             f"Calibration: temperature not stored: it ran to the edge of its range ({fit.temperature:.3g}) "
             f"because {fit.at_bound}; predict reports uncalibrated probabilities"
         )
-        return None
-    return fit
+    kept = fit if not fit.at_bound else None
+    _, train_labels, train_rows = _outputs(run, run.source.dataset(run.splits["train"], desc="train"), "Train rows")
+    trust = fit_trust(
+        (logits, labels, rows), (train_rows, train_labels), kept.temperature if kept else None, len(loop.names)
+    )
+    return kept, trust
+
+
+def _outputs(run: Run, dataset: Dataset, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, labels, penultimate rows) of every sample of ``dataset``, in eval mode."""
+    loop = run.loop
+    loader = make_loader(
+        dataset, run.cfg.data.eval_batch_size, device=loop.device, num_workers=run.source.loader_workers
+    )
+    with penultimate_rows(run.model) as rows:
+        kept = evaluate(run.source.module, loader, loop.device, loop.precision, names=loop.names, keep=True, desc=desc)
+    return torch.cat(kept.logits), torch.cat(kept.labels), torch.cat(rows)

@@ -1,0 +1,74 @@
+"""``vggft calibrate``: fit, after training, what ``vggft train`` fits on its val split (the temperature, the
+conformal thresholds, the novelty statistics), for weights trained without one; stored in their sidecar,
+sealed again. The statistics come from the train split's penultimate rows, the thresholds from the split named
+(never test: its figures would no longer be an unseen measure)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from vggft.data.loaders import make_loader
+from vggft.diagnostics.evaluation import align_labels, one_split
+from vggft.features.cache import FeatureSource
+from vggft.model.inference import TrainedModel, load_model
+from vggft.model.novelty import penultimate_rows
+from vggft.model.weights import store_trust
+from vggft.training.calibration import fit_temperature, fit_trust
+from vggft.training.loop import evaluate
+from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
+from vggft.utils.errors import ConfigError, WeightsError
+from vggft.utils.logs import log
+
+
+def calibrate_weights(weights: Path, config: Path | None, overrides: Sequence[str] = (), split: str = "val") -> dict:
+    """Fit and store; returns what was stored: {"sidecar", "temperature", "conformal", "novelty", "images"}."""
+    if split == "test":
+        raise ConfigError("--split test: calibrating on the test split would spoil it as a measure; use val")
+    trained = load_model(weights, config, overrides)
+    if not trained.sidecar or "format" not in trained.sidecar:
+        raise WeightsError(
+            f"--weights: '{weights}' has no vggft sidecar to store a calibration in; pass the weights that vggft "
+            "train saved (output.weights)"
+        )
+    if split == "train":
+        log.warning("--split train: the model has seen these images, so the sets will cover less than they say")
+    record = trained.sidecar.get("split")
+    calib = align_labels(trained, one_split(trained.cfg, record, str(weights), split))
+    train = align_labels(trained, one_split(trained.cfg, record, str(weights), "train"))
+    logits, labels, rows = _outputs(trained, calib[split], split)
+    train_logits, train_labels, train_rows = _outputs(trained, train["train"], "train")
+    fit = fit_temperature(logits, labels)
+    temperature = None if fit.at_bound else fit.temperature
+    trust = fit_trust((logits, labels, rows), (train_rows, train_labels), temperature, trained.num_classes)
+    sidecar = store_trust(Path(weights), temperature, trust)
+    return {
+        "sidecar": str(sidecar),
+        "split": split,
+        "images": len(labels),
+        "train_images": len(train_labels),
+        "temperature": temperature,
+        "conformal": trust.conformal,
+        "novelty": trust.novelty,
+    }
+
+
+def _outputs(trained: TrainedModel, samples: list, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, labels, penultimate rows) of every image of ``samples`` (cached rows where the cache has them)."""
+    cfg = trained.cfg
+    device = resolve_device(cfg.train.device)
+    prepare_backend(device)
+    precision = autocast_dtype(device, cfg.train.amp)
+    source = FeatureSource(trained.model, cfg, device, precision)
+    with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
+        loader = make_loader(
+            source.dataset(samples, desc=split),
+            cfg.data.eval_batch_size,
+            device=device,
+            num_workers=source.loader_workers,
+        )
+        with penultimate_rows(trained.model) as rows:
+            kept = evaluate(source.module, loader, device, precision, names=trained.names, keep=True, desc=split)
+    return torch.cat(kept.logits), torch.cat(kept.labels), torch.cat(rows)
