@@ -60,6 +60,9 @@ HUB_FILE = "vgg16-397923af.pth"  # torchvision's file name of vgg16 IMAGENET1K_V
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_vgg: uses torchvision's full VGG-16 (537 MB of weights)")
+    # train.amp: auto is bf16 on a CPU with native bf16: the suite's numbers are fp32 on every CPU (subprocesses
+    # inherit it); tests/test_bf16.py forces the bf16 path. VGGFT_CPU_BF16=1 pytest runs everything in bf16.
+    os.environ.setdefault("VGGFT_CPU_BF16", "0")
 
 
 def _hub(home: Path, state_dict: dict) -> Path:

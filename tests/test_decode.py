@@ -175,7 +175,8 @@ def test_resolved_path_is_part_of_the_cache_key(tmp_path):
         cfg = load_config(None, [f"data.decode={choice}", f"cache.dir={tmp_path / 'cache'}"])
         source = FeatureSource(model, cfg, CPU, None)
         folders[choice] = (source.decode, source.cache.folder)
-    assert folders["auto"] == folders["pil"] and folders["pil"][0] == "pil"  # auto on a CPU is Pillow
+    # auto on a CPU: Pillow with JPEG draft (DCT) scaling, in a cache of its own
+    assert folders["auto"][0] == "draft" and folders["pil"][0] == "pil" and folders["auto"][1] != folders["pil"][1]
     assert folders["gpu"][0] == "gpu:cpu" and folders["gpu"][1] != folders["pil"][1]
     assert resolve_decode("auto", torch.device("cuda")) == "gpu:cuda"
     assert resolve_decode("pil", torch.device("cuda")) == "pil"

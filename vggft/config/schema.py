@@ -86,13 +86,16 @@ class DataConfig:
     """Batch size of feature extraction and evaluation: no gradients, so it can be larger."""
     num_workers: int | Literal["auto"] = _check(_workers, default="auto")
     """DataLoader worker processes; auto: the cores on CUDA, none on a small CPU."""
-    decode: Literal["auto", "pil", "gpu"] = "auto"
-    """How feature extraction decodes images. pil: Pillow in the DataLoader workers. gpu: the workers read
-    file bytes; batches of JPEGs are decoded by torchvision.io.decode_jpeg on the device and resized,
-    cropped and normalised there as tensors (without CUDA the same tensor path runs on the CPU); a file it
-    cannot take (PNG, CMYK, progressive, EXIF-rotated, rejected) goes through Pillow, counted in a note.
-    auto: gpu on CUDA, pil elsewhere. Part of the feature-cache key (tensor resizing differs slightly
-    from Pillow's); training on decoded images (cache off) always uses Pillow."""
+    decode: Literal["auto", "pil", "draft", "gpu"] = "auto"
+    """How feature extraction decodes images. pil: Pillow in the DataLoader workers. draft: Pillow, but a
+    JPEG is decoded with DCT scaling (Image.draft) at the smallest 1/2, 1/4 or 1/8 scale still at least the
+    resize target (a phone photo decodes several times faster; docs/performance.md measures the effect on
+    features); smaller JPEGs and other formats exactly as pil. gpu: the workers read file bytes; batches
+    of JPEGs are decoded by torchvision.io.decode_jpeg on the device and resized, cropped and normalised
+    there as tensors (without CUDA the same tensor path runs on the CPU); a file it cannot take (PNG, CMYK,
+    progressive, EXIF-rotated, rejected) goes through Pillow, counted in a note.
+    auto: gpu on CUDA, draft elsewhere. Part of the feature-cache key (tensor resizing and draft decoding
+    differ slightly from Pillow's); training on decoded images (cache off) always uses plain Pillow."""
     split: list[float] = _check(_split, default_factory=lambda: [0.8, 0.1, 0.1])
     """How a single pool of class folders is split into train/val/test (stratified)."""
     split_seed: int = 0
@@ -176,7 +179,9 @@ class TrainConfig:
     device: str = _check(_device, default="auto")
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    """Autocast: auto is bf16 (or fp16) on CUDA and fp32 on CPU; off: always fp32."""
+    """Autocast: auto is bf16 (or fp16) on CUDA, bf16 on a CPU that computes it natively (AMX or
+    AVX512-BF16, as torch reports) and fp32 on other CPUs and MPS; off: always fp32. The log's first line
+    says which was chosen and why; the feature cache keeps each precision's rows apart."""
     calibrate: bool = True
     """Fit a softmax temperature on the val split after training (Guo et al. 2017) and store it in the
     sidecar, so that predict reports calibrated probabilities; needs a val split. false: don't."""

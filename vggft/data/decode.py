@@ -10,6 +10,12 @@ is counted and the count is logged once.
 
 Tensor resizing rounds slightly differently from Pillow's, so features differ a little between the two
 paths: the resolved path is part of the feature-cache key (``resolve_decode``).
+
+``data.decode: draft`` is Pillow with JPEGs decoded at the size they are needed: libjpeg's DCT scaling
+(``Image.draft``) reads a JPEG at 1/2, 1/4 or 1/8 scale, the smallest that is still at least the first resize's
+target, so a 4000x3000 photo for a 224 px crop is decoded at 500x375 instead of whole (docs/performance.md
+has the timings and the effect on features). Other formats, and JPEGs smaller than twice the target, are
+decoded exactly as ``pil`` does.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import torch
 from PIL import Image
 
 from vggft.config.schema import DataConfig
-from vggft.data.images import MAX_DECODE_BYTES, ImageRefused, open_regular
+from vggft.data.images import DECODE_BUDGET, DECODE_ERRORS, MAX_DECODE_BYTES, ImageRefused, open_regular, to_rgb
+from vggft.data.images import _bounded as bounded_decode
+from vggft.data.images import _open as open_image
 from vggft.data.loaders import ImageList, image_loader, make_loader
 from vggft.data.transforms import eval_transform, normalization
 from vggft.utils.errors import ConfigError, DataError
@@ -35,13 +43,16 @@ NOT_SOF = (0xC4, 0xC8, 0xCC)  # DHT, JPG extension, DAC share the 0xC_ range
 
 
 def resolve_decode(choice: str, device: torch.device) -> str:
-    """The decode path ``data.decode`` means on ``device``: 'pil', 'gpu:cuda' or 'gpu:cpu' (a cache key).
+    """The decode path ``data.decode`` means on ``device``: 'pil', 'draft', 'gpu:cuda' or 'gpu:cpu' (a cache key).
 
-    auto is the tensor path on CUDA and Pillow elsewhere; gpu without CUDA runs the same tensor path on
-    the CPU (torchvision decodes JPEGs there too), which is how it is tested on machines without a GPU.
+    auto is the tensor path on CUDA and Pillow with draft JPEG decoding elsewhere; gpu without CUDA runs the
+    same tensor path on the CPU (torchvision decodes JPEGs there too), which is how it is tested on machines
+    without a GPU.
     """
-    if choice == "pil" or (choice == "auto" and (device.type != "cuda" or not _has_decode_jpeg())):
-        return "pil"
+    if choice in ("pil", "draft"):
+        return choice
+    if choice == "auto" and (device.type != "cuda" or not _has_decode_jpeg()):
+        return "draft"
     if not _has_decode_jpeg():
         raise ConfigError(
             "data.decode: gpu needs torchvision.io.decode_jpeg, which this torchvision lacks; "
@@ -178,6 +189,41 @@ class FileBytes(ImageList):
         return torch.frombuffer(bytearray(content), dtype=torch.uint8), ""
 
 
+def draft_target(data: DataConfig) -> int:
+    """The side both of a JPEG's dimensions are read at least at by ``data.decode: draft``: what the first
+    resize makes of the shorter side (``data.resize``), or of both (a square resize to ``image_size``)."""
+    return data.image_size if data.resize is None else data.resize
+
+
+def open_rgb_draft(path: str, target: int) -> Image.Image:
+    """``images.open_rgb``, but a JPEG is decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps both
+    sides at least ``target`` (Image.draft, before any pixel is decoded); the same limits and budget apply."""
+    with open_regular(path) as handle, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked instead
+        with open_image(handle) as image:
+            if image.format == "JPEG":
+                image.draft(image.mode, (target, target))
+            with DECODE_BUDGET.hold(bounded_decode(image)):
+                image.load()
+                return to_rgb(image)
+
+
+class DraftImageList(ImageList):
+    """``ImageList`` decoding JPEGs with ``open_rgb_draft``: (image tensor, label) for each (path, label)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform, target: int):
+        super().__init__(samples, transform)
+        self.target = target
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            image = open_rgb_draft(path, self.target)
+        except DECODE_ERRORS as err:  # changed on disk since it was checked
+            raise DataError(f"{path}: cannot be read any more ({err}); run vggft check-data") from None
+        return self.transform(image), label
+
+
 def pil_image(path: str, transform) -> torch.Tensor:
     """``path`` decoded by Pillow and transformed, exactly as ``data.decode: pil`` does it."""
     return ImageList([(path, 0)], transform)[0][0]
@@ -301,11 +347,20 @@ def device_batches(
     batch_size: int,
     device: torch.device,
     num_workers: int,
+    draft: int | None = None,
+    memory_format: torch.memory_format = torch.channels_last,
 ) -> Iterator[torch.Tensor]:
-    """Batches of normalised images on ``device`` for extraction: Pillow and ``transform`` in the workers,
-    or ``decoder`` (the tensor path) when given."""
+    """Batches of normalised images on ``device`` for extraction: Pillow and ``transform`` in the workers
+    (JPEGs read at ``draft`` px or more, when given), or ``decoder`` (the tensor path) when given."""
     if decoder is not None:
-        yield from decoder.batches(samples, batch_size=batch_size, device=device, num_workers=num_workers)
+        for images in decoder.batches(samples, batch_size=batch_size, device=device, num_workers=num_workers):
+            yield images.contiguous(memory_format=memory_format)
         return
-    for images, _ in image_loader(samples, transform, batch_size, device=device, num_workers=num_workers):
-        yield images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    if draft is None:
+        loader = image_loader(samples, transform, batch_size, device=device, num_workers=num_workers)
+    else:
+        loader = make_loader(
+            DraftImageList(samples, transform, draft), batch_size, device=device, num_workers=num_workers
+        )
+    for images, _ in loader:
+        yield images.to(device, non_blocking=True, memory_format=memory_format)

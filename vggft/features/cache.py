@@ -49,14 +49,14 @@ from torch import nn
 from torchvision import models
 
 from vggft.config.schema import Config
-from vggft.data.decode import TensorDecoder, device_batches, resolve_decode
+from vggft.data.decode import TensorDecoder, device_batches, draft_target, resolve_decode
 from vggft.data.loaders import ImageList
 from vggft.data.transforms import eval_transform, train_transform, transform_signature
 from vggft.features.fingerprints import holds_every_tensor, memoised
 from vggft.features.rows import RowDataset, Rows
 from vggft.model.build import split_frozen_prefix
 from vggft.model.fingerprint import fingerprint
-from vggft.utils.device import autocast_factory, resolve_workers
+from vggft.utils.device import autocast_factory, extraction_layout, resolve_workers
 from vggft.utils.distributed import SINGLE, Group
 from vggft.utils.errors import ConfigError, Interrupted, OutputError, first_line
 from vggft.utils.files import cache_root, file_identity, save_json, save_text, save_torch
@@ -287,13 +287,17 @@ def extract_features(
     desc: str = "Extracting features",
     group: Group = SINGLE,
     decoder: TensorDecoder | None = None,
+    draft: int | None = None,
+    layout: torch.memory_format = torch.channels_last,
 ) -> Rows:
     """The prefix output for every sample, in order (views of the cache's rows, gathered per batch: see
     ``features.rows``); only files the cache lacks go through the network.
 
     Under torchrun each rank extracts its own shard of the missing files into the shared cache folder,
     then every rank reads all of them: N processes extract N times faster and no file twice. ``decoder``
-    (data.decode: gpu) decodes JPEG batches on the device instead of Pillow and ``transform`` in workers.
+    (data.decode: gpu) decodes JPEG batches on the device instead of Pillow and ``transform`` in workers;
+    ``draft`` (data.decode: draft) has Pillow read JPEGs at that many pixels a side or more. ``layout``: the
+    memory format of the batches, the prefix's (``extraction_layout``).
     """
     keys = [file_key(path) for path, _ in samples]
     missing = _missing(samples, keys, cache)
@@ -312,6 +316,8 @@ def extract_features(
             autocast=autocast,
             desc=desc,
             decoder=decoder,
+            draft=draft,
+            layout=layout,
         )
     if total_missing and group.active:
         _read_other_ranks(cache, keys, group)
@@ -343,16 +349,19 @@ def _read_other_ranks(cache: FeatureCache, keys: list[str], group: Group) -> Non
 
 
 def _extract_missing(
-    prefix, missing, transform, cache: FeatureCache, *, device, batch_size, num_workers, autocast, desc, decoder=None
+    prefix, missing, transform, cache: FeatureCache, *, device, batch_size, num_workers, autocast, desc, **decoding
 ) -> None:
-    """Run the prefix over ``missing`` (sample, key) pairs, adding a shard every SHARD_ROWS rows."""
+    """Run the prefix over ``missing`` (sample, key) pairs, adding a shard every SHARD_ROWS rows.
+    ``decoding``: device_batches' decoder, draft and layout."""
     batches = device_batches(
         [sample for sample, _ in missing],
         transform,
-        decoder,
+        decoding.get("decoder"),
         batch_size=batch_size,
         device=device,
         num_workers=num_workers,
+        draft=decoding.get("draft"),
+        memory_format=decoding.get("layout", torch.channels_last),
     )
     pending_keys: list[str] = []
     pending: list[torch.Tensor] = []
@@ -428,7 +437,9 @@ class FeatureSource:
         self.workers = resolve_workers(cfg.data, device)
         self.off = cache_off_reason(cfg, model, self.cut)  # (why, fix) when the loop cannot read cached rows
         self.decode = resolve_decode(cfg.data.decode, device)  # for extraction; images for the loop: Pillow
-        self.decoder = TensorDecoder(cfg.data) if self.decode != "pil" else None
+        self.decoder = TensorDecoder(cfg.data) if self.decode.startswith("gpu") else None
+        self.draft = draft_target(cfg.data) if self.decode == "draft" else None
+        self.layout = extraction_layout(device, precision)
         self.cache: FeatureCache | None = None
         self.prefix_weights: str | None = None  # the prefix's weights' fingerprint, when the cache needs it
         if self.off is None:
@@ -449,7 +460,7 @@ class FeatureSource:
             if rows_in_memory:
                 self.cache = FeatureCache(None, {}, row_width(self.suffix))
         # torch's stubs lack Module.to's memory_format keyword (nn.Module.to accepts it at run time)
-        self.prefix.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.prefix.to(device, memory_format=self.layout)  # type: ignore[call-overload]
         self.suffix.to(device)
 
     def _prefix_weights(self, model: nn.Module, weights_file: Path | None) -> str:
@@ -510,6 +521,8 @@ class FeatureSource:
             desc=f"Extracting {desc} features".replace("  ", " "),
             group=self.group,
             decoder=self.decoder,
+            draft=self.draft,
+            layout=self.layout,
         )
 
     def dataset(

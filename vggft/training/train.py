@@ -727,6 +727,9 @@ def _calibrate(run: Run) -> tuple[TemperatureFit | None, TrustRecord | None]:
             f"because {fit.at_bound}; predict reports uncalibrated probabilities"
         )
     kept = fit if not fit.at_bound else None
+    if loop.group.active:  # the train rows are sharded across the ranks, and rank 0 calibrates alone
+        log.info("Conformal sets and novelty: not fitted under torchrun; vggft calibrate -w WEIGHTS fits them")
+        return kept, None
     _, train_labels, train_rows = _outputs(run, run.source.dataset(run.splits["train"], desc="train"), "Train rows")
     trust = fit_trust(
         (logits, labels, rows), (train_rows, train_labels), kept.temperature if kept else None, len(loop.names)

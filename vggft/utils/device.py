@@ -38,10 +38,35 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+CPU_BF16_ENV = "VGGFT_CPU_BF16"  # 0: treat this CPU as lacking native bf16 (the tests pin it); 1: as having it
+
+
+def cpu_bf16() -> str | None:
+    """The unit this CPU computes bf16 on natively ('AMX' or 'AVX512-BF16'), asked of torch and oneDNN; None
+    where it has neither (bf16 would be emulated, slower than fp32), or torch cannot say.
+
+    $VGGFT_CPU_BF16 overrides the probe: 0 says none, 1 says one (tests force either path on any CPU).
+    """
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if override in ("0", "1"):
+        return f"{CPU_BF16_ENV}={override}" if override == "1" else None
+    if not torch.backends.mkldnn.is_available():
+        return None
+    for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
+        check = getattr(torch.cpu, probe, None)  # private helpers of torch.cpu (2.x); absent: not known
+        try:
+            if check is not None and check():
+                return name
+        except Exception:  # a probe that fails says nothing: fp32, the safe side
+            continue
+    return None
+
+
 def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     """The autocast dtype for ``train.amp``, or None for fp32.
 
-    auto: bf16 on CUDA that supports it, else fp16; fp32 on CPU and MPS.
+    auto: bf16 on CUDA that supports it, else fp16; bf16 on a CPU that computes it natively (``cpu_bf16``),
+    else fp32; fp32 on MPS. off: fp32, exactly as without autocast.
     """
     if amp == "off":
         return None
@@ -51,22 +76,51 @@ def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_bf16() is not None:
+        return torch.bfloat16
     return None
 
 
 PRECISION = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def precision_reason(device: torch.device, precision: torch.dtype | None) -> str:
+    """Why ``precision`` was chosen on ``device``, in a few words (the log header says it)."""
+    if device.type == "mps" and precision is None:
+        return "train.amp: auto is fp32 on MPS"
+    if device.type != "cpu":
+        return "train.amp: off" if precision is None else f"{device.type} autocast"
+    unit = cpu_bf16()
+    if precision is None and os.environ.get(CPU_BF16_ENV, "").strip() == "0":
+        return f"{CPU_BF16_ENV}=0"
+    if precision is None:
+        return "train.amp: off" if unit else "this CPU has no native bf16 (neither AMX nor AVX512-BF16)"
+    if precision == torch.bfloat16:
+        return f"native bf16 on this CPU: {unit}" if unit else "train.amp: bf16, emulated on this CPU (slow)"
+    return "train.amp: fp16"
+
+
 def environment_line(command: str, device: torch.device, precision: torch.dtype | None) -> str:
-    """A log's header: the command, the versions that decide its numbers, device, precision and threads."""
+    """A log's header: the command, the versions that decide its numbers, device, precision (and why) and
+    threads."""
     import torchvision
 
     from vggft import __version__
 
+    name = PRECISION.get(precision, str(precision))
     return (
         f"vggft {__version__} {command}: torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"device {device}, {PRECISION.get(precision, str(precision))}, {torch.get_num_threads()} CPU threads"
+        f"device {device}, {name} ({precision_reason(device, precision)}), {torch.get_num_threads()} CPU threads"
     )
+
+
+def extraction_layout(device: torch.device, precision: torch.dtype | None) -> torch.memory_format:
+    """The memory format the frozen prefix and its input batches are kept in for feature extraction.
+
+    channels_last: oneDNN's blocked convolutions take it without a reorder per layer, bf16 and fp32 alike
+    (scripts/bench_bf16.py measures both layouts in each precision; docs/performance.md has the table).
+    """
+    return torch.channels_last
 
 
 def autocast_factory(

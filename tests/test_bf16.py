@@ -1,0 +1,134 @@
+"""bf16 where the CPU computes it natively (train.amp: auto), and JPEGs decoded at the size they are needed
+(data.decode: draft). Both paths are forced here, so they are tested on any CPU (slowly, at 32 px)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from conftest import FAST, invoke, make_image
+from vggft.config.schema import DataConfig
+from vggft.data.decode import DraftImageList, draft_target, open_rgb_draft, resolve_decode
+from vggft.data.loaders import ImageList
+from vggft.data.transforms import eval_transform
+from vggft.utils import device as device_module
+from vggft.utils.device import autocast_dtype, cpu_bf16, environment_line
+
+CPU = torch.device("cpu")
+
+
+def test_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    monkeypatch.setenv("VGGFT_CPU_BF16", "1")
+    assert autocast_dtype(CPU, "auto") == torch.bfloat16 and autocast_dtype(CPU, "off") is None
+    assert "bf16 (native bf16 on this CPU: VGGFT_CPU_BF16=1)" in environment_line("train", CPU, torch.bfloat16)
+    assert "fp32 (train.amp: off)" in environment_line("train", CPU, None)
+    monkeypatch.setenv("VGGFT_CPU_BF16", "0")
+    assert autocast_dtype(CPU, "auto") is None and autocast_dtype(CPU, "bf16") == torch.bfloat16
+    assert "fp32 (VGGFT_CPU_BF16=0)" in environment_line("train", CPU, None)  # forced, and said so
+    assert "bf16 (train.amp: bf16, emulated" in environment_line("train", CPU, torch.bfloat16)
+
+
+def test_the_probe_asks_torch_and_falls_back_to_fp32(monkeypatch):
+    monkeypatch.delenv("VGGFT_CPU_BF16")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert cpu_bf16() == "AVX512-BF16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert cpu_bf16() == "AMX"
+
+    def broken() -> bool:
+        raise RuntimeError("no cpuinfo")
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)  # an older torch
+    assert cpu_bf16() is None and autocast_dtype(CPU, "auto") is None
+    monkeypatch.setattr(device_module.torch.backends.mkldnn, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert cpu_bf16() is None  # no oneDNN: nothing would use the unit
+
+
+def _cache_folders(root: Path) -> dict[str, tuple[Path, dict]]:
+    folders = {}
+    for namespace in (root / "features").glob("*/namespace.json"):
+        keys = json.loads(namespace.read_text())
+        folders[keys["precision"]] = namespace.parent, keys
+    return folders
+
+
+def test_auto_extracts_in_bf16_on_such_a_cpu_in_its_own_cache(runner, pet, tmp_path, monkeypatch):
+    monkeypatch.setenv("VGGFT_CPU_BF16", "1")
+    result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST[:-1])
+    assert result.exit_code == 0, result.output
+    assert ", bf16 (native bf16 on this CPU: VGGFT_CPU_BF16=1), " in result.stderr.splitlines()[0]
+    result = invoke(runner, "train", "--set", f"data.root={pet}", "--set", "train.amp=off", *FAST[:-1])
+    assert result.exit_code == 0, result.output
+    assert ", fp32 (train.amp: off), " in result.stderr.splitlines()[0]
+    folders = _cache_folders(tmp_path / "cache")
+    assert set(folders) == {"torch.bfloat16", "fp32"}  # each precision's rows apart
+    assert all(keys["decode"] == "draft" for _, keys in folders.values())  # auto on a CPU
+    rows: dict[str, dict[str, torch.Tensor]] = {precision: {} for precision in folders}
+    for precision, (folder, _) in folders.items():
+        for shard in folder.glob("*.pt"):
+            body = torch.load(shard, weights_only=True)
+            rows[precision].update(zip(body["keys"], body["features"], strict=True))
+    assert rows["fp32"].keys() == rows["torch.bfloat16"].keys()
+    fp32 = torch.stack([rows["fp32"][key] for key in sorted(rows["fp32"])])
+    bf16 = torch.stack([rows["torch.bfloat16"][key] for key in sorted(rows["fp32"])])
+    assert bf16.dtype == torch.float32 and 0 < float((bf16 - fp32).norm() / fp32.norm()) < 0.05
+
+
+def test_an_unfrozen_backbone_trains_under_bf16_autocast_with_fp32_weights(runner, pet, monkeypatch):
+    monkeypatch.setenv("VGGFT_CPU_BF16", "1")
+    computed: set[torch.dtype] = set()
+    convolve = nn.Conv2d.forward
+
+    def spy(self, x):
+        out = convolve(self, x)
+        computed.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(nn.Conv2d, "forward", spy)
+    result = invoke(runner, "train", "--set", f"data.root={pet}", "--set", "model.unfreeze=1", *FAST[:-1])
+    assert result.exit_code == 0, result.output
+    assert "Feature cache off" in result.stderr and ", bf16 (" in result.stderr.splitlines()[0]
+    assert computed == {torch.bfloat16}
+    saved = torch.load("models/VGG16.pt", weights_only=True)
+    assert all(value.dtype == torch.float32 for value in saved.values() if value.is_floating_point())
+
+
+@pytest.mark.parametrize("resize", [36, None])
+def test_draft_decodes_a_large_jpeg_at_the_smallest_scale_it_needs(tmp_path, resize):
+    data = DataConfig(image_size=32, resize=resize)
+    big = make_image(tmp_path / "big.jpg", (200, 120, 60), size=(640, 480), fmt="JPEG")
+    png = make_image(tmp_path / "big.png", (200, 120, 60), size=(640, 480), fmt="PNG")
+    target = draft_target(data)
+    assert target == (resize or 32)
+    image = open_rgb_draft(str(big), target)
+    assert min(image.size) >= target and min(image.size) < 2 * target  # 1/8 of 480 is 60: at least 36, 32
+    assert image.size == (80, 60) and image.mode == "RGB"
+    transform = eval_transform(data)
+    pil, draft = ImageList([(str(big), 0)], transform)[0][0], DraftImageList([(str(big), 0)], transform, target)[0][0]
+    assert pil.shape == draft.shape == (3, 32, 32) and float((pil - draft).abs().mean()) < 0.05
+    # Other formats, and JPEGs under twice the target, decode exactly as pil does
+    assert torch.equal(
+        ImageList([(str(png), 0)], transform)[0][0], DraftImageList([(str(png), 0)], transform, 36)[0][0]
+    )
+    small = make_image(tmp_path / "small.jpg", (20, 90, 160), size=(60, 50), fmt="JPEG")
+    with Image.open(small) as opened:
+        assert open_rgb_draft(str(small), target).size == opened.size
+
+
+def test_draft_is_what_auto_means_on_a_cpu_and_a_cache_of_its_own(runner, pet, tmp_path):
+    assert resolve_decode("auto", CPU) == "draft" and resolve_decode("draft", torch.device("cuda")) == "draft"
+    for choice in ("auto", "pil"):
+        result = invoke(runner, "train", "--set", f"data.root={pet}", "--set", f"data.decode={choice}", *FAST)
+        assert result.exit_code == 0, result.output
+    decodes = sorted(
+        json.loads(p.read_text())["decode"] for p in (tmp_path / "cache").glob("features/*/namespace.json")
+    )
+    assert decodes == ["draft", "pil"]
