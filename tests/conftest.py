@@ -246,15 +246,19 @@ class ModuleFolder:
         """``vggft train --set data.root=<pet> --set output.weights=<root/weights> *args``, which must succeed;
         returns the weights."""
         path = self.root / weights
+        self.run("train", "--set", f"data.root={self.pet}", "--set", f"output.weights={path}", *args)
+        return path
+
+    def run(self, *args: str):
+        """``vggft *args`` in ``root`` with the module's cache and the fake hub, which must succeed; returns the
+        result."""
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("VGGFT_CACHE", str(self.root / "cache"))
             patch.setenv("TORCH_HOME", str(self.hub))
             patch.chdir(self.root)
-            result = invoke(
-                CliRunner(), "train", "--set", f"data.root={self.pet}", "--set", f"output.weights={path}", *args
-            )
+            result = invoke(CliRunner(), *args)
         assert result.exit_code == 0, result.output
-        return path
+        return result
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FAST, ModuleFolder, assert_one_line_error, invoke
+from conftest import FAST, assert_one_line_error, invoke
 from vggft import __version__
 from vggft.utils.files import file_digest
-
-
-def run_in(folder: ModuleFolder, *args: str) -> None:
-    """``vggft *args`` in the module's folder, with its cache and the fake hub; it must succeed."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VGGFT_CACHE", str(folder.root / "cache"))
-        patch.setenv("TORCH_HOME", str(folder.hub))
-        patch.chdir(folder.root)
-        result = invoke(CliRunner(), *args)
-    assert result.exit_code == 0, result.output
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +24,9 @@ def runs(train_once) -> Path:
     folder.train(*FAST, "--name", "slow", "--set", "train.lr=0.0001", weights="models/slow.pt")
     folder.train(*FAST, "--name", "fast", "--set", "train.lr=0.01", weights="models/fast.pt")
     data = ["--set", f"data.root={folder.pet}", "--set", "data.image_size=32", "--set", "data.resize=36"]
-    run_in(folder, "kfold", *data, "--set", "train.epochs=2", "--folds", "2", "--quiet")
-    run_in(folder, "sweep", *data, "--set", "train.epochs=2", "--grid", "train.lr=0.001,0.01", "--quiet")
-    run_in(folder, "label-issues", *data, "--set", "train.epochs=2", "--folds", "2", "--show", "0", "--quiet")
+    folder.run("kfold", *data, "--set", "train.epochs=2", "--folds", "2", "--quiet")
+    folder.run("sweep", *data, "--set", "train.epochs=2", "--grid", "train.lr=0.001,0.01", "--quiet")
+    folder.run("label-issues", *data, "--set", "train.epochs=2", "--folds", "2", "--show", "0", "--quiet")
     runs = folder.root / "runs"
     killed = runs / "killed"
     killed.mkdir()

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import FAST, ModuleFolder, invoke
+from conftest import FAST, ModuleFolder
 from vggft.features.cache import FeatureCache
 
 
@@ -27,17 +26,6 @@ def cached(train_once) -> ModuleFolder:
     folder = train_once("shard_digest")
     folder.train(*FAST)
     return folder
-
-
-def run(folder: ModuleFolder, *args: str):
-    """``vggft *args`` in the module's folder, with its cache and the fake hub; it must succeed."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VGGFT_CACHE", str(folder.root / "cache"))
-        patch.setenv("TORCH_HOME", str(folder.hub))
-        patch.chdir(folder.root)
-        result = invoke(CliRunner(), *args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def shard_of(folder: ModuleFolder, rows: int) -> Path:
@@ -84,10 +72,10 @@ def discarded(result, shard: Path) -> list[str]:
 
 def test_eval_on_a_test_shard_reversed_in_place_says_so_and_scores_what_the_clean_cache_scores(cached):
     scored = ["eval", "--set", f"data.root={cached.pet}", "--json", "-q", "--plots", "plots"]
-    clean = run(cached, *scored)  # hashes the test shard: this process remembers it verified
+    clean = cached.run(*scored)  # hashes the test shard: this process remembers it verified
     shard = shard_of(cached, rows=7)
     edit_in_place(shard, lambda rows: rows[::-1])  # same size, finite, mtime put back: the issue's case
-    edited = run(cached, *scored)
+    edited = cached.run(*scored)
     (note,) = discarded(edited, shard)
     assert note.endswith("(its bytes differ from the sha256 recorded when it was written); re-extracting")
     assert json.loads(edited.stdout) == json.loads(clean.stdout)
@@ -96,7 +84,7 @@ def test_eval_on_a_test_shard_reversed_in_place_says_so_and_scores_what_the_clea
 def test_train_on_a_train_shard_with_50_bytes_flipped_says_so_and_trains_the_clean_weights(cached):
     shard = shard_of(cached, rows=12)
     edit_in_place(shard, flip_50_bytes)
-    result = run(cached, "train", "--set", f"data.root={cached.pet}", "--set", "output.weights=models/again.pt", *FAST)
+    result = cached.run("train", "--set", f"data.root={cached.pet}", "--set", "output.weights=models/again.pt", *FAST)
     assert len(discarded(result, shard)) == 1
     clean, again = (torch.load(cached.root / "models" / name, weights_only=True) for name in ("VGG16.pt", "again.pt"))
     assert clean.keys() == again.keys() and all(torch.equal(clean[k], again[k]) for k in clean)

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import torch
 
-from vggft.data.loaders import make_loader
-from vggft.diagnostics.evaluation import align_labels, one_split
-from vggft.features.cache import FeatureSource
+from vggft.diagnostics.evaluation import align_labels, cached_loader, one_split
 from vggft.model.inference import TrainedModel, load_model
 from vggft.model.novelty import penultimate_rows
 from vggft.model.weights import store_trust
 from vggft.training.calibration import fit_temperature, fit_trust
 from vggft.training.loop import evaluate
-from vggft.utils.device import autocast_dtype, out_of_memory_hint, prepare_backend, resolve_device
+from vggft.utils.device import out_of_memory_hint, prepare_backend, resolve_device
 from vggft.utils.errors import ConfigError, WeightsError
 from vggft.utils.logs import log
 
@@ -60,15 +58,8 @@ def _outputs(trained: TrainedModel, samples: list, split: str) -> tuple[torch.Te
     cfg = trained.cfg
     device = resolve_device(cfg.train.device)
     prepare_backend(device)
-    precision = autocast_dtype(device, cfg.train.amp)
-    source = FeatureSource(trained.model, cfg, device, precision)
     with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
-        loader = make_loader(
-            source.dataset(samples, desc=split),
-            cfg.data.eval_batch_size,
-            device=device,
-            num_workers=source.loader_workers,
-        )
+        source, precision, loader = cached_loader(trained, samples, split, device)
         with penultimate_rows(trained.model) as rows:
             kept = evaluate(source.module, loader, device, precision, names=trained.names, keep=True, desc=split)
     return torch.cat(kept.logits), torch.cat(kept.labels), torch.cat(rows)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from vggft.config.options import check_eval
 from vggft.config.schema import Config
@@ -116,19 +117,25 @@ def evaluate_weights(
     return metrics, trained, out.written
 
 
-def _score(trained: TrainedModel, samples: list, split: str, device: torch.device, topk: int) -> Metrics:
-    """Every image of ``samples`` scored once, its logits kept, and the calibration before and after the
-    temperature."""
+def cached_loader(
+    trained: TrainedModel, samples: list, split: str, device: torch.device
+) -> tuple[FeatureSource, torch.dtype | None, DataLoader]:
+    """(feature source, precision, loader) that score ``samples`` with ``trained``: cached rows where the cache
+    has them, the frozen prefix run (and its rows kept) where it does not."""
     cfg = trained.cfg
     precision = autocast_dtype(device, cfg.train.amp)
     source = FeatureSource(trained.model, cfg, device, precision)
-    with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
-        loader = make_loader(
-            source.dataset(samples, desc=split),
-            cfg.data.eval_batch_size,
-            device=device,
-            num_workers=source.loader_workers,
-        )
+    loader = make_loader(
+        source.dataset(samples, desc=split), cfg.data.eval_batch_size, device=device, num_workers=source.loader_workers
+    )
+    return source, precision, loader
+
+
+def _score(trained: TrainedModel, samples: list, split: str, device: torch.device, topk: int) -> Metrics:
+    """Every image of ``samples`` scored once, its logits kept, and the calibration before and after the
+    temperature."""
+    with out_of_memory_hint(device, {"data.eval_batch_size": trained.cfg.data.eval_batch_size}):
+        source, precision, loader = cached_loader(trained, samples, split, device)
         metrics = evaluate(
             source.module,
             loader,
