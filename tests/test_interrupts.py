@@ -33,8 +33,8 @@ from conftest import (
 )
 from test_distributed import _children, _exits, _rank_of
 from vggft.cli import _table
-from vggft.reporting.plots import display_width
 from vggft.utils.files import atomic_path
+from vggft.utils.text import display_width
 from vggft.utils.torchrun import LAUNCHER_ENV, PEER_EXIT
 
 # --- a rank that dies under --nproc ------------------------------------------------------------------

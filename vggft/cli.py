@@ -798,19 +798,11 @@ def _named(set_: list[str] | None, name: str | None) -> list[str]:
 def _table(header: list[str], rows: list[list[str]], left: int = 0) -> None:
     """Columns as wide as their widest cell on a terminal (an emoji or a CJK character takes two columns);
     the first ``left`` left-aligned, the rest right-aligned."""
-    widths = [max(_width(h), *(_width(r[i]) for r in rows)) for i, h in enumerate(header)]
+    from vggft.utils.text import display_width, pad
+
+    widths = [max(display_width(h), *(display_width(r[i]) for r in rows)) for i, h in enumerate(header)]
     for line in [header, *rows]:
-        cells = [(c, " " * max(0, w - _width(c))) for c, w in zip(line, widths, strict=False)]
-        typer.echo("  ".join(c + room if i < left else room + c for i, (c, room) in enumerate(cells)))
-
-
-def _width(cell: str) -> int:
-    """The terminal columns of a table cell: its length where it is ASCII, else its display width."""
-    if cell.isascii():
-        return len(cell)
-    from vggft.reporting.plots import display_width  # imports torch: only for such a cell
-
-    return display_width(cell)
+        typer.echo("  ".join(pad(c, w, right=i >= left) for i, (c, w) in enumerate(zip(line, widths, strict=False))))
 
 
 @app.command(epilog=_examples("sweep"))
