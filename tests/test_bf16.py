@@ -65,9 +65,11 @@ def test_auto_extracts_in_bf16_on_such_a_cpu_in_its_own_cache(runner, pet, tmp_p
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST[:-1])
     assert result.exit_code == 0, result.output
     assert ", bf16 (native bf16 on this CPU: VGGFT_CPU_BF16=1), " in result.stderr.splitlines()[0]
+    assert json.loads(Path("models/VGG16.json").read_text())["precision"] == "bf16"  # the sidecar says it too
     result = invoke(runner, "train", "--set", f"data.root={pet}", "--set", "train.amp=off", *FAST[:-1])
     assert result.exit_code == 0, result.output
     assert ", fp32 (train.amp: off), " in result.stderr.splitlines()[0]
+    assert json.loads(Path("models/VGG16.json").read_text())["precision"] == "fp32"
     folders = _cache_folders(tmp_path / "cache")
     assert set(folders) == {"torch.bfloat16", "fp32"}  # each precision's rows apart
     assert all(keys["decode"] == "draft" for _, keys in folders.values())  # auto on a CPU
@@ -99,6 +101,19 @@ def test_an_unfrozen_backbone_trains_under_bf16_autocast_with_fp32_weights(runne
     assert computed == {torch.bfloat16}
     saved = torch.load("models/VGG16.pt", weights_only=True)
     assert all(value.dtype == torch.float32 for value in saved.values() if value.is_floating_point())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_the_optimizers_step_with_fused_kernels_on_the_cpu(optimizer):
+    """One kernel per tensor instead of one per operation: Adam's step over vgg11_bn was 5x faster fused."""
+    from vggft.config.schema import TrainConfig
+    from vggft.training.optim import make_optimizer
+
+    head, backbone = nn.Linear(4, 2), nn.Linear(3, 4)
+    made = make_optimizer(TrainConfig(optimizer=optimizer), list(head.parameters()), list(backbone.parameters()))
+    assert made.defaults["fused"] is True
+    elsewhere = make_optimizer(TrainConfig(optimizer=optimizer), list(nn.Linear(4, 2, device="meta").parameters()))
+    assert not elsewhere.defaults.get("fused")  # not on the CPU or CUDA (MPS, ...): torch's default path
 
 
 @pytest.mark.parametrize("resize", [36, None])

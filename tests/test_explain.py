@@ -82,6 +82,20 @@ def test_grad_cam_equals_a_hand_computation_on_a_tiny_vgg16():
     assert not torch.allclose(explained.maps, cams.maps)
 
 
+def test_grad_cam_runs_its_gradient_free_half_in_the_autocast_precision():
+    torch.manual_seed(0)
+    model = _kaiming(tiny_vgg("vgg16", num_classes=3))
+    images = torch.randn(4, 3, SIZE, SIZE)
+    seen: list[torch.dtype] = []
+    hook = model.features[0].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    exact = grad_cam(model, images)
+    bf16 = grad_cam(model, images, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]  # the first convolution: fp32, then under bf16 autocast
+    assert bf16.maps.dtype == bf16.logits.dtype == torch.float32 and torch.equal(bf16.classes, exact.classes)
+    assert 0 < float((bf16.maps - exact.maps).abs().mean()) < 0.05  # the same maps, to bf16's precision
+
+
 def test_a_map_without_positive_evidence_stays_zero():
     torch.manual_seed(0)
     model = _kaiming(tiny_vgg("vgg16", num_classes=2))

@@ -140,6 +140,7 @@ def test_any_valid_looking_edit_is_named_a_hand_edit(runner, edited, tmp_path, e
         (lambda body: body["config"]["data"].update(image_size=16), ["data.image_size", "16"], "train again"),
         (lambda body: body["config"]["data"].update(normalize="none"), ["data.normalize", "none"], "train again"),
         (lambda body: body.update(image_size=48), ["image_size 48", "config's 32"], "make the two agree"),
+        (lambda body: body.update(precision="fp64"), ["precision 'fp64'", "bf16"], "train again"),
     ],
     ids=[
         "tiny-temperature",
@@ -153,6 +154,7 @@ def test_any_valid_looking_edit_is_named_a_hand_edit(runner, edited, tmp_path, e
         "image_size-range",
         "normalize-value",
         "top-level-image_size",
+        "precision",
     ],
 )
 def test_every_field_is_range_checked_sealed_or_not(runner, edited, tmp_path, seal, edit, names, fix):

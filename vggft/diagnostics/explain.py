@@ -12,9 +12,10 @@ matplotlib. Preprocessing is the sidecar's, as in ``predict``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from vggft.config.options import check_batch_size
 from vggft.data.transforms import normalization
 from vggft.model.build import layer_sequence
 from vggft.model.inference import TrainedModel, collect_images, image_batches, load_model
+from vggft.utils.device import autocast_dtype, autocast_factory
 from vggft.utils.errors import ConfigError, OutputError
 from vggft.utils.files import atomic_path
 
@@ -48,20 +50,26 @@ class Cams:
     classes: torch.Tensor  # (N,) the class each map explains
 
 
-def grad_cam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor | Sequence[int] | None = None) -> Cams:
+def grad_cam(
+    model: nn.Module,
+    images: torch.Tensor,
+    classes: torch.Tensor | Sequence[int] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Cams:
     """Grad-CAM maps of ``images`` (a normalised batch on the model's device) for ``classes`` (default: predicted).
 
-    The network is run as two halves at the last ReLU of ``features``: the first without gradients,
-    the second from that activation, which alone requires a gradient; samples do not interact in eval
-    mode, so one backward pass of the summed scores gives every sample's own gradient.
+    The network is run as two halves at the last ReLU of ``features``: the first without gradients (under
+    ``autocast``: most of the work, in the precision eval and predict use), the second in fp32 from that
+    activation, which alone requires a gradient; samples do not interact in eval mode, so one backward pass of
+    the summed scores gives every sample's own gradient.
     """
     model.eval()
     layers = layer_sequence(model)
     cut = [name for name, _ in layers].index(last_relu(model)) + 1
     head, tail = nn.Sequential(*[m for _, m in layers[:cut]]), nn.Sequential(*[m for _, m in layers[cut:]])
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         activations = head(images.float())
-    activations = activations.detach().clone().requires_grad_(True)
+    activations = activations.detach().float().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = tail(activations).float()
         chosen = logits.argmax(dim=1) if classes is None else torch.as_tensor(classes, device=logits.device).long()
@@ -127,12 +135,13 @@ def explain(
     _make_folder(Path(out))
     stems = output_stems(paths)
     rows: list[dict] = []
-    with image_batches(trained, paths, batch_size, "Explaining") as (batches, _):
+    with image_batches(trained, paths, batch_size, "Explaining") as (batches, device):
+        autocast = autocast_factory(device, autocast_dtype(device, trained.cfg.train.amp))
         for images, errors in batches:
             start = len(rows)
             good = [i for i, error in enumerate(errors) if not error]
             classes = None if wanted is None else [wanted] * len(good)
-            cams = grad_cam(trained.model, images[good], classes) if good else None
+            cams = grad_cam(trained.model, images[good], classes, autocast) if good else None
             for i, error in enumerate(errors):
                 path = paths[start + i]
                 if error:

@@ -47,6 +47,7 @@ SEAL_KEY = "sidecar_sha256"
 # The temperatures a sidecar may hold: the calibration fit's search range (training.calibration.LOG_T_RANGE),
 # so every temperature vggft train stores lies inside, and softmax(logits / T) stays finite.
 TEMPERATURE_RANGE = (1e-3, 1e3)
+PRECISIONS = ("fp32", "bf16", "fp16")  # what train.amp resolved to (utils.device.PRECISION's names)
 
 
 def sidecar_path(weights: Path) -> Path:
@@ -89,10 +90,12 @@ def save_trained(
     trainable: dict[str, torch.Tensor] | None = None,
     frozen: str | None = None,
     trust: TrustRecord | None = None,
+    precision: str = "fp32",
 ) -> Path:
-    """Write the weights, then the sidecar that records their digest (and a pool's ``split``, and the softmax
-    ``temperature`` fitted on val, if any), each atomically. With ``output.full_weights: false`` the weights
-    file holds the ``trainable`` tensors and the ``frozen`` part's fingerprint only (``light_body``).
+    """Write the weights, then the sidecar that records their digest (and a pool's ``split``, the softmax
+    ``temperature`` fitted on val, if any, and the ``precision`` trained in), each atomically. With
+    ``output.full_weights: false`` the weights file holds the ``trainable`` tensors and the ``frozen`` part's
+    fingerprint only (``light_body``).
 
     A kill between the two renames leaves new weights beside the old sidecar: its digest no longer
     matches, and loading says so instead of naming the classes wrongly.
@@ -118,6 +121,7 @@ def save_trained(
         "class_names": class_names,
         **preprocessing(cfg.data),
         "split": split,
+        "precision": precision,
         "temperature": temperature,
         **trust_fields(weights, trust),
         "config": config,
@@ -297,6 +301,11 @@ def check_sidecar(body: dict, weights: Path, outputs: int | None = None) -> None
     the class names (distinct, one per output of the head), the config and the preprocessing it records."""
     path = sidecar_path(weights)
     check_temperature(body.get("temperature"), path)
+    if body.get("precision", "fp32") not in PRECISIONS:  # absent: written before vggft recorded it
+        raise WeightsError(
+            f"{path}: precision {reprlib.repr(body['precision'])} is not one of {', '.join(PRECISIONS)}; "
+            "undo the edit, or train again"
+        )
     names = _check_names(body["class_names"], path)
     check_trust(body, path)
     try:

@@ -17,10 +17,14 @@ def make_optimizer(
     """Two parameter groups: the ``head`` at ``lr``; the unfrozen ``backbone`` blocks at ``backbone_lr``
     (default lr/10). A two-stage run passes the backbone even while it is still frozen: parameters
     without a gradient are skipped by every optimizer, so nothing needs rebuilding when it thaws.
+
+    Fused kernels on the CPU and CUDA (one pass over each tensor instead of one per operation): on 2 CPU
+    cores Adam's step over vgg11_bn's 129M parameters took 0.09 s fused against 0.46 s (docs/performance.md).
     """
     groups = [{"params": list(head), "lr": cfg.lr, "name": "head"}]
     if backbone:
         groups.append({"params": list(backbone), "lr": cfg.backbone_lr or cfg.lr / 10, "name": "backbone"})
+    fused = _fused([*head, *backbone])
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             groups,
@@ -28,10 +32,22 @@ def make_optimizer(
             momentum=cfg.momentum,
             nesterov=cfg.nesterov and cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
+            fused=fused,
         )
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def _fused(params: Sequence[nn.Parameter]) -> bool | None:
+    """True where every parameter is a float tensor on the CPU or CUDA (torch's fused kernels), else None
+    (torch's default: foreach)."""
+    kinds = {(p.device.type, p.dtype) for p in params}
+    ok = kinds and all(device in ("cpu", "cuda") and dtype in _FUSED_DTYPES for device, dtype in kinds)
+    return True if ok else None
+
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:

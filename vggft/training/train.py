@@ -53,7 +53,14 @@ from vggft.training.loop import (
 )
 from vggft.training.optim import make_optimizer, make_scheduler
 from vggft.utils import rng
-from vggft.utils.device import autocast_dtype, environment_line, out_of_memory_hint, prepare_backend, resolve_device
+from vggft.utils.device import (
+    PRECISION,
+    autocast_dtype,
+    environment_line,
+    out_of_memory_hint,
+    prepare_backend,
+    resolve_device,
+)
 from vggft.utils.distributed import Group, is_peer_failure, is_timeout, main_first, process_group, stalled
 from vggft.utils.errors import (
     ConfigError,
@@ -629,6 +636,7 @@ def _finish(run: Run, test: Metrics | None, started: float) -> TrainResult:
         trainable=trainable_state(run.model, run.loop.optimizer),
         frozen=run.fingerprint,
         trust=trust,
+        precision=PRECISION[run.loop.precision],
         metrics={
             "test": _sidecar_metrics(test),
             "history": run.state.history,
