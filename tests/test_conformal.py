@@ -33,6 +33,7 @@ from vggft.model.novelty import (
 )
 from vggft.model.weights import check_sidecar, novelty_path, reseal_sidecar
 
+EXPORTED = ("0.80", "0.90", "0.95", "0.99")
 LEARNS = ["--set", "data.image_size=32", "--set", "data.resize=36", "--set", "model.head=gap"]
 LEARNS += ["--set", "train.lr=0.05", "--set", "train.momentum=0.9", "--set", "train.epochs=4", "--quiet"]
 
@@ -186,3 +187,30 @@ def test_older_weights_predict_as_before_with_a_note_then_calibrate(runner, trai
     assert json.loads(done.stdout)["novelty"]["score"] == "mahalanobis"
     rows = json.loads(invoke(runner, "predict", pet / "test", "-w", trained, "--json").stdout)
     assert all("novelty" in r for r in rows)
+
+
+def test_the_onnx_export_carries_the_novelty_score_and_the_conformal_thresholds(runner, with_val, tmp_path):
+    """A third output, novelty (the Mahalanobis statistics in the graph), and the thresholds for the exported
+    levels in the metadata: predict with the .onnx gives the .pt's sets and novelty."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "conf.onnx"
+    result = invoke(runner, "export", "-w", with_val, "--format", "onnx", "--out", out)
+    assert result.exit_code == 0, result.output
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "probabilities", "novelty"]
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["vggft"])
+    sidecar = json.loads(with_val.with_suffix(".json").read_text())
+    assert meta["format"] == "vggft-export/3" and meta["novelty"]["threshold"] == sidecar["novelty"]["threshold"]
+    assert meta["conformal"]["thresholds"] == {k: sidecar["conformal"]["thresholds"][k] for k in EXPORTED}
+    pet = with_val.parent.parent / "pet" / "test"
+    by_pt = json.loads(invoke(runner, "predict", pet, "-w", with_val, "--coverage", "0.8", "--json").stdout)
+    got = invoke(runner, "predict", pet, "-w", out, "--coverage", "0.8", "--json")
+    assert got.exit_code == 0, got.output
+    by_onnx = json.loads(got.stdout)
+    assert [r["set"] for r in by_onnx] == [r["set"] for r in by_pt] and len(by_pt) == 7
+    assert [r["novelty"] for r in by_onnx] == pytest.approx([r["novelty"] for r in by_pt], rel=1e-4)
+    refused = invoke(runner, "predict", pet, "-w", out, "--coverage", "0.85")
+    assert_one_line_error(refused, code=2, names=["--coverage", f"'{out}'", "0.80, 0.90, 0.95, 0.99"], fix=".pt")

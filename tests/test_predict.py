@@ -83,7 +83,9 @@ def test_predict_a_file_and_a_messy_folder(runner, trained, tmp_path):
     assert "error: " in lines[1] and "error" not in lines[0] + lines[2]
     verdict = inspect_image(folder / "zero.jpg")  # the file's reason as vggft check-data gives it
     assert_error_says(lines[3].split(None, 1)[1], names=[verdict.reason, verdict.detail])
-    assert result.stderr.strip() == "2 of 4 file(s) could not be read as images"
+    note, skipped = result.stderr.strip().splitlines()  # weights without a val split: what they lack, one line
+    assert note.startswith("Note: no conformal calibration (no sets); no novelty statistics") and "calibrate" in note
+    assert skipped == "2 of 4 file(s) could not be read as images"
     rows = _predict_json(runner, folder, image, "--weights", trained, "--topk", "2")
     assert len(rows) == 5 and "error" in rows[1] and rows[1]["top"] == []
 
@@ -185,7 +187,7 @@ def test_export_torch_formats(runner, calibrated_copy, tmp_path, fmt, load):
     assert match and match[1] == str(out) and float(match[2]) <= 1e-4
     model, meta = load(out)
     assert meta["class_names"] == ["cat", "dog"] and meta["image_size"] == 32 and meta["mean"][0] == 0.485
-    assert meta["format"] == "vggft-export/2" and meta["temperature"] == T
+    assert meta["format"] == "vggft-export/3" and meta["temperature"] == T and meta["novelty"] is None
     batch, expected = _real_batch(calibrated_copy)  # batch of 3, exported with 2: the batch axis is free
     with torch.inference_mode():
         logits, probabilities = model(batch)

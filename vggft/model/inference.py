@@ -207,7 +207,7 @@ def predict(
                     logits = trained.model(images)
                 probs = trained.probabilities(logits)
                 batch = top_rows(paths[len(rows) :], probs, errors, names, k, calibration)
-                rows += trust.annotate(batch, probs, torch.cat(penultimate), names)
+                rows += trust.annotate(batch, probs, trust.scores(penultimate), names)
     return rows
 
 
@@ -224,34 +224,46 @@ class Trust:
 
     @classmethod
     def of(cls, trained: TrainedModel, coverage: float | None) -> Trust:
-        """From the sidecar. With ``coverage`` asked, one note line says what is missing (without, weights
-        that have neither predict as before, silently)."""
+        """From the sidecar; one note line says what is missing (weights without them predict as before)."""
         sidecar = trained.sidecar or {}
-        conformal = sidecar.get("conformal")
         stats, missing = read_novelty_stats(trained.path, trained.sidecar)
-        lacking = ([] if conformal else ["no conformal calibration (no sets)"]) + ([missing] if missing else [])
-        if coverage is not None and lacking:
+        trust = cls.from_records(sidecar.get("conformal"), sidecar.get("novelty"), coverage, stats)
+        lacking = ([] if sidecar.get("conformal") else ["no conformal calibration (no sets)"]) + (
+            [missing] if missing else []
+        )
+        if lacking:
             log.info(f"Note: {'; '.join(lacking)}; vggft calibrate -w {trained.path} adds them")
+        return trust
+
+    @classmethod
+    def from_records(
+        cls, conformal: dict | None, novelty: dict | None, coverage: float | None, stats: dict | None = None
+    ) -> Trust:
+        """From a sidecar's (or an exported file's) ``conformal`` and ``novelty`` records."""
         coverage = coverage if conformal else None
         threshold = conformal["thresholds"].get(level_key(coverage)) if coverage is not None and conformal else None
-        novelty = sidecar.get("novelty") or {}
         method = conformal["method"] if conformal else DEFAULT_METHOD
-        return cls(coverage, method, threshold, stats, novelty.get("threshold"))
+        return cls(coverage, method, threshold, stats, (novelty or {}).get("threshold"))
+
+    def scores(self, penultimate: list[torch.Tensor]) -> torch.Tensor | None:
+        """The novelty scores of a batch's penultimate rows (None: no statistics)."""
+        return mahalanobis_score(torch.cat(penultimate), self.stats) if self.stats is not None else None
 
     def annotate(
-        self, rows: list[dict], probs: torch.Tensor, penultimate: torch.Tensor, names: list[str]
+        self, rows: list[dict], probs: torch.Tensor, scores: torch.Tensor | None, names: list[str]
     ) -> list[dict]:
+        """Each row with "set" and "unsure" (with a coverage asked), "novelty" and "novel" (with ``scores``)."""
         sets = prediction_sets(probs, self.threshold, self.method) if self.coverage is not None else None
-        scores = mahalanobis_score(penultimate, self.stats).tolist() if self.stats is not None else None
+        novelty = scores.tolist() if scores is not None else None
         for index, row in enumerate(rows):
             if "error" in row:
                 continue
             if sets is not None:
                 row["set"] = [names[c] for c in sets[index]]
                 row["unsure"] = len(sets[index]) == len(names)  # the set of every class says nothing
-            if scores is not None:
-                row["novelty"] = scores[index]
-                row["novel"] = self.novelty_threshold is not None and scores[index] > self.novelty_threshold
+            if novelty is not None:
+                row["novelty"] = novelty[index]
+                row["novel"] = self.novelty_threshold is not None and novelty[index] > self.novelty_threshold
         return rows
 
 
