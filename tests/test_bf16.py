@@ -61,9 +61,22 @@ def _cache_folders(root: Path) -> dict[str, tuple[Path, dict]]:
 
 
 def test_auto_extracts_in_bf16_on_such_a_cpu_in_its_own_cache(runner, pet, tmp_path, monkeypatch):
+    """The prefix runs in bf16; the head over its cached rows in fp32 (as sweep fits heads: autocast only adds
+    weight casts to a few small matmuls)."""
     monkeypatch.setenv("VGGFT_CPU_BF16", "1")
+    computed: set[tuple[bool, torch.dtype]] = set()
+    linear = nn.Linear.forward
+
+    def spy(self, x):
+        out = linear(self, x)
+        computed.add((self.out_features == 2, out.dtype))  # the head: 2 classes
+        return out
+
+    monkeypatch.setattr(nn.Linear, "forward", spy)
     result = invoke(runner, "train", "--set", f"data.root={pet}", *FAST[:-1])
     assert result.exit_code == 0, result.output
+    assert computed == {(False, torch.bfloat16), (False, torch.float32), (True, torch.float32)}, computed
+    monkeypatch.setattr(nn.Linear, "forward", linear)
     assert ", bf16 (native bf16 on this CPU: VGGFT_CPU_BF16=1), " in result.stderr.splitlines()[0]
     assert json.loads(Path("models/VGG16.json").read_text())["precision"] == "bf16"  # the sidecar says it too
     result = invoke(runner, "train", "--set", f"data.root={pet}", "--set", "train.amp=off", *FAST[:-1])
@@ -136,6 +149,19 @@ def test_draft_decodes_a_large_jpeg_at_the_smallest_scale_it_needs(tmp_path, res
     small = make_image(tmp_path / "small.jpg", (20, 90, 160), size=(60, 50), fmt="JPEG")
     with Image.open(small) as opened:
         assert open_rgb_draft(str(small), target).size == opened.size
+
+
+def test_predict_decodes_as_the_cache_does(tmp_path):
+    """predict's images: draft where data.decode resolves to it (auto on a CPU), whole with pil, as eval's rows."""
+    from vggft.model.inference import image_loader
+
+    big = str(make_image(tmp_path / "big.jpg", (200, 120, 60), size=(640, 480), fmt="JPEG"))
+    data = DataConfig(image_size=32, resize=36)
+    drafted = DraftImageList([(big, 0)], eval_transform(data), 36)[0][0]
+    (auto, _), *_ = image_loader([big], data, 1, CPU)
+    (whole, _), *_ = image_loader([big], DataConfig(image_size=32, resize=36, decode="pil"), 1, CPU)
+    assert torch.equal(auto[0], drafted) and torch.equal(whole[0], ImageList([(big, 0)], eval_transform(data))[0][0])
+    assert not torch.equal(auto, whole)
 
 
 def test_draft_is_what_auto_means_on_a_cpu_and_a_cache_of_its_own(runner, pet, tmp_path):

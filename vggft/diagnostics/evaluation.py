@@ -120,15 +120,14 @@ def evaluate_weights(
 def cached_loader(
     trained: TrainedModel, samples: list, split: str, device: torch.device
 ) -> tuple[FeatureSource, torch.dtype | None, DataLoader]:
-    """(feature source, precision, loader) that score ``samples`` with ``trained``: cached rows where the cache
-    has them, the frozen prefix run (and its rows kept) where it does not."""
+    """(feature source, the precision its module computes in, loader) that score ``samples`` with ``trained``:
+    cached rows where the cache has them, the frozen prefix run (and its rows kept) where it does not."""
     cfg = trained.cfg
-    precision = autocast_dtype(device, cfg.train.amp)
-    source = FeatureSource(trained.model, cfg, device, precision)
+    source = FeatureSource(trained.model, cfg, device, autocast_dtype(device, cfg.train.amp))
     loader = make_loader(
         source.dataset(samples, desc=split), cfg.data.eval_batch_size, device=device, num_workers=source.loader_workers
     )
-    return source, precision, loader
+    return source, source.module_precision, loader
 
 
 def _score(trained: TrainedModel, samples: list, split: str, device: torch.device, topk: int) -> Metrics:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from vggft.config.loading import load_config
 from vggft.config.options import check_predict
 from vggft.config.schema import Config, DataConfig
+from vggft.data.decode import draft_target, open_rgb_draft, resolve_decode
 from vggft.data.folders import IMG_EXTENSIONS, display_name, images_in, note_skipped, output_names
 from vggft.data.images import DECODE_ERRORS, decode_failure, open_rgb
 from vggft.data.loaders import make_loader
@@ -124,17 +125,19 @@ def collect_images(inputs: Sequence[Path]) -> list[str]:
 
 
 class _Images(Dataset):
-    """(tensor, error message): a zero tensor and the reason for a file that cannot be decoded."""
+    """(tensor, error message): a zero tensor and the reason for a file that cannot be decoded. JPEGs decoded at
+    the DCT scale ``draft`` (``open_rgb_draft``) where given, as extraction decodes them."""
 
-    def __init__(self, paths: list[str], transform, size: int):
-        self.paths, self.transform, self.size = paths, transform, size
+    def __init__(self, paths: list[str], transform, size: int, draft: int | None = None):
+        self.paths, self.transform, self.size, self.draft = paths, transform, size, draft
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        path = self.paths[index]
         try:
-            return self.transform(open_rgb(self.paths[index])), ""
+            return self.transform(open_rgb_draft(path, self.draft) if self.draft else open_rgb(path)), ""
         except DECODE_ERRORS as err:  # a 0-byte file is "empty", as vggft check-data says
             reason, detail = ("empty", "0 bytes") if _empty(self.paths[index]) else decode_failure(err)
             lines = detail.strip().splitlines()
@@ -150,8 +153,11 @@ def _empty(path: str) -> bool:
 
 def image_loader(paths: list[str], data: DataConfig, batch_size: int, device: torch.device) -> DataLoader:
     """Batches of (images preprocessed as ``data``'s eval transform, zeros for a file that cannot be decoded;
-    every file's error, '' if none), in the order of ``paths``; loader workers as data.num_workers says."""
-    dataset = _Images(paths, eval_transform(data), data.image_size)
+    every file's error, '' if none), in the order of ``paths``; loader workers as data.num_workers says. JPEGs
+    are decoded as ``data.decode`` has the feature cache decode them on ``device`` (draft or whole), so predict
+    scores an image as eval does."""
+    draft = draft_target(data) if resolve_decode(data.decode, device) == "draft" else None
+    dataset = _Images(paths, eval_transform(data), data.image_size, draft)
     return make_loader(dataset, batch_size, device=device, num_workers=resolve_workers(data, device))
 
 

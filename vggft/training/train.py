@@ -253,7 +253,7 @@ def _setup(cfg: Config, resume: Path | None, device: torch.device, group: Group,
     log.info(source.describe())
     _check_disk(cfg, model, source, splits)
     with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
-        loop, generator, test_loader = _make_loop(cfg, model, source, splits, device, precision, group)
+        loop, generator, test_loader = _make_loop(cfg, model, source, splits, device, source.module_precision, group)
     fingerprint = frozen_fingerprint(model, trainable_state(model, loop.optimizer), source.prefix_weights)
     run = Run(cfg, splits, model, source, loop, Progress(), generator, None, test_loader, fingerprint)
     if body:
@@ -636,7 +636,7 @@ def _finish(run: Run, test: Metrics | None, started: float) -> TrainResult:
         trainable=trainable_state(run.model, run.loop.optimizer),
         frozen=run.fingerprint,
         trust=trust,
-        precision=PRECISION[run.loop.precision],
+        precision=PRECISION[run.source.precision],
         metrics={
             "test": _sidecar_metrics(test),
             "history": run.state.history,
