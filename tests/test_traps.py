@@ -13,7 +13,8 @@ from torch import nn
 
 from conftest import assert_one_line_error, invoke, make_folder
 from tiny import tiny_vgg
-from vggft.config.schema import ModelConfig
+from vggft.config.schema import DataConfig, ModelConfig
+from vggft.data import crop_note
 from vggft.model.build import build_model
 from vggft.model.pretrained import pretrained_state_dict
 
@@ -175,3 +176,17 @@ def test_summary_takes_the_class_count_from_data_root(runner, tmp_path):
 def _head_row(table: str) -> str:
     """torchinfo's row of the last Linear layer (the new head)."""
     return [line for line in table.splitlines() if "Linear" in line][-1]
+
+
+def test_a_crop_that_keeps_a_sliver_of_each_image_is_named_with_the_resize_to_use(runner, pet):
+    """image_size 32 under the default resize 256 would train on the middle 1/8 of each side."""
+    result = invoke(
+        runner, "train", "--set", f"data.root={pet}", "--set", "data.image_size=32", "--set", "train.epochs=1", "-q"
+    )
+    assert result.exit_code == 0, result.output
+    note = [line for line in result.stderr.splitlines() if "centre crop keeps" in line]
+    assert note == [
+        "Note: data.resize 256 with data.image_size 32: the centre crop keeps 12% of each side of every image; "
+        "set data.resize: 37 (the 256 -> 224 ratio) or null (squash the whole image to image_size)"
+    ]
+    assert crop_note(DataConfig(image_size=32, resize=37)) is None and crop_note(DataConfig(resize=256)) is None
