@@ -1,21 +1,22 @@
 #!/usr/bin/env python
 """Benchmark: conformal prediction sets and novelty scores of `vggft train` models on sklearn's digits.
 
-Data (under --workdir): each digit's images split 50/25/25 into train/val/test as PNGs (8x8 grey, served at
---image-size px). Models: vgg11_bn from random init (`model.weights: null`), `vggft train` with a val split,
-run as a subprocess; then the saved weights are run in-process over every image (logits and the penultimate
+Data (under --workdir): each digit's images split 50/25/25 into train/val/test as PNGs (8x8 grey, squashed
+to --image-size px: ``data.resize: null``; under the default resize 256 a 32 px crop kept the middle 1/8 of
+each side). Models: vgg11_bn from random init (`model.weights: null`), `vggft train` with a val split, run
+as a subprocess; then the saved weights are run in-process over every image (logits and the penultimate
 rows, the input of the head's last Linear).
 
-- coverage (all 10 digits, --seeds): conformal sets fitted on val (what `vggft train` stores in the sidecar),
-  scored on test for alpha 0.1 and 0.05: empirical coverage and mean set size per score (lac, aps); with
-  MAPIE installed (`pip install mapie`, not a project dependency), its LAC sets on the same probabilities are
-  compared set for set.
+- coverage (all 10 digits, --seeds, the model --coverage-strength): conformal sets fitted on val (what
+  `vggft train` stores in the sidecar), scored on test for alpha 0.1 and 0.05: empirical coverage and mean
+  set size per score (lac, aps); with MAPIE installed (`pip install mapie`, not a project dependency), its
+  LAC sets on the same probabilities are compared set for set.
 - novelty (digits 0-4 in, test images of 5-9 out): AUROC and FPR at 95 % TPR of msp, energy and Mahalanobis
-  on the penultimate rows (full width and projected to 16/64/256 dims), for a well-trained and a badly
-  trained model (--strengths).
+  on the penultimate rows (full width and projected to 16/64/256 dims), for each model of --strengths.
 
-    python scripts/bench_conformal.py                      # everything (about 15 minutes on 2 CPU cores)
-    python scripts/bench_conformal.py --only novelty --strengths head1 scratch6
+    # docs/performance.md's tables (about 15 minutes on 2 CPU cores)
+    python scripts/bench_conformal.py --coverage-strength scratch4 --strengths scratch1 scratch6 head30 head1
+    python scripts/bench_conformal.py --only novelty --strengths head1
 """
 
 from __future__ import annotations
@@ -41,10 +42,14 @@ from vggft.model.novelty import (
     penultimate_rows,
 )
 
+# Every block from random init (vgg11_bn), batch 32, Adam 1e-3 for all.
+SCRATCH = ["train.lr=1e-3", "train.backbone_lr=1e-3", "model.unfreeze=5", "data.batch_size=32"]
 STRENGTHS = {  # name -> --set options on top of the common ones
     "head30": ["train.epochs=30", "train.lr=1e-3"],  # head alone on the random backbone's cached rows
     "head1": ["train.epochs=1", "train.lr=1e-5"],  # barely trained
-    "scratch6": ["train.epochs=6", "train.lr=3e-4", "model.unfreeze=5"],  # every conv block: slow on a CPU
+    "scratch6": ["train.epochs=6", *SCRATCH],  # well trained
+    "scratch4": ["train.epochs=4", *SCRATCH],
+    "scratch1": ["train.epochs=1", *SCRATCH],  # badly trained
 }
 
 
@@ -72,7 +77,13 @@ def make_digits(root: Path, seed: int, classes: list[int]) -> None:
 
 
 def train(root: Path, weights: Path, seed: int, strength: str, size: int) -> None:
-    sets = [f"data.root={root}", "model.arch=vgg11_bn", "model.weights=null", f"data.image_size={size}"]
+    sets = [
+        f"data.root={root}",
+        "model.arch=vgg11_bn",
+        "model.weights=null",
+        "data.resize=null",
+        f"data.image_size={size}",
+    ]
     sets += ["train.optimizer=adam", f"train.seed={seed}", f"output.weights={weights}"]
     sets += [f"output.runs_dir={weights.parent / 'runs'}", *STRENGTHS[strength]]
     argv = [sys.executable, "-m", "vggft", "train", "-q", "--name", weights.stem]
@@ -158,18 +169,20 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--strengths", nargs="+", default=["head30", "head1"], choices=list(STRENGTHS))
+    parser.add_argument("--coverage-strength", default="head30", choices=list(STRENGTHS))
     parser.add_argument("--only", choices=["coverage", "novelty"])
     parser.add_argument("--image-size", type=int, default=32)
     args = parser.parse_args()
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="vggft-conformal-"))).resolve()
     print(f"workdir {work}")
     if args.only != "novelty":
+        print(f"coverage: {args.coverage_strength}")
         print("| seed | model acc | score | alpha | test coverage | mean set size | empty sets | same sets as MAPIE |")
         print("|---|---|---|---|---|---|---|---|")
         for seed in args.seeds:
-            root, weights = work / f"digits{seed}", work / f"cov{seed}.pt"
+            root, weights = work / f"digits{seed}", work / f"cov{seed}-{args.coverage_strength}.pt"
             make_digits(root, seed, list(range(10)))
-            train(root, weights, seed, "head30", args.image_size)
+            train(root, weights, seed, args.coverage_strength, args.image_size)
             for method, alpha, cov, size, empty, agree, acc in coverage_rows(
                 weights, root, [str(d) for d in range(10)]
             ):
