@@ -16,6 +16,8 @@ makes single rounds noisy):
 
     python scripts/bench_bf16.py                          # 32 images a set, batch 32, 224 px
     python scripts/bench_bf16.py --images 8 --batch 8 --image-size 64 --repeat 1   # a smoke run
+    # A CPU without bf16 units, emulated (oneDNN and ATen held to AVX2): the bare forward alone
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python scripts/bench_bf16.py --bare-only --batch 16
 """
 
 from __future__ import annotations
@@ -128,6 +130,14 @@ def main() -> None:
     auto = autocast_dtype(CPU, "auto")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; native bf16: {cpu_bf16() or 'none'}")
     print(f"train.amp: auto -> {PRECISION[auto]}; batch {args.batch}, {args.image_size} px; best of {args.repeat}")
+    if args.bare_only:
+        runs = bare_runs(prefixes, args)
+        rates = rounds(runs, dict.fromkeys(runs, args.batch), args.repeat)
+        for key, rate in rates.items():
+            print(f"bare {key[1]:4} {key[2]:13} {rate:7.1f} img/s")
+        for name in LAYOUTS:
+            print(f"{name}: bf16 / fp32 {rates['bare', 'bf16', name] / rates['bare', 'fp32', name]:.2f}x")
+        return
     with tempfile.TemporaryDirectory(prefix="vggft-bf16-") as folder:
         small, large = make_sets(Path(folder), args.images)
         runs = bare_runs(prefixes, args)
@@ -175,6 +185,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--resize", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--bare-only", action="store_true", help="the bare forward alone, no JPEGs")
     parser.add_argument(
         "--workers", type=int, default=0, help="DataLoader workers (vggft's auto: 0 on 4 cores or fewer)"
     )
