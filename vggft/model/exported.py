@@ -5,8 +5,8 @@ The file says how to serve it (ONNX metadata property ``vggft``): class names, t
 applies, and (format 3) the novelty threshold of its ``novelty`` output and the conformal thresholds of
 the coverages in ``conformal.EXPORTED_LEVELS``. Images are preprocessed by the same transform as for the .pt
 and run by onnxruntime on the CPU, so the rows match the .pt's (same top-k; probabilities and novelty within
-float error). Only ONNX is read here: a
-``.pt2`` or TorchScript archive loads through pickle, which vggft never runs on a file it is handed.
+float error). Only ONNX is read here: a ``.pt2`` or TorchScript archive loads through pickle, which vggft
+never runs on a file it is handed.
 """
 
 from __future__ import annotations
