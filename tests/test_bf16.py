@@ -40,6 +40,12 @@ def test_the_probe_asks_torch_and_falls_back_to_fp32(monkeypatch):
     assert cpu_bf16() == "AVX512-BF16"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert cpu_bf16() == "AMX"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN held below its bf16 kernels: emulated, so fp32
+    assert cpu_bf16() is None and autocast_dtype(CPU, "auto") is None
+    assert "fp32 (ONEDNN_MAX_CPU_ISA=AVX2 holds oneDNN below its bf16 kernels)" in environment_line("train", CPU, None)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert cpu_bf16() == "AMX"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
 
     def broken() -> bool:
         raise RuntimeError("no cpuinfo")

@@ -39,6 +39,9 @@ def resolve_device(spec: str) -> torch.device:
 
 
 CPU_BF16_ENV = "VGGFT_CPU_BF16"  # 0: treat this CPU as lacking native bf16 (the tests pin it); 1: as having it
+# oneDNN's ISA caps ($ONEDNN_MAX_CPU_ISA) that still hold its bf16 kernels; a lower cap emulates bf16, 5-30x slower
+# than fp32 (docs/performance.md), whatever the CPU has.
+ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16")
 
 
 def cpu_bf16() -> str | None:
@@ -50,7 +53,7 @@ def cpu_bf16() -> str | None:
     override = os.environ.get(CPU_BF16_ENV, "").strip()
     if override in ("0", "1"):
         return f"{CPU_BF16_ENV}={override}" if override == "1" else None
-    if not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available() or _onednn_cap_below_bf16():
         return None
     for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
         check = getattr(torch.cpu, probe, None)  # private helpers of torch.cpu (2.x); absent: not known
@@ -59,6 +62,15 @@ def cpu_bf16() -> str | None:
                 return name
         except Exception:  # a probe that fails says nothing: fp32, the safe side
             continue
+    return None
+
+
+def _onednn_cap_below_bf16() -> str | None:
+    """``NAME=ISA`` where $ONEDNN_MAX_CPU_ISA (or the older $DNNL_MAX_CPU_ISA) holds oneDNN below its bf16 kernels."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        cap = os.environ.get(name, "").strip().upper()
+        if cap:
+            return None if cap in ("ALL", "DEFAULT", *ONEDNN_BF16_ISAS) else f"{name}={cap}"
     return None
 
 
@@ -93,6 +105,8 @@ def precision_reason(device: torch.device, precision: torch.dtype | None) -> str
     unit = cpu_bf16()
     if precision is None and os.environ.get(CPU_BF16_ENV, "").strip() == "0":
         return f"{CPU_BF16_ENV}=0"
+    if precision is None and unit is None and (cap := _onednn_cap_below_bf16()):
+        return f"{cap} holds oneDNN below its bf16 kernels"
     if precision is None:
         return "train.amp: off" if unit else "this CPU has no native bf16 (neither AMX nor AVX512-BF16)"
     if precision == torch.bfloat16:
