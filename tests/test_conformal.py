@@ -23,6 +23,7 @@ from vggft.model.conformal import (
     set_coverage,
 )
 from vggft.model.novelty import (
+    GaussianFit,
     auroc,
     energy_score,
     fit_gaussian,
@@ -100,6 +101,26 @@ def test_novelty_scores_by_hand():
     assert auroc(inside, outside) == pytest.approx((2.5 + 4) / 8)  # the tie with 0.3 counts half
     assert fpr_at_tpr(inside, outside, 0.75) == pytest.approx(0.5)  # threshold 0.325: 0.3 passes, 0.5 does not
     assert novelty_threshold(torch.arange(1.0, 21.0), 0.9) == 19.0  # rank ceil(21 * 0.9) = 19
+
+
+def test_the_statistics_gathered_batch_by_batch_equal_the_rows_at_once():
+    """GaussianFit folds batches in (train never holds every row); the projection spans the top principal
+    directions of the rows less their class mean, as an SVD of all of them says."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(60, 8, generator=generator) * torch.arange(1.0, 9.0) + 100.0  # far from 0: the shift matters
+    labels = torch.arange(60) % 3
+    whole, batches = GaussianFit(4), GaussianFit(4)  # class 3 has no row
+    whole.add(rows, labels)
+    for start, stop in ((0, 7), (7, 31), (31, 60)):
+        batches.add(rows[start:stop], labels[start:stop])
+    one, many = whole.stats(dims=3), batches.stats(dims=3)
+    assert batches.count == 60 and many["means"][3].isnan().all()
+    x = torch.randn(5, 8, generator=generator) * 3 + 100.0
+    assert torch.allclose(mahalanobis_score(x, one), mahalanobis_score(x, many), rtol=1e-4)
+    residual = (rows - torch.stack([rows[labels == c].mean(0) for c in range(3)])[labels]).double()
+    top = torch.linalg.svd(residual, full_matrices=False).Vh[:3].T
+    projection = many["projection"].double()
+    assert torch.allclose(projection @ projection.T, top @ top.T, atol=1e-4)  # the same subspace
 
 
 @pytest.fixture(scope="module")

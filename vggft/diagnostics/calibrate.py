@@ -12,10 +12,10 @@ import torch
 
 from vggft.diagnostics.evaluation import align_labels, cached_loader, one_split
 from vggft.model.inference import TrainedModel, load_model
-from vggft.model.novelty import penultimate_rows
+from vggft.model.novelty import GaussianFit, penultimate_rows
 from vggft.model.weights import store_trust
 from vggft.training.calibration import fit_temperature, fit_trust
-from vggft.training.loop import evaluate
+from vggft.training.loop import evaluate, gather_penultimate
 from vggft.utils.device import out_of_memory_hint, prepare_backend, resolve_device
 from vggft.utils.errors import ConfigError, WeightsError
 from vggft.utils.logs import log
@@ -37,16 +37,16 @@ def calibrate_weights(weights: Path, config: Path | None, overrides: Sequence[st
     calib = align_labels(trained, one_split(trained.cfg, record, str(weights), split))
     train = align_labels(trained, one_split(trained.cfg, record, str(weights), "train"))
     logits, labels, rows = _outputs(trained, calib[split], split)
-    train_logits, train_labels, train_rows = _outputs(trained, train["train"], "train")
+    gathered = _gathered(trained, train["train"])
     fit = fit_temperature(logits, labels)
     temperature = None if fit.at_bound else fit.temperature
-    trust = fit_trust((logits, labels, rows), (train_rows, train_labels), temperature, trained.num_classes)
+    trust = fit_trust((logits, labels, rows), gathered, temperature)
     sidecar = store_trust(Path(weights), temperature, trust)
     return {
         "sidecar": str(sidecar),
         "split": split,
         "images": len(labels),
-        "train_images": len(train_labels),
+        "train_images": gathered.count,
         "temperature": temperature,
         "conformal": trust.conformal,
         "novelty": trust.novelty,
@@ -55,11 +55,23 @@ def calibrate_weights(weights: Path, config: Path | None, overrides: Sequence[st
 
 def _outputs(trained: TrainedModel, samples: list, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, labels, penultimate rows) of every image of ``samples`` (cached rows where the cache has them)."""
-    cfg = trained.cfg
-    device = resolve_device(cfg.train.device)
-    prepare_backend(device)
-    with out_of_memory_hint(device, {"data.eval_batch_size": cfg.data.eval_batch_size}):
+    device = _device(trained)
+    with out_of_memory_hint(device, {"data.eval_batch_size": trained.cfg.data.eval_batch_size}):
         source, precision, loader = cached_loader(trained, samples, split, device)
         with penultimate_rows(trained.model) as rows:
             kept = evaluate(source.module, loader, device, precision, names=trained.names, keep=True, desc=split)
     return torch.cat(kept.logits), torch.cat(kept.labels), torch.cat(rows)
+
+
+def _gathered(trained: TrainedModel, samples: list) -> GaussianFit:
+    """The novelty statistics' sums over the train images' penultimate rows, a batch at a time."""
+    device = _device(trained)
+    with out_of_memory_hint(device, {"data.eval_batch_size": trained.cfg.data.eval_batch_size}):
+        source, precision, loader = cached_loader(trained, samples, "train", device)
+        return gather_penultimate(source.module, trained.model, loader, device, precision, trained.num_classes, "train")
+
+
+def _device(trained: TrainedModel) -> torch.device:
+    device = resolve_device(trained.cfg.train.device)
+    prepare_backend(device)
+    return device

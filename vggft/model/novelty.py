@@ -40,26 +40,72 @@ def energy_score(logits: torch.Tensor, temperature: float | None = None) -> torc
     return -t * torch.logsumexp(logits.double() / t, dim=1)
 
 
+class GaussianFit:
+    """What ``fit_gaussian`` needs, gathered a batch at a time (``add``) so the train rows are never all held:
+    per-class sums and counts, and the rows themselves while there are no more of them than their width
+    (an SVD of so few rows is fast), then, instead, the sum of their outer products (width x width, float64;
+    the rows shifted by the first batch's mean so the scatter keeps its precision)."""
+
+    def __init__(self, classes: int):
+        self.classes, self.count = classes, 0
+        self.shift: torch.Tensor | None = None
+        self.sums = self.counts = torch.zeros(0, dtype=torch.float64)
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] | None = []  # (shifted rows, labels); None: folded
+        self.outer: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor, labels: torch.Tensor) -> None:
+        rows, labels = rows.detach().double().cpu(), labels.detach().long().cpu()
+        if self.shift is None:
+            self.shift = rows.mean(dim=0)
+            self.sums = torch.zeros(self.classes, rows.shape[1], dtype=torch.float64)
+            self.counts = torch.zeros(self.classes, dtype=torch.float64)
+        rows = rows - self.shift
+        self.sums.index_add_(0, labels, rows)
+        self.counts += torch.bincount(labels, minlength=self.classes).double()
+        self.count += len(rows)
+        if self.kept is not None and self.count <= rows.shape[1]:
+            self.kept.append((rows, labels))
+            return
+        if self.kept is not None:  # past the width: fold what was kept into the outer products
+            self.outer = sum((r.T @ r for r, _ in self.kept), torch.zeros(rows.shape[1], rows.shape[1]).double())
+            self.kept = None
+        assert self.outer is not None
+        self.outer += rows.T @ rows
+
+    def stats(self, dims: int = DIMS) -> dict[str, torch.Tensor]:
+        """Class means and a shared covariance (projected to ``dims`` if wider), as float32 tensors:
+        ``projection`` (width, d), ``means`` (classes, d) and ``whiten`` (d, d), the Cholesky factor L of the
+        precision (L L^T = Sigma^-1). A class with no row gets no mean (a row of NaN, never nearest)."""
+        if self.shift is None:
+            raise ValueError("no rows to fit the novelty statistics on")
+        means = self.sums / self.counts.clamp(min=1).unsqueeze(1)  # of the shifted rows
+        width = len(self.shift)
+        if self.kept is not None:  # few rows: the within-class residuals themselves
+            residual = torch.cat([rows - means[labels] for rows, labels in self.kept])
+            top = torch.linalg.svd(residual, full_matrices=False).Vh[:dims].T if width > dims else None
+            projection = top if top is not None else torch.eye(width, dtype=torch.float64)
+            z = residual @ projection
+            scatter = z.T @ z
+        else:
+            assert self.outer is not None
+            full = self.outer - (means.T * self.counts) @ means  # sum of (x - m_c)(x - m_c)^T
+            top = torch.linalg.eigh(full).eigenvectors[:, -dims:].flip(1) if width > dims else None
+            projection = top if top is not None else torch.eye(width, dtype=torch.float64)
+            scatter = projection.T @ full @ projection
+        covariance = scatter / max(self.count - int((self.counts > 0).sum()), 1)
+        covariance += _SHRINK * covariance.diagonal().mean().clamp(min=1e-12) * torch.eye(len(covariance))
+        whiten = torch.linalg.cholesky(torch.linalg.inv(covariance))
+        centred = (means + self.shift) @ projection
+        centred[self.counts == 0] = float("nan")
+        return {"projection": projection.float(), "means": centred.float(), "whiten": whiten.float()}
+
+
 def fit_gaussian(rows: torch.Tensor, labels: torch.Tensor, classes: int, dims: int = DIMS) -> dict[str, torch.Tensor]:
-    """Class means and a shared covariance of the train ``rows`` (projected to ``dims`` if wider), as
-    float32 tensors: ``projection`` (width, d), ``means`` (classes, d) and ``whiten`` (d, d), the Cholesky
-    factor L of the precision (L L^T = Sigma^-1). A class with no row gets no mean (a row of NaN, never nearest)."""
-    rows, labels = rows.detach().double().cpu(), labels.detach().long().cpu()
-    counts = torch.bincount(labels, minlength=classes).double()
-    sums = torch.zeros(classes, rows.shape[1], dtype=torch.float64).index_add_(0, labels, rows)
-    means = sums / counts.clamp(min=1).unsqueeze(1)
-    residual = rows - means[labels]
-    if rows.shape[1] > dims:
-        projection = torch.linalg.svd(residual, full_matrices=False).Vh[:dims].T
-    else:
-        projection = torch.eye(rows.shape[1], dtype=torch.float64)
-    z = residual @ projection
-    covariance = z.T @ z / max(len(rows) - int((counts > 0).sum()), 1)
-    covariance += _SHRINK * covariance.diagonal().mean().clamp(min=1e-12) * torch.eye(len(covariance))
-    whiten = torch.linalg.cholesky(torch.linalg.inv(covariance))
-    means = means @ projection
-    means[counts == 0] = float("nan")
-    return {"projection": projection.float(), "means": means.float(), "whiten": whiten.float()}
+    """``GaussianFit`` over ``rows`` at once (in chunks of 4096 rows)."""
+    fit = GaussianFit(classes)
+    for start in range(0, len(rows), 4096):
+        fit.add(rows[start : start + 4096], labels[start : start + 4096])
+    return fit.stats(dims)
 
 
 def mahalanobis_score(rows: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:

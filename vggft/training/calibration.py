@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from vggft.model.conformal import fit_conformal
 from vggft.model.inference import calibrated_softmax
-from vggft.model.novelty import PASS_RATE, fit_gaussian, mahalanobis_score, novelty_threshold
+from vggft.model.novelty import PASS_RATE, GaussianFit, mahalanobis_score, novelty_threshold
 from vggft.model.weights import TrustRecord
 
 ECE_BINS = 15
@@ -142,19 +142,16 @@ def _bins_dict(table: Reliability) -> dict:
 
 
 def fit_trust(
-    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    train: tuple[torch.Tensor, torch.Tensor] | None,
-    temperature: float | None,
-    classes: int,
+    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], train: GaussianFit | None, temperature: float | None
 ) -> TrustRecord:
     """The conformal thresholds on the val (logits, labels) under the temperature, and the novelty record: the
-    Mahalanobis statistics of the ``train`` (penultimate rows, labels), its threshold on the val rows (without
-    rows on either side: no novelty record)."""
+    Mahalanobis statistics gathered over the train split's penultimate rows (``train``), its threshold on the
+    val rows (without rows on either side: no novelty record)."""
     logits, labels, rows = val
     conformal = fit_conformal(calibrated_softmax(logits, temperature), labels)
-    if train is None or rows is None or not len(train[1]):
+    if train is None or rows is None or not train.count:
         return TrustRecord(conformal, None)
-    stats = fit_gaussian(train[0], train[1], classes)
+    stats = train.stats()
     threshold = novelty_threshold(mahalanobis_score(rows, stats))
     novelty = {
         "score": "mahalanobis",
@@ -162,6 +159,6 @@ def fit_trust(
         "threshold": threshold,
         "pass_rate": PASS_RATE,
         "count": len(labels),
-        "train_count": len(train[1]),
+        "train_count": train.count,
     }
     return TrustRecord(conformal, novelty, stats)

@@ -25,6 +25,7 @@ from vggft.data.loaders import make_loader
 from vggft.features.rows import RowDataset
 from vggft.model.build import set_train_mode
 from vggft.model.checkpoints import trainable_state
+from vggft.model.novelty import GaussianFit, penultimate_rows
 from vggft.reporting.metrics import Metrics
 from vggft.training.optim import make_optimizer, make_scheduler
 from vggft.training.shared_steps import SharedSteps
@@ -126,6 +127,30 @@ def evaluate(
             outputs = model(inputs)
         metrics.update(outputs, labels, float(criterion(outputs.float(), labels)), ks=ks, keep=keep)
     return metrics
+
+
+def gather_penultimate(
+    module: nn.Module,
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    precision: torch.dtype | None,
+    classes: int,
+    desc: str,
+) -> GaussianFit:
+    """``module`` (the whole ``model`` or its suffix over cached rows) run over ``loader`` in eval mode, each
+    batch's penultimate rows of ``model`` folded into a ``GaussianFit`` and dropped: memory stays the width
+    squared, whatever the number of images."""
+    module.eval()
+    autocast = autocast_factory(device, precision)
+    fit = GaussianFit(classes)
+    with penultimate_rows(model) as rows, torch.inference_mode():
+        for inputs, labels in progress(loader, desc=desc, unit="batch"):
+            rows.clear()
+            with autocast():
+                module(to_device(inputs, device))
+            fit.add(torch.cat(rows), labels)
+    return fit
 
 
 # --- the epochs ---------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from vggft.training.loop import (
     class_weights,
     epoch_line,
     evaluate,
+    gather_penultimate,
     reduce_metrics,
     restore_best,
     row_threads,
@@ -738,11 +739,16 @@ def _calibrate(run: Run) -> tuple[TemperatureFit | None, TrustRecord | None]:
     if loop.group.active:  # the train rows are sharded across the ranks, and rank 0 calibrates alone
         log.info("Conformal sets and novelty: not fitted under torchrun; vggft calibrate -w WEIGHTS fits them")
         return kept, None
-    _, train_labels, train_rows = _outputs(run, run.source.dataset(run.splits["train"], desc="train"), "Train rows")
-    trust = fit_trust(
-        (logits, labels, rows), (train_rows, train_labels), kept.temperature if kept else None, len(loop.names)
+    train = make_loader(
+        run.source.dataset(run.splits["train"], desc="train"),
+        run.cfg.data.eval_batch_size,
+        device=loop.device,
+        num_workers=run.source.loader_workers,
     )
-    return kept, trust
+    gathered = gather_penultimate(
+        run.source.module, run.model, train, loop.device, loop.precision, len(loop.names), "Train rows"
+    )
+    return kept, fit_trust((logits, labels, rows), gathered, kept.temperature if kept else None)
 
 
 def _outputs(run: Run, dataset: Dataset, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
