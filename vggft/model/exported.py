@@ -132,15 +132,13 @@ def _metadata(path: Path, text: str | None) -> dict:
 
 def _trust_ok(conformal: object, novelty: object) -> bool:
     """The records export writes: ``conformal`` null or as a sidecar's, with thresholds for the exported levels
-    only; ``novelty`` null or a Mahalanobis record as a sidecar's (its statistics are in the graph)."""
+    only; ``novelty`` null or a Mahalanobis record as a sidecar's, its statistics in the graph."""
     from vggft.model.weights import check_trust
 
-    if novelty is not None:
-        if not isinstance(novelty, dict) or novelty.get("score") != "mahalanobis":
-            return False
-        novelty = {**novelty, "stats_file": "in-graph", "stats_sha256": ""}
+    if novelty is not None and (not isinstance(novelty, dict) or novelty.get("score") != "mahalanobis"):
+        return False
     try:
-        check_trust({"conformal": conformal, "novelty": novelty}, Path("metadata"))
+        check_trust({"conformal": conformal, "novelty": novelty}, Path("metadata"), stats_in_graph=True)
     except WeightsError:
         return False
     return not isinstance(conformal, dict) or set(conformal["thresholds"]) <= {level_key(c) for c in EXPORTED_LEVELS}

@@ -332,10 +332,11 @@ def _number(value: object, low: float, high: float) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
-def check_trust(body: dict, path: Path) -> None:
+def check_trust(body: dict, path: Path, *, stats_in_graph: bool = False) -> None:
     """``conformal``: a known score, a count, and a threshold in [0, 1] (or null: every class) per known
     coverage level; ``novelty``: a known score, a pass rate in (0, 1), a finite threshold (or null), and for
-    Mahalanobis the statistics file's name and SHA-256."""
+    Mahalanobis the statistics file's name and SHA-256 (``stats_in_graph``, an exported file's record: none,
+    the statistics are constants of its graph)."""
     from vggft.model.conformal import COVERAGE_LEVELS, METHODS, level_key
 
     fix = "undo the edit, or run vggft calibrate again"
@@ -351,17 +352,20 @@ def check_trust(body: dict, path: Path) -> None:
             or not all(v is None or _number(v, 0.0, 1.0 + 1e-6) for v in thresholds.values())
         ):
             raise WeightsError(f"{path}: conformal {reprlib.repr(conformal)} is not a conformal calibration; {fix}")
-    if novelty is not None and not _novelty_ok(novelty):
+    if novelty is not None and not _novelty_ok(novelty, stats_in_graph):
         raise WeightsError(f"{path}: novelty {reprlib.repr(novelty)} is not a novelty record; {fix}")
 
 
-def _novelty_ok(novelty: object) -> bool:
+def _novelty_ok(novelty: object, stats_in_graph: bool) -> bool:
     from vggft.model.novelty import SCORES
 
     if not isinstance(novelty, dict):
         return False
     threshold, stats_file = novelty.get("threshold"), novelty.get("stats_file")
-    if novelty.get("score") == "mahalanobis" and not (
+    if stats_in_graph:
+        if stats_file is not None:
+            return False
+    elif novelty.get("score") == "mahalanobis" and not (
         isinstance(stats_file, str) and stats_file and Path(stats_file).name == stats_file
     ):
         return False
